@@ -1,0 +1,324 @@
+"""Configuration: frozen, keyword-only dataclasses that validate on creation.
+
+A bad value fails here, with a :class:`~tunnel.ConfigError` naming the field and
+the fix, rather than later as a confusing network error.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+from ._exceptions import ConfigError
+from ._protocol.hosts import normalize_host
+
+if TYPE_CHECKING:
+    import trio
+
+    from .client._state import ClientState
+    from .server._hooks import Callbacks, ConnectRequest
+
+__all__ = ["ClientConfig", "ServerConfig", "parse_listen_address", "parse_server_address"]
+
+AuthHook = Callable[["ConnectRequest"], "Awaitable[None] | None"]
+
+
+def _positive(name: str, value: float) -> None:
+    if not value > 0:
+        raise ConfigError(f"{name} must be a positive number of seconds, got {value!r}")
+
+
+def _split_host_port(text: str, *, what: str) -> tuple[str, int | None]:
+    """Split ``host:port``, ``[v6]:port``, ``:port`` or ``host``."""
+    host, port_text = text, ""
+    if text.startswith("["):
+        end = text.find("]")
+        if end == -1:
+            raise ConfigError(f"{what} {text!r}: missing ']' after the IPv6 address")
+        host, rest = text[1:end], text[end + 1 :]
+        if rest and not rest.startswith(":"):
+            raise ConfigError(f"{what} {text!r}: expected ':port' after ']'")
+        port_text = rest[1:]
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    if not port_text:
+        return host, None
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ConfigError(f"{what} {text!r}: the port must be a number from 0 to 65535")
+    return host, int(port_text)
+
+
+def parse_listen_address(address: str) -> tuple[str, int]:
+    """Parse a server's ``host:port``; ``:port`` listens on every interface.
+
+    Example:
+        >>> parse_listen_address(":8000")
+        ('0.0.0.0', 8000)
+    """
+    host, port = _split_host_port(address.strip(), what="ServerConfig.address")
+    if port is None:
+        raise ConfigError(
+            f"ServerConfig.address {address!r} has no port; write it as 'host:port', "
+            "for example '127.0.0.1:8000', or ':8000' for every interface"
+        )
+    return host or "0.0.0.0", port
+
+
+@dataclass(frozen=True, slots=True)
+class ServerAddress:
+    """Where the agent dials: WebSocket scheme, host name and port."""
+
+    scheme: Literal["ws", "wss"]
+    host: str
+    port: int
+
+    @property
+    def default_port(self) -> bool:
+        return self.port == (443 if self.scheme == "wss" else 80)
+
+
+def parse_server_address(address: str) -> ServerAddress:
+    """Parse the agent's ``address``: ``host:port`` or a URL.
+
+    ``http://`` and ``ws://`` mean plain, ``https://`` and ``wss://`` mean TLS.
+    Without a scheme, port 443 means TLS and any other port plain, as in the Go
+    library this API comes from (``sub.example.com:443``).
+    """
+    text = address.strip()
+    scheme: Literal["ws", "wss"] | None = None
+    if "://" in text:
+        given, text = text.split("://", 1)
+        schemes: dict[str, Literal["ws", "wss"]] = {
+            "http": "ws",
+            "ws": "ws",
+            "https": "wss",
+            "wss": "wss",
+        }
+        if given.lower() not in schemes:
+            raise ConfigError(
+                f"ClientConfig.address {address!r}: unknown scheme {given!r}; "
+                "use http, https, ws or wss"
+            )
+        scheme = schemes[given.lower()]
+        text = text.split("/", 1)[0]
+    host, port = _split_host_port(text, what="ClientConfig.address")
+    if not host:
+        raise ConfigError(f"ClientConfig.address {address!r} has no host name")
+    if port is None:
+        if scheme is None:
+            raise ConfigError(
+                f"ClientConfig.address {address!r} has no port; write 'host:port' "
+                "or a URL such as 'https://tunnel.example.com'"
+            )
+        port = 443 if scheme == "wss" else 80
+    if port == 0:
+        raise ConfigError(f"ClientConfig.address {address!r}: port 0 cannot be dialled")
+    if scheme is None:
+        scheme = "wss" if port == 443 else "ws"
+    return ServerAddress(scheme, host.lower(), port)
+
+
+def _default_callbacks() -> Callbacks:
+    from .server._hooks import Callbacks
+
+    return Callbacks()
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ServerConfig:
+    """Settings of a tunnel server.
+
+    Attributes:
+        address: Where to listen, ``"host:port"``; ``":8000"`` means every
+            interface. Port 0 picks a free port (see :func:`tunnel.serve`).
+        certificate: Path of a PEM certificate chain; with ``key``, the server
+            speaks HTTPS to visitors and ``wss`` to agents.
+        key: Path of the PEM private key for ``certificate``.
+        tokens: The tokens agents may present. ``None`` accepts any token
+            (then use ``auth`` or a private network); an empty set accepts none.
+        auth: Called with each agent's :class:`~tunnel.ConnectRequest` before it
+            is accepted; sync or async. Raising refuses the agent with HTTP 403
+            and the exception's message.
+        callbacks: Functions called when agents connect and leave and when
+            requests arrive; see :class:`~tunnel.Callbacks`.
+        domain: The base domain this server answers for. When set, an agent may
+            claim only the domain itself or a name under it, and a bare label
+            such as ``"myapp"`` is taken to mean ``"myapp.<domain>"``.
+        control_path: The path agents connect to. Visitors' requests for it
+            under a tunnel's host are still forwarded to that tunnel.
+        response_timeout: Seconds a visitor waits for the response headers
+            from the agent before getting 504.
+        grace_period: Seconds a visitor's request waits for a host whose agent
+            is reconnecting (or busy at its stream limit) before getting 502
+            (or 503).
+        handshake_timeout: Seconds the auth hook and ``on_connection``
+            callback may take before the agent is refused.
+        keepalive_interval: Seconds between HTTP/2 PINGs to each agent.
+        keepalive_timeout: Seconds to wait for a PING's answer before the agent
+            is taken for dead and its session removed.
+        graceful_timeout: Seconds in-flight requests get to finish on shutdown.
+        trust_forwarded_headers: Keep ``X-Forwarded-*`` headers that visitors
+            send and append to them. Only set this when a proxy you trust sits
+            in front of the server; otherwise visitors could forge them.
+    """
+
+    address: str = "127.0.0.1:8000"
+    certificate: str | os.PathLike[str] | None = None
+    key: str | os.PathLike[str] | None = None
+    tokens: frozenset[str] | None = None
+    auth: AuthHook | None = None
+    callbacks: Callbacks = field(default_factory=_default_callbacks)
+    domain: str | None = None
+    control_path: str = "/_tunnel"
+    response_timeout: float = 60.0
+    grace_period: float = 5.0
+    handshake_timeout: float = 10.0
+    keepalive_interval: float = 15.0
+    keepalive_timeout: float = 15.0
+    graceful_timeout: float = 10.0
+    trust_forwarded_headers: bool = False
+
+    def __post_init__(self) -> None:
+        parse_listen_address(self.address)
+        if (self.certificate is None) != (self.key is None):
+            raise ConfigError(
+                "ServerConfig: give both certificate and key for HTTPS, or neither for HTTP"
+            )
+        for path_field in ("certificate", "key"):
+            path = getattr(self, path_field)
+            if path is not None and not os.path.isfile(path):
+                raise ConfigError(f"ServerConfig.{path_field}: no file at {os.fspath(path)!r}")
+        if self.tokens is not None:
+            tokens = frozenset(self.tokens)
+            if any(not isinstance(t, str) or not t for t in tokens):
+                raise ConfigError("ServerConfig.tokens must hold non-empty strings")
+            object.__setattr__(self, "tokens", tokens)
+        if self.domain is not None:
+            object.__setattr__(self, "domain", normalize_host(self.domain, what="domain"))
+        if not self.control_path.startswith("/") or self.control_path == "/":
+            raise ConfigError(
+                f"ServerConfig.control_path {self.control_path!r} must start with '/' "
+                "and name a path, such as '/_tunnel'"
+            )
+        for name in (
+            "response_timeout",
+            "grace_period",
+            "handshake_timeout",
+            "keepalive_interval",
+            "keepalive_timeout",
+            "graceful_timeout",
+        ):
+            _positive(f"ServerConfig.{name}", getattr(self, name))
+
+    @property
+    def tls(self) -> bool:
+        """Whether the server serves HTTPS (a certificate and key are set)."""
+        return self.certificate is not None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ClientConfig:
+    """Settings of an agent.
+
+    Attributes:
+        address: The tunnel server, ``"host:port"`` or a URL with ``http://``,
+            ``https://``, ``ws://`` or ``wss://``. Without a scheme port 443
+            means TLS.
+        token: The secret that identifies this agent to the server.
+        port: The local port to forward requests to.
+        host: The public host name to claim. Default: the host name of
+            ``address``, as in the Go library (``sub.example.com:443`` claims
+            ``sub.example.com``).
+        local_host: Where the local service listens.
+        insecure_skip_verify: Accept any TLS certificate from the server. For
+            tests only: it makes the connection open to interception.
+        ca_file: A PEM file of certificate authorities to trust for the server,
+            for servers with a private or self-signed certificate.
+        control_path: The server's control path (``ServerConfig.control_path``).
+        state: A channel that receives every :class:`~tunnel.ClientState`
+            change. Changes are sent without waiting: when the channel's buffer
+            is full the change is dropped, so a slow or absent reader never
+            stalls the tunnel; :attr:`tunnel.Client.state` is always current.
+        connect_timeout: Seconds one connection attempt (TCP, TLS, handshake)
+            may take.
+        backoff_initial: The first reconnect delay's upper bound, in seconds.
+        backoff_max: The cap on reconnect delays, in seconds. Delays are drawn
+            uniformly from zero to ``min(backoff_max, backoff_initial * 2**n)``
+            ("full jitter") after the n-th failure in a row.
+        keepalive_interval: Seconds between HTTP/2 PINGs to the server.
+        keepalive_timeout: Seconds to wait for a PING's answer before the
+            connection is taken for dead and replaced.
+        max_concurrent_streams: How many requests the server may have in
+            flight on this agent at once; more wait at the server.
+        local_connect_timeout: Seconds to wait for the local service to accept a
+            connection before the visitor gets 502.
+        local_pool_size: Idle keep-alive connections kept to the local service.
+        drain_timeout: Seconds in-flight requests get to finish when the agent
+            is closed.
+    """
+
+    address: str
+    token: str
+    port: int
+    host: str | None = None
+    local_host: str = "127.0.0.1"
+    insecure_skip_verify: bool = False
+    ca_file: str | os.PathLike[str] | None = None
+    control_path: str = "/_tunnel"
+    state: trio.MemorySendChannel[ClientState] | None = None
+    connect_timeout: float = 10.0
+    backoff_initial: float = 0.5
+    backoff_max: float = 30.0
+    keepalive_interval: float = 15.0
+    keepalive_timeout: float = 15.0
+    max_concurrent_streams: int = 1000
+    local_connect_timeout: float = 10.0
+    local_pool_size: int = 32
+    drain_timeout: float = 10.0
+
+    def __post_init__(self) -> None:
+        server = parse_server_address(self.address)
+        if not isinstance(self.token, str) or not self.token:
+            raise ConfigError("ClientConfig.token must be a non-empty string")
+        port: int | str = self.port
+        if isinstance(port, str) and port.isdigit():
+            port = int(port)
+        if not isinstance(port, int) or not 0 < port <= 65535:
+            raise ConfigError(
+                f"ClientConfig.port {self.port!r}: give the local service's port, 1 to 65535"
+            )
+        object.__setattr__(self, "port", port)
+        host = self.host if self.host is not None else server.host
+        object.__setattr__(self, "host", normalize_host(host, what="ClientConfig.host"))
+        if not self.control_path.startswith("/"):
+            raise ConfigError(f"ClientConfig.control_path {self.control_path!r} must start with '/'")
+        if self.ca_file is not None and not os.path.isfile(self.ca_file):
+            raise ConfigError(f"ClientConfig.ca_file: no file at {os.fspath(self.ca_file)!r}")
+        for name in (
+            "connect_timeout",
+            "backoff_initial",
+            "backoff_max",
+            "keepalive_interval",
+            "keepalive_timeout",
+            "local_connect_timeout",
+            "drain_timeout",
+        ):
+            _positive(f"ClientConfig.{name}", getattr(self, name))
+        if self.max_concurrent_streams < 1:
+            raise ConfigError("ClientConfig.max_concurrent_streams must be at least 1")
+        if self.local_pool_size < 0:
+            raise ConfigError("ClientConfig.local_pool_size must be 0 or more")
+
+    @property
+    def server(self) -> ServerAddress:
+        """The parsed server address."""
+        return parse_server_address(self.address)
+
+    @property
+    def claimed_host(self) -> str:
+        """The host name this agent claims (``host``, or the server's name)."""
+        assert self.host is not None  # set in __post_init__
+        return self.host
+

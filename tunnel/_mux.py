@@ -1,0 +1,595 @@
+"""One HTTP/2 connection over a message transport, shared by every stream on it.
+
+Used by both ends: the server drives it as the HTTP/2 client, the agent as the
+HTTP/2 server. The rules that keep it correct and fast:
+
+* Only the reader task feeds received bytes to ``receive_data()``; only the
+  writer task takes ``data_to_send()``. Every other task calls h2's synchronous
+  methods and then wakes the writer, which sends everything queued as one
+  message, so frames of many streams share one write.
+* A stream ID is taken and its headers queued with no ``await`` between them,
+  so IDs are used in the order they were taken, as HTTP/2 requires.
+* Received DATA is acknowledged (flow control) only when the stream's consumer
+  calls :meth:`Stream.acknowledge`, after it passed the bytes on. A slow
+  consumer therefore slows its sender, end to end, and what waits in memory is
+  bounded by the flow-control windows, not by a queue length.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Final
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import h2.exceptions
+import h2.settings
+import trio
+
+from ._protocol.headers import Headers
+from ._transport import MessageTransport, TransportClosed
+
+__all__ = ["Mux", "Stream", "StreamError"]
+
+logger = logging.getLogger("tunnel")
+
+#: Largest WebSocket message sent; Hypercorn accepts 16 MiB by default.
+MAX_MESSAGE: Final = 1 << 20
+#: Producers wait while more than this is queued for the writer.
+OUTBOUND_HIGH_WATER: Final = 4 << 20
+#: What the peer may send on all streams together before we acknowledge.
+CONNECTION_WINDOW: Final = 16 << 20
+#: What the peer may send on one stream; small enough that thousands of
+#: streams cannot reserve much, large enough for fast single transfers.
+STREAM_WINDOW: Final = 1 << 20
+MAX_FRAME: Final = 1 << 20
+
+
+class StreamError(Exception):
+    """The stream was reset by the peer, or the whole connection ended."""
+
+    def __init__(self, reason: str, code: int = h2.errors.ErrorCodes.CANCEL) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.code = code
+
+
+class Stream:
+    """One HTTP/2 stream, as the task that handles it sees it."""
+
+    __slots__ = (
+        "_chunks",
+        "_flow",
+        "_mux",
+        "_taken",
+        "_wake",
+        "_window",
+        "cancel_scope",
+        "headers",
+        "id",
+        "local_ended",
+        "remote_ended",
+        "reset",
+        "trailers",
+    )
+
+    def __init__(self, mux: Mux, stream_id: int) -> None:
+        self._mux = mux
+        self.id = stream_id
+        self.headers: Headers | None = None
+        self.trailers: Headers | None = None
+        self.remote_ended = False
+        self.local_ended = False
+        self.reset: StreamError | None = None
+        self._chunks: deque[bytes] = deque()
+        self._flow = 0  # flow-controlled bytes buffered in _chunks
+        self._taken = 0  # flow-controlled bytes handed out, not yet acknowledged
+        self._wake: trio.Event | None = None
+        self._window: trio.Event | None = None
+        #: Cancelled when the stream is reset or the connection ends, so a
+        #: handler blocked elsewhere (on the local service) stops at once.
+        self.cancel_scope: trio.CancelScope | None = None
+
+    # -- receiving -------------------------------------------------------------
+
+    async def _wait(self) -> None:
+        self._wake = trio.Event()
+        await self._wake.wait()
+
+    def _notify(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+            self._wake = None
+
+    async def receive_headers(self) -> Headers:
+        """Wait for the peer's header block (request or response)."""
+        while self.headers is None:
+            if self.reset is not None:
+                raise self.reset
+            await self._wait()
+        return self.headers
+
+    async def receive_data(self) -> bytes:
+        """Wait for body bytes; all that is buffered comes as one piece.
+
+        Returns ``b""`` once the peer has ended its side. Call
+        :meth:`acknowledge` after passing the bytes on.
+        """
+        while not self._chunks:
+            if self.reset is not None:
+                raise self.reset
+            if self.remote_ended:
+                return b""
+            await self._wait()
+        if self.reset is not None:
+            raise self.reset
+        data = self._chunks.popleft() if len(self._chunks) == 1 else b"".join(self._chunks)
+        self._chunks.clear()
+        self._taken += self._flow
+        self._flow = 0
+        return data
+
+    def data_buffered(self) -> bool:
+        """Whether body bytes are waiting, so :meth:`receive_data` won't block."""
+        return bool(self._chunks)
+
+    def acknowledge(self) -> None:
+        """Open the flow-control window for what :meth:`receive_data` returned."""
+        if self._taken:
+            self._mux._acknowledge(self.id, self._taken)
+            self._taken = 0
+
+    # -- sending ---------------------------------------------------------------
+
+    def send_headers(self, headers: Headers, *, end_stream: bool = False) -> None:
+        """Queue a header block (response headers or trailers)."""
+        self._mux._send_headers(self, headers, end_stream)
+
+    async def send_data(self, data: bytes, *, end_stream: bool = False) -> None:
+        """Send body bytes, waiting for flow-control window as needed."""
+        await self._mux._send_data(self, data, end_stream)
+
+    def end(self) -> None:
+        """End our side of the stream (an empty DATA frame with END_STREAM)."""
+        self._mux._end_stream(self)
+
+    def cancel(self, code: int = h2.errors.ErrorCodes.CANCEL) -> None:
+        """Reset the stream: tell the peer to stop, and forget it."""
+        self._mux._reset_stream(self, code)
+
+    @property
+    def done(self) -> bool:
+        """Whether both sides have ended, or the stream was reset."""
+        return self.reset is not None or (self.local_ended and self.remote_ended)
+
+
+class Mux:
+    """Drives one h2 connection over a :class:`MessageTransport`.
+
+    Args:
+        client_side: True for the HTTP/2 client (the server's end).
+        transport: The message transport to the peer.
+        keepalive_interval: Seconds between PINGs.
+        keepalive_timeout: Seconds to wait for a PING's answer before the
+            connection is taken for dead.
+        max_concurrent_streams: Streams the peer may open at once.
+        on_stream: For the HTTP/2 server: called, as a task in the mux's own
+            nursery, for each stream the peer opens.
+        trusted_peer: Skip h2's validation of received headers (the agent trusts
+            the server it chose to dial; the server never trusts agents).
+    """
+
+    def __init__(
+        self,
+        *,
+        client_side: bool,
+        transport: MessageTransport,
+        keepalive_interval: float,
+        keepalive_timeout: float,
+        max_concurrent_streams: int = 100,
+        on_stream: Callable[[Stream], Awaitable[None]] | None = None,
+        trusted_peer: bool = False,
+    ) -> None:
+        config = h2.config.H2Configuration(
+            client_side=client_side,
+            header_encoding=None,
+            validate_inbound_headers=not trusted_peer,
+            # Outbound headers are built by this package from already validated
+            # input, so h2 checking them again is wasted work per request.
+            validate_outbound_headers=False,
+            normalize_outbound_headers=False,
+        )
+        self._conn = h2.connection.H2Connection(config)
+        self._conn.local_settings = h2.settings.Settings(
+            client=client_side,
+            initial_values={
+                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: max_concurrent_streams,
+                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
+                h2.settings.SettingCodes.ENABLE_PUSH: 0,
+            },
+        )
+        self._client_side = client_side
+        self._transport = transport
+        self._keepalive_interval = keepalive_interval
+        self._keepalive_timeout = keepalive_timeout
+        self._on_stream = on_stream
+        self._streams: dict[int, Stream] = {}
+        self._send_wanted = trio.Event()
+        self._drained: trio.Event | None = None
+        self._capacity: trio.Event | None = None
+        self._pings: dict[bytes, trio.Event] = {}
+        self._queued = 0
+        self._nursery: trio.Nursery | None = None
+        self._goaway_received = False
+        self._closing = False
+        self.closed_reason: str | None = None
+        self.bytes_received = 0
+        self.bytes_sent = 0
+        self.streams_opened = 0
+        self.rtt: float | None = None
+
+    # -- lifecycle -------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> str:
+        """Run the connection until it ends; return why it ended.
+
+        Stream handlers (``on_stream``) run inside; they are cancelled when the
+        connection is lost. Every stream still open is failed with
+        :class:`StreamError`, so their consumers wake up and answer.
+        """
+        conn = self._conn
+        conn.initiate_connection()
+        # Raising the frame size in the initial SETTINGS would announce it before
+        # the peer has agreed to anything; raising it after the preface is safe.
+        conn.update_settings({h2.settings.SettingCodes.MAX_FRAME_SIZE: MAX_FRAME})
+        conn.increment_flow_control_window(CONNECTION_WINDOW - 65535)
+        self._kick()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._reader)
+                nursery.start_soon(self._writer)
+                nursery.start_soon(self._keepalive)
+                task_status.started()
+        except* TransportClosed as group:
+            self._end(group.exceptions[0].args[0])
+        except* h2.exceptions.ProtocolError as group:
+            error = group.exceptions[0]
+            self._end(f"HTTP/2 protocol error from the peer: {error}")
+        finally:
+            self._end("the connection was closed")
+            self._nursery = None
+            with trio.CancelScope(shield=True):
+                await self._transport.aclose()
+        assert self.closed_reason is not None
+        return self.closed_reason
+
+    def _end(self, reason: str) -> None:
+        if self.closed_reason is None:
+            self.closed_reason = reason
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+        lost = StreamError(self.closed_reason, h2.errors.ErrorCodes.INTERNAL_ERROR)
+        for stream in list(self._streams.values()):
+            if stream.reset is None:
+                stream.reset = lost
+            stream._notify()
+            if stream._window is not None:
+                stream._window.set()
+            if stream.cancel_scope is not None:
+                stream.cancel_scope.cancel()
+        self._streams.clear()
+        for event in (self._drained, self._capacity, *self._pings.values()):
+            if event is not None:
+                event.set()
+
+    def close(self, reason: str) -> None:
+        """End the connection now; streams still open fail with ``reason``."""
+        self._end(reason)
+
+    async def drain(self, timeout: float) -> None:
+        """Send GOAWAY, let open streams finish (up to ``timeout``), then close."""
+        if self.closed_reason is not None:
+            return
+        self._closing = True
+        self._conn.close_connection()
+        self._kick()
+        with trio.move_on_after(timeout):
+            while self._streams and self.closed_reason is None:
+                self._capacity = self._capacity or trio.Event()
+                await self._capacity.wait()
+        # Let the writer flush the final frames before the transport goes.
+        with trio.move_on_after(min(timeout, 1.0)):
+            while self._queued and self.closed_reason is None:
+                self._drained = self._drained or trio.Event()
+                await self._drained.wait()
+        self._end("the connection was drained and closed")
+
+    @property
+    def open_streams(self) -> int:
+        """Streams in flight on this connection."""
+        return len(self._streams)
+
+    @property
+    def accepting(self) -> bool:
+        """Whether new streams may be opened (not closing, no GOAWAY received)."""
+        return self.closed_reason is None and not self._goaway_received and not self._closing
+
+    # -- tasks -----------------------------------------------------------------
+
+    def _kick(self) -> None:
+        self._send_wanted.set()
+
+    async def _writer(self) -> None:
+        while True:
+            await self._send_wanted.wait()
+            self._send_wanted = trio.Event()
+            data = self._conn.data_to_send()
+            self._queued = 0
+            if data:
+                self.bytes_sent += len(data)
+                if len(data) <= MAX_MESSAGE:
+                    await self._transport.send(data)
+                else:
+                    view = memoryview(data)
+                    for start in range(0, len(data), MAX_MESSAGE):
+                        await self._transport.send(bytes(view[start : start + MAX_MESSAGE]))
+            if self._drained is not None:
+                self._drained.set()
+                self._drained = None
+
+    async def _reader(self) -> None:
+        conn = self._conn
+        while True:
+            data = await self._transport.receive()
+            self.bytes_received += len(data)
+            events = conn.receive_data(data)
+            for event in events:
+                self._dispatch(event)
+            self._kick()
+
+    async def _keepalive(self) -> None:
+        while True:
+            await trio.sleep(self._keepalive_interval)
+            opaque = os.urandom(8)
+            answered = self._pings[opaque] = trio.Event()
+            sent_at = trio.current_time()
+            self._conn.ping(opaque)
+            self._kick()
+            with trio.move_on_after(self._keepalive_timeout):
+                await answered.wait()
+            del self._pings[opaque]
+            if not answered.is_set():
+                raise TransportClosed(
+                    f"the peer did not answer a keepalive PING within {self._keepalive_timeout:g}s"
+                )
+            self.rtt = trio.current_time() - sent_at
+
+    # -- events ----------------------------------------------------------------
+
+    def _dispatch(self, event: h2.events.Event) -> None:  # noqa: C901 - one branch per event
+        if isinstance(event, h2.events.DataReceived):
+            assert event.stream_id is not None and event.data is not None
+            stream = self._streams.get(event.stream_id)
+            flow = event.flow_controlled_length or 0
+            if stream is None or stream.reset is not None:
+                # Nobody will consume it; give the window back at once.
+                if flow:
+                    self._conn.acknowledge_received_data(flow, event.stream_id)
+                return
+            stream._chunks.append(event.data)
+            stream._flow += flow
+            if event.stream_ended is not None:
+                stream.remote_ended = True
+            stream._notify()
+            self._forget_if_done(stream)
+        elif isinstance(event, h2.events.RequestReceived):
+            assert event.stream_id is not None
+            stream = Stream(self, event.stream_id)
+            stream.headers = event.headers  # type: ignore[assignment]
+            stream.remote_ended = event.stream_ended is not None
+            self._streams[event.stream_id] = stream
+            self.streams_opened += 1
+            if self._on_stream is None or self._nursery is None:
+                self._reset_stream(stream, h2.errors.ErrorCodes.REFUSED_STREAM)
+            else:
+                self._nursery.start_soon(self._on_stream, stream)
+        elif isinstance(event, h2.events.ResponseReceived):
+            stream = self._streams.get(event.stream_id or 0)
+            if stream is not None:
+                stream.headers = event.headers  # type: ignore[assignment]
+                stream.remote_ended = event.stream_ended is not None
+                stream._notify()
+                self._forget_if_done(stream)
+        elif isinstance(event, h2.events.TrailersReceived):
+            stream = self._streams.get(event.stream_id or 0)
+            if stream is not None:
+                stream.trailers = event.headers  # type: ignore[assignment]
+                stream.remote_ended = True
+                stream._notify()
+                self._forget_if_done(stream)
+        elif isinstance(event, h2.events.StreamEnded):
+            stream = self._streams.get(event.stream_id or 0)
+            if stream is not None:
+                stream.remote_ended = True
+                stream._notify()
+                self._forget_if_done(stream)
+        elif isinstance(event, h2.events.StreamReset):
+            stream = self._streams.get(event.stream_id or 0)
+            if stream is not None:
+                code = event.error_code or 0
+                stream.reset = StreamError(f"the peer reset the stream ({code!s})", code)
+                self._forget(stream)
+        elif isinstance(event, h2.events.WindowUpdated):
+            if event.stream_id:
+                stream = self._streams.get(event.stream_id)
+                if stream is not None and stream._window is not None:
+                    stream._window.set()
+            else:
+                self._wake_all_senders()
+        elif isinstance(event, h2.events.RemoteSettingsChanged):
+            self._wake_all_senders()
+            if self._capacity is not None:
+                self._capacity.set()
+                self._capacity = None
+        elif isinstance(event, h2.events.PingAckReceived):
+            answered = self._pings.get(event.ping_data or b"")
+            if answered is not None:
+                answered.set()
+        elif isinstance(event, h2.events.ConnectionTerminated):
+            self._goaway_received = True
+            last = event.last_stream_id or 0
+            if event.error_code:
+                raise TransportClosed(f"the peer closed the connection ({event.error_code!s})")
+            for stream in list(self._streams.values()):
+                if self._client_side and stream.id > last:
+                    stream.reset = StreamError(
+                        "the peer is going away", h2.errors.ErrorCodes.REFUSED_STREAM
+                    )
+                    self._forget(stream)
+            if not self._streams:
+                raise TransportClosed("the peer went away (GOAWAY)")
+
+    def _wake_all_senders(self) -> None:
+        for stream in self._streams.values():
+            if stream._window is not None:
+                stream._window.set()
+
+    def _forget_if_done(self, stream: Stream) -> None:
+        if stream.local_ended and stream.remote_ended:
+            self._forget(stream)
+
+    def _forget(self, stream: Stream) -> None:
+        if self._streams.pop(stream.id, None) is None:
+            return
+        stream._notify()
+        if stream._window is not None:
+            stream._window.set()
+        if stream.reset is not None:
+            if stream.cancel_scope is not None:
+                stream.cancel_scope.cancel()
+            # Bytes it will never consume still count against the connection window.
+            pending = stream._flow + stream._taken
+            stream._flow = stream._taken = 0
+            stream._chunks.clear()
+            if pending:
+                self._conn.acknowledge_received_data(pending, stream.id)
+                self._kick()
+        if self._capacity is not None:
+            self._capacity.set()
+            self._capacity = None
+        if self._goaway_received and not self._streams:
+            self._end("the peer went away (GOAWAY) and every stream has finished")
+
+    # -- operations on streams (called from stream handlers) --------------------
+
+    async def open_stream(self, headers: Headers, *, end_stream: bool) -> Stream:
+        """Open a stream with ``headers`` (client side); waits while the peer's
+        limit on concurrent streams is reached.
+
+        Raises:
+            StreamError: The connection is closing or closed.
+        """
+        conn = self._conn
+        while True:
+            if not self.accepting:
+                raise StreamError(self.closed_reason or "the agent is going away")
+            if len(self._streams) < conn.remote_settings.max_concurrent_streams:
+                break
+            self._capacity = self._capacity or trio.Event()
+            await self._capacity.wait()
+        # No await from here until the headers are queued: stream IDs must be
+        # used in increasing order.
+        stream_id = conn.get_next_available_stream_id()
+        stream = Stream(self, stream_id)
+        self._streams[stream_id] = stream
+        try:
+            conn.send_headers(stream_id, headers, end_stream=end_stream)
+        except h2.exceptions.ProtocolError as exc:
+            del self._streams[stream_id]
+            raise StreamError(f"cannot open a stream: {exc}") from None
+        stream.local_ended = end_stream
+        self.streams_opened += 1
+        self._kick()
+        return stream
+
+    def _send_headers(self, stream: Stream, headers: Headers, end_stream: bool) -> None:
+        if stream.reset is not None:
+            raise stream.reset
+        try:
+            self._conn.send_headers(stream.id, headers, end_stream=end_stream)
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError) as exc:
+            raise StreamError(f"cannot send headers: {exc}") from None
+        self._kick()
+        if end_stream:
+            stream.local_ended = True
+            self._forget_if_done(stream)
+
+    async def _send_data(self, stream: Stream, data: bytes, end_stream: bool) -> None:
+        conn = self._conn
+        offset, size = 0, len(data)
+        while offset < size:
+            if stream.reset is not None:
+                raise stream.reset
+            window = conn.local_flow_control_window(stream.id)
+            if window <= 0:
+                stream._window = trio.Event()
+                await stream._window.wait()
+                stream._window = None
+                continue
+            n = min(window, size - offset, conn.max_outbound_frame_size)
+            chunk = data if n == size else data[offset : offset + n]
+            offset += n
+            last = end_stream and offset == size
+            try:
+                conn.send_data(stream.id, chunk, end_stream=last)
+            except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError) as exc:
+                raise StreamError(f"cannot send data: {exc}") from None
+            self._queued += n
+            self._kick()
+            if self._queued > OUTBOUND_HIGH_WATER:
+                await self._wait_drained()
+        if end_stream:
+            if size == 0:
+                self._end_stream(stream)
+            else:
+                stream.local_ended = True
+                self._forget_if_done(stream)
+
+    async def _wait_drained(self) -> None:
+        while self._queued > OUTBOUND_HIGH_WATER and self.closed_reason is None:
+            self._drained = self._drained or trio.Event()
+            await self._drained.wait()
+
+    def _end_stream(self, stream: Stream) -> None:
+        if stream.reset is not None:
+            raise stream.reset
+        try:
+            self._conn.end_stream(stream.id)
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError) as exc:
+            raise StreamError(f"cannot end the stream: {exc}") from None
+        stream.local_ended = True
+        self._kick()
+        self._forget_if_done(stream)
+
+    def _reset_stream(self, stream: Stream, code: int) -> None:
+        if stream.reset is None:
+            stream.reset = StreamError("the stream was cancelled", code)
+            if stream.id in self._streams and self.closed_reason is None:
+                try:
+                    self._conn.reset_stream(stream.id, code)
+                except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+                    pass  # already closed at the h2 level: nothing to tell the peer
+                self._kick()
+        self._forget(stream)
+
+    def _acknowledge(self, stream_id: int, size: int) -> None:
+        if self.closed_reason is not None:
+            return
+        self._conn.acknowledge_received_data(size, stream_id)
+        self._kick()

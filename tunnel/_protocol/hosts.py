@@ -1,0 +1,62 @@
+"""Host names: the key that routes a visitor's request to one tunnel.
+
+Every host that enters the registry or is looked up in it passes through
+:func:`normalize_host`, so routing compares one canonical spelling.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+
+from .._exceptions import ConfigError
+
+__all__ = ["host_from_authority", "in_domain", "is_valid_host", "normalize_host"]
+
+_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+
+
+def is_valid_host(host: str) -> bool:
+    """Whether ``host`` (already lower-case, no port) is a DNS name or IP literal."""
+    if not host or len(host) > 253:
+        return False
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    else:
+        return True
+    return all(_LABEL.match(label) for label in host.split("."))
+
+
+def normalize_host(host: str, *, what: str = "host") -> str:
+    """Lower-case ``host`` and drop a trailing dot; raise ConfigError if invalid."""
+    canonical = host.strip().lower().rstrip(".")
+    if canonical.startswith("[") and canonical.endswith("]"):
+        canonical = canonical[1:-1]
+    if not is_valid_host(canonical):
+        raise ConfigError(
+            f"{what} {host!r} is not a valid host name: use letters, digits, '-' and '.', "
+            "such as 'myapp.example.com'"
+        )
+    return canonical
+
+
+def host_from_authority(authority: str) -> str:
+    """The routing key of a ``Host`` header: lower-case, port and trailing dot dropped.
+
+    Invalid input gives a string that no tunnel can claim (it is not a valid
+    host), so it routes to "unknown host" rather than raising.
+    """
+    text = authority.strip().lower()
+    if text.startswith("["):
+        end = text.find("]")
+        text = text[1:end] if end != -1 else text
+    elif ":" in text:
+        text = text.rsplit(":", 1)[0]
+    return text.rstrip(".")
+
+
+def in_domain(host: str, domain: str) -> bool:
+    """Whether ``host`` is ``domain`` or a name under it."""
+    return host == domain or host.endswith("." + domain)

@@ -1,0 +1,61 @@
+"""The server's side: an accepted ASGI WebSocket as a message transport."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+import trio
+
+from . import TransportClosed
+
+__all__ = ["ASGIWebSocketTransport"]
+
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+CLOSE_TIMEOUT = 2.0
+
+
+class ASGIWebSocketTransport:
+    """HTTP/2 bytes over the ASGI ``websocket.send`` / ``websocket.receive`` calls."""
+
+    def __init__(self, receive: Receive, send: Send) -> None:
+        self._receive = receive
+        self._send = send
+        self._closed = False
+
+    async def send(self, data: bytes) -> None:
+        if self._closed:
+            raise TransportClosed("the agent's connection is closed")
+        try:
+            await self._send({"type": "websocket.send", "bytes": data})
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self._closed = True
+            raise TransportClosed(f"the agent's connection broke: {exc}") from None
+
+    async def receive(self) -> bytes:
+        if self._closed:
+            raise TransportClosed("the agent's connection is closed")
+        message = await self._receive()
+        if message["type"] == "websocket.receive":
+            data = message.get("bytes")
+            if data is None:
+                raise TransportClosed("the agent sent a text message; only binary is allowed")
+            return bytes(data)
+        self._closed = True
+        code = message.get("code", 1005)
+        return_reason = message.get("reason") or ""
+        raise TransportClosed(f"the agent disconnected ({code} {return_reason})".strip())
+
+    async def aclose(self, code: int = 1000, reason: str = "") -> None:
+        if self._closed:
+            return
+        self._closed = True
+        with trio.move_on_after(CLOSE_TIMEOUT) as scope:
+            scope.shield = True
+            try:
+                await self._send({"type": "websocket.close", "code": code, "reason": reason})
+            except Exception:  # noqa: BLE001 - the peer may be gone; closing is best effort
+                pass

@@ -1,0 +1,47 @@
+"""The agent's side: a trio-websocket client connection as a message transport."""
+
+from __future__ import annotations
+
+import trio
+import trio_websocket
+
+from . import TransportClosed
+
+__all__ = ["WebSocketTransport"]
+
+# How long a close handshake may take before the socket is dropped anyway.
+CLOSE_TIMEOUT = 2.0
+
+
+class WebSocketTransport:
+    """HTTP/2 bytes over a trio-websocket connection."""
+
+    def __init__(self, ws: trio_websocket.WebSocketConnection) -> None:
+        self._ws = ws
+
+    async def send(self, data: bytes) -> None:
+        try:
+            await self._ws.send_message(data)
+        except trio_websocket.ConnectionClosed as exc:
+            raise TransportClosed(_describe(exc.reason)) from None
+
+    async def receive(self) -> bytes:
+        try:
+            message = await self._ws.get_message()
+        except trio_websocket.ConnectionClosed as exc:
+            raise TransportClosed(_describe(exc.reason)) from None
+        if isinstance(message, str):
+            raise TransportClosed("the server sent a text message; only binary is allowed")
+        return message
+
+    async def aclose(self, code: int = 1000, reason: str = "") -> None:
+        with trio.move_on_after(CLOSE_TIMEOUT) as scope:
+            scope.shield = True
+            await self._ws.aclose(code, reason or None)
+
+
+def _describe(reason: trio_websocket.CloseReason | None) -> str:
+    if reason is None:
+        return "the connection to the server closed"
+    text = f" ({reason.reason})" if reason.reason else ""
+    return f"the server closed the connection: {reason.code} {reason.name}{text}"

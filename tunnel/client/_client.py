@@ -1,0 +1,278 @@
+"""The agent's life: connect, serve streams, and reconnect with backoff when the
+connection is lost, until its user closes it or the server refuses it for good."""
+
+from __future__ import annotations
+
+import logging
+import random
+import ssl
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import trio
+import trio_websocket
+
+from .._config import ClientConfig
+from .._exceptions import (
+    ConnectionLostError,
+    ServerUnreachableError,
+    is_permanent,
+    rejection_for_status,
+)
+from .._mux import Mux, Stream
+from .._protocol.handshake import HOST_HEADER, SUBPROTOCOL
+from .._transport.websocket import WebSocketTransport
+from ._state import ClientState
+from ._upstream import LocalPool, forward
+
+__all__ = ["Client", "open_tunnel"]
+
+logger = logging.getLogger("tunnel.client")
+
+#: Largest WebSocket message accepted from the server (it sends at most 1 MiB).
+MAX_MESSAGE_SIZE = 32 << 20
+#: trio-websocket's default of 4 KiB per read makes uploads crawl.
+RECEIVE_BUFFER_SIZE = 256 << 10
+#: A connection that lasted this long resets the backoff.
+STABLE_AFTER = 10.0
+
+
+class Client:
+    """An agent: exposes ``config.port`` on the server at ``config.address``.
+
+    Args:
+        config: The agent's settings.
+
+    Example::
+
+        client = tunnel.Client(tunnel.ClientConfig(
+            address="tunnel.example.com:443", token="s3cret", port=8080))
+        await client.connect()  # runs until cancelled
+    """
+
+    def __init__(self, config: ClientConfig) -> None:
+        self.config = config
+        self._state = ClientState.DISCONNECTED
+        self._host = config.claimed_host
+        self._mux: Mux | None = None
+        self._closing = False
+        self._state_open = config.state is not None
+        self._pool = LocalPool(
+            config.local_host,
+            config.port,
+            max_idle=config.local_pool_size,
+            connect_timeout=config.local_connect_timeout,
+        )
+
+    @property
+    def state(self) -> ClientState:
+        """The current connection state."""
+        return self._state
+
+    @property
+    def host(self) -> str:
+        """The public host name, as the server registered it."""
+        return self._host
+
+    @property
+    def url(self) -> str:
+        """The public URL of the tunnel, such as ``https://myapp.example.com``."""
+        server = self.config.server
+        scheme = "https" if server.scheme == "wss" else "http"
+        host = f"[{self._host}]" if ":" in self._host else self._host
+        port = "" if server.default_port else f":{server.port}"
+        return f"{scheme}://{host}{port}"
+
+    @property
+    def rtt(self) -> float | None:
+        """The last keepalive round-trip time to the server, in seconds."""
+        return self._mux.rtt if self._mux is not None else None
+
+    def _set_state(self, state: ClientState) -> None:
+        if state is self._state:
+            return
+        self._state = state
+        logger.debug("agent for %s: %s", self._host, state.value)
+        channel = self.config.state
+        if channel is None or not self._state_open:
+            return
+        try:
+            channel.send_nowait(state)
+        except trio.WouldBlock:
+            # The reader is behind; the tunnel must not wait for it.
+            logger.debug("state channel full; dropped %s", state.value)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self._state_open = False
+
+    async def connect(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the tunnel until cancelled, reconnecting whenever it is lost.
+
+        Failed attempts and lost connections are retried after a delay drawn
+        from zero to ``min(backoff_max, backoff_initial * 2**n)`` for the n-th
+        failure in a row.
+
+        Args:
+            task_status: Receives the public URL once the first connection is up.
+
+        Raises:
+            RejectedError: The server refused the agent for a reason retrying
+                cannot fix (bad token, host reserved, in use or outside the
+                domain, protocol version). Raised at once, never retried.
+        """
+        failures = 0
+        try:
+            while not self._closing:
+                self._set_state(ClientState.CONNECTING)
+                started_at = trio.current_time()
+                try:
+                    await self._connect_once(task_status)
+                except (ServerUnreachableError, ConnectionLostError) as exc:
+                    logger.warning("agent for %s: %s", self._host, exc)
+                else:
+                    task_status = trio.TASK_STATUS_IGNORED
+                if trio.current_time() - started_at >= STABLE_AFTER:
+                    failures = 0
+                if self._closing:
+                    break
+                self._set_state(ClientState.DISCONNECTED)
+                cap = min(self.config.backoff_max, self.config.backoff_initial * 2**failures)
+                failures = min(failures + 1, 32)
+                delay = random.uniform(0, cap)
+                logger.info("agent for %s: reconnecting in %.1fs", self._host, delay)
+                await trio.sleep(delay)
+        finally:
+            self._set_state(ClientState.CLOSED)
+            with trio.CancelScope(shield=True):
+                await self._pool.aclose()
+
+    async def _connect_once(self, task_status: trio.TaskStatus[str]) -> None:
+        """One connection: handshake, serve streams until lost. Returns when the
+        connection ends after being established; raises if it never was."""
+        config = self.config
+        server = config.server
+        try:
+            async with trio_websocket.open_websocket(
+                server.host,
+                server.port,
+                config.control_path,
+                use_ssl=self._ssl_context() if server.scheme == "wss" else False,
+                subprotocols=[SUBPROTOCOL],
+                extra_headers=[
+                    (b"authorization", b"Bearer " + config.token.encode()),
+                    (HOST_HEADER.encode(), self.config.claimed_host.encode()),
+                ],
+                max_message_size=MAX_MESSAGE_SIZE,
+                receive_buffer_size=RECEIVE_BUFFER_SIZE,
+                message_queue_size=4,
+                connect_timeout=config.connect_timeout,
+                disconnect_timeout=2.0,
+            ) as ws:
+                granted = dict(ws.handshake_headers).get(HOST_HEADER.encode())
+                if granted:
+                    self._host = granted.decode("ascii", "replace")
+                mux = Mux(
+                    client_side=False,
+                    transport=WebSocketTransport(ws),
+                    keepalive_interval=config.keepalive_interval,
+                    keepalive_timeout=config.keepalive_timeout,
+                    max_concurrent_streams=config.max_concurrent_streams,
+                    on_stream=self._serve_stream,
+                    trusted_peer=True,
+                )
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(mux.run)
+                    self._mux = mux
+                    self._set_state(ClientState.CONNECTED)
+                    logger.info("tunnel up: %s → %s", self.url, self._pool.label)
+                    task_status.started(self.url)
+                self._mux = None
+                if not self._closing:
+                    raise ConnectionLostError(
+                        f"lost the connection to the server: {mux.closed_reason}"
+                    )
+        except trio_websocket.ConnectionRejected as exc:
+            reason = (exc.body or b"").decode("utf-8", "replace").strip() or "no reason given"
+            if is_permanent(exc.status_code):
+                raise rejection_for_status(exc.status_code, reason) from None
+            raise ServerUnreachableError(
+                f"the server answered {exc.status_code}: {reason}"
+            ) from None
+        except trio_websocket.ConnectionTimeout:
+            raise ServerUnreachableError(
+                f"no answer from {server.host}:{server.port} within {config.connect_timeout:g}s"
+            ) from None
+        except (trio_websocket.HandshakeError, trio_websocket.ConnectionClosed) as exc:
+            raise ServerUnreachableError(f"the WebSocket handshake failed: {exc!r}") from None
+        except ssl.SSLError as exc:
+            raise ServerUnreachableError(
+                f"TLS with {server.host}:{server.port} failed: {exc.reason or exc}; "
+                "for a private certificate set ClientConfig.ca_file"
+            ) from None
+        except (OSError, trio.BrokenResourceError) as exc:
+            detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise ServerUnreachableError(
+                f"cannot reach {server.host}:{server.port}: {detail or type(exc).__name__}"
+            ) from None
+
+    def _ssl_context(self) -> ssl.SSLContext:
+        context = ssl.create_default_context(
+            cafile=None if self.config.ca_file is None else str(self.config.ca_file)
+        )
+        if self.config.insecure_skip_verify:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        return context
+
+    async def _serve_stream(self, stream: Stream) -> None:
+        try:
+            await forward(stream, self._pool)
+        except Exception:
+            # A bug here must cost one request, not the whole tunnel.
+            logger.exception("agent for %s failed to serve a request", self._host)
+            if not stream.done:
+                stream.cancel()
+
+    async def aclose(self) -> None:
+        """Stop: finish requests in flight (up to ``config.drain_timeout``) and close.
+
+        :meth:`connect` then returns.
+        """
+        self._closing = True
+        mux = self._mux
+        if mux is not None:
+            await mux.drain(self.config.drain_timeout)
+
+
+@asynccontextmanager
+async def open_tunnel(config: ClientConfig) -> AsyncIterator[Client]:
+    """Open a tunnel for the duration of an ``async with`` block.
+
+    Returns once the tunnel is connected, as a :class:`Client` whose ``url`` is
+    the public URL. Connection losses inside the block are repaired in the
+    background. Leaving the block finishes requests in flight and closes.
+
+    Raises:
+        RejectedError: The server refused the agent (bad token, host taken…).
+
+    Example::
+
+        async with tunnel.open_tunnel(tunnel.ClientConfig(
+                address="localhost:8000", token="s3cret", port=8080)) as t:
+            print("public URL:", t.url)
+            await trio.sleep_forever()
+    """
+    client = Client(config)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(client.connect)
+            try:
+                yield client
+            finally:
+                with trio.CancelScope(shield=True):
+                    await client.aclose()
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # A context manager holding one error raises that error, not a group.
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise

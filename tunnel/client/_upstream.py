@@ -1,0 +1,287 @@
+"""The agent's side of a request: one HTTP/2 stream becomes one HTTP/1.1 exchange
+with the local service, over a small pool of keep-alive connections.
+
+A plain h11 connection per request, reused when both sides finished cleanly,
+costs several times less than a general-purpose HTTP client. Bodies stream both
+ways: a request chunk is acknowledged to the server (flow control) only once the
+local socket took it, and a response chunk is read only as fast as the server's
+window allows.
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+from collections import deque
+
+import h2.errors
+import h11
+import trio
+
+from .._mux import Stream, StreamError
+from .._protocol.headers import local_request_headers, response_headers_from_local
+from .._protocol.pages import PAGE_HEADERS, error_page
+
+__all__ = ["LocalPool", "forward"]
+
+logger = logging.getLogger("tunnel.client")
+
+RECEIVE_SIZE = 256 * 1024
+
+
+class LocalConnection:
+    """One HTTP/1.1 connection to the local service."""
+
+    __slots__ = ("h11", "reused", "socket")
+
+    def __init__(self, socket: trio.SocketStream) -> None:
+        self.socket = socket
+        self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=64 * 1024)
+        self.reused = False
+
+    async def send(self, event: h11.Event) -> None:
+        data = self.h11.send(event)
+        if data:
+            await self.socket.send_all(data)
+
+    async def next_event(self) -> h11.Event | type[h11.PAUSED]:
+        while True:
+            event = self.h11.next_event()
+            if event is not h11.NEED_DATA:
+                return event  # type: ignore[return-value]
+            data = await self.socket.receive_some(RECEIVE_SIZE)
+            self.h11.receive_data(data)
+
+    def stale(self) -> bool:
+        """Whether an idle connection was closed (or spoke) while it sat in the pool."""
+        try:
+            readable, _, _ = select.select([self.socket.socket.fileno()], [], [], 0)
+        except (OSError, ValueError):
+            return True
+        return bool(readable)
+
+
+class LocalPool:
+    """Keep-alive connections to ``host:port``, at most ``max_idle`` kept idle."""
+
+    def __init__(self, host: str, port: int, *, max_idle: int, connect_timeout: float) -> None:
+        self.host = host
+        self.port = port
+        self.max_idle = max_idle
+        self.connect_timeout = connect_timeout
+        self._idle: deque[LocalConnection] = deque()
+
+    @property
+    def label(self) -> str:
+        """``host:port``, for messages."""
+        return f"{self.host}:{self.port}"
+
+    async def acquire(self) -> LocalConnection:
+        """An idle connection that is still open, or a new one."""
+        while self._idle:
+            conn = self._idle.pop()
+            if not conn.stale():
+                conn.reused = True
+                return conn
+            await conn.socket.aclose()
+        with trio.fail_after(self.connect_timeout):
+            socket = await trio.open_tcp_stream(self.host, self.port)
+        return LocalConnection(socket)
+
+    async def release(self, conn: LocalConnection) -> None:
+        """Keep ``conn`` for the next request if both sides finished cleanly."""
+        ours, theirs = conn.h11.our_state, conn.h11.their_state
+        if ours is h11.DONE and theirs is h11.DONE and len(self._idle) < self.max_idle:
+            conn.h11.start_next_cycle()
+            self._idle.append(conn)
+        else:
+            await conn.socket.aclose()
+
+    async def aclose(self) -> None:
+        """Close every idle connection."""
+        while self._idle:
+            await self._idle.pop().socket.aclose()
+
+
+class _LocalFailure(Exception):
+    """The local service could not be used; the message is for the visitor."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+async def forward(stream: Stream, pool: LocalPool) -> None:
+    """Serve one stream: forward the request to the local service, relay its answer.
+
+    Never raises for anything the visitor, the local service or the server did;
+    each gets its answer (an error page, or a reset stream).
+    """
+    assert stream.headers is not None
+    with trio.CancelScope() as scope:
+        stream.cancel_scope = scope
+        try:
+            await _exchange(stream, pool)
+        except _LocalFailure as failure:
+            await _answer_error(stream, failure.status, failure.detail)
+        except StreamError:
+            pass  # reset by the server (visitor gone) or connection lost
+    if scope.cancelled_caught and not stream.done:
+        stream.cancel()
+
+
+async def _exchange(stream: Stream, pool: LocalPool) -> None:
+    assert stream.headers is not None
+    has_body = not stream.remote_ended
+    method, target, headers = local_request_headers(stream.headers, has_body=has_body)
+    request = h11.Request(method=method, target=target, headers=headers)
+    conn, response = await _start(pool, request, retry=not has_body)
+    response_started = False
+    try:
+        async with trio.open_nursery() as nursery:
+            if has_body:
+                nursery.start_soon(_send_body, stream, conn, pool.label)
+            if response is None:
+                response = await _receive_response(conn, pool.label)
+            stream.send_headers(response_headers_from_local(response.status_code, response.headers))
+            response_started = True
+            while True:
+                event = await conn.next_event()
+                if isinstance(event, h11.Data):
+                    await stream.send_data(bytes(event.data))
+                elif isinstance(event, h11.EndOfMessage):
+                    if event.headers:
+                        stream.send_headers(list(event.headers), end_stream=True)
+                    else:
+                        stream.end()
+                    break
+                else:
+                    raise h11.RemoteProtocolError(f"unexpected {type(event).__name__}")
+            if conn.h11.our_state is not h11.DONE:
+                # Answered before the request body was all sent: tell the server
+                # to stop sending (RFC 9113 section 8.1), drop the connection.
+                nursery.cancel_scope.cancel()
+                if not stream.done:
+                    stream.cancel(h2.errors.ErrorCodes.NO_ERROR)
+    except (h11.ProtocolError, OSError, trio.BrokenResourceError) as exc:
+        await conn.socket.aclose()
+        if response_started:
+            logger.info("local service %s failed mid-response: %s", pool.label, exc)
+            if not stream.done:
+                stream.cancel(h2.errors.ErrorCodes.INTERNAL_ERROR)
+            return
+        raise _LocalFailure(
+            502, f"The local service at {pool.label} sent an invalid response: {exc}"
+        ) from None
+    except BaseException:
+        await _close_quietly(conn)
+        raise
+    await pool.release(conn)
+
+
+async def _start(
+    pool: LocalPool, request: h11.Request, *, retry: bool
+) -> tuple[LocalConnection, h11.Response | None]:
+    """Send the request's head. A reused connection the local service closed
+    meanwhile is retried on a new one when no body has been sent, which is safe
+    because the local service never saw the request."""
+    try:
+        conn = await pool.acquire()
+    except trio.TooSlowError:
+        raise _LocalFailure(
+            502, f"The local service at {pool.label} did not accept a connection in time."
+        ) from None
+    except OSError as exc:
+        raise _LocalFailure(
+            502,
+            f"The tunnel's agent could not reach the local service at {pool.label}: "
+            f"{exc.strerror or exc}.",
+        ) from None
+    try:
+        await conn.send(request)
+        if not retry:
+            return conn, None
+        return conn, await _receive_response(conn, pool.label, reused=conn.reused)
+    except _Retry:
+        await conn.socket.aclose()
+        return await _start(pool, request, retry=False)
+    except (OSError, trio.BrokenResourceError, h11.ProtocolError) as exc:
+        await conn.socket.aclose()
+        if conn.reused:
+            return await _start(pool, request, retry=retry)
+        raise _LocalFailure(
+            502, f"The local service at {pool.label} failed to take the request: {exc}"
+        ) from None
+    except BaseException:
+        await _close_quietly(conn)
+        raise
+
+
+class _Retry(Exception):
+    """A reused connection turned out closed before any answer."""
+
+
+async def _receive_response(
+    conn: LocalConnection, label: str, *, reused: bool = False
+) -> h11.Response:
+    try:
+        while True:
+            event = await conn.next_event()
+            if isinstance(event, h11.Response):
+                return event
+            if isinstance(event, h11.InformationalResponse):
+                continue  # 100 Continue: the body is already on its way
+            if isinstance(event, h11.ConnectionClosed):
+                if reused:
+                    raise _Retry
+                raise _LocalFailure(
+                    502, f"The local service at {label} closed the connection without answering."
+                )
+            raise _LocalFailure(502, f"The local service at {label} sent {event!r} first.")
+    except h11.RemoteProtocolError as exc:
+        if reused and conn.h11.their_state is h11.SEND_RESPONSE:
+            raise _Retry from None
+        raise _LocalFailure(
+            502, f"The local service at {label} sent an invalid response: {exc}"
+        ) from None
+
+
+async def _send_body(stream: Stream, conn: LocalConnection, label: str) -> None:
+    try:
+        while True:
+            data = await stream.receive_data()
+            if not data:
+                break
+            await conn.send(h11.Data(data=data))
+            stream.acknowledge()
+        await conn.send(h11.EndOfMessage())
+    except (OSError, trio.BrokenResourceError, h11.LocalProtocolError) as exc:
+        # The local service stopped reading; what it answered (if anything)
+        # is still relayed by the response side.
+        logger.debug("request body to %s stopped: %s", label, exc)
+
+
+async def _answer_error(stream: Stream, status: int, detail: str) -> None:
+    if stream.done:
+        return
+    body = error_page(status, detail)
+    try:
+        stream.send_headers(
+            [
+                (b":status", str(status).encode()),
+                *PAGE_HEADERS,
+                (b"content-length", str(len(body)).encode()),
+            ]
+        )
+        await stream.send_data(body, end_stream=True)
+        if not stream.remote_ended:
+            # The request body is of no use now; ask the server to stop it.
+            stream.cancel(h2.errors.ErrorCodes.NO_ERROR)
+    except StreamError:
+        pass  # the visitor or the connection is gone: nobody to tell
+
+
+async def _close_quietly(conn: LocalConnection) -> None:
+    with trio.CancelScope(shield=True):
+        await conn.socket.aclose()

@@ -1,0 +1,138 @@
+"""The ASGI app: routes each connection to the control endpoint, a tunnel, or a fallback."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from .._config import ServerConfig
+from .._protocol.headers import header_value
+from .._protocol.hosts import host_from_authority
+from ._control import serve_agent
+from ._ingress import forward_http
+from ._pages import send_error_page
+from ._registry import Registry, TunnelStatistics
+
+__all__ = ["ASGIApp", "TunnelApp"]
+
+logger = logging.getLogger("tunnel.server")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+class TunnelApp:
+    """The tunnel server as an ASGI 3 application, for Hypercorn's trio worker.
+
+    Agents connect with a WebSocket to ``config.control_path`` (on any host);
+    every other request is routed by its ``Host`` header to the agent that
+    claimed that host.
+
+    Args:
+        config: The server's settings. ``address``, ``certificate`` and ``key``
+            are used only by :func:`tunnel.serve`; when you run the app under
+            your own Hypercorn, its settings decide those.
+        fallback: An ASGI app for requests to hosts no agent has claimed
+            (instead of a 404 page). It also receives the lifespan events.
+
+    Example:
+        In ``mytunnel.py``, run with
+        ``hypercorn --worker-class trio mytunnel:app``::
+
+            import tunnel
+
+            app = tunnel.TunnelApp(tunnel.ServerConfig(tokens=frozenset({"s3cret"})))
+    """
+
+    def __init__(self, config: ServerConfig | None = None, *, fallback: ASGIApp | None = None):
+        self.config = config if config is not None else ServerConfig()
+        self.fallback = fallback
+        self.registry = Registry()
+        if self.config.tokens is None and self.config.auth is None:
+            logger.warning(
+                "tunnel server has no tokens and no auth hook: anyone can open a tunnel; "
+                "set ServerConfig.tokens or ServerConfig.auth"
+            )
+
+    def statistics(self) -> list[TunnelStatistics]:
+        """A snapshot of every active tunnel, sorted by host."""
+        return self.registry.statistics()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self._http(scope, receive, send)
+        elif kind == "websocket":
+            await self._websocket(scope, receive, send)
+        elif kind == "lifespan":
+            await self._lifespan(scope, receive, send)
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        host = host_from_authority((header_value(scope["headers"], b"host") or b"").decode("latin-1"))
+        registry = self.registry
+        session = registry.lookup(host)
+        if session is None:
+            if registry.knows(host):
+                session = await registry.wait_for(host, self.config.grace_period)
+                if session is None:
+                    await send_error_page(
+                        send,
+                        502,
+                        f"The agent for {host} is offline; it did not reconnect within "
+                        f"{self.config.grace_period:g} seconds.",
+                    )
+                    return
+            elif self.fallback is not None:
+                await self.fallback(scope, receive, send)
+                return
+            else:
+                await send_error_page(
+                    send, 404, f"No tunnel is serving {host or 'this host'} on this server."
+                )
+                return
+        await forward_http(self.config, session, scope, receive, send)
+
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["path"] == self.config.control_path:
+            await serve_agent(self.config, self.registry, scope, receive, send)
+            return
+        host = host_from_authority((header_value(scope["headers"], b"host") or b"").decode("latin-1"))
+        if self.fallback is not None and not self.registry.knows(host):
+            await self.fallback(scope, receive, send)
+            return
+        await receive()  # websocket.connect
+        reason = (
+            f"No tunnel is serving {host}." if not self.registry.knows(host)
+            else "WebSocket pass-through is not available on this server version."
+        )
+        body = reason.encode()
+        status = 404 if not self.registry.knows(host) else 501
+        if "websocket.http.response" in scope.get("extensions", {}):
+            await send(
+                {
+                    "type": "websocket.http.response.start",
+                    "status": status,
+                    "headers": [(b"content-type", b"text/plain; charset=utf-8")],
+                }
+            )
+            await send({"type": "websocket.http.response.body", "body": body})
+        else:
+            await send({"type": "websocket.close", "code": 1008, "reason": reason})
+
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.fallback is not None:
+            await self.fallback(scope, receive, send)
+            return
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                for session in self.registry.sessions():
+                    session.mux.close("the server is shutting down")
+                await send({"type": "lifespan.shutdown.complete"})
+                return

@@ -1,0 +1,196 @@
+"""The control endpoint: an agent's WebSocket handshake, then its HTTP/2 session.
+
+Checks run cheapest first (protocol version, token, host name, domain, the
+auth hook, the host claim, the connection callback); the first that fails
+answers with an HTTP status and a plain-text reason the agent shows its user.
+"""
+
+from __future__ import annotations
+
+import hmac
+import inspect
+import logging
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+import trio
+
+from .._config import ServerConfig
+from .._exceptions import ConfigError
+from .._mux import Mux
+from .._protocol.handshake import HOST_HEADER, SUBPROTOCOL, SUBPROTOCOL_PREFIX, bearer_token
+from .._protocol.hosts import host_from_authority, in_domain, normalize_host
+from .._transport.asgi import ASGIWebSocketTransport
+from ._hooks import ConnectRequest, TunnelInfo
+from ._registry import AgentSession, HostInUse, Registry, token_digest
+
+__all__ = ["serve_agent"]
+
+logger = logging.getLogger("tunnel.server")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+
+class _Refusal(Exception):
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+async def serve_agent(
+    config: ServerConfig, registry: Registry, scope: Scope, receive: Receive, send: Send
+) -> None:
+    """Handle one agent connection from handshake to close."""
+    message = await receive()
+    if message["type"] != "websocket.connect":
+        return
+    peer = tuple(scope["client"]) if scope.get("client") else None
+    try:
+        with trio.fail_after(config.handshake_timeout):
+            request = await _check(config, registry, scope, peer)  # type: ignore[arg-type]
+            info = TunnelInfo(request.host, request.peer, time.time(), request)
+            if config.callbacks.on_connection is not None:
+                try:
+                    await config.callbacks.on_connection(info)
+                except Exception as exc:
+                    raise _Refusal(403, str(exc) or type(exc).__name__) from None
+    except trio.TooSlowError:
+        await _refuse(scope, send, 503, "the server's auth hook or callback took too long")
+        return
+    except _Refusal as refusal:
+        logger.info("refused agent from %s: %s %s", _peer(peer), refusal.status, refusal.reason)
+        await _refuse(scope, send, refusal.status, refusal.reason)
+        return
+
+    await send(
+        {
+            "type": "websocket.accept",
+            "subprotocol": SUBPROTOCOL,
+            "headers": [(HOST_HEADER.encode(), request.host.encode())],
+        }
+    )
+    transport = ASGIWebSocketTransport(receive, send)
+    mux = Mux(
+        client_side=True,
+        transport=transport,
+        keepalive_interval=config.keepalive_interval,
+        keepalive_timeout=config.keepalive_timeout,
+    )
+    session = AgentSession(info, token_digest(request.token), mux)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(mux.run)
+            try:
+                old = registry.claim(session)
+            except HostInUse:
+                # Another token claimed the host between our check and now.
+                mux.close("the host was claimed by another agent")
+                await transport.aclose(4409, f"host {request.host} is in use by another agent")
+                return
+            if old is not None:
+                old.mux.close("replaced by a newer connection for the same host")
+            logger.info("agent for %s connected from %s", request.host, _peer(peer))
+    finally:
+        registry.release(session)
+        logger.info(
+            "agent for %s disconnected: %s", request.host, mux.closed_reason or "closed"
+        )
+        if config.callbacks.on_disconnection is not None:
+            with trio.move_on_after(config.handshake_timeout) as scope_:
+                scope_.shield = True
+                try:
+                    await config.callbacks.on_disconnection(info)
+                except Exception:
+                    logger.exception("on_disconnection callback failed for %s", request.host)
+
+
+async def _check(
+    config: ServerConfig,
+    registry: Registry,
+    scope: Scope,
+    peer: tuple[str, int] | None,
+) -> ConnectRequest:
+    subprotocols: list[str] = list(scope.get("subprotocols") or [])
+    if SUBPROTOCOL not in subprotocols:
+        offered = [p for p in subprotocols if p.startswith(SUBPROTOCOL_PREFIX)]
+        raise _Refusal(
+            426,
+            f"this server speaks tunnel protocol {SUBPROTOCOL}; the agent offered "
+            f"{', '.join(offered) or 'none'}: install matching versions of agent and server",
+        )
+    headers = tuple(
+        (key.decode("latin-1").lower(), value.decode("latin-1")) for key, value in scope["headers"]
+    )
+    values = dict(headers)
+    token = bearer_token(values.get("authorization"))
+    if token is None:
+        raise _Refusal(401, "no token: the agent must send 'Authorization: Bearer <token>'")
+    if config.tokens is not None and not _token_accepted(token, config.tokens):
+        raise _Refusal(401, "the token is not accepted by this server")
+
+    claimed = values.get(HOST_HEADER) or host_from_authority(values.get("host", ""))
+    if config.domain is not None and "." not in claimed and claimed != config.domain:
+        claimed = f"{claimed}.{config.domain}"
+    try:
+        host = normalize_host(claimed, what="the claimed host")
+    except ConfigError as exc:
+        raise _Refusal(400, str(exc)) from None
+    if config.domain is not None and not in_domain(host, config.domain):
+        raise _Refusal(
+            403,
+            f"host {host} is outside this server's domain {config.domain}; "
+            f"claim a name under it, such as 'myapp.{config.domain}'",
+        )
+    request = ConnectRequest(headers, token, host, peer, scope.get("path", ""))
+    if config.auth is not None:
+        try:
+            result = config.auth(request)
+            if inspect.isawaitable(result):
+                await result
+        except Exception as exc:
+            raise _Refusal(403, str(exc) or type(exc).__name__) from None
+    try:
+        registry.check_claim(host, token_digest(token))
+    except HostInUse:
+        raise _Refusal(
+            409, f"host {host} is in use by another agent; claim another host"
+        ) from None
+    return request
+
+
+def _token_accepted(token: str, tokens: frozenset[str]) -> bool:
+    # Compare against every token, in constant time each, so the answer's
+    # timing tells nothing about which tokens exist.
+    given = token.encode("utf-8")
+    accepted = False
+    for candidate in tokens:
+        accepted |= hmac.compare_digest(given, candidate.encode("utf-8"))
+    return accepted
+
+
+async def _refuse(scope: Scope, send: Send, status: int, reason: str) -> None:
+    body = reason.encode("utf-8")
+    if "websocket.http.response" in scope.get("extensions", {}):
+        await send(
+            {
+                "type": "websocket.http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", b"text/plain; charset=utf-8"),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+            }
+        )
+        await send({"type": "websocket.http.response.body", "body": body})
+    else:
+        # Without the extension ASGI can only refuse with a bare 403.
+        await send({"type": "websocket.close", "code": 1008, "reason": reason[:120]})
+
+
+def _peer(peer: tuple[str, int] | None) -> str:
+    return f"{peer[0]}:{peer[1]}" if peer else "an unknown address"

@@ -1,0 +1,156 @@
+"""Which agent serves which host: the in-memory registry of one server process.
+
+Every change to the host → session mapping happens here, synchronously, so a
+claim and a lookup never see a half-made change.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import trio
+
+from .._mux import Mux
+from ._hooks import TunnelInfo
+
+__all__ = ["AgentSession", "HostInUse", "Registry", "TunnelStatistics"]
+
+#: How many hosts whose agent left are remembered (for 502 instead of 404).
+MAX_REMEMBERED_HOSTS = 10_000
+
+
+def token_digest(token: str) -> bytes:
+    """What the registry keeps of a token: enough to compare, nothing to leak."""
+    return hashlib.sha256(token.encode("utf-8")).digest()
+
+
+class HostInUse(Exception):
+    """Another agent, with another token, holds the host."""
+
+
+@dataclass(frozen=True, slots=True)
+class TunnelStatistics:
+    """A snapshot of one active tunnel.
+
+    Attributes:
+        host: The public host name.
+        peer: The agent's ``(address, port)``.
+        connected_since: When the agent connected (seconds since the epoch).
+        streams_in_flight: Requests being served right now.
+        requests_served: Requests forwarded since the agent connected.
+        bytes_received: Bytes received from the agent (HTTP/2, all streams).
+        bytes_sent: Bytes sent to the agent (HTTP/2, all streams).
+        rtt: The last keepalive round-trip time in seconds, if measured.
+    """
+
+    host: str
+    peer: tuple[str, int] | None
+    connected_since: float
+    streams_in_flight: int
+    requests_served: int
+    bytes_received: int
+    bytes_sent: int
+    rtt: float | None
+
+
+class AgentSession:
+    """One accepted agent connection and its counters."""
+
+    __slots__ = ("digest", "info", "mux", "requests_served")
+
+    def __init__(self, info: TunnelInfo, digest: bytes, mux: Mux) -> None:
+        self.info = info
+        self.digest = digest
+        self.mux = mux
+        self.requests_served = 0
+
+    @property
+    def host(self) -> str:
+        return self.info.host
+
+    def statistics(self) -> TunnelStatistics:
+        mux = self.mux
+        return TunnelStatistics(
+            host=self.info.host,
+            peer=self.info.peer,
+            connected_since=self.info.connected_at,
+            streams_in_flight=mux.open_streams,
+            requests_served=self.requests_served,
+            bytes_received=mux.bytes_received,
+            bytes_sent=mux.bytes_sent,
+            rtt=mux.rtt,
+        )
+
+
+class Registry:
+    """Maps each claimed host to the agent session serving it."""
+
+    def __init__(self) -> None:
+        self._sessions: dict[str, AgentSession] = {}
+        self._gone: OrderedDict[str, float] = OrderedDict()
+        self._arrivals: dict[str, trio.Event] = {}
+
+    def lookup(self, host: str) -> AgentSession | None:
+        """The session serving ``host`` now, if it takes new requests."""
+        session = self._sessions.get(host)
+        if session is not None and session.mux.accepting:
+            return session
+        return None
+
+    def knows(self, host: str) -> bool:
+        """Whether ``host`` has (or recently had) an agent."""
+        return host in self._sessions or host in self._gone
+
+    async def wait_for(self, host: str, timeout: float) -> AgentSession | None:
+        """Wait up to ``timeout`` for an agent for ``host`` to (re)connect."""
+        with trio.move_on_after(timeout):
+            while True:
+                session = self.lookup(host)
+                if session is not None:
+                    return session
+                arrival = self._arrivals.get(host)
+                if arrival is None:
+                    arrival = self._arrivals[host] = trio.Event()
+                await arrival.wait()
+        return None
+
+    def check_claim(self, host: str, digest: bytes) -> None:
+        """Raise HostInUse if another token holds ``host``."""
+        current = self._sessions.get(host)
+        if current is not None and current.digest != digest:
+            raise HostInUse(host)
+
+    def claim(self, session: AgentSession) -> AgentSession | None:
+        """Make ``session`` serve its host; return the session it replaced.
+
+        A new connection with the same token replaces the old one at once, so a
+        reconnecting agent never waits for its stale session to time out.
+        """
+        self.check_claim(session.host, session.digest)
+        old = self._sessions.get(session.host)
+        self._sessions[session.host] = session
+        self._gone.pop(session.host, None)
+        arrival = self._arrivals.pop(session.host, None)
+        if arrival is not None:
+            arrival.set()
+        return old
+
+    def release(self, session: AgentSession) -> None:
+        """Forget ``session``; its host is remembered as recently served."""
+        if self._sessions.get(session.host) is session:
+            del self._sessions[session.host]
+            self._gone[session.host] = time.time()
+            self._gone.move_to_end(session.host)
+            while len(self._gone) > MAX_REMEMBERED_HOSTS:
+                self._gone.popitem(last=False)
+
+    def sessions(self) -> list[AgentSession]:
+        """The sessions serving hosts now."""
+        return list(self._sessions.values())
+
+    def statistics(self) -> list[TunnelStatistics]:
+        """A snapshot of every active tunnel, sorted by host."""
+        return [self._sessions[host].statistics() for host in sorted(self._sessions)]

@@ -1,0 +1,69 @@
+"""Running the app: :func:`serve` puts :class:`TunnelApp` under Hypercorn's trio worker."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Awaitable, Callable
+
+import hypercorn.config
+import hypercorn.trio
+import trio
+
+from .._config import ServerConfig, parse_listen_address
+from ._app import ASGIApp, TunnelApp
+
+__all__ = ["hypercorn_config", "serve"]
+
+
+def hypercorn_config(config: ServerConfig) -> hypercorn.config.Config:
+    """The Hypercorn settings :func:`serve` uses for ``config``.
+
+    Start from these when embedding :class:`TunnelApp` in your own Hypercorn
+    deployment: they lift the limits that hurt a busy tunnel.
+    """
+    host, port = parse_listen_address(config.address)
+    hc = hypercorn.config.Config()
+    hc.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+    if config.certificate is not None and config.key is not None:
+        hc.certfile = os.fspath(config.certificate)
+        hc.keyfile = os.fspath(config.key)
+    # A visitor's keep-alive connection may carry any number of requests; the
+    # default of 1000 makes busy clients reconnect for nothing.
+    hc.keep_alive_max_requests = 2**31
+    hc.graceful_timeout = config.graceful_timeout
+    hc.include_server_header = False
+    hc.accesslog = None
+    hc.errorlog = logging.getLogger("tunnel.server")
+    hc.websocket_max_message_size = 32 << 20
+    return hc
+
+
+async def serve(
+    config: ServerConfig,
+    *,
+    fallback: ASGIApp | None = None,
+    shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run a tunnel server until cancelled (or until ``shutdown_trigger`` returns).
+
+    Args:
+        config: The server's settings.
+        fallback: An ASGI app for hosts no agent has claimed.
+        shutdown_trigger: An async function; when it returns the server stops
+            accepting, lets requests in flight finish (up to
+            ``config.graceful_timeout``) and returns.
+        task_status: Receives, once the server listens, the base URLs it is
+            bound to, such as ``["http://127.0.0.1:54321"]``; bind port 0 and
+            read the port from here.
+
+    Example::
+
+        async with trio.open_nursery() as nursery:
+            urls = await nursery.start(tunnel.serve, tunnel.ServerConfig(address="127.0.0.1:0"))
+    """
+    app = TunnelApp(config, fallback=fallback)
+    await hypercorn.trio.serve(  # type: ignore[arg-type]
+        app, hypercorn_config(config), shutdown_trigger=shutdown_trigger, task_status=task_status
+    )
