@@ -293,7 +293,9 @@ class ClientConfig:
         host = self.host if self.host is not None else server.host
         object.__setattr__(self, "host", normalize_host(host, what="ClientConfig.host"))
         if not self.control_path.startswith("/"):
-            raise ConfigError(f"ClientConfig.control_path {self.control_path!r} must start with '/'")
+            raise ConfigError(
+                f"ClientConfig.control_path {self.control_path!r} must start with '/'"
+            )
         if self.ca_file is not None and not os.path.isfile(self.ca_file):
             raise ConfigError(f"ClientConfig.ca_file: no file at {os.fspath(self.ca_file)!r}")
         for name in (
@@ -321,4 +323,3 @@ class ClientConfig:
         """The host name this agent claims (``host``, or the server's name)."""
         assert self.host is not None  # set in __post_init__
         return self.host
-

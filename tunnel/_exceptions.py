@@ -63,8 +63,11 @@ class AuthenticationError(RejectedError):
 
 
 class HostRejectedError(RejectedError):
-    """The claimed host is reserved, invalid, outside the server's domain, or an
-    auth hook or connection callback refused the agent (HTTP 400 or 403)."""
+    """The server refused the claimed host, or the agent (HTTP 400 or 403).
+
+    The host may be reserved, invalid or outside the server's domain, or an auth
+    hook or connection callback refused the agent.
+    """
 
     status = 403
 

@@ -17,6 +17,7 @@ HTTP/2 server. The rules that keep it correct and fast:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections import deque
@@ -292,19 +293,19 @@ class Mux:
         """End the connection now; streams still open fail with ``reason``."""
         self._end(reason)
 
-    async def drain(self, timeout: float) -> None:
-        """Send GOAWAY, let open streams finish (up to ``timeout``), then close."""
+    async def drain(self, grace: float) -> None:
+        """Send GOAWAY, let open streams finish (up to ``grace`` seconds), then close."""
         if self.closed_reason is not None:
             return
         self._closing = True
         self._conn.close_connection()
         self._kick()
-        with trio.move_on_after(timeout):
+        with trio.move_on_after(grace):
             while self._streams and self.closed_reason is None:
                 self._capacity = self._capacity or trio.Event()
                 await self._capacity.wait()
         # Let the writer flush the final frames before the transport goes.
-        with trio.move_on_after(min(timeout, 1.0)):
+        with trio.move_on_after(min(grace, 1.0)):
             while self._queued and self.closed_reason is None:
                 self._drained = self._drained or trio.Event()
                 await self._drained.wait()
@@ -372,9 +373,10 @@ class Mux:
 
     # -- events ----------------------------------------------------------------
 
-    def _dispatch(self, event: h2.events.Event) -> None:  # noqa: C901 - one branch per event
+    def _dispatch(self, event: h2.events.Event) -> None:
         if isinstance(event, h2.events.DataReceived):
-            assert event.stream_id is not None and event.data is not None
+            assert event.stream_id is not None
+            assert event.data is not None
             stream = self._streams.get(event.stream_id)
             flow = event.flow_controlled_length or 0
             if stream is None or stream.reset is not None:
@@ -391,7 +393,7 @@ class Mux:
         elif isinstance(event, h2.events.RequestReceived):
             assert event.stream_id is not None
             stream = Stream(self, event.stream_id)
-            stream.headers = event.headers  # type: ignore[assignment]
+            stream.headers = event.headers
             stream.remote_ended = event.stream_ended is not None
             self._streams[event.stream_id] = stream
             self.streams_opened += 1
@@ -402,14 +404,14 @@ class Mux:
         elif isinstance(event, h2.events.ResponseReceived):
             stream = self._streams.get(event.stream_id or 0)
             if stream is not None:
-                stream.headers = event.headers  # type: ignore[assignment]
+                stream.headers = event.headers
                 stream.remote_ended = event.stream_ended is not None
                 stream._notify()
                 self._forget_if_done(stream)
         elif isinstance(event, h2.events.TrailersReceived):
             stream = self._streams.get(event.stream_id or 0)
             if stream is not None:
-                stream.trailers = event.headers  # type: ignore[assignment]
+                stream.trailers = event.headers
                 stream.remote_ended = True
                 stream._notify()
                 self._forget_if_done(stream)
@@ -489,8 +491,9 @@ class Mux:
     # -- operations on streams (called from stream handlers) --------------------
 
     async def open_stream(self, headers: Headers, *, end_stream: bool) -> Stream:
-        """Open a stream with ``headers`` (client side); waits while the peer's
-        limit on concurrent streams is reached.
+        """Open a stream with ``headers`` (client side).
+
+        Waits while the peer's limit on concurrent streams is reached.
 
         Raises:
             StreamError: The connection is closing or closed.
@@ -581,10 +584,11 @@ class Mux:
         if stream.reset is None:
             stream.reset = StreamError("the stream was cancelled", code)
             if stream.id in self._streams and self.closed_reason is None:
-                try:
+                # Already closed at the h2 level means nothing to tell the peer.
+                with contextlib.suppress(
+                    h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError
+                ):
                     self._conn.reset_stream(stream.id, code)
-                except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
-                    pass  # already closed at the h2 level: nothing to tell the peer
                 self._kick()
         self._forget(stream)
 

@@ -30,4 +30,3 @@ def error_page(status: int, detail: str) -> bytes:
         f"<title>{status} {title}</title></head>\n"
         f"<body><h1>{status} {title}</h1>\n<p>{html.escape(detail)}</p></body></html>\n"
     ).encode()
-

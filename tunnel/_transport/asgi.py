@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -55,7 +56,6 @@ class ASGIWebSocketTransport:
         self._closed = True
         with trio.move_on_after(CLOSE_TIMEOUT) as scope:
             scope.shield = True
-            try:
+            # The peer may be gone already; closing is best effort.
+            with contextlib.suppress(Exception):
                 await self._send({"type": "websocket.close", "code": code, "reason": reason})
-            except Exception:  # noqa: BLE001 - the peer may be gone; closing is best effort
-                pass

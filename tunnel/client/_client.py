@@ -1,5 +1,7 @@
-"""The agent's life: connect, serve streams, and reconnect with backoff when the
-connection is lost, until its user closes it or the server refuses it for good."""
+"""The agent's life: connect, serve streams, reconnect with backoff when lost.
+
+It ends when its user closes it or the server refuses it for good.
+"""
 
 from __future__ import annotations
 
@@ -56,6 +58,7 @@ class Client:
         self._host = config.claimed_host
         self._mux: Mux | None = None
         self._closing = False
+        self._task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
         self._state_open = config.state is not None
         self._pool = LocalPool(
             config.local_host,
@@ -104,7 +107,9 @@ class Client:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self._state_open = False
 
-    async def connect(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+    async def connect(
+        self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         """Run the tunnel until cancelled, reconnecting whenever it is lost.
 
         Failed attempts and lost connections are retried after a delay drawn
@@ -120,19 +125,18 @@ class Client:
                 domain, protocol version). Raised at once, never retried.
         """
         failures = 0
+        self._task_status = task_status
         try:
-            while not self._closing:
+            while True:
                 self._set_state(ClientState.CONNECTING)
                 started_at = trio.current_time()
                 try:
-                    await self._connect_once(task_status)
+                    await self._connect_once()
                 except (ServerUnreachableError, ConnectionLostError) as exc:
                     logger.warning("agent for %s: %s", self._host, exc)
-                else:
-                    task_status = trio.TASK_STATUS_IGNORED
                 if trio.current_time() - started_at >= STABLE_AFTER:
                     failures = 0
-                if self._closing:
+                if self._is_closing():
                     break
                 self._set_state(ClientState.DISCONNECTED)
                 cap = min(self.config.backoff_max, self.config.backoff_initial * 2**failures)
@@ -145,9 +149,15 @@ class Client:
             with trio.CancelScope(shield=True):
                 await self._pool.aclose()
 
-    async def _connect_once(self, task_status: trio.TaskStatus[str]) -> None:
-        """One connection: handshake, serve streams until lost. Returns when the
-        connection ends after being established; raises if it never was."""
+    def _is_closing(self) -> bool:
+        return self._closing
+
+    async def _connect_once(self) -> None:
+        """One connection: handshake, then serve streams until it ends.
+
+        Returns when closed by :meth:`aclose`; raises when the connection could
+        not be made or was lost.
+        """
         config = self.config
         server = config.server
         try:
@@ -184,9 +194,10 @@ class Client:
                     self._mux = mux
                     self._set_state(ClientState.CONNECTED)
                     logger.info("tunnel up: %s → %s", self.url, self._pool.label)
-                    task_status.started(self.url)
+                    self._task_status.started(self.url)
+                    self._task_status = trio.TASK_STATUS_IGNORED
                 self._mux = None
-                if not self._closing:
+                if not self._is_closing():
                     raise ConnectionLostError(
                         f"lost the connection to the server: {mux.closed_reason}"
                     )

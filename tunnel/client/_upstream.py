@@ -1,5 +1,7 @@
-"""The agent's side of a request: one HTTP/2 stream becomes one HTTP/1.1 exchange
-with the local service, over a small pool of keep-alive connections.
+"""The agent's side of a request: one HTTP/2 stream, one HTTP/1.1 exchange.
+
+The exchange with the local service runs over a small pool of keep-alive
+connections.
 
 A plain h11 connection per request, reused when both sides finished cleanly,
 costs several times less than a general-purpose HTTP client. Bodies stream both
@@ -183,9 +185,12 @@ async def _exchange(stream: Stream, pool: LocalPool) -> None:
 async def _start(
     pool: LocalPool, request: h11.Request, *, retry: bool
 ) -> tuple[LocalConnection, h11.Response | None]:
-    """Send the request's head. A reused connection the local service closed
-    meanwhile is retried on a new one when no body has been sent, which is safe
-    because the local service never saw the request."""
+    """Send the request's head (and, without a body, wait for the response's).
+
+    A reused connection that the local service closed meanwhile is retried on a
+    new one when no body has been sent, which is safe because the local service
+    never saw the request.
+    """
     try:
         conn = await pool.acquire()
     except trio.TooSlowError:

@@ -72,7 +72,9 @@ class TunnelApp:
             await self._lifespan(scope, receive, send)
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
-        host = host_from_authority((header_value(scope["headers"], b"host") or b"").decode("latin-1"))
+        host = host_from_authority(
+            (header_value(scope["headers"], b"host") or b"").decode("latin-1")
+        )
         registry = self.registry
         session = registry.lookup(host)
         if session is None:
@@ -100,13 +102,16 @@ class TunnelApp:
         if scope["path"] == self.config.control_path:
             await serve_agent(self.config, self.registry, scope, receive, send)
             return
-        host = host_from_authority((header_value(scope["headers"], b"host") or b"").decode("latin-1"))
+        host = host_from_authority(
+            (header_value(scope["headers"], b"host") or b"").decode("latin-1")
+        )
         if self.fallback is not None and not self.registry.knows(host):
             await self.fallback(scope, receive, send)
             return
         await receive()  # websocket.connect
         reason = (
-            f"No tunnel is serving {host}." if not self.registry.knows(host)
+            f"No tunnel is serving {host}."
+            if not self.registry.knows(host)
             else "WebSocket pass-through is not available on this server version."
         )
         body = reason.encode()

@@ -52,7 +52,7 @@ async def serve_agent(
     peer = tuple(scope["client"]) if scope.get("client") else None
     try:
         with trio.fail_after(config.handshake_timeout):
-            request = await _check(config, registry, scope, peer)  # type: ignore[arg-type]
+            request = await _check(config, registry, scope, peer)
             info = TunnelInfo(request.host, request.peer, time.time(), request)
             if config.callbacks.on_connection is not None:
                 try:
@@ -97,9 +97,7 @@ async def serve_agent(
             logger.info("agent for %s connected from %s", request.host, _peer(peer))
     finally:
         registry.release(session)
-        logger.info(
-            "agent for %s disconnected: %s", request.host, mux.closed_reason or "closed"
-        )
+        logger.info("agent for %s disconnected: %s", request.host, mux.closed_reason or "closed")
         if config.callbacks.on_disconnection is not None:
             with trio.move_on_after(config.handshake_timeout) as scope_:
                 scope_.shield = True
@@ -157,9 +155,7 @@ async def _check(
     try:
         registry.check_claim(host, token_digest(token))
     except HostInUse:
-        raise _Refusal(
-            409, f"host {host} is in use by another agent; claim another host"
-        ) from None
+        raise _Refusal(409, f"host {host} is in use by another agent; claim another host") from None
     return request
 
 

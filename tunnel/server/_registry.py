@@ -104,9 +104,9 @@ class Registry:
         """Whether ``host`` has (or recently had) an agent."""
         return host in self._sessions or host in self._gone
 
-    async def wait_for(self, host: str, timeout: float) -> AgentSession | None:
-        """Wait up to ``timeout`` for an agent for ``host`` to (re)connect."""
-        with trio.move_on_after(timeout):
+    async def wait_for(self, host: str, grace: float) -> AgentSession | None:
+        """Wait up to ``grace`` seconds for an agent for ``host`` to (re)connect."""
+        with trio.move_on_after(grace):
             while True:
                 session = self.lookup(host)
                 if session is not None:

@@ -64,6 +64,9 @@ async def serve(
             urls = await nursery.start(tunnel.serve, tunnel.ServerConfig(address="127.0.0.1:0"))
     """
     app = TunnelApp(config, fallback=fallback)
-    await hypercorn.trio.serve(  # type: ignore[arg-type]
-        app, hypercorn_config(config), shutdown_trigger=shutdown_trigger, task_status=task_status
+    await hypercorn.trio.serve(
+        app,  # type: ignore[arg-type]  # Hypercorn's scope TypedDicts vs. plain ASGI mappings
+        hypercorn_config(config),
+        shutdown_trigger=shutdown_trigger,
+        task_status=task_status,
     )

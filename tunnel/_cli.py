@@ -1,0 +1,166 @@
+"""The ``tunnel`` command: ``server``, ``http`` and ``demo``.
+
+Bad arguments get one line on stderr and exit status 2; Ctrl-C ends any of them
+quietly with status 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+import trio
+
+from . import __version__
+from ._config import ClientConfig, ServerConfig
+from ._demo import run_demo
+from ._exceptions import ConfigError, RejectedError
+from .client import Client, ClientState
+from .server import serve
+
+__all__ = ["main"]
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line, not a usage dump."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: {message} (see '{self.prog} --help')\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="tunnel",
+        description="Expose a local service through a tunnel server you run yourself.",
+    )
+    parser.add_argument("--version", action="version", version=f"tunnel {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    server = commands.add_parser(
+        "server", help="run a tunnel server", description="Run a tunnel server."
+    )
+    server.add_argument(
+        "--address", default="127.0.0.1:8000", help="host:port to listen on (':8000': all)"
+    )
+    server.add_argument("--domain", help="base domain; agents claim names under it")
+    server.add_argument("--certificate", help="PEM certificate chain, for HTTPS")
+    server.add_argument("--key", help="PEM private key of --certificate")
+    server.add_argument(
+        "--token",
+        action="append",
+        dest="tokens",
+        metavar="TOKEN",
+        help="a token agents may use (repeat for more); without any, every token is accepted",
+    )
+    server.add_argument("--control-path", default="/_tunnel", help="where agents connect")
+
+    http = commands.add_parser(
+        "http",
+        help="expose a local HTTP service",
+        description="Expose http://LOCAL_HOST:PORT through a tunnel server.",
+    )
+    http.add_argument("port", type=int, help="the local service's port")
+    http.add_argument("--server", required=True, help="the tunnel server, host:port or a URL")
+    http.add_argument("--token", required=True, help="this agent's token")
+    http.add_argument("--host", help="public host name to claim (default: the server's name)")
+    http.add_argument("--local-host", default="127.0.0.1", help="where the service listens")
+    http.add_argument("--ca-file", help="PEM file of CAs to trust for the server")
+    http.add_argument(
+        "--insecure-skip-verify",
+        action="store_true",
+        help="accept any TLS certificate from the server (testing only)",
+    )
+    http.add_argument("--control-path", default="/_tunnel", help="the server's control path")
+
+    demo = commands.add_parser(
+        "demo",
+        help="run server, sample app and agent on loopback",
+        description="Start a tunnel server, a sample app and an agent in this process, "
+        "send a request through the tunnel and print it; then keep running.",
+    )
+    demo.add_argument("--once", action="store_true", help="exit after the check")
+    return parser
+
+
+async def _run_server(args: argparse.Namespace) -> int:
+    config = ServerConfig(
+        address=args.address,
+        domain=args.domain,
+        certificate=args.certificate,
+        key=args.key,
+        tokens=frozenset(args.tokens) if args.tokens else None,
+        control_path=args.control_path,
+    )
+    await serve(config)
+    return 0
+
+
+async def _run_http(args: argparse.Namespace) -> int:
+    send, receive = trio.open_memory_channel[ClientState](16)
+    config = ClientConfig(
+        address=args.server,
+        token=args.token,
+        port=args.port,
+        host=args.host,
+        local_host=args.local_host,
+        ca_file=args.ca_file,
+        insecure_skip_verify=args.insecure_skip_verify,
+        control_path=args.control_path,
+        state=send,
+    )
+    client = Client(config)
+    target = f"http://{config.local_host}:{config.port}"
+    async with trio.open_nursery() as nursery:
+
+        async def report() -> None:
+            async for state in receive:
+                if state is ClientState.CONNECTED:
+                    print(f"{state.value:<13} {client.url} → {target}", flush=True)
+                else:
+                    print(state.value, flush=True)
+
+        nursery.start_soon(report)
+        try:
+            await client.connect()
+        finally:
+            nursery.cancel_scope.cancel()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``tunnel`` command; return the exit status."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.command == "server" else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    runners = {
+        "server": _run_server,
+        "http": _run_http,
+        "demo": lambda a: run_demo(once=a.once),
+    }
+    try:
+        return trio.run(runners[args.command], args)
+    except ConfigError as exc:
+        print(f"tunnel: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except RejectedError as exc:
+        print(f"tunnel: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except BaseExceptionGroup as group:
+        interrupted, rest = group.split(KeyboardInterrupt)
+        if rest is None and interrupted is not None:
+            return EXIT_INTERRUPTED
+        single = rest.exceptions[0] if rest is not None and len(rest.exceptions) == 1 else None
+        if isinstance(single, ConfigError | RejectedError):
+            print(f"tunnel: {single}", file=sys.stderr)
+            return EXIT_USAGE
+        raise
