@@ -122,12 +122,12 @@ async def run_demo(*, once: bool, print_: Callable[[str], None] = print) -> int:
                 print_(f"    {line}")
             if not ok:
                 print_("demo FAILED: the request did not come back through the tunnel")
-            if once or not ok:
-                nursery.cancel_scope.cancel()
-                return 0 if ok else 1
-            print_("")
-            print_(f"Open {tunnel.url}/ in a browser, or run")
-            print_(f"    curl -H 'Host: {DEMO_HOST}' http://127.0.0.1:{server_port}/")
-            print_("Ctrl-C stops the demo.")
-            await trio.sleep_forever()
-    raise AssertionError("unreachable: sleep_forever only ends by cancellation")
+            elif not once:
+                print_("")
+                print_(f"Open {tunnel.url}/ in a browser, or run")
+                print_(f"    curl -H 'Host: {DEMO_HOST}' http://127.0.0.1:{server_port}/")
+                print_("Ctrl-C stops the demo.")
+                await trio.sleep_forever()
+        # The server and the sample app run until cancelled.
+        nursery.cancel_scope.cancel()
+    return 0 if ok else 1
