@@ -1,0 +1,166 @@
+"""The ``tunnel`` command and the README's embedding example, as real subprocesses."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+
+from helpers import LocalService, free_port, serve_local
+
+ROOT = Path(__file__).resolve().parents[2]
+TUNNEL = [sys.executable, "-m", "tunnel"]
+
+
+async def _wait_for_line(stream: trio.abc.ReceiveStream, needle: bytes, limit: float) -> bytes:
+    """Read ``stream`` until a line containing ``needle``; return everything read."""
+    seen = b""
+    with trio.fail_after(limit):
+        while needle not in seen:
+            chunk = await stream.receive_some(4096)
+            if not chunk:
+                raise AssertionError(f"process ended before printing {needle!r}: {seen!r}")
+            seen += chunk
+    return seen
+
+
+async def test_demo_once_exits_zero_and_prints_the_answer() -> None:
+    with trio.fail_after(30):
+        result = await trio.run_process(
+            [*TUNNEL, "demo", "--once"], capture_stdout=True, capture_stderr=True, check=False
+        )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout.decode()
+    assert "public URL      http://demo.localhost:" in out
+    assert "→ 200" in out
+    assert "Hello from the local service behind the tunnel!" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["http", "abc", "--server", "x:1", "--token", "t"], "invalid int value: 'abc'"),
+        (["http", "8080", "--token", "t"], "the following arguments are required: --server"),
+        (["http", "8080", "--server", "ftp://x", "--token", "t"], "unknown scheme 'ftp'"),
+        (["http", "70000", "--server", "x:1", "--token", "t"], "ClientConfig.port 70000"),
+        (["server", "--address", "nowhere"], "has no port"),
+        (["server", "--certificate", "missing.pem"], "give both certificate and key"),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+    ],
+)
+async def test_bad_arguments_get_one_line_and_status_2(argv: list[str], message: str) -> None:
+    with trio.fail_after(20):
+        result = await trio.run_process(
+            [*TUNNEL, *argv], capture_stdout=True, capture_stderr=True, check=False
+        )
+    assert result.returncode == 2
+    err = result.stderr.decode()
+    assert err.count("\n") == 1, err
+    assert message in err
+
+
+async def test_server_and_http_commands_make_a_working_tunnel(nursery: trio.Nursery) -> None:
+    service = LocalService()
+    await nursery.start(serve_local, service)
+    port = free_port()
+    server = await trio.lowlevel.open_process(
+        [*TUNNEL, "server", "--address", f"127.0.0.1:{port}", "--token", "s3cret"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    agent = None
+    try:
+        assert server.stderr is not None
+        await _wait_for_line(server.stderr, b"Running on", 20)
+        agent = await trio.lowlevel.open_process(
+            [*TUNNEL, "http", str(service.port), "--server", f"127.0.0.1:{port}"]
+            + ["--token", "s3cret", "--host", "cli.localhost"],
+            stdout=subprocess.PIPE,
+        )
+        assert agent.stdout is not None
+        printed = await _wait_for_line(agent.stdout, b"connected ", 20)
+        assert f"http://cli.localhost:{port} → http://127.0.0.1:{service.port}".encode() in printed
+        assert printed.startswith(b"connecting\n")
+        async with httpx.AsyncClient() as client:
+            with trio.fail_after(10):
+                response = await client.get(
+                    f"http://127.0.0.1:{port}/via-cli", headers={"host": "cli.localhost"}
+                )
+        assert response.status_code == 200
+        assert response.json()["path"] == "/via-cli"
+
+        # Ctrl-C: a clean exit, no traceback.
+        agent.send_signal(signal.SIGINT)
+        with trio.fail_after(10):
+            assert await agent.wait() == 130
+    finally:
+        for process in (agent, server):
+            if process is not None and process.returncode is None:
+                process.kill()
+                await process.wait()
+
+
+async def test_embedding_example_runs_under_the_hypercorn_command(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """README: ``hypercorn --worker-class trio mytunnel:app`` with a fallback app."""
+    (tmp_path / "mytunnel.py").write_text(
+        textwrap.dedent(
+            """
+            import tunnel
+
+            async def website(scope, receive, send):
+                if scope["type"] == "lifespan":
+                    while True:
+                        message = await receive()
+                        await send({"type": message["type"] + ".complete"})
+                        if message["type"] == "lifespan.shutdown":
+                            return
+                await send({"type": "http.response.start", "status": 200, "headers": []})
+                await send({"type": "http.response.body", "body": b"operator's own site"})
+
+            app = tunnel.TunnelApp(
+                tunnel.ServerConfig(tokens=frozenset({"s3cret"})), fallback=website
+            )
+            """
+        )
+    )
+    service = LocalService()
+    await nursery.start(serve_local, service)
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
+    server = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "hypercorn", "--worker-class", "trio"]
+        + ["--bind", f"127.0.0.1:{port}", "mytunnel:app"],
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    try:
+        assert server.stderr is not None
+        await _wait_for_line(server.stderr, b"Running on", 20)
+        import tunnel
+
+        config = tunnel.ClientConfig(
+            address=f"127.0.0.1:{port}", token="s3cret", port=service.port, host="emb.localhost"
+        )
+        with trio.fail_after(15):
+            async with tunnel.open_tunnel(config) as t, httpx.AsyncClient() as client:
+                assert t.url == f"http://emb.localhost:{port}"
+                tunnelled = await client.get(
+                    f"http://127.0.0.1:{port}/x", headers={"host": "emb.localhost"}
+                )
+                other = await client.get(f"http://127.0.0.1:{port}/", headers={"host": "www.test"})
+        assert tunnelled.status_code == 200
+        assert tunnelled.json()["path"] == "/x"
+        assert other.status_code == 200
+        assert other.text == "operator's own site"
+    finally:
+        server.kill()
+        await server.wait()
