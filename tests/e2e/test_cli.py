@@ -12,11 +12,12 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
-
 from helpers import LocalService, free_port, serve_local
 
 ROOT = Path(__file__).resolve().parents[2]
 TUNNEL = [sys.executable, "-m", "tunnel"]
+HYPERCORN = [sys.executable, "-m", "hypercorn", "--worker-class", "trio"]
+AGENT_ARGS = ["--token", "s3cret", "--host", "cli.localhost"]
 
 
 async def _wait_for_line(stream: trio.abc.ReceiveStream, needle: bytes, limit: float) -> bytes:
@@ -80,8 +81,7 @@ async def test_server_and_http_commands_make_a_working_tunnel(nursery: trio.Nurs
         assert server.stderr is not None
         await _wait_for_line(server.stderr, b"Running on", 20)
         agent = await trio.lowlevel.open_process(
-            [*TUNNEL, "http", str(service.port), "--server", f"127.0.0.1:{port}"]
-            + ["--token", "s3cret", "--host", "cli.localhost"],
+            [*TUNNEL, "http", str(service.port), "--server", f"127.0.0.1:{port}", *AGENT_ARGS],
             stdout=subprocess.PIPE,
         )
         assert agent.stdout is not None
@@ -137,8 +137,7 @@ async def test_embedding_example_runs_under_the_hypercorn_command(
     port = free_port()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
     server = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "hypercorn", "--worker-class", "trio"]
-        + ["--bind", f"127.0.0.1:{port}", "mytunnel:app"],
+        [*HYPERCORN, "--bind", f"127.0.0.1:{port}", "mytunnel:app"],
         stderr=subprocess.PIPE,
         env=env,
     )
