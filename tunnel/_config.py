@@ -26,7 +26,7 @@ AuthHook = Callable[["ConnectRequest"], "Awaitable[None] | None"]
 
 
 def _positive(name: str, value: float) -> None:
-    if not value > 0:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
         raise ConfigError(f"{name} must be a positive number of seconds, got {value!r}")
 
 

@@ -228,6 +228,8 @@ class Mux:
         self._nursery: trio.Nursery | None = None
         self._goaway_received = False
         self._closing = False
+        self._writing = False
+        self._settings_received = trio.Event()
         self.closed_reason: str | None = None
         self.bytes_received = 0
         self.bytes_sent = 0
@@ -248,6 +250,7 @@ class Mux:
         # Raising the frame size in the initial SETTINGS would announce it before
         # the peer has agreed to anything; raising it after the preface is safe.
         conn.update_settings({h2.settings.SettingCodes.MAX_FRAME_SIZE: MAX_FRAME})
+        conn.max_inbound_frame_size = MAX_FRAME
         conn.increment_flow_control_window(CONNECTION_WINDOW - 65535)
         self._kick()
         try:
@@ -285,6 +288,7 @@ class Mux:
             if stream.cancel_scope is not None:
                 stream.cancel_scope.cancel()
         self._streams.clear()
+        self._settings_received.set()
         for event in (self._drained, self._capacity, *self._pings.values()):
             if event is not None:
                 event.set()
@@ -294,20 +298,26 @@ class Mux:
         self._end(reason)
 
     async def drain(self, grace: float) -> None:
-        """Send GOAWAY, let open streams finish (up to ``grace`` seconds), then close."""
+        """Stop new streams, let open streams finish (up to ``grace`` seconds), then close."""
         if self.closed_reason is not None:
             return
         self._closing = True
-        self._conn.close_connection()
+        # h2 treats a GOAWAY as the end of all traffic, so new streams are
+        # stopped with SETTINGS_MAX_CONCURRENT_STREAMS = 0 and GOAWAY comes last.
+        self._conn.update_settings({h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 0})
         self._kick()
         with trio.move_on_after(grace):
             while self._streams and self.closed_reason is None:
-                self._capacity = self._capacity or trio.Event()
+                if self._capacity is None:
+                    self._capacity = trio.Event()
                 await self._capacity.wait()
-        # Let the writer flush the final frames before the transport goes.
+        if self.closed_reason is None:
+            self._conn.close_connection()
+            self._kick()
         with trio.move_on_after(min(grace, 1.0)):
-            while self._queued and self.closed_reason is None:
-                self._drained = self._drained or trio.Event()
+            while (self._send_wanted.is_set() or self._writing) and self.closed_reason is None:
+                if self._drained is None:
+                    self._drained = trio.Event()
                 await self._drained.wait()
         self._end("the connection was drained and closed")
 
@@ -319,7 +329,12 @@ class Mux:
     @property
     def accepting(self) -> bool:
         """Whether new streams may be opened (not closing, no GOAWAY received)."""
-        return self.closed_reason is None and not self._goaway_received and not self._closing
+        return (
+            self.closed_reason is None
+            and not self._goaway_received
+            and not self._closing
+            and self._conn.remote_settings.max_concurrent_streams > 0
+        )
 
     # -- tasks -----------------------------------------------------------------
 
@@ -332,6 +347,7 @@ class Mux:
             self._send_wanted = trio.Event()
             data = self._conn.data_to_send()
             self._queued = 0
+            self._writing = True
             if data:
                 self.bytes_sent += len(data)
                 if len(data) <= MAX_MESSAGE:
@@ -340,6 +356,7 @@ class Mux:
                     view = memoryview(data)
                     for start in range(0, len(data), MAX_MESSAGE):
                         await self._transport.send(bytes(view[start : start + MAX_MESSAGE]))
+            self._writing = False
             if self._drained is not None:
                 self._drained.set()
                 self._drained = None
@@ -397,7 +414,7 @@ class Mux:
             stream.remote_ended = event.stream_ended is not None
             self._streams[event.stream_id] = stream
             self.streams_opened += 1
-            if self._on_stream is None or self._nursery is None:
+            if self._on_stream is None or self._nursery is None or self._closing:
                 self._reset_stream(stream, h2.errors.ErrorCodes.REFUSED_STREAM)
             else:
                 self._nursery.start_soon(self._on_stream, stream)
@@ -435,6 +452,7 @@ class Mux:
             else:
                 self._wake_all_senders()
         elif isinstance(event, h2.events.RemoteSettingsChanged):
+            self._settings_received.set()
             self._wake_all_senders()
             if self._capacity is not None:
                 self._capacity.set()
@@ -499,12 +517,15 @@ class Mux:
             StreamError: The connection is closing or closed.
         """
         conn = self._conn
+        if not self._settings_received.is_set() and self.closed_reason is None:
+            await self._settings_received.wait()
         while True:
             if not self.accepting:
                 raise StreamError(self.closed_reason or "the agent is going away")
             if len(self._streams) < conn.remote_settings.max_concurrent_streams:
                 break
-            self._capacity = self._capacity or trio.Event()
+            if self._capacity is None:
+                self._capacity = trio.Event()
             await self._capacity.wait()
         # No await from here until the headers are queued: stream IDs must be
         # used in increasing order.
@@ -566,7 +587,8 @@ class Mux:
 
     async def _wait_drained(self) -> None:
         while self._queued > OUTBOUND_HIGH_WATER and self.closed_reason is None:
-            self._drained = self._drained or trio.Event()
+            if self._drained is None:
+                self._drained = trio.Event()
             await self._drained.wait()
 
     def _end_stream(self, stream: Stream) -> None:

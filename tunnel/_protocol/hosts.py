@@ -21,12 +21,12 @@ def is_valid_host(host: str) -> bool:
     if not host or len(host) > 253:
         return False
     try:
-        ipaddress.ip_address(host)
+        address = ipaddress.ip_address(host)
     except ValueError:
         pass
     else:
-        return True
-    return all(_LABEL.match(label) for label in host.split("."))
+        return getattr(address, "scope_id", None) is None
+    return all(_LABEL.fullmatch(label) for label in host.split("."))
 
 
 def normalize_host(host: str, *, what: str = "host") -> str:

@@ -1,0 +1,225 @@
+"""Configuration validation: bad values fail at creation, naming the field."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import tunnel
+from tunnel._config import ServerAddress, parse_listen_address
+
+
+def client_config(**overrides: Any) -> tunnel.ClientConfig:
+    settings: dict[str, Any] = {
+        "address": "tunnel.example.com:443",
+        "token": "s3cret",
+        "port": 8080,
+    }
+    settings.update(overrides)
+    return tunnel.ClientConfig(**settings)
+
+
+# -- server --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("address", "parsed"),
+    [
+        (":8000", ("0.0.0.0", 8000)),
+        ("127.0.0.1:8000", ("127.0.0.1", 8000)),
+        ("[::1]:80", ("::1", 80)),
+        ("[::]:0", ("::", 0)),
+        (" localhost:65535 ", ("localhost", 65535)),
+    ],
+)
+def test_listen_address(address: str, parsed: tuple[str, int]) -> None:
+    assert parse_listen_address(address) == parsed
+    tunnel.ServerConfig(address=address)
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1", "localhost:", "::1", "[::1]"])
+def test_listen_address_without_port(address: str) -> None:
+    with pytest.raises(tunnel.ConfigError, match=r"ServerConfig\.address .* has no port"):
+        tunnel.ServerConfig(address=address)
+
+
+@pytest.mark.parametrize("address", ["host:http", "host:65536", "host:-1", "[::1]8000", "[::1:80"])
+def test_listen_address_bad(address: str) -> None:
+    with pytest.raises(tunnel.ConfigError, match=r"ServerConfig\.address"):
+        tunnel.ServerConfig(address=address)
+
+
+@pytest.mark.parametrize(
+    "field",
+    [
+        "response_timeout",
+        "grace_period",
+        "handshake_timeout",
+        "keepalive_interval",
+        "keepalive_timeout",
+        "graceful_timeout",
+    ],
+)
+@pytest.mark.parametrize("value", [0, -1.5, float("nan")])
+def test_server_timeouts_must_be_positive(field: str, value: float) -> None:
+    settings: dict[str, Any] = {field: value}
+    with pytest.raises(tunnel.ConfigError, match=rf"ServerConfig\.{field} must be a positive"):
+        tunnel.ServerConfig(**settings)
+
+
+def test_certificate_needs_key(tmp_path: Path) -> None:
+    pem = tmp_path / "cert.pem"
+    pem.write_text("not checked here")
+    with pytest.raises(tunnel.ConfigError, match="both certificate and key"):
+        tunnel.ServerConfig(certificate=pem)
+    with pytest.raises(tunnel.ConfigError, match="both certificate and key"):
+        tunnel.ServerConfig(key=pem)
+    with pytest.raises(tunnel.ConfigError, match=r"ServerConfig\.key: no file at"):
+        tunnel.ServerConfig(certificate=pem, key=tmp_path / "missing.pem")
+    assert tunnel.ServerConfig(certificate=pem, key=pem).tls
+    assert not tunnel.ServerConfig().tls
+
+
+def test_server_tokens_and_domain() -> None:
+    config = tunnel.ServerConfig(tokens={"a", "b"}, domain="Example.COM.")  # type: ignore[arg-type]
+    assert config.tokens == frozenset({"a", "b"})
+    assert config.domain == "example.com"
+    with pytest.raises(tunnel.ConfigError, match=r"ServerConfig\.tokens"):
+        tunnel.ServerConfig(tokens=frozenset({""}))
+    with pytest.raises(tunnel.ConfigError, match="domain 'bad_domain' is not a valid host"):
+        tunnel.ServerConfig(domain="bad_domain")
+    with pytest.raises(tunnel.ConfigError, match=r"ServerConfig\.control_path"):
+        tunnel.ServerConfig(control_path="/")
+
+
+# -- client: address -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("address", "server"),
+    [
+        ("https://tunnel.example.com", ServerAddress("wss", "tunnel.example.com", 443)),
+        ("wss://tunnel.example.com", ServerAddress("wss", "tunnel.example.com", 443)),
+        ("HTTP://Tunnel.Example.com", ServerAddress("ws", "tunnel.example.com", 80)),
+        ("ws://tunnel.example.com:8000/", ServerAddress("ws", "tunnel.example.com", 8000)),
+        ("https://tunnel.example.com:8443/x", ServerAddress("wss", "tunnel.example.com", 8443)),
+        ("tunnel.example.com:443", ServerAddress("wss", "tunnel.example.com", 443)),
+        ("tunnel.example.com:8000", ServerAddress("ws", "tunnel.example.com", 8000)),
+        ("[::1]:8000", ServerAddress("ws", "::1", 8000)),
+        ("http://[::1]", ServerAddress("ws", "::1", 80)),
+    ],
+)
+def test_client_address(address: str, server: ServerAddress) -> None:
+    assert client_config(address=address).server == server
+
+
+@pytest.mark.parametrize(
+    ("address", "message"),
+    [
+        ("ftp://tunnel.example.com", "unknown scheme 'ftp'; use http, https, ws or wss"),
+        ("tunnel.example.com", "has no port"),
+        ("https://", "has no host name"),
+        (":8000", "has no host name"),
+        ("tunnel.example.com:0", "port 0 cannot be dialled"),
+        ("tunnel.example.com:99999", "the port must be a number"),
+    ],
+)
+def test_client_address_bad(address: str, message: str) -> None:
+    with pytest.raises(tunnel.ConfigError, match=r"ClientConfig\.address") as info:
+        client_config(address=address)
+    assert message in str(info.value)
+
+
+# -- client: other fields ------------------------------------------------------
+
+
+def test_client_port_as_string() -> None:
+    assert client_config(port="8080").port == 8080
+
+
+@pytest.mark.parametrize("port", [0, 65536, -1, "http", "", 80.0, None])
+def test_client_port_bad(port: object) -> None:
+    with pytest.raises(tunnel.ConfigError, match=r"ClientConfig\.port .*1 to 65535"):
+        client_config(port=port)
+
+
+@pytest.mark.parametrize("token", ["", None])
+def test_client_token_required(token: object) -> None:
+    with pytest.raises(tunnel.ConfigError, match=r"ClientConfig\.token must be a non-empty"):
+        client_config(token=token)
+
+
+@pytest.mark.parametrize(
+    "field",
+    [
+        "connect_timeout",
+        "backoff_initial",
+        "backoff_max",
+        "keepalive_interval",
+        "keepalive_timeout",
+        "local_connect_timeout",
+        "drain_timeout",
+    ],
+)
+@pytest.mark.parametrize("value", [0, -0.1, float("nan")])
+def test_client_timeouts_must_be_positive(field: str, value: float) -> None:
+    with pytest.raises(tunnel.ConfigError, match=rf"ClientConfig\.{field} must be a positive"):
+        client_config(**{field: value})
+
+
+def test_client_timeout_of_wrong_type_names_the_field() -> None:
+    # Read from an environment variable or a config file, a timeout arrives as
+    # a string; the error must say which field, not "'>' not supported".
+    with pytest.raises(tunnel.ConfigError, match=r"ClientConfig\.connect_timeout"):
+        client_config(connect_timeout="soon")
+
+
+def test_client_other_limits() -> None:
+    with pytest.raises(tunnel.ConfigError, match=r"ClientConfig\.max_concurrent_streams"):
+        client_config(max_concurrent_streams=0)
+    with pytest.raises(tunnel.ConfigError, match=r"ClientConfig\.local_pool_size"):
+        client_config(local_pool_size=-1)
+    with pytest.raises(tunnel.ConfigError, match=r"ClientConfig\.control_path"):
+        client_config(control_path="_tunnel")
+    with pytest.raises(tunnel.ConfigError, match=r"ClientConfig\.ca_file: no file at"):
+        client_config(ca_file="/nonexistent/ca.pem")
+
+
+def test_client_host_defaults_to_address_host() -> None:
+    assert client_config(address="Sub.Example.com:443").host == "sub.example.com"
+    assert client_config(address="https://sub.example.com/").claimed_host == "sub.example.com"
+    assert client_config(address="[::1]:8000").host == "::1"
+    assert client_config(host="Other.Example.com.").host == "other.example.com"
+    with pytest.raises(tunnel.ConfigError, match=re.escape("ClientConfig.host 'my_app'")):
+        client_config(host="my_app")
+
+
+def test_config_is_frozen() -> None:
+    config = client_config()
+    with pytest.raises(AttributeError):
+        config.port = 1  # type: ignore[misc]
+
+
+# -- the public URL ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("overrides", "url"),
+    [
+        ({"address": "https://tunnel.example.com"}, "https://tunnel.example.com"),
+        ({"address": "tunnel.example.com:443"}, "https://tunnel.example.com"),
+        ({"address": "http://tunnel.example.com"}, "http://tunnel.example.com"),
+        ({"address": "tunnel.example.com:8000"}, "http://tunnel.example.com:8000"),
+        ({"address": "wss://tunnel.example.com:8443"}, "https://tunnel.example.com:8443"),
+        ({"address": "[::1]:8000"}, "http://[::1]:8000"),
+        (
+            {"address": "tunnel.example.com:8000", "host": "myapp.example.com"},
+            "http://myapp.example.com:8000",
+        ),
+    ],
+)
+def test_client_url(overrides: dict[str, Any], url: str) -> None:
+    assert tunnel.Client(client_config(**overrides)).url == url

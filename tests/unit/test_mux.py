@@ -1,0 +1,569 @@
+"""The Mux: one HTTP/2 connection over a message transport, tested in memory.
+
+A client-side Mux (the server's end) talks to a server-side Mux (the agent's
+end) over a pair of bounded memory channels. Time is virtual (autojump_clock),
+so every test is deterministic and timeouts cost nothing.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
+import pytest
+import trio
+import trio.testing
+
+from tunnel._mux import Mux, Stream, StreamError
+from tunnel._protocol.headers import Headers
+from tunnel._transport import TransportClosed
+
+Handler = Callable[[Stream], Awaitable[None]]
+
+#: Messages in flight each way; small, so the transport itself pushes back.
+TRANSPORT_BOUND = 4
+
+
+class MemoryTransport:
+    """One end of an in-memory message transport.
+
+    Args:
+        send_channel: Where this end's messages go.
+        receive_channel: Where the peer's messages come from.
+        latency: Seconds each send takes, as on a real network.
+    """
+
+    def __init__(
+        self,
+        send_channel: trio.MemorySendChannel[bytes],
+        receive_channel: trio.MemoryReceiveChannel[bytes],
+        *,
+        latency: float = 0.0,
+    ) -> None:
+        self._send = send_channel
+        self._receive = receive_channel
+        self.latency = latency
+        #: When set, everything sent or received is silently lost.
+        self.dropping = False
+        #: When not None, receive() waits for this event first.
+        self.hold: trio.Event | None = None
+        self.closed = False
+
+    async def send(self, data: bytes) -> None:
+        if self.latency:
+            await trio.sleep(self.latency)
+        if self.dropping:
+            await trio.lowlevel.checkpoint()
+            return
+        try:
+            await self._send.send(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise TransportClosed("the peer closed the transport") from None
+
+    async def receive(self) -> bytes:
+        if self.hold is not None:
+            await self.hold.wait()
+        while True:
+            try:
+                data = await self._receive.receive()
+            except (trio.EndOfChannel, trio.ClosedResourceError):
+                raise TransportClosed("the peer closed the transport") from None
+            if not self.dropping:
+                return data
+
+    async def aclose(self, code: int = 1000, reason: str = "") -> None:
+        self.closed = True
+        self._send.close()
+        self._receive.close()
+        await trio.lowlevel.checkpoint()
+
+    def take_pending(self) -> bytes:
+        """Everything the peer sent that is waiting here (for a test acting as the peer)."""
+        chunks = []
+        while True:
+            try:
+                chunks.append(self._receive.receive_nowait())
+            except trio.WouldBlock:
+                return b"".join(chunks)
+
+
+def transport_pair(*, latency: float = 0.0) -> tuple[MemoryTransport, MemoryTransport]:
+    a_send, b_receive = trio.open_memory_channel[bytes](TRANSPORT_BOUND)
+    b_send, a_receive = trio.open_memory_channel[bytes](TRANSPORT_BOUND)
+    return (
+        MemoryTransport(a_send, a_receive, latency=latency),
+        MemoryTransport(b_send, b_receive, latency=latency),
+    )
+
+
+class Pair:
+    """A connected client-side and server-side Mux, and what their run() returned."""
+
+    def __init__(self, client: Mux, server: Mux, a: MemoryTransport, b: MemoryTransport) -> None:
+        self.client = client
+        self.server = server
+        self.client_transport = a
+        self.server_transport = b
+        self.client_reason: str | None = None
+        self.server_reason: str | None = None
+        self.client_done = trio.Event()
+        self.server_done = trio.Event()
+
+
+@asynccontextmanager
+async def open_pair(
+    handler: Handler,
+    *,
+    max_concurrent_streams: int = 100,
+    keepalive_interval: float = 15.0,
+    keepalive_timeout: float = 15.0,
+    latency: float = 0.0,
+    settle: bool = True,
+    hold_client_receive: bool = False,
+) -> AsyncIterator[Pair]:
+    """Run a client-side and a server-side Mux connected in memory.
+
+    With ``settle``, both have exchanged SETTINGS (and acknowledged them)
+    before the body runs; without, the body races the handshake.
+    """
+    a, b = transport_pair(latency=latency)
+    if hold_client_receive:
+        a.hold = trio.Event()
+    client = Mux(
+        client_side=True,
+        transport=a,
+        keepalive_interval=keepalive_interval,
+        keepalive_timeout=keepalive_timeout,
+    )
+    server = Mux(
+        client_side=False,
+        transport=b,
+        keepalive_interval=keepalive_interval,
+        keepalive_timeout=keepalive_timeout,
+        max_concurrent_streams=max_concurrent_streams,
+        on_stream=handler,
+        trusted_peer=True,
+    )
+    pair = Pair(client, server, a, b)
+
+    async def run_client(task_status: trio.TaskStatus[None]) -> None:
+        pair.client_reason = await client.run(task_status=task_status)
+        pair.client_done.set()
+
+    async def run_server(task_status: trio.TaskStatus[None]) -> None:
+        pair.server_reason = await server.run(task_status=task_status)
+        pair.server_done.set()
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(run_server)
+        await nursery.start(run_client)
+        if settle:
+            await trio.testing.wait_all_tasks_blocked()
+        yield pair
+        client.close("the test is over")
+        server.close("the test is over")
+
+
+def request(path: bytes = b"/") -> Headers:
+    return [
+        (b":method", b"POST"),
+        (b":scheme", b"https"),
+        (b":authority", b"myapp.example.com"),
+        (b":path", path),
+    ]
+
+
+async def echo(stream: Stream) -> None:
+    """Answer 200 with the request's path in ``x-path`` and its body echoed."""
+    try:
+        headers = await stream.receive_headers()
+        path = dict(headers)[b":path"]
+        stream.send_headers([(b":status", b"200"), (b"x-path", path)])
+        while data := await stream.receive_data():
+            await stream.send_data(data)
+            stream.acknowledge()
+        stream.end()
+    except StreamError:
+        pass
+
+
+async def exchange(mux: Mux, body: bytes, path: bytes = b"/") -> tuple[Headers, bytes]:
+    """One request: send ``body`` while reading the response, as a proxy would."""
+    stream = await mux.open_stream(request(path), end_stream=False)
+    received = bytearray()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(functools.partial(stream.send_data, body, end_stream=True))
+        headers = await stream.receive_headers()
+        while data := await stream.receive_data():
+            received += data
+            stream.acknowledge()
+    return headers, bytes(received)
+
+
+async def test_round_trip(autojump_clock: trio.testing.MockClock) -> None:
+    with trio.fail_after(10):
+        async with open_pair(echo) as pair:
+            headers, body = await exchange(pair.client, b"hello", b"/greet?x=1")
+            assert headers == [(b":status", b"200"), (b"x-path", b"/greet?x=1")]
+            assert body == b"hello"
+            assert pair.client.open_streams == 0
+            await trio.testing.wait_all_tasks_blocked()
+            assert pair.server.open_streams == 0
+            assert pair.client.streams_opened == pair.server.streams_opened == 1
+
+
+async def test_request_without_body(autojump_clock: trio.testing.MockClock) -> None:
+    with trio.fail_after(10):
+        async with open_pair(echo) as pair:
+            stream = await pair.client.open_stream(request(b"/empty"), end_stream=True)
+            assert (await stream.receive_headers())[0] == (b":status", b"200")
+            assert await stream.receive_data() == b""
+            assert stream.done
+
+
+async def test_large_body_is_flow_controlled(autojump_clock: trio.testing.MockClock) -> None:
+    # 3 MiB: three times a stream's window, so it only arrives if both sides
+    # acknowledge what they consumed and senders wait for WINDOW_UPDATEs.
+    body = bytes(range(256)) * (3 * 4096)
+    with trio.fail_after(60):
+        async with open_pair(echo) as pair:
+            start = trio.current_time()
+            headers, echoed = await exchange(pair.client, body)
+            assert headers[0] == (b":status", b"200")
+            assert len(echoed) == len(body)
+            assert echoed == body
+            # Flow control waits on the peer, never on the clock.
+            assert trio.current_time() == start
+            assert pair.client.bytes_sent > len(body)
+            assert pair.client.bytes_received > len(body)
+
+
+async def test_concurrent_streams_wait_for_capacity(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    active = peak = 0
+
+    async def slow_echo(stream: Stream) -> None:
+        nonlocal active, peak
+        active += 1
+        peak = max(peak, active)
+        try:
+            await trio.sleep(1)
+            await echo(stream)
+        finally:
+            active -= 1
+
+    results: dict[int, tuple[Headers, bytes]] = {}
+
+    async def one(mux: Mux, n: int) -> None:
+        results[n] = await exchange(mux, b"body %d" % n, b"/%d" % n)
+
+    with trio.fail_after(60):
+        async with open_pair(slow_echo, max_concurrent_streams=50) as pair:
+            start = trio.current_time()
+            async with trio.open_nursery() as nursery:
+                for n in range(300):
+                    nursery.start_soon(one, pair.client, n)
+            elapsed = trio.current_time() - start
+            assert pair.server_reason is None, pair.server_reason
+
+    assert sorted(results) == list(range(300))
+    for n, (headers, body) in results.items():
+        assert headers == [(b":status", b"200"), (b"x-path", b"/%d" % n)]
+        assert body == b"body %d" % n
+    assert peak == 50
+    # Six rounds of 50 streams, one virtual second each.
+    assert elapsed == 6
+
+
+async def test_streams_opened_before_peer_settings_respect_its_limit(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Visitors that waited for a reconnecting agent all open their streams the
+    # moment the connection is up, before the agent's SETTINGS (with its
+    # stream limit) have arrived. None of that may cost the connection.
+    results: list[bytes] = []
+    errors: list[StreamError] = []
+
+    async def one(mux: Mux, n: int) -> None:
+        try:
+            results.append((await exchange(mux, b"%d" % n))[1])
+        except* StreamError as group:
+            errors.extend(group.exceptions)  # type: ignore[arg-type]
+
+    with trio.fail_after(60):
+        async with open_pair(
+            echo, max_concurrent_streams=5, settle=False, hold_client_receive=True
+        ) as pair:
+            async with trio.open_nursery() as nursery:
+                for n in range(8):
+                    nursery.start_soon(one, pair.client, n)
+                await trio.testing.wait_all_tasks_blocked()
+                assert pair.client_transport.hold is not None
+                pair.client_transport.hold.set()
+            await trio.testing.wait_all_tasks_blocked()
+            assert pair.server_reason is None, pair.server_reason
+    assert errors == []
+    assert sorted(results) == sorted(b"%d" % n for n in range(8))
+
+
+async def test_large_frame_right_after_settings_ack(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # The Mux announces a 1 MiB MAX_FRAME_SIZE. A peer may use it as soon as it
+    # has acknowledged that SETTINGS, so the ACK and a large DATA frame can
+    # arrive in one message. Here the peer is a bare h2 connection, so the
+    # frames are exactly that.
+    a, b = transport_pair()
+    client = Mux(client_side=True, transport=a, keepalive_interval=15, keepalive_timeout=15)
+    peer = h2.connection.H2Connection(
+        h2.config.H2Configuration(client_side=False, header_encoding=None)
+    )
+    peer.initiate_connection()
+    body = b"x" * 100_000
+    received: list[bytes] = []
+
+    async def fetch() -> None:
+        stream = await client.open_stream(request(), end_stream=True)
+        await stream.receive_headers()
+        while data := await stream.receive_data():
+            received.append(data)
+            stream.acknowledge()
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(client.run)
+            await b.send(peer.data_to_send())  # the peer's SETTINGS alone
+            await trio.testing.wait_all_tasks_blocked()
+            peer.receive_data(b.take_pending())  # preface, SETTINGS, WINDOW_UPDATE
+            nursery.start_soon(fetch)
+            await trio.testing.wait_all_tasks_blocked()
+            events = peer.receive_data(b.take_pending())  # SETTINGS ACK, HEADERS
+            assert any(e.stream_id == 1 for e in events if isinstance(e, h2.events.RequestReceived))
+            peer.send_headers(1, [(b":status", b"200")])
+            peer.send_data(1, body, end_stream=True)
+            assert peer.max_outbound_frame_size >= len(body)  # so one DATA frame
+            await b.send(peer.data_to_send())  # ACK, HEADERS and DATA together
+            await trio.testing.wait_all_tasks_blocked()
+            assert client.closed_reason is None, client.closed_reason
+            assert b"".join(received) == body
+            client.close("the test is over")
+
+
+async def test_reset_cancels_handler_scope(autojump_clock: trio.testing.MockClock) -> None:
+    started = trio.Event()
+    finished = trio.Event()
+    outcome: list[str] = []
+
+    async def handler(stream: Stream) -> None:
+        if dict(stream.headers or [])[b":path"] != b"/hang":
+            await echo(stream)
+            return
+        with trio.CancelScope() as scope:
+            stream.cancel_scope = scope
+            started.set()
+            await trio.sleep_forever()
+        outcome.append("cancelled" if scope.cancelled_caught else "not cancelled")
+        finished.set()
+
+    with trio.fail_after(10):
+        async with open_pair(handler) as pair:
+            stream = await pair.client.open_stream(request(b"/hang"), end_stream=False)
+            await started.wait()
+            start = trio.current_time()
+            stream.cancel()
+            await finished.wait()
+            assert trio.current_time() == start
+            assert outcome == ["cancelled"]
+            assert pair.client.open_streams == 0
+            await trio.testing.wait_all_tasks_blocked()
+            assert pair.server.open_streams == 0
+            # The connection itself is unharmed.
+            assert (await exchange(pair.client, b"again"))[1] == b"again"
+
+
+async def test_reset_fails_handler_receive(autojump_clock: trio.testing.MockClock) -> None:
+    started = trio.Event()
+    errors: list[StreamError] = []
+    finished = trio.Event()
+
+    async def handler(stream: Stream) -> None:
+        started.set()
+        try:
+            await stream.receive_data()
+        except StreamError as error:
+            errors.append(error)
+        finished.set()
+
+    with trio.fail_after(10):
+        async with open_pair(handler) as pair:
+            stream = await pair.client.open_stream(request(), end_stream=False)
+            await started.wait()
+            stream.cancel()
+            await finished.wait()
+            assert len(errors) == 1
+            assert errors[0].code == h2.errors.ErrorCodes.CANCEL
+            # Our own side refuses further use too.
+            with pytest.raises(StreamError):
+                await stream.send_data(b"late")
+
+
+@pytest.mark.parametrize("side", ["client", "server"])
+async def test_transport_close_fails_open_streams(
+    autojump_clock: trio.testing.MockClock, side: str
+) -> None:
+    handlers_started = 0
+    handlers_cancelled = 0
+    all_started = trio.Event()
+
+    async def handler(stream: Stream) -> None:
+        nonlocal handlers_started, handlers_cancelled
+        handlers_started += 1
+        if handlers_started == 5:
+            all_started.set()
+        try:
+            await stream.receive_data()
+            await trio.sleep_forever()
+        finally:
+            handlers_cancelled += 1
+
+    errors: list[StreamError] = []
+
+    async def wait_response(stream: Stream) -> None:
+        try:
+            await stream.receive_headers()
+        except StreamError as error:
+            errors.append(error)
+
+    with trio.fail_after(10):
+        async with open_pair(handler) as pair:
+            async with trio.open_nursery() as nursery:
+                for _ in range(5):
+                    stream = await pair.client.open_stream(request(), end_stream=False)
+                    nursery.start_soon(wait_response, stream)
+                await all_started.wait()
+                start = trio.current_time()
+                closing = pair.client_transport if side == "client" else pair.server_transport
+                await closing.aclose()
+            await pair.client_done.wait()
+            await pair.server_done.wait()
+            assert trio.current_time() == start
+
+    assert len(errors) == 5
+    assert all(error.code == h2.errors.ErrorCodes.INTERNAL_ERROR for error in errors)
+    assert pair.client_reason is not None
+    assert "closed" in pair.client_reason
+    assert handlers_cancelled == 5
+    assert pair.client.open_streams == pair.server.open_streams == 0
+    with pytest.raises(StreamError):
+        await pair.client.open_stream(request(), end_stream=True)
+
+
+async def test_keepalive_declares_silent_peer_dead(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    with trio.fail_after(100):
+        async with open_pair(echo, keepalive_interval=10, keepalive_timeout=7) as pair:
+            start = trio.current_time()
+            # The first PING, at 10s, is answered.
+            await trio.sleep(12)
+            assert pair.client.rtt == 0
+            assert pair.client_reason is None
+            # From now on the network swallows everything, both ways.
+            pair.client_transport.dropping = True
+            await pair.client_done.wait()
+            # The next PING goes out at 20s and is given up on at 27s.
+            assert trio.current_time() - start == 27
+            assert pair.client_reason is not None
+            assert "keepalive" in pair.client_reason
+            assert "7s" in pair.client_reason
+            assert pair.client_transport.closed
+
+
+async def test_keepalive_fails_open_streams(autojump_clock: trio.testing.MockClock) -> None:
+    with trio.fail_after(100):
+        async with open_pair(echo, keepalive_interval=10, keepalive_timeout=5) as pair:
+            start = trio.current_time()
+            stream = await pair.client.open_stream(request(), end_stream=False)
+            await stream.receive_headers()
+            pair.client_transport.dropping = True
+            with pytest.raises(StreamError, match="keepalive"):
+                await stream.receive_data()
+            assert trio.current_time() - start == 15
+
+
+async def test_drain_lets_open_stream_finish(autojump_clock: trio.testing.MockClock) -> None:
+    started = trio.Event()
+
+    async def handler(stream: Stream) -> None:
+        started.set()
+        await echo(stream)
+
+    with trio.fail_after(60):
+        async with open_pair(handler) as pair:
+            stream = await pair.client.open_stream(request(b"/slow"), end_stream=False)
+            await started.wait()
+            start = trio.current_time()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(pair.server.drain, 30)
+                await trio.testing.wait_all_tasks_blocked()
+                # GOAWAY arrived: no new streams, but the open one goes on.
+                assert not pair.server.accepting
+                assert not pair.client.accepting
+                with pytest.raises(StreamError):
+                    await pair.client.open_stream(request(), end_stream=True)
+                await stream.send_data(b"last words", end_stream=True)
+                assert (await stream.receive_headers())[0] == (b":status", b"200")
+                assert await stream.receive_data() == b"last words"
+                assert await stream.receive_data() == b""
+            await pair.server_done.wait()
+            await pair.client_done.wait()
+            # It ended when the stream did, not at the drain timeout.
+            assert trio.current_time() == start
+            assert pair.server_reason == "the connection was drained and closed"
+            assert pair.client_reason is not None
+            assert "GOAWAY" in pair.client_reason
+
+
+async def test_drain_with_no_streams_closes_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    with trio.fail_after(60):
+        async with open_pair(echo) as pair:
+            start = trio.current_time()
+            await pair.server.drain(30)
+            await pair.server_done.wait()
+            await pair.client_done.wait()
+            assert trio.current_time() == start
+            assert pair.server_reason == "the connection was drained and closed"
+
+
+async def test_drain_flushes_final_frames_over_slow_network(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # On a real network a send takes time. The last frames of a response that
+    # ends with its headers (a 204) must still reach the peer before the
+    # transport closes.
+    started = trio.Event()
+    respond = trio.Event()
+
+    async def handler(stream: Stream) -> None:
+        started.set()
+        await respond.wait()
+        stream.send_headers([(b":status", b"204")], end_stream=True)
+
+    with trio.fail_after(60):
+        async with open_pair(handler, latency=0.01) as pair:
+            stream = await pair.client.open_stream(request(), end_stream=True)
+            await started.wait()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(pair.server.drain, 30)
+                await trio.testing.wait_all_tasks_blocked()
+                respond.set()
+                assert (await stream.receive_headers()) == [(b":status", b"204")]
+                assert await stream.receive_data() == b""
