@@ -103,6 +103,11 @@ def parse_server_address(address: str) -> ServerAddress:
             )
         scheme = schemes[given.lower()]
         text = text.split("/", 1)[0]
+    if "@" in text:
+        raise ConfigError(
+            f"ClientConfig.address {address!r}: credentials do not belong in the address; "
+            "pass the secret as ClientConfig.token"
+        )
     host, port = _split_host_port(text, what="ClientConfig.address")
     if not host:
         raise ConfigError(f"ClientConfig.address {address!r} has no host name")
@@ -285,7 +290,7 @@ class ClientConfig:
         port: int | str = self.port
         if isinstance(port, str) and port.isdigit():
             port = int(port)
-        if not isinstance(port, int) or not 0 < port <= 65535:
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 < port <= 65535:
             raise ConfigError(
                 f"ClientConfig.port {self.port!r}: give the local service's port, 1 to 65535"
             )

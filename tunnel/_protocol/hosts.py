@@ -31,7 +31,7 @@ def is_valid_host(host: str) -> bool:
 
 def normalize_host(host: str, *, what: str = "host") -> str:
     """Lower-case ``host`` and drop a trailing dot; raise ConfigError if invalid."""
-    canonical = host.strip().lower().rstrip(".")
+    canonical = host.strip().lower().removesuffix(".")
     if canonical.startswith("[") and canonical.endswith("]"):
         canonical = canonical[1:-1]
     if not is_valid_host(canonical):
@@ -54,7 +54,7 @@ def host_from_authority(authority: str) -> str:
         text = text[1:end] if end != -1 else text
     elif ":" in text:
         text = text.rsplit(":", 1)[0]
-    return text.rstrip(".")
+    return text.removesuffix(".")
 
 
 def in_domain(host: str, domain: str) -> bool:
