@@ -230,6 +230,8 @@ class Mux:
         self._closing = False
         self._writing = False
         self._settings_received = trio.Event()
+        self._ended = trio.Event()
+        self._goaway_sent = False
         self.closed_reason: str | None = None
         self.bytes_received = 0
         self.bytes_sent = 0
@@ -275,7 +277,10 @@ class Mux:
 
     def _end(self, reason: str) -> None:
         if self.closed_reason is None:
-            self.closed_reason = reason
+            # After our GOAWAY, the peer closing the transport is the plan.
+            self.closed_reason = (
+                "the connection was drained and closed" if self._goaway_sent else reason
+            )
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
         lost = StreamError(self.closed_reason, h2.errors.ErrorCodes.INTERNAL_ERROR)
@@ -289,6 +294,7 @@ class Mux:
                 stream.cancel_scope.cancel()
         self._streams.clear()
         self._settings_received.set()
+        self._ended.set()
         for event in (self._drained, self._capacity, *self._pings.values()):
             if event is not None:
                 event.set()
@@ -312,6 +318,7 @@ class Mux:
                     self._capacity = trio.Event()
                 await self._capacity.wait()
         if self.closed_reason is None:
+            self._goaway_sent = True
             self._conn.close_connection()
             self._kick()
         with trio.move_on_after(min(grace, 1.0)):
@@ -319,6 +326,9 @@ class Mux:
                 if self._drained is None:
                     self._drained = trio.Event()
                 await self._drained.wait()
+            # The peer closes the transport once it has read the GOAWAY; that is
+            # the clean end, and closing first ourselves would race it.
+            await self._ended.wait()
         self._end("the connection was drained and closed")
 
     @property
@@ -366,7 +376,15 @@ class Mux:
         while True:
             data = await self._transport.receive()
             self.bytes_received += len(data)
-            events = conn.receive_data(data)
+            try:
+                events = conn.receive_data(data)
+            except h2.exceptions.ProtocolError:
+                if self._goaway_sent:
+                    # h2 refuses every frame once it sent GOAWAY (python-hyper/h2
+                    # issue 1181); what still arrives is the peer's last words
+                    # before it closes the transport.
+                    continue
+                raise
             for event in events:
                 self._dispatch(event)
             self._kick()

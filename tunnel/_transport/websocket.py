@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import trio
 import trio_websocket
 
@@ -37,7 +39,17 @@ class WebSocketTransport:
     async def aclose(self, code: int = 1000, reason: str = "") -> None:
         with trio.move_on_after(CLOSE_TIMEOUT) as scope:
             scope.shield = True
-            await self._ws.aclose(code, reason or None)
+            async with trio.open_nursery() as nursery:
+                # trio-websocket sees the server's close reply only after the
+                # messages queued before it are taken; nobody else reads now.
+                nursery.start_soon(self._discard_incoming)
+                await self._ws.aclose(code, reason or None)
+                nursery.cancel_scope.cancel()
+
+    async def _discard_incoming(self) -> None:
+        with contextlib.suppress(trio_websocket.ConnectionClosed):
+            while True:
+                await self._ws.get_message()
 
 
 def _describe(reason: trio_websocket.CloseReason | None) -> str:

@@ -18,6 +18,7 @@ from .._config import ClientConfig
 from .._exceptions import (
     ConnectionLostError,
     ServerUnreachableError,
+    TunnelError,
     is_permanent,
     rejection_for_status,
 )
@@ -35,6 +36,8 @@ logger = logging.getLogger("tunnel.client")
 MAX_MESSAGE_SIZE = 32 << 20
 #: trio-websocket's default of 4 KiB per read makes uploads crawl.
 RECEIVE_BUFFER_SIZE = 256 << 10
+#: How long closing the connection to the server may take.
+CLOSE_TIMEOUT = 2.0
 #: A connection that lasted this long resets the backoff.
 STABLE_AFTER = 10.0
 
@@ -160,70 +163,114 @@ class Client:
         """
         config = self.config
         server = config.server
+        stream = await self._open_stream()
         try:
-            async with trio_websocket.open_websocket(
-                server.host,
-                server.port,
-                config.control_path,
-                use_ssl=self._ssl_context() if server.scheme == "wss" else False,
-                subprotocols=[SUBPROTOCOL],
-                extra_headers=[
-                    (b"authorization", b"Bearer " + config.token.encode()),
-                    (HOST_HEADER.encode(), self.config.claimed_host.encode()),
-                ],
-                max_message_size=MAX_MESSAGE_SIZE,
-                receive_buffer_size=RECEIVE_BUFFER_SIZE,
-                message_queue_size=4,
-                connect_timeout=config.connect_timeout,
-                disconnect_timeout=2.0,
-            ) as ws:
-                granted = dict(ws.handshake_headers).get(HOST_HEADER.encode())
-                if granted:
-                    self._host = granted.decode("ascii", "replace")
-                mux = Mux(
-                    client_side=False,
-                    transport=WebSocketTransport(ws),
-                    keepalive_interval=config.keepalive_interval,
-                    keepalive_timeout=config.keepalive_timeout,
-                    max_concurrent_streams=config.max_concurrent_streams,
-                    on_stream=self._serve_stream,
-                    trusted_peer=True,
-                )
-                async with trio.open_nursery() as nursery:
-                    await nursery.start(mux.run)
-                    self._mux = mux
-                    self._set_state(ClientState.CONNECTED)
-                    logger.info("tunnel up: %s → %s", self.url, self._pool.label)
-                    self._task_status.started(self.url)
-                    self._task_status = trio.TASK_STATUS_IGNORED
-                self._mux = None
-                if not self._is_closing():
-                    raise ConnectionLostError(
-                        f"lost the connection to the server: {mux.closed_reason}"
+            async with trio.open_nursery() as nursery:
+                # We own the byte stream (not trio-websocket), so it is closed
+                # on every path, a refused handshake included.
+                with trio.fail_after(config.connect_timeout):
+                    ws = await trio_websocket.wrap_client_stream(
+                        nursery,
+                        stream,
+                        server.host if server.default_port else f"{server.host}:{server.port}",
+                        config.control_path,
+                        subprotocols=[SUBPROTOCOL],
+                        extra_headers=[
+                            (b"authorization", b"Bearer " + config.token.encode()),
+                            (HOST_HEADER.encode(), config.claimed_host.encode()),
+                        ],
+                        max_message_size=MAX_MESSAGE_SIZE,
+                        receive_buffer_size=RECEIVE_BUFFER_SIZE,
+                        message_queue_size=4,
                     )
-        except trio_websocket.ConnectionRejected as exc:
+                await self._serve(ws)
+                nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            raise self._translate(_first_error(group)) from None
+        except Exception as exc:
+            raise self._translate(exc) from None
+        finally:
+            with trio.move_on_after(CLOSE_TIMEOUT) as scope:
+                scope.shield = True
+                await stream.aclose()
+
+    async def _open_stream(self) -> trio.SocketStream | trio.SSLStream[trio.SocketStream]:
+        config = self.config
+        server = config.server
+        try:
+            with trio.fail_after(config.connect_timeout):
+                if server.scheme == "ws":
+                    return await trio.open_tcp_stream(server.host, server.port)
+                stream = await trio.open_ssl_over_tcp_stream(
+                    server.host,
+                    server.port,
+                    ssl_context=self._ssl_context(),
+                    https_compatible=True,
+                )
+                # Shake hands now: a bad certificate is then this attempt's
+                # clear error, not a silent stall inside the WebSocket handshake.
+                try:
+                    await stream.do_handshake()
+                except BaseException:
+                    await trio.aclose_forcefully(stream)
+                    raise
+                return stream
+        except Exception as exc:
+            raise self._translate(exc) from None
+
+    async def _serve(self, ws: trio_websocket.WebSocketConnection) -> None:
+        config = self.config
+        granted = dict(ws.handshake_headers).get(HOST_HEADER.encode())
+        if granted:
+            self._host = granted.decode("ascii", "replace")
+        mux = Mux(
+            client_side=False,
+            transport=WebSocketTransport(ws),
+            keepalive_interval=config.keepalive_interval,
+            keepalive_timeout=config.keepalive_timeout,
+            max_concurrent_streams=config.max_concurrent_streams,
+            on_stream=self._serve_stream,
+            trusted_peer=True,
+        )
+        async with trio.open_nursery() as nursery:
+            await nursery.start(mux.run)
+            self._mux = mux
+            self._set_state(ClientState.CONNECTED)
+            logger.info("tunnel up: %s → %s", self.url, self._pool.label)
+            self._task_status.started(self.url)
+            self._task_status = trio.TASK_STATUS_IGNORED
+        self._mux = None
+        if not self._is_closing():
+            raise ConnectionLostError(f"lost the connection to the server: {mux.closed_reason}")
+
+    def _translate(self, exc: BaseException) -> BaseException:
+        """The error to raise for ``exc``: ours for the network's, others unchanged."""
+        server = self.config.server
+        where = f"{server.host}:{server.port}"
+        if isinstance(exc, TunnelError):
+            return exc
+        if isinstance(exc, trio.BrokenResourceError) and isinstance(exc.__cause__, ssl.SSLError):
+            exc = exc.__cause__
+        if isinstance(exc, trio_websocket.ConnectionRejected):
             reason = (exc.body or b"").decode("utf-8", "replace").strip() or "no reason given"
             if is_permanent(exc.status_code):
-                raise rejection_for_status(exc.status_code, reason) from None
-            raise ServerUnreachableError(
-                f"the server answered {exc.status_code}: {reason}"
-            ) from None
-        except trio_websocket.ConnectionTimeout:
-            raise ServerUnreachableError(
-                f"no answer from {server.host}:{server.port} within {config.connect_timeout:g}s"
-            ) from None
-        except (trio_websocket.HandshakeError, trio_websocket.ConnectionClosed) as exc:
-            raise ServerUnreachableError(f"the WebSocket handshake failed: {exc!r}") from None
-        except ssl.SSLError as exc:
-            raise ServerUnreachableError(
-                f"TLS with {server.host}:{server.port} failed: {exc.reason or exc}; "
+                return rejection_for_status(exc.status_code, reason)
+            return ServerUnreachableError(f"{where} answered {exc.status_code}: {reason}")
+        if isinstance(exc, trio.TooSlowError):
+            return ServerUnreachableError(
+                f"no answer from {where} within {self.config.connect_timeout:g}s"
+            )
+        if isinstance(exc, ssl.SSLError):
+            return ServerUnreachableError(
+                f"TLS with {where} failed: {exc.reason or exc}; "
                 "for a private certificate set ClientConfig.ca_file"
-            ) from None
-        except (OSError, trio.BrokenResourceError) as exc:
+            )
+        if isinstance(exc, trio_websocket.HandshakeError | trio_websocket.ConnectionClosed):
+            return ServerUnreachableError(f"the WebSocket handshake with {where} failed: {exc!r}")
+        if isinstance(exc, OSError | trio.BrokenResourceError | trio.ClosedResourceError):
             detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            raise ServerUnreachableError(
-                f"cannot reach {server.host}:{server.port}: {detail or type(exc).__name__}"
-            ) from None
+            return ServerUnreachableError(f"cannot reach {where}: {detail or type(exc).__name__}")
+        return exc
 
     def _ssl_context(self) -> ssl.SSLContext:
         context = ssl.create_default_context(
@@ -252,6 +299,27 @@ class Client:
         mux = self._mux
         if mux is not None:
             await mux.drain(self.config.drain_timeout)
+
+
+def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The most telling error in ``group``: a refusal beats a broken socket."""
+    leaves: list[BaseException] = []
+
+    def collect(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                collect(inner)
+        elif not isinstance(exc, trio.Cancelled):
+            leaves.append(exc)
+
+    collect(group)
+    if not leaves:
+        return group
+    for kind in (TunnelError, trio_websocket.ConnectionRejected, trio_websocket.HandshakeError):
+        for leaf in leaves:
+            if isinstance(leaf, kind):
+                return leaf
+    return leaves[0]
 
 
 @asynccontextmanager

@@ -140,46 +140,66 @@ async def _exchange(stream: Stream, pool: LocalPool) -> None:
     request = h11.Request(method=method, target=target, headers=headers)
     conn, response = await _start(pool, request, retry=not has_body)
     response_started = False
+    failure: Exception | None = None
     try:
         async with trio.open_nursery() as nursery:
             if has_body:
                 nursery.start_soon(_send_body, stream, conn, pool.label)
-            if response is None:
-                response = await _receive_response(conn, pool.label)
-            stream.send_headers(response_headers_from_local(response.status_code, response.headers))
-            response_started = True
-            while True:
-                event = await conn.next_event()
-                if isinstance(event, h11.Data):
-                    await stream.send_data(bytes(event.data))
-                elif isinstance(event, h11.EndOfMessage):
-                    if event.headers:
-                        stream.send_headers(list(event.headers), end_stream=True)
-                    else:
-                        stream.end()
-                    break
-                else:
-                    raise h11.RemoteProtocolError(f"unexpected {type(event).__name__}")
-            if conn.h11.our_state is not h11.DONE:
-                # Answered before the request body was all sent: tell the server
-                # to stop sending (RFC 9113 section 8.1), drop the connection.
+            # Errors are caught inside the nursery's body, so they come out as
+            # themselves rather than wrapped in an exception group.
+            try:
+                if response is None:
+                    response = await _receive_response(conn, pool.label)
+                stream.send_headers(
+                    response_headers_from_local(response.status_code, response.headers)
+                )
+                response_started = True
+                await _relay_body(stream, conn)
+            except (h11.ProtocolError, OSError, trio.BrokenResourceError, _LocalFailure) as exc:
+                failure = exc
+            except StreamError as exc:
+                failure = exc
+            if failure is not None or conn.h11.our_state is not h11.DONE:
+                # Failed, or answered before the request body was all sent: the
+                # rest of the body has no use (RFC 9113 section 8.1).
                 nursery.cancel_scope.cancel()
-                if not stream.done:
-                    stream.cancel(h2.errors.ErrorCodes.NO_ERROR)
-    except (h11.ProtocolError, OSError, trio.BrokenResourceError) as exc:
-        await conn.socket.aclose()
-        if response_started:
-            logger.info("local service %s failed mid-response: %s", pool.label, exc)
-            if not stream.done:
-                stream.cancel(h2.errors.ErrorCodes.INTERNAL_ERROR)
-            return
-        raise _LocalFailure(
-            502, f"The local service at {pool.label} sent an invalid response: {exc}"
-        ) from None
     except BaseException:
         await _close_quietly(conn)
         raise
-    await pool.release(conn)
+    if failure is None and conn.h11.our_state is h11.DONE:
+        await pool.release(conn)
+        return
+    await conn.socket.aclose()
+    if failure is None:
+        if not stream.done:
+            stream.cancel(h2.errors.ErrorCodes.NO_ERROR)
+        return
+    if isinstance(failure, StreamError | _LocalFailure):
+        raise failure
+    if response_started:
+        logger.info("local service %s failed mid-response: %s", pool.label, failure)
+        if not stream.done:
+            stream.cancel(h2.errors.ErrorCodes.INTERNAL_ERROR)
+        return
+    raise _LocalFailure(
+        502, f"The local service at {pool.label} sent an invalid response: {failure}"
+    )
+
+
+async def _relay_body(stream: Stream, conn: LocalConnection) -> None:
+    """Relay the local response's body and trailers to the stream."""
+    while True:
+        event = await conn.next_event()
+        if isinstance(event, h11.Data):
+            await stream.send_data(bytes(event.data))
+        elif isinstance(event, h11.EndOfMessage):
+            if event.headers:
+                stream.send_headers(list(event.headers), end_stream=True)
+            else:
+                stream.end()
+            return
+        else:
+            raise h11.RemoteProtocolError(f"unexpected {type(event).__name__}")
 
 
 async def _start(
@@ -265,6 +285,8 @@ async def _send_body(stream: Stream, conn: LocalConnection, label: str) -> None:
         # The local service stopped reading; what it answered (if anything)
         # is still relayed by the response side.
         logger.debug("request body to %s stopped: %s", label, exc)
+    except StreamError:
+        pass  # reset: the stream's cancel scope ends the whole exchange
 
 
 async def _answer_error(stream: Stream, status: int, detail: str) -> None:

@@ -1,0 +1,276 @@
+"""A visitor's HTTP requests through a real tunnel: server, agent and local service
+on real sockets, the visitor an ``httpx.AsyncClient``."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from contextlib import aclosing
+
+import httpx
+import trio
+from helpers import FIXED_BODY, STREAM_CHUNK_1, STREAM_CHUNK_2
+
+
+def header_values(seen: dict, name: str) -> list[str]:
+    """Every value of header ``name`` the local service received, in order."""
+    return [value for key, value in seen["headers"] if key == name]
+
+
+async def read_at_least(chunks, size: int) -> bytes:
+    """Read from an ``aiter_raw()`` iterator until ``size`` bytes arrived."""
+    received = b""
+    while len(received) < size:
+        received += await anext(chunks)
+    return received
+
+
+async def test_methods_paths_queries_and_bodies(tunnel_server, local_service, open_agent, visitor):
+    with trio.fail_after(10):
+        async with (
+            open_agent(tunnel_server.port, local_service.port),
+            visitor(tunnel_server.port) as http,
+        ):
+            for method in ("GET", "POST", "PUT", "DELETE"):
+                body = b"" if method == "GET" else f"{method} body \xff".encode("latin-1")
+                response = await http.request(
+                    method, "/some/deep%20path?q=1&r=two%20words&q=3", content=body
+                )
+                assert response.status_code == 200, response.text
+                seen = response.json()
+                assert seen["method"] == method
+                assert seen["path"] == "/some/deep path"
+                assert seen["query"] == "q=1&r=two%20words&q=3"
+                assert seen["body"] == body.decode("latin-1")
+                assert header_values(seen, "host") == ["app.localhost"]
+                # Repeated response headers arrive, both and in order.
+                assert response.headers.get_list("set-cookie") == ["a=1", "b=2"]
+
+            get = await http.get("/fixed")
+            assert get.content == FIXED_BODY
+            head = await http.head("/fixed")
+            assert head.status_code == 200
+            assert head.content == b""
+            assert head.headers["content-length"] == str(len(FIXED_BODY))
+
+            no_content = await http.get("/status/204")
+            assert no_content.status_code == 204
+            assert no_content.content == b""
+            not_modified = await http.get("/status/304", headers={"if-none-match": '"v1"'})
+            assert not_modified.status_code == 304
+            assert not_modified.content == b""
+            assert not_modified.headers["etag"] == '"v1"'
+
+            # A stray body after 204/304 would corrupt the visitor's keep-alive
+            # connection; the next request on it must still be clean.
+            after = await http.get("/after")
+            assert after.status_code == 200
+            assert after.json()["path"] == "/after"
+            assert [m for m, _ in local_service.requests].count("HEAD") == 1
+
+
+async def test_five_mib_upload_arrives_intact(tunnel_server, local_service, open_agent, visitor):
+    data = os.urandom(5 << 20)
+    with trio.fail_after(20):
+        async with (
+            open_agent(tunnel_server.port, local_service.port),
+            visitor(tunnel_server.port) as http,
+        ):
+            response = await http.post("/sha", content=data)
+    assert response.status_code == 200, response.text
+    assert response.json() == {"sha256": hashlib.sha256(data).hexdigest(), "length": len(data)}
+
+
+async def test_response_streams_before_the_service_finishes(
+    tunnel_server, local_service, open_agent, visitor
+):
+    with trio.fail_after(5):
+        async with (
+            open_agent(tunnel_server.port, local_service.port),
+            visitor(tunnel_server.port) as http,
+            http.stream("GET", "/stream") as response,
+        ):
+            assert response.status_code == 200
+            async with aclosing(response.aiter_raw()) as chunks:
+                # The local handler is parked until release_stream is set, so
+                # this only completes if the tunnel forwards chunk 1 on its own.
+                received = await read_at_least(chunks, len(STREAM_CHUNK_1))
+                assert received == STREAM_CHUNK_1
+                assert not local_service.stream_finished.is_set()
+                local_service.release_stream.set()
+                async for chunk in chunks:
+                    received += chunk
+    assert received == STREAM_CHUNK_1 + STREAM_CHUNK_2
+    assert local_service.stream_finished.is_set()
+
+
+async def test_request_body_streams_before_the_visitor_finishes(
+    tunnel_server, local_service, open_agent, visitor
+):
+    sent_last = False
+
+    async def body():
+        nonlocal sent_last
+        yield b"part one;"
+        # Only the local service seeing part one lets the visitor go on.
+        await local_service.body_started.wait()
+        sent_last = True
+        yield b"part two"
+
+    with trio.fail_after(5):
+        async with (
+            open_agent(tunnel_server.port, local_service.port),
+            visitor(tunnel_server.port) as http,
+        ):
+            response = await http.post("/upload-stream", content=body())
+    assert sent_last
+    assert response.status_code == 200, response.text
+    seen = response.json()
+    assert seen["body"] == "part one;part two"
+    assert seen["method"] == "POST"
+
+
+async def test_unknown_host_is_404_naming_the_host(
+    tunnel_server, local_service, open_agent, visitor
+):
+    with trio.fail_after(5):
+        async with (
+            open_agent(tunnel_server.port, local_service.port),
+            visitor(tunnel_server.port, host="nope.localhost:8080") as http,
+        ):
+            response = await http.get("/anything")
+    assert response.status_code == 404
+    assert "nope.localhost" in response.text
+    assert local_service.requests == []
+
+
+async def test_forwarded_headers_are_set_and_not_spoofable(
+    tunnel_server, local_service, open_agent, visitor
+):
+    with trio.fail_after(5):
+        async with (
+            open_agent(tunnel_server.port, local_service.port),
+            visitor(tunnel_server.port) as http,
+        ):
+            honest = (await http.get("/honest")).json()
+            forged = (
+                await http.get(
+                    "/forged",
+                    headers={
+                        "x-forwarded-for": "6.6.6.6",
+                        "x-forwarded-proto": "https",
+                        "x-forwarded-host": "evil.example",
+                    },
+                )
+            ).json()
+    for seen in (honest, forged):
+        assert header_values(seen, "x-forwarded-for") == ["127.0.0.1"]
+        assert header_values(seen, "x-forwarded-proto") == ["http"]
+        assert header_values(seen, "x-forwarded-host") == ["app.localhost"]
+
+
+async def test_two_hundred_concurrent_requests_on_one_agent(
+    tunnel_server, local_service, open_agent, visitor
+):
+    count = 200
+    local_service.gather_target = count
+    answers: dict[int, tuple[int, str]] = {}
+
+    async def one(http: httpx.AsyncClient, i: int) -> None:
+        response = await http.get(f"/gather/{i}", params={"i": str(i)})
+        answers[i] = (response.status_code, response.text)
+
+    with trio.fail_after(20):
+        async with (
+            open_agent(tunnel_server.port, local_service.port),
+            visitor(tunnel_server.port, limits=httpx.Limits(max_connections=count)) as http,
+            # The local handler holds every request until all 200 are inside
+            # it at once, so they really are concurrent on the one agent.
+            trio.open_nursery() as nursery,
+        ):
+            for i in range(count):
+                nursery.start_soon(one, http, i)
+    assert sorted(answers) == list(range(count))
+    for i, (status, text) in answers.items():
+        assert status == 200, text
+        seen = json.loads(text)
+        assert (seen["path"], seen["query"]) == (f"/gather/{i}", f"i={i}")
+
+
+async def test_slow_local_service_gets_504(start_tunnel_server, local_service, open_agent, visitor):
+    server = await start_tunnel_server(response_timeout=0.5)
+    with trio.fail_after(5):
+        async with (
+            open_agent(server.port, local_service.port),
+            visitor(server.port) as http,
+        ):
+            started = trio.current_time()
+            response = await http.get("/hang")
+            elapsed = trio.current_time() - started
+            assert response.status_code == 504
+            assert "app.localhost" in response.text
+            assert "0.5 seconds" in response.text
+            assert 0.5 <= elapsed < 3
+            # The abandoned request does not linger at the local service.
+            await local_service.hang_abandoned.wait()
+            # The tunnel is still fine for the next request.
+            assert (await http.get("/next")).status_code == 200
+
+
+async def test_hop_by_hop_headers_do_not_cross(tunnel_server, local_service, open_agent, visitor):
+    with trio.fail_after(5):
+        async with (
+            open_agent(tunnel_server.port, local_service.port),
+            visitor(tunnel_server.port) as http,
+        ):
+            response = await http.get(
+                "/hop",
+                headers={
+                    "connection": "x-custom",
+                    "x-custom": "1",
+                    "keep-alive": "timeout=9",
+                    "proxy-connection": "keep-alive",
+                    "x-plain": "kept",
+                },
+            )
+    assert response.status_code == 200, response.text
+    seen = response.json()
+    names = {key for key, _ in seen["headers"]}
+    assert "x-custom" not in names
+    assert "keep-alive" not in names
+    assert "proxy-connection" not in names
+    assert all("x-custom" not in v for v in header_values(seen, "connection"))
+    assert header_values(seen, "x-plain") == ["kept"]
+
+    # The local service's hop-by-hop headers stay on its own hop.
+    assert "x-local-hop" not in response.headers
+    assert "keep-alive" not in response.headers
+    assert "proxy-connection" not in response.headers
+    assert "x-local-hop" not in response.headers.get("connection", "").lower()
+    assert response.headers["x-end-to-end"] == "kept"
+
+
+async def test_visitor_leaving_mid_stream_reaches_the_local_service(
+    tunnel_server, local_service, open_agent, visitor
+):
+    with trio.fail_after(8):
+        async with open_agent(tunnel_server.port, local_service.port):
+            async with (
+                visitor(tunnel_server.port) as http,
+                http.stream("GET", "/watch") as response,
+            ):
+                assert response.status_code == 200
+                received = b""
+                # Stop reading by cancelling a read that is blocked inside
+                # httpx, which finishes its generators; the unfinished
+                # response's connection is then closed when the block ends.
+                with trio.CancelScope() as reading:
+                    async for chunk in response.aiter_raw():
+                        received += chunk
+                        if len(received) >= len(STREAM_CHUNK_1):
+                            reading.cancel()
+                assert received == STREAM_CHUNK_1
+                assert not local_service.disconnected.is_set()
+            with trio.fail_after(2):
+                await local_service.disconnected.wait()
