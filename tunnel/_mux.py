@@ -206,13 +206,16 @@ class Mux:
             normalize_outbound_headers=False,
         )
         self._conn = h2.connection.H2Connection(config)
+        settings = {
+            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: max_concurrent_streams,
+            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
+            h2.settings.SettingCodes.ENABLE_PUSH: 0,
+        }
+        if not client_side:
+            # WebSockets arrive as extended CONNECT streams (RFC 8441).
+            settings[h2.settings.SettingCodes.ENABLE_CONNECT_PROTOCOL] = 1
         self._conn.local_settings = h2.settings.Settings(
-            client=client_side,
-            initial_values={
-                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: max_concurrent_streams,
-                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
-                h2.settings.SettingCodes.ENABLE_PUSH: 0,
-            },
+            client=client_side, initial_values=settings
         )
         self._client_side = client_side
         self._transport = transport
@@ -460,6 +463,14 @@ class Mux:
             stream = self._streams.get(event.stream_id or 0)
             if stream is not None:
                 code = event.error_code or 0
+                if code == h2.errors.ErrorCodes.NO_ERROR and stream.remote_ended:
+                    # The peer finished its side and asks us to stop sending
+                    # (RFC 9113 section 8.1): what it sent is still good to read.
+                    stream.local_ended = True
+                    if stream._window is not None:
+                        stream._window.set()
+                    self._forget(stream)
+                    return
                 stream.reset = StreamError(f"the peer reset the stream ({code!s})", code)
                 self._forget(stream)
         elif isinstance(event, h2.events.WindowUpdated):
@@ -578,6 +589,8 @@ class Mux:
         while offset < size:
             if stream.reset is not None:
                 raise stream.reset
+            if stream.id not in self._streams:
+                raise StreamError("the peer no longer reads this stream")
             window = conn.local_flow_control_window(stream.id)
             if window <= 0:
                 stream._window = trio.Event()

@@ -13,10 +13,12 @@ __all__ = [
     "Headers",
     "declares_trailers",
     "header_value",
+    "is_websocket_connect",
     "local_request_headers",
     "response_headers_from_local",
     "strip_hop_by_hop",
     "tunnel_request_headers",
+    "websocket_connect_headers",
 ]
 
 Headers = list[tuple[bytes, bytes]]
@@ -165,3 +167,35 @@ def response_headers_from_local(status: int, headers: Iterable[tuple[bytes, byte
 def declares_trailers(headers: Iterable[tuple[bytes, bytes]]) -> bool:
     """Whether a response announces trailers with a ``Trailer`` header."""
     return header_value(headers, b"trailer") is not None
+
+
+# Negotiated per hop: the server terminates the visitor's WebSocket framing
+# (and its compression) and the agent makes its own handshake with the local
+# service, so these never travel through the tunnel.
+_WEBSOCKET_HOP = frozenset(
+    {b"sec-websocket-key", b"sec-websocket-accept", b"sec-websocket-extensions"}
+)
+
+
+def websocket_connect_headers(request_headers: Headers) -> Headers:
+    """Turn a visitor request's HTTP/2 header list into an extended CONNECT (RFC 8441).
+
+    Args:
+        request_headers: What :func:`tunnel_request_headers` built for the
+            visitor's WebSocket upgrade request.
+    """
+    out: Headers = [(b":method", b"CONNECT"), (b":protocol", b"websocket")]
+    for key, value in request_headers:
+        if key != b":method" and key not in _WEBSOCKET_HOP:
+            out.append((key, value))
+    if header_value(out, b"sec-websocket-version") is None:
+        out.append((b"sec-websocket-version", b"13"))
+    return out
+
+
+def is_websocket_connect(headers: Sequence[tuple[bytes, bytes]]) -> bool:
+    """Whether an HTTP/2 request is an extended CONNECT for a WebSocket."""
+    return (
+        header_value(headers, b":method") == b"CONNECT"
+        and header_value(headers, b":protocol") == b"websocket"
+    )

@@ -24,9 +24,11 @@ from .._exceptions import (
 )
 from .._mux import Mux, Stream
 from .._protocol.handshake import HOST_HEADER, SUBPROTOCOL
+from .._protocol.headers import header_value, is_websocket_connect
 from .._transport.websocket import WebSocketTransport
 from ._state import ClientState
-from ._upstream import LocalPool, forward
+from ._upstream import LocalPool, answer_error, forward
+from ._upstream_ws import forward_websocket
 
 __all__ = ["Client", "open_tunnel"]
 
@@ -282,8 +284,15 @@ class Client:
         return context
 
     async def _serve_stream(self, stream: Stream) -> None:
+        assert stream.headers is not None
         try:
-            await forward(stream, self._pool)
+            if is_websocket_connect(stream.headers):
+                await forward_websocket(stream, self._pool)
+            elif header_value(stream.headers, b":method") == b"CONNECT":
+                # Never an open proxy: a CONNECT names a target we do not honour.
+                await answer_error(stream, 405, "This tunnel does not proxy CONNECT requests.")
+            else:
+                await forward(stream, self._pool)
         except Exception:
             # A bug here must cost one request, not the whole tunnel.
             logger.exception("agent for %s failed to serve a request", self._host)

@@ -24,7 +24,7 @@ from .._mux import Stream, StreamError
 from .._protocol.headers import local_request_headers, response_headers_from_local
 from .._protocol.pages import PAGE_HEADERS, error_page
 
-__all__ = ["LocalPool", "forward"]
+__all__ = ["LocalConnection", "LocalFailure", "LocalPool", "answer_error", "forward", "relay_body"]
 
 logger = logging.getLogger("tunnel.client")
 
@@ -86,9 +86,27 @@ class LocalPool:
                 conn.reused = True
                 return conn
             await conn.socket.aclose()
-        with trio.fail_after(self.connect_timeout):
-            socket = await trio.open_tcp_stream(self.host, self.port)
-        return LocalConnection(socket)
+        return LocalConnection(await self.connect())
+
+    async def connect(self) -> trio.SocketStream:
+        """A new connection to the local service.
+
+        Raises:
+            LocalFailure: Refused, unreachable or too slow, with the page to show.
+        """
+        try:
+            with trio.fail_after(self.connect_timeout):
+                return await trio.open_tcp_stream(self.host, self.port)
+        except trio.TooSlowError:
+            raise LocalFailure(
+                502, f"The local service at {self.label} did not accept a connection in time."
+            ) from None
+        except OSError as exc:
+            raise LocalFailure(
+                502,
+                f"The tunnel's agent could not reach the local service at {self.label}: "
+                f"{exc.strerror or exc}.",
+            ) from None
 
     async def release(self, conn: LocalConnection) -> None:
         """Keep ``conn`` for the next request if both sides finished cleanly."""
@@ -105,8 +123,8 @@ class LocalPool:
             await self._idle.pop().socket.aclose()
 
 
-class _LocalFailure(Exception):
-    """The local service could not be used; the message is for the visitor."""
+class LocalFailure(Exception):
+    """The local service could not be used; ``detail`` is for the visitor."""
 
     def __init__(self, status: int, detail: str) -> None:
         super().__init__(detail)
@@ -125,8 +143,8 @@ async def forward(stream: Stream, pool: LocalPool) -> None:
         stream.cancel_scope = scope
         try:
             await _exchange(stream, pool)
-        except _LocalFailure as failure:
-            await _answer_error(stream, failure.status, failure.detail)
+        except LocalFailure as failure:
+            await answer_error(stream, failure.status, failure.detail)
         except StreamError:
             pass  # reset by the server (visitor gone) or connection lost
     if scope.cancelled_caught and not stream.done:
@@ -154,8 +172,8 @@ async def _exchange(stream: Stream, pool: LocalPool) -> None:
                     response_headers_from_local(response.status_code, response.headers)
                 )
                 response_started = True
-                await _relay_body(stream, conn)
-            except (h11.ProtocolError, OSError, trio.BrokenResourceError, _LocalFailure) as exc:
+                await relay_body(stream, conn)
+            except (h11.ProtocolError, OSError, trio.BrokenResourceError, LocalFailure) as exc:
                 failure = exc
             except StreamError as exc:
                 failure = exc
@@ -174,19 +192,19 @@ async def _exchange(stream: Stream, pool: LocalPool) -> None:
         if not stream.done:
             stream.cancel(h2.errors.ErrorCodes.NO_ERROR)
         return
-    if isinstance(failure, StreamError | _LocalFailure):
+    if isinstance(failure, StreamError | LocalFailure):
         raise failure
     if response_started:
         logger.info("local service %s failed mid-response: %s", pool.label, failure)
         if not stream.done:
             stream.cancel(h2.errors.ErrorCodes.INTERNAL_ERROR)
         return
-    raise _LocalFailure(
+    raise LocalFailure(
         502, f"The local service at {pool.label} sent an invalid response: {failure}"
     )
 
 
-async def _relay_body(stream: Stream, conn: LocalConnection) -> None:
+async def relay_body(stream: Stream, conn: LocalConnection) -> None:
     """Relay the local response's body and trailers to the stream."""
     while True:
         event = await conn.next_event()
@@ -211,18 +229,7 @@ async def _start(
     new one when no body has been sent, which is safe because the local service
     never saw the request.
     """
-    try:
-        conn = await pool.acquire()
-    except trio.TooSlowError:
-        raise _LocalFailure(
-            502, f"The local service at {pool.label} did not accept a connection in time."
-        ) from None
-    except OSError as exc:
-        raise _LocalFailure(
-            502,
-            f"The tunnel's agent could not reach the local service at {pool.label}: "
-            f"{exc.strerror or exc}.",
-        ) from None
+    conn = await pool.acquire()
     try:
         await conn.send(request)
         if not retry:
@@ -235,7 +242,7 @@ async def _start(
         await conn.socket.aclose()
         if conn.reused:
             return await _start(pool, request, retry=retry)
-        raise _LocalFailure(
+        raise LocalFailure(
             502, f"The local service at {pool.label} failed to take the request: {exc}"
         ) from None
     except BaseException:
@@ -260,14 +267,14 @@ async def _receive_response(
             if isinstance(event, h11.ConnectionClosed):
                 if reused:
                     raise _Retry
-                raise _LocalFailure(
+                raise LocalFailure(
                     502, f"The local service at {label} closed the connection without answering."
                 )
-            raise _LocalFailure(502, f"The local service at {label} sent {event!r} first.")
+            raise LocalFailure(502, f"The local service at {label} sent {event!r} first.")
     except h11.RemoteProtocolError as exc:
         if reused and conn.h11.their_state is h11.SEND_RESPONSE:
             raise _Retry from None
-        raise _LocalFailure(
+        raise LocalFailure(
             502, f"The local service at {label} sent an invalid response: {exc}"
         ) from None
 
@@ -289,7 +296,7 @@ async def _send_body(stream: Stream, conn: LocalConnection, label: str) -> None:
         pass  # reset: the stream's cancel scope ends the whole exchange
 
 
-async def _answer_error(stream: Stream, status: int, detail: str) -> None:
+async def answer_error(stream: Stream, status: int, detail: str) -> None:
     if stream.done:
         return
     body = error_page(status, detail)

@@ -11,8 +11,9 @@ from .._protocol.headers import header_value
 from .._protocol.hosts import host_from_authority
 from ._control import serve_agent
 from ._ingress import forward_http
+from ._ingress_ws import forward_websocket, refuse_websocket
 from ._pages import send_error_page
-from ._registry import Registry, TunnelStatistics
+from ._registry import AgentSession, Registry, TunnelStatistics
 
 __all__ = ["ASGIApp", "TunnelApp"]
 
@@ -71,62 +72,49 @@ class TunnelApp:
         elif kind == "lifespan":
             await self._lifespan(scope, receive, send)
 
-    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
-        host = host_from_authority(
-            (header_value(scope["headers"], b"host") or b"").decode("latin-1")
-        )
+    async def _find(self, host: str) -> AgentSession | tuple[int, str] | None:
+        """The session for ``host``; else the refusal to give, or None for the fallback."""
         registry = self.registry
         session = registry.lookup(host)
-        if session is None:
-            if registry.knows(host):
-                session = await registry.wait_for(host, self.config.grace_period)
-                if session is None:
-                    await send_error_page(
-                        send,
-                        502,
-                        f"The agent for {host} is offline; it did not reconnect within "
-                        f"{self.config.grace_period:g} seconds.",
-                    )
-                    return
-            elif self.fallback is not None:
-                await self.fallback(scope, receive, send)
-                return
-            else:
-                await send_error_page(
-                    send, 404, f"No tunnel is serving {host or 'this host'} on this server."
-                )
-                return
-        await forward_http(self.config, session, scope, receive, send)
+        if session is not None:
+            return session
+        if registry.knows(host):
+            # Its agent is reconnecting (or draining): wait for it a little.
+            session = await registry.wait_for(host, self.config.grace_period)
+            if session is not None:
+                return session
+            return (
+                502,
+                f"The agent for {host} is offline; it did not reconnect within "
+                f"{self.config.grace_period:g} seconds.",
+            )
+        if self.fallback is not None:
+            return None
+        return 404, f"No tunnel is serving {host or 'this host'} on this server."
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        found = await self._find(_host_of(scope))
+        if isinstance(found, AgentSession):
+            await forward_http(self.config, found, scope, receive, send)
+        elif found is None:
+            assert self.fallback is not None
+            await self.fallback(scope, receive, send)
+        else:
+            await send_error_page(send, *found)
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["path"] == self.config.control_path:
             await serve_agent(self.config, self.registry, scope, receive, send)
             return
-        host = host_from_authority(
-            (header_value(scope["headers"], b"host") or b"").decode("latin-1")
-        )
-        if self.fallback is not None and not self.registry.knows(host):
+        found = await self._find(_host_of(scope))
+        if isinstance(found, AgentSession):
+            await forward_websocket(self.config, found, scope, receive, send)
+        elif found is None:
+            assert self.fallback is not None
             await self.fallback(scope, receive, send)
-            return
-        await receive()  # websocket.connect
-        reason = (
-            f"No tunnel is serving {host}."
-            if not self.registry.knows(host)
-            else "WebSocket pass-through is not available on this server version."
-        )
-        body = reason.encode()
-        status = 404 if not self.registry.knows(host) else 501
-        if "websocket.http.response" in scope.get("extensions", {}):
-            await send(
-                {
-                    "type": "websocket.http.response.start",
-                    "status": status,
-                    "headers": [(b"content-type", b"text/plain; charset=utf-8")],
-                }
-            )
-            await send({"type": "websocket.http.response.body", "body": body})
         else:
-            await send({"type": "websocket.close", "code": 1008, "reason": reason})
+            await receive()  # websocket.connect
+            await refuse_websocket(scope, send, *found)
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.fallback is not None:
@@ -141,3 +129,7 @@ class TunnelApp:
                     session.mux.close("the server is shutting down")
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+
+def _host_of(scope: Scope) -> str:
+    return host_from_authority((header_value(scope["headers"], b"host") or b"").decode("latin-1"))
