@@ -189,6 +189,7 @@ async def test_close_code_from_the_visitor_reaches_the_local_service(
             await closed.wait()
     assert seen[0] is not None
     assert seen[0].code == 4002
+    assert seen[0].reason == "done here"
 
 
 async def test_a_refused_upgrade_reaches_the_visitor_with_its_status(

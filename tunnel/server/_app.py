@@ -10,6 +10,7 @@ from .._config import ServerConfig
 from .._protocol.headers import header_value
 from .._protocol.hosts import host_from_authority
 from ._control import serve_agent
+from ._hypercorn_patches import apply_hypercorn_patches
 from ._ingress import forward_http
 from ._ingress_ws import forward_websocket, refuse_websocket
 from ._pages import send_error_page
@@ -50,6 +51,7 @@ class TunnelApp:
     """
 
     def __init__(self, config: ServerConfig | None = None, *, fallback: ASGIApp | None = None):
+        apply_hypercorn_patches()
         self.config = config if config is not None else ServerConfig()
         self.fallback = fallback
         self.registry = Registry()

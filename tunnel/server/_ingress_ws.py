@@ -234,10 +234,11 @@ class _Relay:
                 elif message["type"] == "websocket.disconnect":
                     self.visitor_closed = True
                     code = int(message.get("code", 1000))
+                    reason = str(message.get("reason") or "")
                     if code in _RESERVED_CODES:
                         code = 1001  # the visitor vanished: "going away"
                     if ws.state is ConnectionState.OPEN:
-                        await stream.send_data(ws.send(CloseConnection(code, "")))
+                        await stream.send_data(ws.send(CloseConnection(code, reason)))
                     # Give the local service a moment to answer the close, then
                     # end the stream whatever it did.
                     cancel_scope.deadline = min(
