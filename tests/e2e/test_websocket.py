@@ -12,6 +12,7 @@ import hypercorn.trio
 import pytest
 import trio
 import trio_websocket
+from helpers import free_port
 
 import tunnel
 
@@ -214,8 +215,7 @@ async def test_unknown_host_refuses_the_websocket_with_404(server_port) -> None:
 
 
 async def test_local_service_down_refuses_with_502_naming_it(server_port) -> None:
-    with socket_free_port() as port:
-        pass
+    port = free_port()
     with trio.fail_after(10):
         async with tunnel.open_tunnel(agent(server_port, port)):
             with pytest.raises(trio_websocket.ConnectionRejected) as rejected:
@@ -250,10 +250,8 @@ async def test_agent_dying_closes_visitor_websockets_with_1011(
     _, local_port = ws_service
     client = tunnel.Client(agent(server_port, local_port))
     agent_scope = trio.CancelScope()
-    nursery.start_soon(_run_until, client, agent_scope)
     with trio.fail_after(10):
-        while client.state is not tunnel.ClientState.CONNECTED:
-            await trio.sleep(0.01)
+        await nursery.start(_run_until, client, agent_scope)
         async with visit(server_port) as ws:
             await ws.send_message("x")
             assert await ws.get_message() == "x"
@@ -264,21 +262,8 @@ async def test_agent_dying_closes_visitor_websockets_with_1011(
     assert closed.value.reason.code in (1011, 1001)
 
 
-async def _run_until(client: tunnel.Client, scope: trio.CancelScope) -> None:
+async def _run_until(
+    client: tunnel.Client, scope: trio.CancelScope, *, task_status: trio.TaskStatus[str]
+) -> None:
     with scope:
-        await client.connect()
-
-
-class socket_free_port:  # noqa: N801 - reads as a context manager
-    """A port on 127.0.0.1 that nothing listens on."""
-
-    def __enter__(self) -> int:
-        import socket
-
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port: int = sock.getsockname()[1]
-        return self.port
-
-    def __exit__(self, *exc: object) -> None:
-        pass
+        await client.connect(task_status=task_status)
