@@ -23,10 +23,10 @@ from typing import Any
 import httpx
 import pytest
 import trio
-from helpers import LocalService, serve_local
-from helpers import visitor as _visitor
 
 import tunnel
+from helpers import LocalService, serve_local
+from helpers import visitor as _visitor
 
 TOKEN = "s3cret"
 

@@ -59,24 +59,30 @@ def _parser() -> argparse.ArgumentParser:
         help="a token agents may use (repeat for more); without any, every token is accepted",
     )
     server.add_argument("--control-path", default="/_tunnel", help="where agents connect")
+    server.add_argument(
+        "--tcp-ports",
+        type=_port_range,
+        metavar="FIRST-LAST",
+        help="public ports for TCP tunnels, such as 20000-20099 (default: none)",
+    )
 
     http = commands.add_parser(
         "http",
         help="expose a local HTTP service",
         description="Expose http://LOCAL_HOST:PORT through a tunnel server.",
     )
-    http.add_argument("port", type=int, help="the local service's port")
-    http.add_argument("--server", required=True, help="the tunnel server, host:port or a URL")
-    http.add_argument("--token", required=True, help="this agent's token")
+    _agent_arguments(http)
     http.add_argument("--host", help="public host name to claim (default: the server's name)")
-    http.add_argument("--local-host", default="127.0.0.1", help="where the service listens")
-    http.add_argument("--ca-file", help="PEM file of CAs to trust for the server")
-    http.add_argument(
-        "--insecure-skip-verify",
-        action="store_true",
-        help="accept any TLS certificate from the server (testing only)",
+
+    tcp = commands.add_parser(
+        "tcp",
+        help="expose a local TCP service (SSH, a database, ...)",
+        description="Expose LOCAL_HOST:PORT on a public port of the tunnel server.",
     )
-    http.add_argument("--control-path", default="/_tunnel", help="the server's control path")
+    _agent_arguments(tcp)
+    tcp.add_argument(
+        "--remote-port", type=int, help="public port to ask for (default: any free one)"
+    )
 
     demo = commands.add_parser(
         "demo",
@@ -88,6 +94,27 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _agent_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("port", type=int, help="the local service's port")
+    parser.add_argument("--server", required=True, help="the tunnel server, host:port or a URL")
+    parser.add_argument("--token", required=True, help="this agent's token")
+    parser.add_argument("--local-host", default="127.0.0.1", help="where the service listens")
+    parser.add_argument("--ca-file", help="PEM file of CAs to trust for the server")
+    parser.add_argument(
+        "--insecure-skip-verify",
+        action="store_true",
+        help="accept any TLS certificate from the server (testing only)",
+    )
+    parser.add_argument("--control-path", default="/_tunnel", help="the server's control path")
+
+
+def _port_range(text: str) -> range:
+    first, _, last = text.partition("-")
+    if not first.isdigit() or not (last or first).isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port range such as 20000-20099")
+    return range(int(first), int(last or first) + 1)
+
+
 async def _run_server(args: argparse.Namespace) -> int:
     config = ServerConfig(
         address=args.address,
@@ -96,26 +123,30 @@ async def _run_server(args: argparse.Namespace) -> int:
         key=args.key,
         tokens=frozenset(args.tokens) if args.tokens else None,
         control_path=args.control_path,
+        tcp_ports=args.tcp_ports,
     )
     await serve(config)
     return 0
 
 
-async def _run_http(args: argparse.Namespace) -> int:
+async def _run_agent(args: argparse.Namespace) -> int:
     send, receive = trio.open_memory_channel[ClientState](16)
+    tcp = args.command == "tcp"
     config = ClientConfig(
         address=args.server,
         token=args.token,
         port=args.port,
-        host=args.host,
+        host=None if tcp else args.host,
         local_host=args.local_host,
         ca_file=args.ca_file,
         insecure_skip_verify=args.insecure_skip_verify,
         control_path=args.control_path,
         state=send,
+        tcp=tcp,
+        remote_port=args.remote_port if tcp else None,
     )
     client = Client(config)
-    target = f"http://{config.local_host}:{config.port}"
+    target = f"{'tcp' if tcp else 'http'}://{config.local_host}:{config.port}"
     async with trio.open_nursery() as nursery:
 
         async def report() -> None:
@@ -142,7 +173,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     runners = {
         "server": _run_server,
-        "http": _run_http,
+        "http": _run_agent,
+        "tcp": _run_agent,
         "demo": lambda a: run_demo(once=a.once),
     }
     try:

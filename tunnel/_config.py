@@ -167,6 +167,10 @@ class ServerConfig:
         trust_forwarded_headers: Keep ``X-Forwarded-*`` headers that visitors
             send and append to them. Only set this when a proxy you trust sits
             in front of the server; otherwise visitors could forge them.
+        tcp_ports: The public ports TCP tunnels may use, such as
+            ``range(20000, 20100)``; ``None`` offers no TCP tunnels.
+        tcp_host: The interface TCP tunnels listen on; default: the host of
+            ``address``.
     """
 
     address: str = "127.0.0.1:8000"
@@ -184,9 +188,21 @@ class ServerConfig:
     keepalive_timeout: float = 15.0
     graceful_timeout: float = 10.0
     trust_forwarded_headers: bool = False
+    tcp_ports: range | None = None
+    tcp_host: str | None = None
 
     def __post_init__(self) -> None:
         parse_listen_address(self.address)
+        if self.tcp_ports is not None and (
+            not isinstance(self.tcp_ports, range)
+            or not self.tcp_ports
+            or self.tcp_ports.start < 1
+            or self.tcp_ports.stop > 65536
+        ):
+            raise ConfigError(
+                f"ServerConfig.tcp_ports {self.tcp_ports!r} must be a non-empty range of "
+                "ports from 1 to 65535, such as range(20000, 20100)"
+            )
         if (self.certificate is None) != (self.key is None):
             raise ConfigError(
                 "ServerConfig: give both certificate and key for HTTPS, or neither for HTTP"
@@ -216,6 +232,11 @@ class ServerConfig:
             "graceful_timeout",
         ):
             _positive(f"ServerConfig.{name}", getattr(self, name))
+
+    @property
+    def tcp_listen_host(self) -> str:
+        """Where TCP tunnels listen: ``tcp_host``, else the host of ``address``."""
+        return self.tcp_host or parse_listen_address(self.address)[0]
 
     @property
     def tls(self) -> bool:
@@ -262,6 +283,11 @@ class ClientConfig:
         local_pool_size: Idle keep-alive connections kept to the local service.
         drain_timeout: Seconds in-flight requests get to finish when the agent
             is closed.
+        tcp: Forward raw TCP instead of HTTP (for SSH, databases, …): the
+            server gives the tunnel a public port of its own.
+        remote_port: The public port to ask for, with ``tcp``; default: any
+            free port of the server's range. After a reconnect the agent asks
+            for the port it had.
     """
 
     address: str
@@ -282,9 +308,21 @@ class ClientConfig:
     local_connect_timeout: float = 10.0
     local_pool_size: int = 32
     drain_timeout: float = 10.0
+    tcp: bool = False
+    remote_port: int | None = None
 
     def __post_init__(self) -> None:
         server = parse_server_address(self.address)
+        if self.remote_port is not None and (
+            not self.tcp
+            or isinstance(self.remote_port, bool)
+            or not isinstance(self.remote_port, int)
+            or not 0 < self.remote_port <= 65535
+        ):
+            raise ConfigError(
+                f"ClientConfig.remote_port {self.remote_port!r}: give a port from 1 to 65535, "
+                "and set tcp=True (only TCP tunnels have ports of their own)"
+            )
         if not isinstance(self.token, str) or not self.token:
             raise ConfigError("ClientConfig.token must be a non-empty string")
         port: int | str = self.port

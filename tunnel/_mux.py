@@ -302,6 +302,10 @@ class Mux:
             if event is not None:
                 event.set()
 
+    async def wait_closed(self) -> None:
+        """Wait until the connection has ended."""
+        await self._ended.wait()
+
     def close(self, reason: str) -> None:
         """End the connection now; streams still open fail with ``reason``."""
         self._end(reason)

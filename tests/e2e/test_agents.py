@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import trio
-from helpers import free_port
 
 import tunnel
+from helpers import free_port
 
 CONNECTING = tunnel.ClientState.CONNECTING
 CONNECTED = tunnel.ClientState.CONNECTED

@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
+
 from helpers import LocalService, free_port, serve_local
 
 ROOT = Path(__file__).resolve().parents[2]

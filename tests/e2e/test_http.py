@@ -10,6 +10,7 @@ from contextlib import aclosing
 
 import httpx
 import trio
+
 from helpers import FIXED_BODY, STREAM_CHUNK_1, STREAM_CHUNK_2
 
 

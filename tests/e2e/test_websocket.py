@@ -12,9 +12,9 @@ import hypercorn.trio
 import pytest
 import trio
 import trio_websocket
-from helpers import free_port
 
 import tunnel
+from helpers import free_port
 
 TOKEN = "s3cret"
 HOST = "ws.localhost"

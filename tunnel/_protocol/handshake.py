@@ -14,6 +14,7 @@ __all__ = [
     "PROTOCOL_VERSION",
     "SUBPROTOCOL",
     "SUBPROTOCOL_PREFIX",
+    "TCP_PORT_HEADER",
     "bearer_token",
 ]
 
@@ -23,6 +24,8 @@ SUBPROTOCOL = f"{SUBPROTOCOL_PREFIX}{PROTOCOL_VERSION}"
 
 #: Request: the host the agent claims. Response: the canonical host it got.
 HOST_HEADER = "tunnel-host"
+#: Request: a TCP tunnel, on this public port (0: any). Response: the port it got.
+TCP_PORT_HEADER = "tunnel-tcp-port"
 
 
 def bearer_token(authorization: str | None) -> str | None:

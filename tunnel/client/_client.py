@@ -23,12 +23,12 @@ from .._exceptions import (
     rejection_for_status,
 )
 from .._mux import Mux, Stream
-from .._protocol.handshake import HOST_HEADER, SUBPROTOCOL
+from .._protocol.handshake import HOST_HEADER, SUBPROTOCOL, TCP_PORT_HEADER
 from .._protocol.headers import header_value, is_websocket_connect
 from .._transport.websocket import WebSocketTransport
 from ._state import ClientState
 from ._upstream import LocalPool, answer_error, forward
-from ._upstream_ws import forward_websocket
+from ._upstream_raw import forward_tcp, forward_websocket
 
 __all__ = ["Client", "open_tunnel"]
 
@@ -64,6 +64,7 @@ class Client:
         self._mux: Mux | None = None
         self._closing = False
         self._task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
+        self._remote_port = config.remote_port
         self._state_open = config.state is not None
         self._pool = LocalPool(
             config.local_host,
@@ -84,8 +85,14 @@ class Client:
 
     @property
     def url(self) -> str:
-        """The public URL of the tunnel, such as ``https://myapp.example.com``."""
+        """The public URL of the tunnel, such as ``https://myapp.example.com``.
+
+        A TCP tunnel's is ``tcp://<server host>:<public port>``.
+        """
         server = self.config.server
+        if self.config.tcp:
+            host = f"[{server.host}]" if ":" in server.host else server.host
+            return f"tcp://{host}:{self._remote_port or 0}"
         scheme = "https" if server.scheme == "wss" else "http"
         host = f"[{self._host}]" if ":" in self._host else self._host
         port = "" if server.default_port else f":{server.port}"
@@ -177,10 +184,7 @@ class Client:
                         server.host if server.default_port else f"{server.host}:{server.port}",
                         config.control_path,
                         subprotocols=[SUBPROTOCOL],
-                        extra_headers=[
-                            (b"authorization", b"Bearer " + config.token.encode()),
-                            (HOST_HEADER.encode(), config.claimed_host.encode()),
-                        ],
+                        extra_headers=self._handshake_headers(),
                         max_message_size=MAX_MESSAGE_SIZE,
                         receive_buffer_size=RECEIVE_BUFFER_SIZE,
                         message_queue_size=4,
@@ -222,9 +226,16 @@ class Client:
 
     async def _serve(self, ws: trio_websocket.WebSocketConnection) -> None:
         config = self.config
-        granted = dict(ws.handshake_headers).get(HOST_HEADER.encode())
+        answer = dict(ws.handshake_headers)
+        granted = answer.get(HOST_HEADER.encode())
         if granted:
             self._host = granted.decode("ascii", "replace")
+        port = answer.get(TCP_PORT_HEADER.encode(), b"")
+        if config.tcp:
+            if not port.isdigit():
+                raise ConnectionLostError("the server accepted a TCP tunnel but gave no port")
+            # Ask for the same port after a reconnect, so the address holds.
+            self._remote_port = int(port)
         mux = Mux(
             client_side=False,
             transport=WebSocketTransport(ws),
@@ -244,6 +255,16 @@ class Client:
         self._mux = None
         if not self._is_closing():
             raise ConnectionLostError(f"lost the connection to the server: {mux.closed_reason}")
+
+    def _handshake_headers(self) -> list[tuple[bytes, bytes]]:
+        config = self.config
+        headers = [
+            (b"authorization", b"Bearer " + config.token.encode()),
+            (HOST_HEADER.encode(), config.claimed_host.encode()),
+        ]
+        if config.tcp:
+            headers.append((TCP_PORT_HEADER.encode(), str(self._remote_port or 0).encode()))
+        return headers
 
     def _translate(self, exc: BaseException) -> BaseException:
         """The error to raise for ``exc``: ours for the network's, others unchanged."""
@@ -289,8 +310,12 @@ class Client:
             if is_websocket_connect(stream.headers):
                 await forward_websocket(stream, self._pool)
             elif header_value(stream.headers, b":method") == b"CONNECT":
-                # Never an open proxy: a CONNECT names a target we do not honour.
-                await answer_error(stream, 405, "This tunnel does not proxy CONNECT requests.")
+                if self.config.tcp:
+                    # Whatever target the CONNECT names, only the local port is
+                    # ever dialled: never an open proxy.
+                    await forward_tcp(stream, self._pool)
+                else:
+                    await answer_error(stream, 405, "This tunnel does not proxy CONNECT requests.")
             else:
                 await forward(stream, self._pool)
         except Exception:

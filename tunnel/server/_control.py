@@ -19,11 +19,18 @@ import trio
 from .._config import ServerConfig
 from .._exceptions import ConfigError
 from .._mux import Mux
-from .._protocol.handshake import HOST_HEADER, SUBPROTOCOL, SUBPROTOCOL_PREFIX, bearer_token
+from .._protocol.handshake import (
+    HOST_HEADER,
+    SUBPROTOCOL,
+    SUBPROTOCOL_PREFIX,
+    TCP_PORT_HEADER,
+    bearer_token,
+)
 from .._protocol.hosts import host_from_authority, in_domain, normalize_host
 from .._transport.asgi import ASGIWebSocketTransport
 from ._hooks import ConnectRequest, TunnelInfo
 from ._registry import AgentSession, HostInUse, Registry, token_digest
+from ._tcp import TcpRefusal, bind_tcp_port, serve_tcp
 
 __all__ = ["serve_agent"]
 
@@ -50,30 +57,34 @@ async def serve_agent(
     if message["type"] != "websocket.connect":
         return
     peer = tuple(scope["client"]) if scope.get("client") else None
+    listeners: list[trio.SocketListener] = []
     try:
         with trio.fail_after(config.handshake_timeout):
             request = await _check(config, registry, scope, peer)
-            info = TunnelInfo(request.host, request.peer, time.time(), request)
+            port = None
+            if request.tcp_port is not None:
+                listeners, port = await bind_tcp_port(
+                    config, registry, request.tcp_port, token_digest(request.token)
+                )
+            info = TunnelInfo(request.host, request.peer, time.time(), request, port)
             if config.callbacks.on_connection is not None:
                 try:
                     await config.callbacks.on_connection(info)
                 except Exception as exc:
                     raise _Refusal(403, str(exc) or type(exc).__name__) from None
-    except trio.TooSlowError:
-        await _refuse(scope, send, 503, "the server's auth hook or callback took too long")
-        return
-    except _Refusal as refusal:
-        logger.info("refused agent from %s: %s %s", _peer(peer), refusal.status, refusal.reason)
-        await _refuse(scope, send, refusal.status, refusal.reason)
+    except (trio.TooSlowError, _Refusal, TcpRefusal) as exc:
+        for listener in listeners:
+            await trio.aclose_forcefully(listener)
+        if isinstance(exc, trio.TooSlowError):
+            exc = _Refusal(503, "the server's auth hook or callback took too long")
+        logger.info("refused agent from %s: %s %s", _peer(peer), exc.status, exc.reason)
+        await _refuse(scope, send, exc.status, exc.reason)
         return
 
-    await send(
-        {
-            "type": "websocket.accept",
-            "subprotocol": SUBPROTOCOL,
-            "headers": [(HOST_HEADER.encode(), request.host.encode())],
-        }
-    )
+    accept_headers = [(HOST_HEADER.encode(), request.host.encode())]
+    if port is not None:
+        accept_headers.append((TCP_PORT_HEADER.encode(), str(port).encode()))
+    await send({"type": "websocket.accept", "subprotocol": SUBPROTOCOL, "headers": accept_headers})
     transport = ASGIWebSocketTransport(receive, send)
     mux = Mux(
         client_side=True,
@@ -90,14 +101,23 @@ async def serve_agent(
             except HostInUse:
                 # Another token claimed the host between our check and now.
                 mux.close("the host was claimed by another agent")
-                await transport.aclose(4409, f"host {request.host} is in use by another agent")
+                await transport.aclose(4409, f"{session.key} is in use by another agent")
                 return
             if old is not None:
                 old.mux.close("replaced by a newer connection for the same host")
-            logger.info("agent for %s connected from %s", request.host, _peer(peer))
+            if listeners:
+                await nursery.start(serve_tcp, config, session, listeners)
+                listeners = []  # serve_tcp owns (and closes) them now
+            logger.info("agent for %s connected from %s", session.key, _peer(peer))
+            # The TCP listeners serve until the agent's connection ends.
+            await mux.wait_closed()
+            nursery.cancel_scope.cancel()
     finally:
+        for listener in listeners:
+            await trio.aclose_forcefully(listener)
         registry.release(session)
-        logger.info("agent for %s disconnected: %s", request.host, mux.closed_reason or "closed")
+        session.done.set()
+        logger.info("agent for %s disconnected: %s", session.key, mux.closed_reason or "closed")
         if config.callbacks.on_disconnection is not None:
             with trio.move_on_after(config.handshake_timeout) as scope_:
                 scope_.shield = True
@@ -131,6 +151,16 @@ async def _check(
     if config.tokens is not None and not _token_accepted(token, config.tokens):
         raise _Refusal(401, "the token is not accepted by this server")
 
+    tcp_port: int | None = None
+    if TCP_PORT_HEADER in values:
+        text = values[TCP_PORT_HEADER].strip()
+        if not text.isdigit() or int(text) > 65535:
+            raise _Refusal(400, f"invalid {TCP_PORT_HEADER} {text!r}: give a port number")
+        if config.tcp_ports is None:
+            raise _Refusal(
+                403, "this server offers no TCP tunnels (its operator sets ServerConfig.tcp_ports)"
+            )
+        tcp_port = int(text)
     claimed = values.get(HOST_HEADER) or host_from_authority(values.get("host", ""))
     if config.domain is not None and "." not in claimed and claimed != config.domain:
         claimed = f"{claimed}.{config.domain}"
@@ -144,7 +174,7 @@ async def _check(
             f"host {host} is outside this server's domain {config.domain}; "
             f"claim a name under it, such as 'myapp.{config.domain}'",
         )
-    request = ConnectRequest(headers, token, host, peer, scope.get("path", ""))
+    request = ConnectRequest(headers, token, host, peer, scope.get("path", ""), tcp_port)
     if config.auth is not None:
         try:
             result = config.auth(request)
@@ -152,6 +182,8 @@ async def _check(
                 await result
         except Exception as exc:
             raise _Refusal(403, str(exc) or type(exc).__name__) from None
+    if tcp_port is not None:
+        return request  # a TCP tunnel is known by its port, checked when bound
     try:
         registry.check_claim(host, token_digest(token))
     except HostInUse:

@@ -18,6 +18,8 @@ class ConnectRequest:
         host: The canonical host name the agent claims.
         peer: The agent's ``(address, port)``, if known.
         path: The path the agent connected to (the control path).
+        tcp_port: For a TCP tunnel, the public port asked for (0: any);
+            ``None`` for an HTTP tunnel.
     """
 
     headers: tuple[tuple[str, str], ...]
@@ -25,6 +27,7 @@ class ConnectRequest:
     host: str
     peer: tuple[str, int] | None
     path: str
+    tcp_port: int | None = None
 
     def header(self, name: str) -> str | None:
         """The first value of header ``name`` (any case), or None."""
@@ -41,12 +44,19 @@ class TunnelInfo:
         peer: The agent's ``(address, port)``, if known.
         connected_at: When the agent connected (seconds since the epoch).
         request: The connect request the agent was accepted with.
+        tcp_port: The public port of a TCP tunnel; ``None`` for HTTP.
     """
 
     host: str
     peer: tuple[str, int] | None
     connected_at: float
     request: ConnectRequest = field(repr=False)
+    tcp_port: int | None = None
+
+    @property
+    def key(self) -> str:
+        """What the registry knows the tunnel by: its host, or ``tcp:<port>``."""
+        return self.host if self.tcp_port is None else f"tcp:{self.tcp_port}"
 
 
 @dataclass(frozen=True, slots=True)

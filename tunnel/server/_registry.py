@@ -36,7 +36,7 @@ class TunnelStatistics:
     """A snapshot of one active tunnel.
 
     Attributes:
-        host: The public host name.
+        host: The public host name, or ``tcp:<port>`` for a TCP tunnel.
         peer: The agent's ``(address, port)``.
         connected_since: When the agent connected (seconds since the epoch).
         streams_in_flight: Requests being served right now.
@@ -59,22 +59,29 @@ class TunnelStatistics:
 class AgentSession:
     """One accepted agent connection and its counters."""
 
-    __slots__ = ("digest", "info", "mux", "requests_served")
+    __slots__ = ("digest", "done", "info", "mux", "requests_served")
 
     def __init__(self, info: TunnelInfo, digest: bytes, mux: Mux) -> None:
         self.info = info
         self.digest = digest
         self.mux = mux
         self.requests_served = 0
+        #: Set once the session has ended and let go of everything it held.
+        self.done = trio.Event()
 
     @property
     def host(self) -> str:
         return self.info.host
 
+    @property
+    def key(self) -> str:
+        """The registry key: the host, or ``tcp:<port>`` for a TCP tunnel."""
+        return self.info.key
+
     def statistics(self) -> TunnelStatistics:
         mux = self.mux
         return TunnelStatistics(
-            host=self.info.host,
+            host=self.key,
             peer=self.info.peer,
             connected_since=self.info.connected_at,
             streams_in_flight=mux.open_streams,
@@ -117,11 +124,12 @@ class Registry:
                 await arrival.wait()
         return None
 
-    def check_claim(self, host: str, digest: bytes) -> None:
-        """Raise HostInUse if another token holds ``host``."""
-        current = self._sessions.get(host)
+    def check_claim(self, key: str, digest: bytes) -> AgentSession | None:
+        """Raise HostInUse if another token holds ``key``; return its holder if any."""
+        current = self._sessions.get(key)
         if current is not None and current.digest != digest:
-            raise HostInUse(host)
+            raise HostInUse(key)
+        return current
 
     def claim(self, session: AgentSession) -> AgentSession | None:
         """Make ``session`` serve its host; return the session it replaced.
@@ -129,23 +137,26 @@ class Registry:
         A new connection with the same token replaces the old one at once, so a
         reconnecting agent never waits for its stale session to time out.
         """
-        self.check_claim(session.host, session.digest)
-        old = self._sessions.get(session.host)
-        self._sessions[session.host] = session
-        self._gone.pop(session.host, None)
-        arrival = self._arrivals.pop(session.host, None)
+        old = self.check_claim(session.key, session.digest)
+        self._sessions[session.key] = session
+        self._gone.pop(session.key, None)
+        arrival = self._arrivals.pop(session.key, None)
         if arrival is not None:
             arrival.set()
         return old
 
     def release(self, session: AgentSession) -> None:
         """Forget ``session``; its host is remembered as recently served."""
-        if self._sessions.get(session.host) is session:
-            del self._sessions[session.host]
-            self._gone[session.host] = time.time()
-            self._gone.move_to_end(session.host)
+        if self._sessions.get(session.key) is session:
+            del self._sessions[session.key]
+            self._gone[session.key] = time.time()
+            self._gone.move_to_end(session.key)
             while len(self._gone) > MAX_REMEMBERED_HOSTS:
                 self._gone.popitem(last=False)
+
+    def holds(self, key: str) -> bool:
+        """Whether a session holds ``key`` now."""
+        return key in self._sessions
 
     def sessions(self) -> list[AgentSession]:
         """The sessions serving hosts now."""

@@ -1,6 +1,7 @@
-"""The agent's side of a WebSocket: an extended CONNECT stream joined to the local service.
+"""The agent's raw streams: WebSockets and TCP tunnels, joined to the local service.
 
-The agent makes its own HTTP/1.1 upgrade handshake with the local service. If
+For a WebSocket (an extended CONNECT stream) the agent makes its own HTTP/1.1
+upgrade handshake with the local service. If
 the service accepts (101), the stream answers 200 and from then on carries the
 WebSocket's frames as raw bytes, copied both ways; if it refuses, its status,
 headers and body go back as they are, so the visitor sees the refusal.
@@ -17,11 +18,11 @@ import h11
 import trio
 
 from .._mux import Stream, StreamError
+from .._pipe import pipe
 from .._protocol.headers import header_value, local_request_headers, response_headers_from_local
-from ._pipe import pipe
 from ._upstream import LocalConnection, LocalFailure, LocalPool, answer_error, relay_body
 
-__all__ = ["forward_websocket"]
+__all__ = ["forward_tcp", "forward_websocket"]
 
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
@@ -93,3 +94,22 @@ async def _forward(stream: Stream, pool: LocalPool) -> None:
         if socket is not None:
             with trio.CancelScope(shield=True):
                 await socket.aclose()
+
+
+async def forward_tcp(stream: Stream, pool: LocalPool) -> None:
+    """Serve one TCP tunnel connection: join the stream to the local port."""
+    with trio.CancelScope() as scope:
+        stream.cancel_scope = scope
+        try:
+            socket = await pool.connect()
+        except LocalFailure as failure:
+            await answer_error(stream, failure.status, failure.detail)
+            return
+        try:
+            stream.send_headers([(b":status", b"200")])
+        except StreamError:
+            await trio.aclose_forcefully(socket)
+            return
+        await pipe(stream, socket)
+    if scope.cancelled_caught and not stream.done:
+        stream.cancel()

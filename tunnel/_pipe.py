@@ -1,10 +1,11 @@
-"""Raw byte streams through the tunnel: a stream joined to a local TCP socket.
+"""Raw byte streams through the tunnel: an HTTP/2 stream joined to a TCP socket.
 
-A WebSocket after its upgrade and a TCP tunnel (SSH) are the same thing to the
-agent: bytes copied both ways, each direction ending on its own (half-close),
-with backpressure both ways — a chunk from the server is acknowledged only once
-the local socket took it, and the local socket is read only as fast as the
-server's flow-control window allows.
+A WebSocket after its upgrade and a TCP tunnel (SSH) are the same thing here:
+bytes copied both ways, each direction ending on its own (half-close), with
+backpressure both ways — a chunk from the stream is acknowledged only once the
+socket took it, and the socket is read only as fast as the peer's flow-control
+window allows. The agent joins streams to the local service with it; the
+server joins a TCP tunnel's public connections to their streams.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import contextlib
 import h2.errors
 import trio
 
-from .._mux import Stream, StreamError
+from ._mux import Stream, StreamError
 
 __all__ = ["pipe"]
 

@@ -1,0 +1,140 @@
+"""TCP tunnels: a public port per agent, each connection to it one CONNECT stream.
+
+The agent joins each stream to its configured local port, whatever the stream
+says: the CONNECT carries no target the agent would honour, so a TCP tunnel can
+never be turned into a proxy to somewhere else.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from functools import partial
+
+import h2.errors
+import trio
+
+from .._config import ServerConfig
+from .._mux import StreamError
+from .._pipe import pipe
+from .._protocol.headers import header_value
+from ._registry import AgentSession, HostInUse, Registry
+
+__all__ = ["TcpRefusal", "bind_tcp_port", "serve_tcp"]
+
+logger = logging.getLogger("tunnel.server")
+
+
+class TcpRefusal(Exception):
+    """No port can be given to the agent; ``status`` and ``reason`` say why."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+async def bind_tcp_port(
+    config: ServerConfig, registry: Registry, requested: int, digest: bytes
+) -> tuple[list[trio.SocketListener], int]:
+    """Listen on the requested port (0: any free port of ``config.tcp_ports``).
+
+    A port held by an earlier connection with the same token is taken over: that
+    session is closed and the port bound once it has let go.
+
+    Raises:
+        TcpRefusal: The port is outside the range, held by another agent or
+            another program, or no port is free.
+    """
+    ports = config.tcp_ports
+    assert ports is not None
+    if requested:
+        if requested not in ports:
+            raise TcpRefusal(
+                403,
+                f"port {requested} is outside this server's TCP ports "
+                f"{ports.start}-{ports.stop - 1}",
+            )
+        try:
+            holder = registry.check_claim(f"tcp:{requested}", digest)
+        except HostInUse:
+            raise TcpRefusal(409, f"port {requested} is in use by another agent") from None
+        if holder is not None:
+            holder.mux.close("replaced by a newer connection for the same port")
+            await holder.done.wait()
+        listeners = await _listen(config, requested)
+        if listeners is None:
+            raise TcpRefusal(409, f"port {requested} is in use on the server")
+        return listeners, requested
+    for port in ports:
+        if registry.holds(f"tcp:{port}"):
+            continue
+        listeners = await _listen(config, port)
+        if listeners is not None:
+            return listeners, port
+    raise TcpRefusal(503, "every TCP port of this server is in use; try again later")
+
+
+async def _listen(config: ServerConfig, port: int) -> list[trio.SocketListener] | None:
+    try:
+        return await trio.open_tcp_listeners(port, host=config.tcp_listen_host)
+    except OSError as exc:
+        if exc.errno in (errno.EADDRINUSE, errno.EACCES):
+            return None
+        raise
+
+
+async def serve_tcp(
+    config: ServerConfig,
+    session: AgentSession,
+    listeners: list[trio.SocketListener],
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Accept connections on ``listeners`` for ``session`` until cancelled."""
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(
+                partial(
+                    trio.serve_listeners,
+                    partial(_connection, config, session),
+                    listeners,
+                    handler_nursery=nursery,
+                )
+            )
+            task_status.started()
+    finally:
+        for listener in listeners:
+            await trio.aclose_forcefully(listener)
+
+
+async def _connection(
+    config: ServerConfig, session: AgentSession, socket: trio.SocketStream
+) -> None:
+    try:
+        try:
+            with trio.fail_after(config.grace_period):
+                stream = await session.mux.open_stream(
+                    [(b":method", b"CONNECT"), (b":authority", b"local")], end_stream=False
+                )
+        except (StreamError, trio.TooSlowError):
+            await trio.aclose_forcefully(socket)
+            return
+        session.requests_served += 1
+        try:
+            with trio.fail_after(config.response_timeout):
+                headers = await stream.receive_headers()
+        except (StreamError, trio.TooSlowError):
+            headers = [(b":status", b"504")]
+        if header_value(headers, b":status") != b"200":
+            # The agent could not reach its local port: all a TCP client can be
+            # told is a closed connection.
+            if not stream.done:
+                stream.cancel(h2.errors.ErrorCodes.CONNECT_ERROR)
+            await trio.aclose_forcefully(socket)
+            return
+        await pipe(stream, socket)
+    except Exception:
+        # One connection's failure must never end the port's accept loop.
+        logger.exception("TCP connection for %s failed", session.key)
+        await trio.aclose_forcefully(socket)
