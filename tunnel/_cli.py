@@ -7,6 +7,7 @@ quietly with status 130.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import sys
 from collections.abc import Sequence
@@ -60,6 +61,23 @@ def _parser() -> argparse.ArgumentParser:
     )
     server.add_argument("--control-path", default="/_tunnel", help="where agents connect")
     server.add_argument(
+        "--tokens-file",
+        help="file of accepted tokens' SHA-256 hashes (see 'tunnel hash-token'); re-read on change",
+    )
+    server.add_argument(
+        "--authorized-keys", help="file of ssh-ed25519 public keys that may connect"
+    )
+    server.add_argument(
+        "--reserve",
+        action="append",
+        default=[],
+        metavar="HOST=OWNER",
+        help="reserve HOST for one token, sha256:<hash> or 'ssh-ed25519 AAAA…' key (repeatable)",
+    )
+    server.add_argument(
+        "--max-tunnels", type=int, help="most tunnels one token or key may hold at once"
+    )
+    server.add_argument(
         "--tcp-ports",
         type=_port_range,
         metavar="FIRST-LAST",
@@ -84,6 +102,13 @@ def _parser() -> argparse.ArgumentParser:
         "--remote-port", type=int, help="public port to ask for (default: any free one)"
     )
 
+    hash_token = commands.add_parser(
+        "hash-token",
+        help="print a token's SHA-256, for the server's --tokens-file",
+        description="Print TOKEN's SHA-256 as a line for the server's --tokens-file.",
+    )
+    hash_token.add_argument("token", help="the token an agent will use")
+
     demo = commands.add_parser(
         "demo",
         help="run server, sample app and agent on loopback",
@@ -97,7 +122,8 @@ def _parser() -> argparse.ArgumentParser:
 def _agent_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("port", type=int, help="the local service's port")
     parser.add_argument("--server", required=True, help="the tunnel server, host:port or a URL")
-    parser.add_argument("--token", required=True, help="this agent's token")
+    parser.add_argument("--token", help="this agent's token")
+    parser.add_argument("--key", help="OpenSSH Ed25519 private key to authenticate with")
     parser.add_argument("--local-host", default="127.0.0.1", help="where the service listens")
     parser.add_argument("--ca-file", help="PEM file of CAs to trust for the server")
     parser.add_argument(
@@ -108,11 +134,23 @@ def _agent_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--control-path", default="/_tunnel", help="the server's control path")
 
 
+def _reservation(text: str) -> tuple[str, str]:
+    host, sep, owner = text.partition("=")
+    if not sep or not host or not owner:
+        raise ConfigError(f"--reserve {text!r}: write HOST=OWNER, such as app.example.com=s3cret")
+    return host, owner
+
+
 def _port_range(text: str) -> range:
     first, _, last = text.partition("-")
     if not first.isdigit() or not (last or first).isdigit():
         raise argparse.ArgumentTypeError(f"{text!r} is not a port range such as 20000-20099")
     return range(int(first), int(last or first) + 1)
+
+
+async def _hash_token(args: argparse.Namespace) -> int:
+    print(f"sha256:{hashlib.sha256(args.token.encode()).hexdigest()}")
+    return 0
 
 
 async def _run_server(args: argparse.Namespace) -> int:
@@ -124,6 +162,10 @@ async def _run_server(args: argparse.Namespace) -> int:
         tokens=frozenset(args.tokens) if args.tokens else None,
         control_path=args.control_path,
         tcp_ports=args.tcp_ports,
+        tokens_file=args.tokens_file,
+        authorized_keys_file=args.authorized_keys,
+        reserved_hosts=dict(_reservation(text) for text in args.reserve),
+        max_tunnels_per_identity=args.max_tunnels,
     )
     await serve(config)
     return 0
@@ -135,6 +177,7 @@ async def _run_agent(args: argparse.Namespace) -> int:
     config = ClientConfig(
         address=args.server,
         token=args.token,
+        key_file=args.key,
         port=args.port,
         host=None if tcp else args.host,
         local_host=args.local_host,
@@ -176,6 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "http": _run_agent,
         "tcp": _run_agent,
         "demo": lambda a: run_demo(once=a.once),
+        "hash-token": _hash_token,
     }
     try:
         return trio.run(runners[args.command], args)

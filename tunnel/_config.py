@@ -7,8 +7,9 @@ the fix, rather than later as a confusing network error.
 from __future__ import annotations
 
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Literal
 
 from ._exceptions import ConfigError
@@ -143,6 +144,15 @@ class ServerConfig:
         key: Path of the PEM private key for ``certificate``.
         tokens: The tokens agents may present. ``None`` accepts any token
             (then use ``auth`` or a private network); an empty set accepts none.
+        tokens_file: A file of accepted tokens' SHA-256 hashes, one per line
+            (``tunnel hash-token TOKEN`` prints one); read again whenever it
+            changes, without dropping connected agents.
+        authorized_keys_file: An OpenSSH ``authorized_keys``-style file of
+            ``ssh-ed25519`` public keys that may connect (read again on change).
+        reserved_hosts: Hosts only one identity may claim: host name →
+            the token, its ``sha256:<hex>`` hash, or an ``ssh-ed25519`` key.
+        max_tunnels_per_identity: How many tunnels one token or key may hold at
+            once; ``None`` for no limit.
         auth: Called with each agent's :class:`~tunnel.ConnectRequest` before it
             is accepted; sync or async. Raising refuses the agent with HTTP 403
             and the exception's message.
@@ -177,6 +187,10 @@ class ServerConfig:
     certificate: str | os.PathLike[str] | None = None
     key: str | os.PathLike[str] | None = None
     tokens: frozenset[str] | None = None
+    tokens_file: str | os.PathLike[str] | None = None
+    authorized_keys_file: str | os.PathLike[str] | None = None
+    reserved_hosts: Mapping[str, str] = field(default_factory=dict)
+    max_tunnels_per_identity: int | None = None
     auth: AuthHook | None = None
     callbacks: Callbacks = field(default_factory=_default_callbacks)
     domain: str | None = None
@@ -207,7 +221,7 @@ class ServerConfig:
             raise ConfigError(
                 "ServerConfig: give both certificate and key for HTTPS, or neither for HTTP"
             )
-        for path_field in ("certificate", "key"):
+        for path_field in ("certificate", "key", "tokens_file", "authorized_keys_file"):
             path = getattr(self, path_field)
             if path is not None and not os.path.isfile(path):
                 raise ConfigError(f"ServerConfig.{path_field}: no file at {os.fspath(path)!r}")
@@ -218,6 +232,13 @@ class ServerConfig:
             object.__setattr__(self, "tokens", tokens)
         if self.domain is not None:
             object.__setattr__(self, "domain", normalize_host(self.domain, what="domain"))
+        reserved = {
+            normalize_host(host, what="ServerConfig.reserved_hosts key"): owner
+            for host, owner in dict(self.reserved_hosts).items()
+        }
+        object.__setattr__(self, "reserved_hosts", MappingProxyType(reserved))
+        if self.max_tunnels_per_identity is not None and self.max_tunnels_per_identity < 1:
+            raise ConfigError("ServerConfig.max_tunnels_per_identity must be at least 1 (or None)")
         if not self.control_path.startswith("/") or self.control_path == "/":
             raise ConfigError(
                 f"ServerConfig.control_path {self.control_path!r} must start with '/' "
@@ -252,7 +273,8 @@ class ClientConfig:
         address: The tunnel server, ``"host:port"`` or a URL with ``http://``,
             ``https://``, ``ws://`` or ``wss://``. Without a scheme port 443
             means TLS.
-        token: The secret that identifies this agent to the server.
+        token: The secret that identifies this agent to the server; not needed
+            with ``key_file``.
         port: The local port to forward requests to.
         host: The public host name to claim. Default: the host name of
             ``address``, as in the Go library (``sub.example.com:443`` claims
@@ -263,6 +285,10 @@ class ClientConfig:
         ca_file: A PEM file of certificate authorities to trust for the server,
             for servers with a private or self-signed certificate.
         control_path: The server's control path (``ServerConfig.control_path``).
+        key_file: An OpenSSH private key file (``ssh-keygen -t ed25519``) to
+            authenticate with instead of a token; its public key must be in the
+            server's ``authorized_keys_file``.
+        key_passphrase: The passphrase of an encrypted ``key_file``.
         state: A channel that receives every :class:`~tunnel.ClientState`
             change. Changes are sent without waiting: when the channel's buffer
             is full the change is dropped, so a slow or absent reader never
@@ -291,13 +317,15 @@ class ClientConfig:
     """
 
     address: str
-    token: str
     port: int
+    token: str | None = None
     host: str | None = None
     local_host: str = "127.0.0.1"
     insecure_skip_verify: bool = False
     ca_file: str | os.PathLike[str] | None = None
     control_path: str = "/_tunnel"
+    key_file: str | os.PathLike[str] | None = None
+    key_passphrase: str | None = None
     state: trio.MemorySendChannel[ClientState] | None = None
     connect_timeout: float = 10.0
     backoff_initial: float = 0.5
@@ -323,8 +351,13 @@ class ClientConfig:
                 f"ClientConfig.remote_port {self.remote_port!r}: give a port from 1 to 65535, "
                 "and set tcp=True (only TCP tunnels have ports of their own)"
             )
-        if not isinstance(self.token, str) or not self.token:
-            raise ConfigError("ClientConfig.token must be a non-empty string")
+        if self.key_file is None and (not isinstance(self.token, str) or not self.token):
+            raise ConfigError(
+                "ClientConfig.token must be a non-empty string (or give key_file to "
+                "authenticate with a key)"
+            )
+        if self.key_file is not None and not os.path.isfile(self.key_file):
+            raise ConfigError(f"ClientConfig.key_file: no file at {os.fspath(self.key_file)!r}")
         port: int | str = self.port
         if isinstance(port, str) and port.isdigit():
             port = int(port)

@@ -33,7 +33,7 @@ import h2.settings
 import trio
 
 from ._protocol.headers import Headers
-from ._transport import MessageTransport, TransportClosed
+from ._transport import ABNORMAL_CLOSURE, MessageTransport, TransportClosed
 
 __all__ = ["Mux", "Stream", "StreamError"]
 
@@ -236,6 +236,9 @@ class Mux:
         self._ended = trio.Event()
         self._goaway_sent = False
         self.closed_reason: str | None = None
+        #: The WebSocket close code the peer ended the connection with, if any.
+        self.peer_close_code: int | None = None
+        self._close_code = 1000
         self.bytes_received = 0
         self.bytes_sent = 0
         self.streams_opened = 0
@@ -266,7 +269,10 @@ class Mux:
                 nursery.start_soon(self._keepalive)
                 task_status.started()
         except* TransportClosed as group:
-            self._end(group.exceptions[0].args[0])
+            closed = group.exceptions[0]
+            assert isinstance(closed, TransportClosed)
+            self.peer_close_code = closed.code
+            self._end(closed.reason)
         except* h2.exceptions.ProtocolError as group:
             error = group.exceptions[0]
             self._end(f"HTTP/2 protocol error from the peer: {error}")
@@ -274,7 +280,7 @@ class Mux:
             self._end("the connection was closed")
             self._nursery = None
             with trio.CancelScope(shield=True):
-                await self._transport.aclose()
+                await self._transport.aclose(self._close_code, self.closed_reason or "")
         assert self.closed_reason is not None
         return self.closed_reason
 
@@ -306,8 +312,12 @@ class Mux:
         """Wait until the connection has ended."""
         await self._ended.wait()
 
-    def close(self, reason: str) -> None:
-        """End the connection now; streams still open fail with ``reason``."""
+    def close(self, reason: str, code: int = 1000) -> None:
+        """End the connection now; streams still open fail with ``reason``.
+
+        ``code`` is the WebSocket close code the peer is told.
+        """
+        self._close_code = code
         self._end(reason)
 
     async def drain(self, grace: float) -> None:
@@ -408,9 +418,16 @@ class Mux:
                 await answered.wait()
             del self._pings[opaque]
             if not answered.is_set():
-                raise TransportClosed(
+                # A peer that stopped answering PINGs will not answer a close
+                # handshake either; waiting for it would only delay the reconnect.
+                self._close_code = ABNORMAL_CLOSURE
+                # Ended here, not by raising: the writer may be stuck sending to
+                # the dead peer (Hypercorn shields its socket writes), and the
+                # streams must fail now, not when that write gives up.
+                self._end(
                     f"the peer did not answer a keepalive PING within {self._keepalive_timeout:g}s"
                 )
+                return
             self.rtt = trio.current_time() - sent_at
 
     # -- events ----------------------------------------------------------------

@@ -150,15 +150,30 @@ async def test_another_agent_cannot_take_a_port_in_use(nursery, server_port) -> 
 
 async def test_same_token_takes_its_port_over(nursery, server_port) -> None:
     local = await _serve(nursery, _echo_server)
+    first = tunnel.Client(_agent(server_port, local))
+    replaced = trio.Event()
+    errors: list[tunnel.HostInUseError] = []
+
+    async def run_first(*, task_status: trio.TaskStatus[str]) -> None:
+        try:
+            await first.connect(task_status=task_status)
+        except tunnel.HostInUseError as exc:
+            errors.append(exc)
+            replaced.set()
+
     with trio.fail_after(20):
-        async with tunnel.open_tunnel(_agent(server_port, local)) as first:
-            port = _public_port(first)
-            # A restarted agent (same token, same port) replaces its stale self.
-            async with tunnel.open_tunnel(_agent(server_port, local, remote_port=port)) as again:
-                assert _public_port(again) == port
-                async with await trio.open_tcp_stream("127.0.0.1", port) as visitor:
-                    await visitor.send_all(b"new")
-                    assert await visitor.receive_some(100) == b"new"
+        await nursery.start(run_first)
+        port = _public_port(first)
+        # A restarted agent (same token, same port) replaces its stale self,
+        # and the one replaced stops instead of fighting back.
+        async with tunnel.open_tunnel(_agent(server_port, local, remote_port=port)) as again:
+            assert _public_port(again) == port
+            await replaced.wait()
+            async with await trio.open_tcp_stream("127.0.0.1", port) as visitor:
+                await visitor.send_all(b"new")
+                assert await visitor.receive_some(100) == b"new"
+    assert "took over" in str(errors[0])
+    assert first.state is tunnel.ClientState.CLOSED
 
 
 async def test_a_server_without_tcp_ports_refuses_tcp_agents(nursery) -> None:

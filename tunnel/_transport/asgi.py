@@ -8,7 +8,7 @@ from typing import Any
 
 import trio
 
-from . import TransportClosed
+from . import ABNORMAL_CLOSURE, TransportClosed, close_reason
 
 __all__ = ["ASGIWebSocketTransport"]
 
@@ -54,8 +54,13 @@ class ASGIWebSocketTransport:
         if self._closed:
             return
         self._closed = True
+        if code == ABNORMAL_CLOSURE:
+            # Returning without a close makes Hypercorn drop the connection.
+            return
         with trio.move_on_after(CLOSE_TIMEOUT) as scope:
             scope.shield = True
             # The peer may be gone already; closing is best effort.
             with contextlib.suppress(Exception):
-                await self._send({"type": "websocket.close", "code": code, "reason": reason})
+                await self._send(
+                    {"type": "websocket.close", "code": code, "reason": close_reason(reason)}
+                )

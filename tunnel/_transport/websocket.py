@@ -7,7 +7,7 @@ import contextlib
 import trio
 import trio_websocket
 
-from . import TransportClosed
+from . import ABNORMAL_CLOSURE, TransportClosed, close_reason
 
 __all__ = ["WebSocketTransport"]
 
@@ -31,19 +31,27 @@ class WebSocketTransport:
         try:
             message = await self._ws.get_message()
         except trio_websocket.ConnectionClosed as exc:
-            raise TransportClosed(_describe(exc.reason)) from None
+            code = exc.reason.code if exc.reason is not None else None
+            raise TransportClosed(_describe(exc.reason), code) from None
         if isinstance(message, str):
             raise TransportClosed("the server sent a text message; only binary is allowed")
         return message
 
     async def aclose(self, code: int = 1000, reason: str = "") -> None:
+        if code == ABNORMAL_CLOSURE:
+            # Cancelled at once, trio-websocket skips the handshake and closes
+            # the TCP connection.
+            with trio.CancelScope() as dropped:
+                dropped.cancel()
+                await self._ws.aclose()
+            return
         with trio.move_on_after(CLOSE_TIMEOUT) as scope:
             scope.shield = True
             async with trio.open_nursery() as nursery:
                 # trio-websocket sees the server's close reply only after the
                 # messages queued before it are taken; nobody else reads now.
                 nursery.start_soon(self._discard_incoming)
-                await self._ws.aclose(code, reason or None)
+                await self._ws.aclose(code, close_reason(reason) or None)
                 nursery.cancel_scope.cancel()
 
     async def _discard_incoming(self) -> None:

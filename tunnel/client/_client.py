@@ -17,15 +17,22 @@ import trio_websocket
 from .._config import ClientConfig
 from .._exceptions import (
     ConnectionLostError,
+    HostInUseError,
     ServerUnreachableError,
     TunnelError,
     is_permanent,
     rejection_for_status,
 )
 from .._mux import Mux, Stream
-from .._protocol.handshake import HOST_HEADER, SUBPROTOCOL, TCP_PORT_HEADER
+from .._protocol.handshake import (
+    HOST_HEADER,
+    REPLACED_CLOSE_CODE,
+    SUBPROTOCOL,
+    TCP_PORT_HEADER,
+)
 from .._protocol.headers import header_value, is_websocket_connect
 from .._transport.websocket import WebSocketTransport
+from ._keys import AgentKey
 from ._state import ClientState
 from ._upstream import LocalPool, answer_error, forward
 from ._upstream_raw import forward_tcp, forward_websocket
@@ -65,6 +72,9 @@ class Client:
         self._closing = False
         self._task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
         self._remote_port = config.remote_port
+        self._key = (
+            None if config.key_file is None else AgentKey(config.key_file, config.key_passphrase)
+        )
         self._state_open = config.state is not None
         self._pool = LocalPool(
             config.local_host,
@@ -177,14 +187,15 @@ class Client:
             async with trio.open_nursery() as nursery:
                 # We own the byte stream (not trio-websocket), so it is closed
                 # on every path, a refused handshake included.
+                authority = server.host if server.default_port else f"{server.host}:{server.port}"
                 with trio.fail_after(config.connect_timeout):
                     ws = await trio_websocket.wrap_client_stream(
                         nursery,
                         stream,
-                        server.host if server.default_port else f"{server.host}:{server.port}",
+                        authority,
                         config.control_path,
                         subprotocols=[SUBPROTOCOL],
-                        extra_headers=self._handshake_headers(),
+                        extra_headers=await self._handshake_headers(stream, authority),
                         max_message_size=MAX_MESSAGE_SIZE,
                         receive_buffer_size=RECEIVE_BUFFER_SIZE,
                         message_queue_size=4,
@@ -253,15 +264,26 @@ class Client:
             self._task_status.started(self.url)
             self._task_status = trio.TASK_STATUS_IGNORED
         self._mux = None
+        if mux.peer_close_code == REPLACED_CLOSE_CODE:
+            raise HostInUseError(
+                f"another agent with the same identity took over {self.url}; this one stops "
+                "(two agents with one token and host replace each other; give each its own)"
+            )
         if not self._is_closing():
             raise ConnectionLostError(f"lost the connection to the server: {mux.closed_reason}")
 
-    def _handshake_headers(self) -> list[tuple[bytes, bytes]]:
+    async def _handshake_headers(
+        self, stream: trio.abc.Stream, authority: str
+    ) -> list[tuple[bytes, bytes]]:
         config = self.config
-        headers = [
-            (b"authorization", b"Bearer " + config.token.encode()),
-            (HOST_HEADER.encode(), config.claimed_host.encode()),
-        ]
+        headers = [(HOST_HEADER.encode(), config.claimed_host.encode())]
+        if self._key is not None:
+            headers += await self._key.handshake_headers(
+                stream, authority, config.control_path, config.claimed_host
+            )
+        else:
+            assert config.token is not None  # checked by ClientConfig
+            headers.append((b"authorization", b"Bearer " + config.token.encode()))
         if config.tcp:
             headers.append((TCP_PORT_HEADER.encode(), str(self._remote_port or 0).encode()))
         return headers

@@ -7,8 +7,10 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from .._config import ServerConfig
+from .._protocol.handshake import CHALLENGE_SUFFIX
 from .._protocol.headers import header_value
 from .._protocol.hosts import host_from_authority
+from ._access import AccessControl
 from ._control import serve_agent
 from ._hypercorn_patches import apply_hypercorn_patches
 from ._ingress import forward_http
@@ -55,10 +57,12 @@ class TunnelApp:
         self.config = config if config is not None else ServerConfig()
         self.fallback = fallback
         self.registry = Registry()
-        if self.config.tokens is None and self.config.auth is None:
+        self.access = AccessControl(self.config)
+        self._challenge_path = self.config.control_path + CHALLENGE_SUFFIX
+        if self.access.open:
             logger.warning(
-                "tunnel server has no tokens and no auth hook: anyone can open a tunnel; "
-                "set ServerConfig.tokens or ServerConfig.auth"
+                "tunnel server has no tokens, keys or auth hook: ANYONE can open a tunnel; "
+                "set ServerConfig.tokens, tokens_file, authorized_keys_file or auth"
             )
 
     def statistics(self) -> list[TunnelStatistics]:
@@ -95,6 +99,9 @@ class TunnelApp:
         return 404, f"No tunnel is serving {host or 'this host'} on this server."
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["path"] == self._challenge_path:
+            await self._challenge(send)
+            return
         found = await self._find(_host_of(scope))
         if isinstance(found, AgentSession):
             await forward_http(self.config, found, scope, receive, send)
@@ -104,9 +111,27 @@ class TunnelApp:
         else:
             await send_error_page(send, *found)
 
+    async def _challenge(self, send: Send) -> None:
+        if not self.access.keys_enabled:
+            await send_error_page(send, 404, "This server does not accept public keys.")
+            return
+        body = self.access.new_challenge().encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [
+                    (b"content-type", b"text/plain"),
+                    (b"content-length", str(len(body)).encode()),
+                    (b"cache-control", b"no-store"),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["path"] == self.config.control_path:
-            await serve_agent(self.config, self.registry, scope, receive, send)
+            await serve_agent(self.config, self.access, self.registry, scope, receive, send)
             return
         found = await self._find(_host_of(scope))
         if isinstance(found, AgentSession):

@@ -7,7 +7,6 @@ answers with an HTTP status and a plain-text reason the agent shows its user.
 
 from __future__ import annotations
 
-import hmac
 import inspect
 import logging
 import time
@@ -21,6 +20,10 @@ from .._exceptions import ConfigError
 from .._mux import Mux
 from .._protocol.handshake import (
     HOST_HEADER,
+    KEY_HEADER,
+    NONCE_HEADER,
+    REPLACED_CLOSE_CODE,
+    SIGNATURE_HEADER,
     SUBPROTOCOL,
     SUBPROTOCOL_PREFIX,
     TCP_PORT_HEADER,
@@ -28,9 +31,10 @@ from .._protocol.handshake import (
 )
 from .._protocol.hosts import host_from_authority, in_domain, normalize_host
 from .._transport.asgi import ASGIWebSocketTransport
+from ._access import AccessControl, Denied, Identity
 from ._hooks import ConnectRequest, TunnelInfo
-from ._registry import AgentSession, HostInUse, Registry, token_digest
-from ._tcp import TcpRefusal, bind_tcp_port, serve_tcp
+from ._registry import AgentSession, HostInUse, Registry
+from ._tcp import bind_tcp_port, serve_tcp
 
 __all__ = ["serve_agent"]
 
@@ -42,15 +46,13 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 
-class _Refusal(Exception):
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
-
-
 async def serve_agent(
-    config: ServerConfig, registry: Registry, scope: Scope, receive: Receive, send: Send
+    config: ServerConfig,
+    access: AccessControl,
+    registry: Registry,
+    scope: Scope,
+    receive: Receive,
+    send: Send,
 ) -> None:
     """Handle one agent connection from handshake to close."""
     message = await receive()
@@ -60,23 +62,23 @@ async def serve_agent(
     listeners: list[trio.SocketListener] = []
     try:
         with trio.fail_after(config.handshake_timeout):
-            request = await _check(config, registry, scope, peer)
+            request, identity = await _check(config, access, registry, scope, peer)
             port = None
             if request.tcp_port is not None:
                 listeners, port = await bind_tcp_port(
-                    config, registry, request.tcp_port, token_digest(request.token)
+                    config, registry, request.tcp_port, identity.digest
                 )
             info = TunnelInfo(request.host, request.peer, time.time(), request, port)
             if config.callbacks.on_connection is not None:
                 try:
                     await config.callbacks.on_connection(info)
                 except Exception as exc:
-                    raise _Refusal(403, str(exc) or type(exc).__name__) from None
-    except (trio.TooSlowError, _Refusal, TcpRefusal) as exc:
+                    raise Denied(403, str(exc) or type(exc).__name__) from None
+    except (trio.TooSlowError, Denied) as exc:
         for listener in listeners:
             await trio.aclose_forcefully(listener)
         if isinstance(exc, trio.TooSlowError):
-            exc = _Refusal(503, "the server's auth hook or callback took too long")
+            exc = Denied(503, "the server's auth hook or callback took too long")
         logger.info("refused agent from %s: %s %s", _peer(peer), exc.status, exc.reason)
         await _refuse(scope, send, exc.status, exc.reason)
         return
@@ -92,7 +94,7 @@ async def serve_agent(
         keepalive_interval=config.keepalive_interval,
         keepalive_timeout=config.keepalive_timeout,
     )
-    session = AgentSession(info, token_digest(request.token), mux)
+    session = AgentSession(info, identity.digest, mux)
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(mux.run)
@@ -104,7 +106,9 @@ async def serve_agent(
                 await transport.aclose(4409, f"{session.key} is in use by another agent")
                 return
             if old is not None:
-                old.mux.close("replaced by a newer connection for the same host")
+                old.mux.close(
+                    f"replaced by a newer connection for {session.key}", REPLACED_CLOSE_CODE
+                )
             if listeners:
                 await nursery.start(serve_tcp, config, session, listeners)
                 listeners = []  # serve_tcp owns (and closes) them now
@@ -129,14 +133,15 @@ async def serve_agent(
 
 async def _check(
     config: ServerConfig,
+    access: AccessControl,
     registry: Registry,
     scope: Scope,
     peer: tuple[str, int] | None,
-) -> ConnectRequest:
+) -> tuple[ConnectRequest, Identity]:
     subprotocols: list[str] = list(scope.get("subprotocols") or [])
     if SUBPROTOCOL not in subprotocols:
         offered = [p for p in subprotocols if p.startswith(SUBPROTOCOL_PREFIX)]
-        raise _Refusal(
+        raise Denied(
             426,
             f"this server speaks tunnel protocol {SUBPROTOCOL}; the agent offered "
             f"{', '.join(offered) or 'none'}: install matching versions of agent and server",
@@ -145,19 +150,14 @@ async def _check(
         (key.decode("latin-1").lower(), value.decode("latin-1")) for key, value in scope["headers"]
     )
     values = dict(headers)
-    token = bearer_token(values.get("authorization"))
-    if token is None:
-        raise _Refusal(401, "no token: the agent must send 'Authorization: Bearer <token>'")
-    if config.tokens is not None and not _token_accepted(token, config.tokens):
-        raise _Refusal(401, "the token is not accepted by this server")
 
     tcp_port: int | None = None
     if TCP_PORT_HEADER in values:
         text = values[TCP_PORT_HEADER].strip()
         if not text.isdigit() or int(text) > 65535:
-            raise _Refusal(400, f"invalid {TCP_PORT_HEADER} {text!r}: give a port number")
+            raise Denied(400, f"invalid {TCP_PORT_HEADER} {text!r}: give a port number")
         if config.tcp_ports is None:
-            raise _Refusal(
+            raise Denied(
                 403, "this server offers no TCP tunnels (its operator sets ServerConfig.tcp_ports)"
             )
         tcp_port = int(text)
@@ -167,38 +167,56 @@ async def _check(
     try:
         host = normalize_host(claimed, what="the claimed host")
     except ConfigError as exc:
-        raise _Refusal(400, str(exc)) from None
+        raise Denied(400, str(exc)) from None
+
+    key = values.get(KEY_HEADER)
+    token = ""
+    if key is not None:
+        if not access.keys_enabled:
+            raise Denied(401, "this server does not accept public keys; use a token")
+        identity = access.check_signature(
+            key, values.get(NONCE_HEADER, ""), values.get(SIGNATURE_HEADER, ""), host
+        )
+    else:
+        given = bearer_token(values.get("authorization"))
+        if given is None:
+            raise Denied(401, "no token: the agent must send 'Authorization: Bearer <token>'")
+        token = given
+        identity = access.check_token(token)
+
     if config.domain is not None and not in_domain(host, config.domain):
-        raise _Refusal(
+        raise Denied(
             403,
             f"host {host} is outside this server's domain {config.domain}; "
             f"claim a name under it, such as 'myapp.{config.domain}'",
         )
-    request = ConnectRequest(headers, token, host, peer, scope.get("path", ""), tcp_port)
+    if tcp_port is None:
+        access.check_reserved(host, identity)
+    request = ConnectRequest(headers, token, host, peer, scope.get("path", ""), tcp_port, key)
     if config.auth is not None:
         try:
             result = config.auth(request)
             if inspect.isawaitable(result):
                 await result
         except Exception as exc:
-            raise _Refusal(403, str(exc) or type(exc).__name__) from None
-    if tcp_port is not None:
-        return request  # a TCP tunnel is known by its port, checked when bound
-    try:
-        registry.check_claim(host, token_digest(token))
-    except HostInUse:
-        raise _Refusal(409, f"host {host} is in use by another agent; claim another host") from None
-    return request
-
-
-def _token_accepted(token: str, tokens: frozenset[str]) -> bool:
-    # Compare against every token, in constant time each, so the answer's
-    # timing tells nothing about which tokens exist.
-    given = token.encode("utf-8")
-    accepted = False
-    for candidate in tokens:
-        accepted |= hmac.compare_digest(given, candidate.encode("utf-8"))
-    return accepted
+            raise Denied(403, str(exc) or type(exc).__name__) from None
+    limit = config.max_tunnels_per_identity
+    if tcp_port is None:
+        try:
+            holder = registry.check_claim(host, identity.digest)
+        except HostInUse:
+            raise Denied(
+                409, f"host {host} is in use by another agent; claim another host"
+            ) from None
+    else:
+        holder = None  # a TCP tunnel is known by its port, checked when bound
+    if limit is not None and holder is None and registry.count(identity.digest) >= limit:
+        raise Denied(
+            403,
+            f"this {identity.label.split()[0]} already holds {limit} tunnel(s), the most the "
+            "server allows; close one first",
+        )
+    return request, identity
 
 
 async def _refuse(scope: Scope, send: Send, status: int, reason: str) -> None:

@@ -20,6 +20,8 @@ class ConnectRequest:
         path: The path the agent connected to (the control path).
         tcp_port: For a TCP tunnel, the public port asked for (0: any);
             ``None`` for an HTTP tunnel.
+        key: The agent's ``ssh-ed25519`` public key when it authenticated with
+            a key (then ``token`` is empty).
     """
 
     headers: tuple[tuple[str, str], ...]
@@ -28,6 +30,7 @@ class ConnectRequest:
     peer: tuple[str, int] | None
     path: str
     tcp_port: int | None = None
+    key: str | None = None
 
     def header(self, name: str) -> str | None:
         """The first value of header ``name`` (any case), or None."""

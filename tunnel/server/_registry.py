@@ -6,7 +6,6 @@ claim and a lookup never see a half-made change.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -20,11 +19,6 @@ __all__ = ["AgentSession", "HostInUse", "Registry", "TunnelStatistics"]
 
 #: How many hosts whose agent left are remembered (for 502 instead of 404).
 MAX_REMEMBERED_HOSTS = 10_000
-
-
-def token_digest(token: str) -> bytes:
-    """What the registry keeps of a token: enough to compare, nothing to leak."""
-    return hashlib.sha256(token.encode("utf-8")).digest()
 
 
 class HostInUse(Exception):
@@ -153,6 +147,10 @@ class Registry:
             self._gone.move_to_end(session.key)
             while len(self._gone) > MAX_REMEMBERED_HOSTS:
                 self._gone.popitem(last=False)
+
+    def count(self, digest: bytes) -> int:
+        """How many tunnels the identity ``digest`` holds now."""
+        return sum(1 for session in self._sessions.values() if session.digest == digest)
 
     def holds(self, key: str) -> bool:
         """Whether a session holds ``key`` now."""

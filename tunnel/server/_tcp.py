@@ -17,21 +17,14 @@ import trio
 from .._config import ServerConfig
 from .._mux import StreamError
 from .._pipe import pipe
+from .._protocol.handshake import REPLACED_CLOSE_CODE
 from .._protocol.headers import header_value
+from ._access import Denied
 from ._registry import AgentSession, HostInUse, Registry
 
-__all__ = ["TcpRefusal", "bind_tcp_port", "serve_tcp"]
+__all__ = ["bind_tcp_port", "serve_tcp"]
 
 logger = logging.getLogger("tunnel.server")
-
-
-class TcpRefusal(Exception):
-    """No port can be given to the agent; ``status`` and ``reason`` say why."""
-
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
 
 
 async def bind_tcp_port(
@@ -43,14 +36,14 @@ async def bind_tcp_port(
     session is closed and the port bound once it has let go.
 
     Raises:
-        TcpRefusal: The port is outside the range, held by another agent or
+        Denied: The port is outside the range, held by another agent or
             another program, or no port is free.
     """
     ports = config.tcp_ports
     assert ports is not None
     if requested:
         if requested not in ports:
-            raise TcpRefusal(
+            raise Denied(
                 403,
                 f"port {requested} is outside this server's TCP ports "
                 f"{ports.start}-{ports.stop - 1}",
@@ -58,13 +51,15 @@ async def bind_tcp_port(
         try:
             holder = registry.check_claim(f"tcp:{requested}", digest)
         except HostInUse:
-            raise TcpRefusal(409, f"port {requested} is in use by another agent") from None
+            raise Denied(409, f"port {requested} is in use by another agent") from None
         if holder is not None:
-            holder.mux.close("replaced by a newer connection for the same port")
+            holder.mux.close(
+                f"replaced by a newer connection for port {requested}", REPLACED_CLOSE_CODE
+            )
             await holder.done.wait()
         listeners = await _listen(config, requested)
         if listeners is None:
-            raise TcpRefusal(409, f"port {requested} is in use on the server")
+            raise Denied(409, f"port {requested} is in use on the server")
         return listeners, requested
     for port in ports:
         if registry.holds(f"tcp:{port}"):
@@ -72,7 +67,7 @@ async def bind_tcp_port(
         listeners = await _listen(config, port)
         if listeners is not None:
             return listeners, port
-    raise TcpRefusal(503, "every TCP port of this server is in use; try again later")
+    raise Denied(503, "every TCP port of this server is in use; try again later")
 
 
 async def _listen(config: ServerConfig, port: int) -> list[trio.SocketListener] | None:
