@@ -117,6 +117,7 @@ async def test_public_key_agent_connects_and_unknown_key_is_refused(
 async def _raw_handshake(port: int, headers: list[tuple[bytes, bytes]]) -> int:
     """Open the control WebSocket with ``headers``; the status (101 if accepted)."""
     stream = await trio.open_tcp_stream("127.0.0.1", port)
+    status = 0
     try:
         async with trio.open_nursery() as nursery:
             ws = await trio_websocket.wrap_client_stream(
@@ -124,12 +125,14 @@ async def _raw_handshake(port: int, headers: list[tuple[bytes, bytes]]) -> int:
                 subprotocols=[SUBPROTOCOL], extra_headers=headers,
             )  # fmt: skip
             await ws.aclose()
-            return 101
+            status = 101
     except* trio_websocket.ConnectionRejected as group:
         first = group.exceptions[0]
-        return first.status_code if isinstance(first, trio_websocket.ConnectionRejected) else 0
+        if isinstance(first, trio_websocket.ConnectionRejected):
+            status = first.status_code
     finally:
         await stream.aclose()
+    return status
 
 
 async def test_a_captured_key_handshake_cannot_be_replayed(
