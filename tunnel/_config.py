@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Literal
 
 from ._exceptions import ConfigError
 from ._protocol.hosts import normalize_host
+from ._protocol.limits import RateLimit
+from ._protocol.policy import VisitorPolicy
 
 if TYPE_CHECKING:
     import trio
@@ -177,6 +179,13 @@ class ServerConfig:
         trust_forwarded_headers: Keep ``X-Forwarded-*`` headers that visitors
             send and append to them. Only set this when a proxy you trust sits
             in front of the server; otherwise visitors could forge them.
+        tunnel_rate_limit: Requests and bytes per second for each tunnel.
+        visitor_rate_limit: Requests and bytes per second for each visitor
+            address, across all tunnels.
+        max_request_body: The largest request body, in bytes, a visitor may
+            send through a tunnel (413 beyond it); ``None`` for no limit.
+        max_header_bytes: The largest request header block a visitor may send
+            (431 beyond it).
         tcp_ports: The public ports TCP tunnels may use, such as
             ``range(20000, 20100)``; ``None`` offers no TCP tunnels.
         tcp_host: The interface TCP tunnels listen on; default: the host of
@@ -204,9 +213,17 @@ class ServerConfig:
     trust_forwarded_headers: bool = False
     tcp_ports: range | None = None
     tcp_host: str | None = None
+    tunnel_rate_limit: RateLimit | None = None
+    visitor_rate_limit: RateLimit | None = None
+    max_request_body: int | None = None
+    max_header_bytes: int = 32 * 1024
 
     def __post_init__(self) -> None:
         parse_listen_address(self.address)
+        if self.max_request_body is not None and self.max_request_body < 0:
+            raise ConfigError("ServerConfig.max_request_body must be 0 or more bytes (or None)")
+        if self.max_header_bytes < 1024:
+            raise ConfigError("ServerConfig.max_header_bytes must be at least 1024")
         if self.tcp_ports is not None and (
             not isinstance(self.tcp_ports, range)
             or not self.tcp_ports
@@ -309,6 +326,11 @@ class ClientConfig:
         local_pool_size: Idle keep-alive connections kept to the local service.
         drain_timeout: Seconds in-flight requests get to finish when the agent
             is closed.
+        basic_auth: ``"user:password"`` that visitors must give (HTTP basic
+            authentication), checked by the server; the password travels to the
+            server only as its SHA-256.
+        allow_ips: Networks (CIDR) visitors must come from; empty: any.
+        deny_ips: Networks (CIDR) whose visitors are refused.
         tcp: Forward raw TCP instead of HTTP (for SSH, databases, …): the
             server gives the tunnel a public port of its own.
         remote_port: The public port to ask for, with ``tcp``; default: any
@@ -336,11 +358,17 @@ class ClientConfig:
     local_connect_timeout: float = 10.0
     local_pool_size: int = 32
     drain_timeout: float = 10.0
+    basic_auth: str | None = None
+    allow_ips: tuple[str, ...] = ()
+    deny_ips: tuple[str, ...] = ()
     tcp: bool = False
     remote_port: int | None = None
 
     def __post_init__(self) -> None:
         server = parse_server_address(self.address)
+        object.__setattr__(self, "allow_ips", tuple(self.allow_ips))
+        object.__setattr__(self, "deny_ips", tuple(self.deny_ips))
+        self.visitor_policy  # noqa: B018 - validates basic_auth and the networks
         if self.remote_port is not None and (
             not self.tcp
             or isinstance(self.remote_port, bool)
@@ -393,6 +421,11 @@ class ClientConfig:
     def server(self) -> ServerAddress:
         """The parsed server address."""
         return parse_server_address(self.address)
+
+    @property
+    def visitor_policy(self) -> VisitorPolicy:
+        """Basic auth and IP lists, as the server will enforce them."""
+        return VisitorPolicy.for_agent(self.basic_auth, self.allow_ips, self.deny_ips)
 
     @property
     def claimed_host(self) -> str:

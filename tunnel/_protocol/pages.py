@@ -15,7 +15,12 @@ PAGE_HEADERS = [(b"content-type", b"text/html; charset=utf-8"), (b"cache-control
 
 _TITLES = {
     400: "Bad request",
+    401: "Sign in to this tunnel",
+    403: "Not allowed",
     404: "No tunnel here",
+    413: "Request too large",
+    429: "Too many requests",
+    431: "Request headers too large",
     502: "Tunnel unavailable",
     503: "Tunnel busy",
     504: "Tunnel timed out",

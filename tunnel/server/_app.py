@@ -8,13 +8,14 @@ from typing import Any
 
 from .._config import ServerConfig
 from .._protocol.handshake import CHALLENGE_SUFFIX
-from .._protocol.headers import header_value
+from .._protocol.headers import Headers, header_value
 from .._protocol.hosts import host_from_authority
 from ._access import AccessControl
 from ._control import serve_agent
 from ._hypercorn_patches import apply_hypercorn_patches
 from ._ingress import forward_http
 from ._ingress_ws import forward_websocket, refuse_websocket
+from ._limits import Limiter, Pacer
 from ._pages import send_error_page
 from ._registry import AgentSession, Registry, TunnelStatistics
 
@@ -58,6 +59,7 @@ class TunnelApp:
         self.fallback = fallback
         self.registry = Registry()
         self.access = AccessControl(self.config)
+        self.limiter = Limiter(self.config)
         self._challenge_path = self.config.control_path + CHALLENGE_SUFFIX
         if self.access.open:
             logger.warning(
@@ -68,6 +70,21 @@ class TunnelApp:
     def statistics(self) -> list[TunnelStatistics]:
         """A snapshot of every active tunnel, sorted by host."""
         return self.registry.statistics()
+
+    def begin_shutdown(self) -> None:
+        """Start a graceful shutdown; returns at once.
+
+        New agents are refused (503, so they retry), requests for a host no
+        longer wait for its agent, every agent stops getting new requests, and
+        once its requests in flight have finished (or ``graceful_timeout`` has
+        passed) it is sent GOAWAY and reconnects, to the restarted server.
+
+        :func:`tunnel.serve` calls this when its ``shutdown_trigger`` returns;
+        call it from your own trigger when you run the app under Hypercorn
+        yourself, since the ASGI lifespan shutdown only comes after Hypercorn
+        has waited out its graceful timeout.
+        """
+        self.registry.shutting_down.set()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -84,6 +101,9 @@ class TunnelApp:
         session = registry.lookup(host)
         if session is not None:
             return session
+        if registry.knows(host) and registry.shutting_down.is_set():
+            # The agent cannot come back to a server that is going away.
+            return 503, f"This server is shutting down; {host} will be back shortly."
         if registry.knows(host):
             # Its agent is reconnecting (or draining): wait for it a little.
             session = await registry.wait_for(host, self.config.grace_period)
@@ -98,13 +118,52 @@ class TunnelApp:
             return None
         return 404, f"No tunnel is serving {host or 'this host'} on this server."
 
+    def _admit(
+        self, scope: Scope, session: AgentSession
+    ) -> tuple[tuple[int, str, Headers] | None, Pacer | None]:
+        """Whether this visitor may use ``session``.
+
+        Returns:
+            The refusal (status, message, headers) if it may not, and the pacer
+            for its transfers if bandwidth limits apply.
+        """
+        client = scope.get("client")
+        visitor = client[0] if client else None
+        policy = session.policy
+        if policy.restricts:
+            refusal = policy.refusal(visitor, header_value(scope["headers"], b"authorization"))
+            if refusal is not None:
+                status, message = refusal
+                challenge = [(b"www-authenticate", b'Basic realm="tunnel", charset="UTF-8"')]
+                return (status, message, challenge if status == 401 else []), None
+        if self.limiter.active:
+            retry_after, pacer = self.limiter.admit(session.key, visitor)
+            if retry_after:
+                message = f"Too many requests for {session.host}; try again in {retry_after} s."
+                return (429, message, [(b"retry-after", str(retry_after).encode())]), None
+            return None, pacer
+        return None, None
+
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["path"] == self._challenge_path:
             await self._challenge(send)
             return
+        size = sum(len(key) + len(value) for key, value in scope["headers"])
+        if size > self.config.max_header_bytes:
+            await send_error_page(
+                send,
+                431,
+                f"The request's headers ({size} bytes) are larger than the "
+                f"{self.config.max_header_bytes} bytes this server accepts.",
+            )
+            return
         found = await self._find(_host_of(scope))
         if isinstance(found, AgentSession):
-            await forward_http(self.config, found, scope, receive, send)
+            refusal, pacer = self._admit(scope, found)
+            if refusal is not None:
+                await send_error_page(send, *refusal)
+                return
+            await forward_http(self.config, found, scope, receive, send, pacer)
         elif found is None:
             assert self.fallback is not None
             await self.fallback(scope, receive, send)
@@ -135,6 +194,11 @@ class TunnelApp:
             return
         found = await self._find(_host_of(scope))
         if isinstance(found, AgentSession):
+            refusal, _ = self._admit(scope, found)
+            if refusal is not None:
+                await receive()  # websocket.connect
+                await refuse_websocket(scope, send, refusal[0], refusal[1])
+                return
             await forward_websocket(self.config, found, scope, receive, send)
         elif found is None:
             assert self.fallback is not None
@@ -152,8 +216,9 @@ class TunnelApp:
             if message["type"] == "lifespan.startup":
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
-                for session in self.registry.sessions():
-                    session.mux.close("the server is shutting down")
+                # Sessions still up (under a server that shuts down through
+                # lifespan alone) drain in their own tasks.
+                self.begin_shutdown()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 

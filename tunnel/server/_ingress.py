@@ -19,6 +19,7 @@ from .._config import ServerConfig
 from .._mux import Stream, StreamError
 from .._protocol.headers import Headers, declares_trailers, header_value, tunnel_request_headers
 from ._hooks import RequestInfo
+from ._limits import Pacer
 from ._pages import send_error_page
 from ._registry import AgentSession
 
@@ -36,22 +37,44 @@ class _VisitorGone(Exception):
     """The visitor disconnected."""
 
 
+class _TooLarge(Exception):
+    """The visitor's body passed ``max_request_body``."""
+
+
 async def forward_http(
-    config: ServerConfig, session: AgentSession, scope: Scope, receive: Receive, send: Send
+    config: ServerConfig,
+    session: AgentSession,
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    pacer: Pacer | None = None,
 ) -> None:
-    """Forward one ASGI HTTP request through ``session`` and relay the response."""
+    """Forward one ASGI HTTP request through ``session`` and relay the response.
+
+    ``pacer`` slows the body transfers to the bandwidth limits that apply.
+    """
     client = scope.get("client")
     visitor = client[0] if client else None
     raw_path: bytes = scope.get("raw_path") or scope["path"].encode("utf-8")
+    request_headers = scope["headers"]
+    if session.policy.user is not None:
+        # The tunnel's own password is for the tunnel, not for the service.
+        request_headers = [(k, v) for k, v in request_headers if k != b"authorization"]
     headers = tunnel_request_headers(
         method=scope["method"],
         scheme=scope["scheme"],
         path=raw_path,
         query_string=scope.get("query_string", b""),
-        headers=scope["headers"],
+        headers=request_headers,
         client=visitor,
         trust_forwarded=config.trust_forwarded_headers,
     )
+    limit = config.max_request_body
+    if limit is not None:
+        length = header_value(scope["headers"], b"content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            await send_error_page(send, 413, _too_large(session, limit))
+            return
     on_request = config.callbacks.on_request
     if on_request is not None:
         try:
@@ -87,10 +110,11 @@ async def forward_http(
         return
     session.requests_served += 1
 
+    exchange = _Exchange(config, session, scope, stream, receive, send, pacer)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_relay_request, stream, body, more_body, receive, nursery.cancel_scope)
+        nursery.start_soon(exchange.relay_request, body, more_body, nursery.cancel_scope)
         try:
-            await _relay_response(config, session, scope, stream, send)
+            await exchange.relay_response()
         finally:
             if not stream.done:
                 # The response ended first (or failed): stop the agent too.
@@ -98,95 +122,137 @@ async def forward_http(
             nursery.cancel_scope.cancel()
 
 
-async def _relay_request(
-    stream: Stream,
-    body: bytes,
-    more_body: bool,
-    receive: Receive,
-    cancel_scope: trio.CancelScope,
-) -> None:
-    """Send the visitor's body to the agent, then watch for the visitor leaving."""
-    try:
-        if body or more_body:
-            await stream.send_data(body, end_stream=not more_body)
-        while more_body:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise _VisitorGone
-            more_body = message.get("more_body", False)
-            await stream.send_data(message.get("body", b""), end_stream=not more_body)
-        # Hypercorn tells a disconnect only through receive(); without this, a
-        # long response (server-sent events) would stream to nobody forever.
-        while (await receive())["type"] != "http.disconnect":
-            pass
-        raise _VisitorGone
-    except (_VisitorGone, StreamError):
-        if not stream.done:
-            stream.cancel(h2.errors.ErrorCodes.CANCEL)
-        cancel_scope.cancel()
+def _too_large(session: AgentSession, limit: int) -> str:
+    return f"The request body is larger than the {limit} bytes that {session.host} accepts."
 
 
-async def _relay_response(
-    config: ServerConfig, session: AgentSession, scope: Scope, stream: Stream, send: Send
-) -> None:
-    try:
-        with trio.fail_after(config.response_timeout):
-            headers = await stream.receive_headers()
-    except trio.TooSlowError:
-        await send_error_page(
-            send,
-            504,
-            f"The service behind {session.host} did not answer within "
-            f"{config.response_timeout:g} seconds.",
+class _Exchange:
+    """One visitor request and its stream, relayed both ways."""
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        session: AgentSession,
+        scope: Scope,
+        stream: Stream,
+        receive: Receive,
+        send: Send,
+        pacer: Pacer | None,
+    ) -> None:
+        self.config = config
+        self.session = session
+        self.scope = scope
+        self.stream = stream
+        self.receive = receive
+        self.send = send
+        self.pacer = pacer
+        self.too_large = False
+
+    async def relay_request(
+        self, body: bytes, more_body: bool, cancel_scope: trio.CancelScope
+    ) -> None:
+        """Send the visitor's body to the agent, then watch for the visitor leaving."""
+        stream, limit, pacer = self.stream, self.config.max_request_body, self.pacer
+        sent = 0
+        try:
+            while True:
+                if body or not more_body:
+                    sent += len(body)
+                    if limit is not None and sent > limit:
+                        raise _TooLarge
+                    if pacer is not None:
+                        await pacer.pace(len(body))
+                    if body or not stream.local_ended:
+                        await stream.send_data(body, end_stream=not more_body)
+                if not more_body:
+                    break
+                message = await self.receive()
+                if message["type"] == "http.disconnect":
+                    raise _VisitorGone
+                body = message.get("body", b"")
+                more_body = message.get("more_body", False)
+            # Hypercorn tells a disconnect only through receive(); without this,
+            # a long response (server-sent events) would stream to nobody forever.
+            while (await self.receive())["type"] != "http.disconnect":
+                pass
+            raise _VisitorGone
+        except _TooLarge:
+            # The response side answers 413 if it has not started yet.
+            self.too_large = True
+            if not stream.done:
+                stream.cancel(h2.errors.ErrorCodes.CANCEL)
+        except (_VisitorGone, StreamError):
+            if not stream.done:
+                stream.cancel(h2.errors.ErrorCodes.CANCEL)
+            cancel_scope.cancel()
+
+    async def relay_response(self) -> None:
+        """Relay the agent's response (or an error page) to the visitor."""
+        config, session, stream, send = self.config, self.session, self.stream, self.send
+        try:
+            with trio.fail_after(config.response_timeout):
+                headers = await stream.receive_headers()
+        except trio.TooSlowError:
+            await send_error_page(
+                send,
+                504,
+                f"The service behind {session.host} did not answer within "
+                f"{config.response_timeout:g} seconds.",
+            )
+            return
+        except StreamError as exc:
+            if self.too_large:
+                assert config.max_request_body is not None
+                await send_error_page(send, 413, _too_large(session, config.max_request_body))
+            else:
+                await send_error_page(
+                    send, 502, f"The agent for {session.host} could not answer: {exc.reason}."
+                )
+            return
+
+        status = 502
+        response_headers: Headers = []
+        for key, value in headers:
+            if key == b":status":
+                status = int(value)
+            elif not key.startswith(b":"):
+                response_headers.append((key, value))
+        trailers = (
+            "http.response.trailers" in self.scope.get("extensions", {})
+            and header_value(self.scope["headers"], b"te") == b"trailers"
+            and declares_trailers(response_headers)
         )
-        return
-    except StreamError as exc:
-        await send_error_page(
-            send,
-            502,
-            f"The agent for {session.host} could not answer: {exc.reason}.",
-        )
-        return
-
-    status = 502
-    response_headers: Headers = []
-    for key, value in headers:
-        if key == b":status":
-            status = int(value)
-        elif not key.startswith(b":"):
-            response_headers.append((key, value))
-    trailers = (
-        "http.response.trailers" in scope.get("extensions", {})
-        and header_value(scope["headers"], b"te") == b"trailers"
-        and declares_trailers(response_headers)
-    )
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": response_headers,
-            "trailers": trailers,
-        }
-    )
-    finished = False
-    try:
-        while not finished:
-            data = await stream.receive_data()
-            # Everything that already arrived goes out in one send, and the last
-            # piece carries the end of the body.
-            finished = not data or (stream.remote_ended and not stream.data_buffered())
-            await send({"type": "http.response.body", "body": data, "more_body": not finished})
-            stream.acknowledge()
-    except StreamError as exc:
-        # The status is sent already; the only honest signal left is to end the
-        # response without its final chunk, which Hypercorn does when we return.
-        logger.info("response from %s cut short: %s", session.host, exc.reason)
-        return
-    if trailers:
         await send(
             {
-                "type": "http.response.trailers",
-                "headers": stream.trailers or [],
-                "more_trailers": False,
+                "type": "http.response.start",
+                "status": status,
+                "headers": response_headers,
+                "trailers": trailers,
             }
         )
+        pacer = self.pacer
+        finished = False
+        try:
+            while not finished:
+                data = await stream.receive_data()
+                # Everything that already arrived goes out in one send, and the
+                # last piece carries the end of the body.
+                finished = not data or (stream.remote_ended and not stream.data_buffered())
+                if pacer is not None and data:
+                    await pacer.pace(len(data))
+                await send({"type": "http.response.body", "body": data, "more_body": not finished})
+                stream.acknowledge()
+        except StreamError as exc:
+            # The status is sent already; the only honest signal left is to end
+            # the response without its final chunk, which Hypercorn does when we
+            # return.
+            logger.info("response from %s cut short: %s", session.host, exc.reason)
+            return
+        if trailers:
+            await send(
+                {
+                    "type": "http.response.trailers",
+                    "headers": stream.trailers or [],
+                    "more_trailers": False,
+                }
+            )

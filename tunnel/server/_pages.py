@@ -12,14 +12,20 @@ __all__ = ["send_error_page"]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 
-async def send_error_page(send: Send, status: int, detail: str) -> None:
-    """Answer an ASGI HTTP request with an error page."""
+async def send_error_page(
+    send: Send, status: int, detail: str, headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    """Answer an ASGI HTTP request with an error page (and any extra ``headers``)."""
     body = error_page(status, detail)
     await send(
         {
             "type": "http.response.start",
             "status": status,
-            "headers": [*PAGE_HEADERS, (b"content-length", str(len(body)).encode())],
+            "headers": [
+                *PAGE_HEADERS,
+                (b"content-length", str(len(body)).encode()),
+                *(headers or []),
+            ],
         }
     )
     await send({"type": "http.response.body", "body": body, "more_body": False})

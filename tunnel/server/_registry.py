@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import trio
 
 from .._mux import Mux
+from .._protocol.policy import VisitorPolicy
 from ._hooks import TunnelInfo
 
 __all__ = ["AgentSession", "HostInUse", "Registry", "TunnelStatistics"]
@@ -53,12 +54,16 @@ class TunnelStatistics:
 class AgentSession:
     """One accepted agent connection and its counters."""
 
-    __slots__ = ("digest", "done", "info", "mux", "requests_served")
+    __slots__ = ("digest", "done", "info", "mux", "policy", "requests_served")
 
-    def __init__(self, info: TunnelInfo, digest: bytes, mux: Mux) -> None:
+    def __init__(
+        self, info: TunnelInfo, digest: bytes, mux: Mux, policy: VisitorPolicy | None = None
+    ) -> None:
         self.info = info
         self.digest = digest
         self.mux = mux
+        #: Who may visit: what the agent asked the server to enforce.
+        self.policy = policy or VisitorPolicy()
         self.requests_served = 0
         #: Set once the session has ended and let go of everything it held.
         self.done = trio.Event()
@@ -93,11 +98,16 @@ class Registry:
         self._sessions: dict[str, AgentSession] = {}
         self._gone: OrderedDict[str, float] = OrderedDict()
         self._arrivals: dict[str, trio.Event] = {}
+        #: Set when the server begins a graceful shutdown: sessions drain, no
+        #: new agent is accepted and nobody waits for an agent to come back.
+        self.shutting_down = trio.Event()
 
     def lookup(self, host: str) -> AgentSession | None:
         """The session serving ``host`` now, if it takes new requests."""
         session = self._sessions.get(host)
-        if session is not None and session.mux.accepting:
+        # Not before the agent's SETTINGS: a connection the agent has already
+        # given up on never sends them, and must not be handed requests.
+        if session is not None and session.mux.ready and session.mux.accepting:
             return session
         return None
 
@@ -107,15 +117,31 @@ class Registry:
 
     async def wait_for(self, host: str, grace: float) -> AgentSession | None:
         """Wait up to ``grace`` seconds for an agent for ``host`` to (re)connect."""
-        with trio.move_on_after(grace):
-            while True:
-                session = self.lookup(host)
-                if session is not None:
-                    return session
-                arrival = self._arrivals.get(host)
-                if arrival is None:
-                    arrival = self._arrivals[host] = trio.Event()
-                await arrival.wait()
+        try:
+            with trio.move_on_after(grace):
+                while True:
+                    session = self.lookup(host)
+                    if session is not None:
+                        return session
+                    pending = self._sessions.get(host)
+                    if (
+                        pending is not None
+                        and pending.mux.closed_reason is None
+                        and not pending.mux.ready
+                    ):
+                        # Just connected: ready (or gone) within a round trip.
+                        await pending.mux.wait_peer_settings()
+                        continue
+                    arrival = self._arrivals.get(host)
+                    if arrival is None:
+                        arrival = self._arrivals[host] = trio.Event()
+                    await arrival.wait()
+        finally:
+            arrival = self._arrivals.get(host)
+            if arrival is not None and not arrival.statistics().tasks_waiting:
+                # Nobody waits for this host any more; an agent that never comes
+                # back must not leave its event behind.
+                del self._arrivals[host]
         return None
 
     def check_claim(self, key: str, digest: bytes) -> AgentSession | None:

@@ -36,6 +36,9 @@ def hypercorn_config(config: ServerConfig) -> hypercorn.config.Config:
     hc.accesslog = None
     hc.errorlog = logging.getLogger("tunnel.server")
     hc.websocket_max_message_size = 32 << 20
+    # Above our own header limit, so visitors get its clear 431 rather than
+    # Hypercorn's bare 400.
+    hc.h11_max_incomplete_size = max(64 << 10, 2 * config.max_header_bytes)
     return hc
 
 
@@ -53,7 +56,9 @@ async def serve(
         fallback: An ASGI app for hosts no agent has claimed.
         shutdown_trigger: An async function; when it returns the server stops
             accepting, lets requests in flight finish (up to
-            ``config.graceful_timeout``) and returns.
+            ``config.graceful_timeout``), sends every agent away to reconnect
+            (HTTP/2 GOAWAY) and returns. Cancelling ``serve`` instead stops at
+            once.
         task_status: Receives, once the server listens, the base URLs it is
             bound to, such as ``["http://127.0.0.1:54321"]``; bind port 0 and
             read the port from here.
@@ -64,9 +69,19 @@ async def serve(
             urls = await nursery.start(tunnel.serve, tunnel.ServerConfig(address="127.0.0.1:0"))
     """
     app = TunnelApp(config, fallback=fallback)
+    trigger = None
+    if shutdown_trigger is not None:
+        user_trigger = shutdown_trigger
+
+        async def trigger() -> None:
+            await user_trigger()
+            # Hypercorn's own graceful wait ends only when every connection
+            # has; the agents' connections end once their sessions drained.
+            app.begin_shutdown()
+
     await hypercorn.trio.serve(
         app,  # type: ignore[arg-type]  # Hypercorn's scope TypedDicts vs. plain ASGI mappings
         hypercorn_config(config),
-        shutdown_trigger=shutdown_trigger,
+        shutdown_trigger=trigger,
         task_status=task_status,
     )

@@ -106,6 +106,10 @@ async def serve_tcp(
 async def _connection(
     config: ServerConfig, session: AgentSession, socket: trio.SocketStream
 ) -> None:
+    if session.policy.address_refusal(socket.socket.getpeername()[0]) is not None:
+        # All a TCP client can be told is a closed connection.
+        await trio.aclose_forcefully(socket)
+        return
     try:
         try:
             with trio.fail_after(config.grace_period):

@@ -1,0 +1,178 @@
+"""Visitor controls and limits: basic auth, IP lists, rate limits, body and header sizes."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+import tunnel
+from tunnel._protocol.limits import RateLimit
+
+
+def _headers(response) -> dict[str, str]:  # type: ignore[no-untyped-def]
+    return {key.lower(): value for key, value in response.json()["headers"]}
+
+
+async def test_basic_auth_is_checked_by_the_server(
+    tunnel_server, local_service, open_agent, visitor
+) -> None:
+    with trio.fail_after(10):
+        async with (
+            open_agent(tunnel_server.port, local_service.port, basic_auth="ann:open sesame"),
+            visitor(tunnel_server.port) as http,
+        ):
+            missing = await http.get("/echo")
+            wrong = await http.get("/echo", auth=("ann", "guess"))
+            right = await http.get("/echo", auth=("ann", "open sesame"))
+    assert missing.status_code == 401
+    assert missing.headers["www-authenticate"].startswith('Basic realm="tunnel"')
+    assert wrong.status_code == 401
+    assert right.status_code == 200
+    # The tunnel's password is the tunnel's: the service never sees it.
+    assert "authorization" not in _headers(right)
+    assert local_service.requests == [("GET", "/echo")]
+
+
+async def test_ip_lists_admit_and_refuse_visitors(
+    tunnel_server, local_service, open_agent, visitor
+) -> None:
+    with trio.fail_after(10):
+        async with (
+            open_agent(
+                tunnel_server.port,
+                local_service.port,
+                host="deny.localhost",
+                deny_ips=("127.0.0.1",),
+            ),
+            open_agent(
+                tunnel_server.port,
+                local_service.port,
+                host="allow.localhost",
+                allow_ips=("10.0.0.0/8", "127.0.0.0/8"),
+            ),
+            open_agent(
+                tunnel_server.port,
+                local_service.port,
+                host="elsewhere.localhost",
+                allow_ips=("192.0.2.0/24",),
+            ),
+        ):
+            async with visitor(tunnel_server.port, "deny.localhost") as http:
+                denied = await http.get("/echo")
+            async with visitor(tunnel_server.port, "allow.localhost") as http:
+                allowed = await http.get("/echo")
+            async with visitor(tunnel_server.port, "elsewhere.localhost") as http:
+                outside = await http.get("/echo")
+    assert denied.status_code == 403
+    assert "127.0.0.1" in denied.text
+    assert allowed.status_code == 200
+    assert outside.status_code == 403
+    assert local_service.requests == [("GET", "/echo")]
+
+
+def test_bad_visitor_controls_are_config_errors() -> None:
+    with pytest.raises(tunnel.ConfigError, match="not an IP network"):
+        tunnel.ClientConfig(address="x:1", token="t", port=1, allow_ips=("10.0.0.300/8",))
+    with pytest.raises(tunnel.ConfigError, match="'user:password'"):
+        tunnel.ClientConfig(address="x:1", token="t", port=1, basic_auth="no-colon")
+    with pytest.raises(tunnel.ConfigError, match="burst"):
+        RateLimit(requests_per_second=1, burst=0)
+
+
+async def test_tunnel_rate_limit_answers_429_with_retry_after(
+    start_tunnel_server, local_service, open_agent, visitor
+) -> None:
+    server = await start_tunnel_server(
+        tunnel_rate_limit=RateLimit(requests_per_second=0.5, burst=3)
+    )
+    with trio.fail_after(10):
+        async with (
+            open_agent(server.port, local_service.port),
+            visitor(server.port) as http,
+        ):
+            statuses = [(await http.get("/echo")).status_code for _ in range(3)]
+            limited = await http.get("/echo")
+    assert statuses == [200, 200, 200]
+    assert limited.status_code == 429
+    assert limited.headers["retry-after"] == "2"
+    assert len(local_service.requests) == 3
+
+
+async def test_visitor_rate_limit_counts_each_address_across_tunnels(
+    start_tunnel_server, local_service, open_agent, visitor
+) -> None:
+    server = await start_tunnel_server(
+        visitor_rate_limit=RateLimit(requests_per_second=0.5, burst=2)
+    )
+    with trio.fail_after(10):
+        async with (
+            open_agent(server.port, local_service.port, host="a.localhost"),
+            open_agent(server.port, local_service.port, host="b.localhost"),
+        ):
+            async with visitor(server.port, "a.localhost") as http:
+                first = (await http.get("/echo")).status_code
+            async with visitor(server.port, "b.localhost") as http:
+                second = (await http.get("/echo")).status_code
+                third = await http.get("/echo")
+    assert (first, second) == (200, 200)
+    assert third.status_code == 429
+    assert "retry-after" in third.headers
+
+
+async def test_bandwidth_limit_slows_a_transfer_without_cutting_it(
+    start_tunnel_server, local_service, open_agent, visitor
+) -> None:
+    rate = 64 * 1024
+    server = await start_tunnel_server(tunnel_rate_limit=RateLimit(bytes_per_second=rate))
+    body = b"x" * (3 * rate)
+    with trio.fail_after(20):
+        async with (
+            open_agent(server.port, local_service.port),
+            visitor(server.port) as http,
+        ):
+            started = trio.current_time()
+            response = await http.post("/sha", content=body)
+            elapsed = trio.current_time() - started
+    assert response.status_code == 200
+    assert response.json()["length"] == len(body)
+    # One second's worth may pass at once; the other two must be paced.
+    assert elapsed >= 1.8
+
+
+async def test_request_body_limit_gives_413(
+    start_tunnel_server, local_service, open_agent, visitor
+) -> None:
+    server = await start_tunnel_server(max_request_body=1000)
+    with trio.fail_after(10):
+        async with (
+            open_agent(server.port, local_service.port),
+            visitor(server.port) as http,
+        ):
+            declared = await http.post("/sha", content=b"x" * 1001)
+
+            async def chunks():  # type: ignore[no-untyped-def]
+                for _ in range(10):
+                    yield b"y" * 500
+
+            streamed = await http.post("/sha", content=chunks())
+            small = await http.post("/sha", content=b"z" * 1000)
+    assert declared.status_code == 413
+    assert "1000 bytes" in declared.text
+    assert streamed.status_code == 413
+    assert small.status_code == 200
+
+
+async def test_huge_request_headers_give_431(
+    tunnel_server, local_service, open_agent, visitor
+) -> None:
+    with trio.fail_after(10):
+        async with (
+            open_agent(tunnel_server.port, local_service.port),
+            visitor(tunnel_server.port) as http,
+        ):
+            big = {f"x-filler-{i}": "v" * 1000 for i in range(40)}
+            response = await http.get("/echo", headers=big)
+            normal = await http.get("/echo")
+    assert response.status_code == 431
+    assert normal.status_code == 200
+    assert local_service.requests == [("GET", "/echo")]
