@@ -30,6 +30,7 @@ from .._protocol.handshake import (
     bearer_token,
 )
 from .._protocol.hosts import host_from_authority, in_domain, normalize_host
+from .._protocol.policy import VisitorPolicy
 from .._transport.asgi import ASGIWebSocketTransport
 from ._access import AccessControl, Denied, Identity
 from ._hooks import ConnectRequest, TunnelInfo
@@ -62,7 +63,7 @@ async def serve_agent(
     listeners: list[trio.SocketListener] = []
     try:
         with trio.fail_after(config.handshake_timeout):
-            request, identity = await _check(config, access, registry, scope, peer)
+            request, identity, policy = await _check(config, access, registry, scope, peer)
             port = None
             if request.tcp_port is not None:
                 listeners, port = await bind_tcp_port(
@@ -94,7 +95,7 @@ async def serve_agent(
         keepalive_interval=config.keepalive_interval,
         keepalive_timeout=config.keepalive_timeout,
     )
-    session = AgentSession(info, identity.digest, mux)
+    session = AgentSession(info, identity.digest, mux, policy)
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(mux.run)
@@ -137,7 +138,7 @@ async def _check(
     registry: Registry,
     scope: Scope,
     peer: tuple[str, int] | None,
-) -> tuple[ConnectRequest, Identity]:
+) -> tuple[ConnectRequest, Identity, VisitorPolicy]:
     subprotocols: list[str] = list(scope.get("subprotocols") or [])
     if SUBPROTOCOL not in subprotocols:
         offered = [p for p in subprotocols if p.startswith(SUBPROTOCOL_PREFIX)]
@@ -216,7 +217,11 @@ async def _check(
             f"this {identity.label.split()[0]} already holds {limit} tunnel(s), the most the "
             "server allows; close one first",
         )
-    return request, identity
+    try:
+        policy = VisitorPolicy.from_handshake(values)
+    except ConfigError as exc:
+        raise Denied(400, str(exc)) from None
+    return request, identity, policy
 
 
 async def _refuse(scope: Scope, send: Send, status: int, reason: str) -> None:
