@@ -312,6 +312,14 @@ class Mux:
         """Wait until the connection has ended."""
         await self._ended.wait()
 
+    async def wait_peer_settings(self) -> bool:
+        """Wait for the peer's SETTINGS, proof that it is alive and speaks HTTP/2.
+
+        Returns False if the connection ended first.
+        """
+        await self._settings_received.wait()
+        return self.closed_reason is None
+
     def close(self, reason: str, code: int = 1000) -> None:
         """End the connection now; streams still open fail with ``reason``.
 
@@ -352,6 +360,11 @@ class Mux:
     def open_streams(self) -> int:
         """Streams in flight on this connection."""
         return len(self._streams)
+
+    @property
+    def ready(self) -> bool:
+        """Whether the peer's SETTINGS have arrived on a connection still open."""
+        return self.closed_reason is None and self._settings_received.is_set()
 
     @property
     def accepting(self) -> bool:
