@@ -72,6 +72,7 @@ class Client:
         self._closing = False
         self._task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
         self._remote_port = config.remote_port
+        self._policy = config.visitor_policy
         self._key = (
             None if config.key_file is None else AgentKey(config.key_file, config.key_passphrase)
         )
@@ -286,7 +287,7 @@ class Client:
             headers.append((b"authorization", b"Bearer " + config.token.encode()))
         if config.tcp:
             headers.append((TCP_PORT_HEADER.encode(), str(self._remote_port or 0).encode()))
-        return headers
+        return headers + self._policy.handshake_headers()
 
     def _translate(self, exc: BaseException) -> BaseException:
         """The error to raise for ``exc``: ours for the network's, others unchanged."""
