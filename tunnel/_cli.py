@@ -1,7 +1,8 @@
 """The ``tunnel`` command: ``server``, ``http`` and ``demo``.
 
 Bad arguments get one line on stderr and exit status 2; Ctrl-C ends any of them
-quietly with status 130.
+quietly with status 130. SIGTERM (from systemd, Docker, ``kill``) ends ``server``
+and the agents gracefully, with status 0: requests in flight finish first.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
@@ -16,7 +18,7 @@ from typing import NoReturn
 import trio
 
 from . import __version__
-from ._config import ClientConfig, ServerConfig
+from ._configfile import load_client_config, load_server_config
 from ._demo import run_demo
 from ._exceptions import ConfigError, RejectedError
 from .client import Client, ClientState
@@ -46,8 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     server = commands.add_parser(
         "server", help="run a tunnel server", description="Run a tunnel server."
     )
+    server.add_argument("--config", help="TOML file of settings (flags win over it)")
     server.add_argument(
-        "--address", default="127.0.0.1:8000", help="host:port to listen on (':8000': all)"
+        "--address", help="host:port to listen on (':8000': all; default 127.0.0.1:8000)"
     )
     server.add_argument("--domain", help="base domain; agents claim names under it")
     server.add_argument("--certificate", help="PEM certificate chain, for HTTPS")
@@ -59,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="TOKEN",
         help="a token agents may use (repeat for more); without any, every token is accepted",
     )
-    server.add_argument("--control-path", default="/_tunnel", help="where agents connect")
+    server.add_argument("--control-path", help="where agents connect (default /_tunnel)")
     server.add_argument(
         "--tokens-file",
         help="file of accepted tokens' SHA-256 hashes (see 'tunnel hash-token'); re-read on change",
@@ -82,6 +85,18 @@ def _parser() -> argparse.ArgumentParser:
         type=_port_range,
         metavar="FIRST-LAST",
         help="public ports for TCP tunnels, such as 20000-20099 (default: none)",
+    )
+    server.add_argument(
+        "--max-request-body", type=int, metavar="BYTES", help="largest request body (413 above)"
+    )
+    server.add_argument(
+        "--tunnel-rps", type=float, metavar="N", help="requests per second per tunnel (429 above)"
+    )
+    server.add_argument(
+        "--visitor-rps",
+        type=float,
+        metavar="N",
+        help="requests per second per visitor address (429 above)",
     )
 
     http = commands.add_parser(
@@ -120,18 +135,35 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _agent_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("port", type=int, help="the local service's port")
-    parser.add_argument("--server", required=True, help="the tunnel server, host:port or a URL")
+    parser.add_argument("port", type=int, nargs="?", help="the local service's port")
+    parser.add_argument("--config", help="TOML file of settings (flags win over it)")
+    parser.add_argument("--server", help="the tunnel server, host:port or a URL")
     parser.add_argument("--token", help="this agent's token")
     parser.add_argument("--key", help="OpenSSH Ed25519 private key to authenticate with")
-    parser.add_argument("--local-host", default="127.0.0.1", help="where the service listens")
+    parser.add_argument("--local-host", help="where the service listens (default 127.0.0.1)")
     parser.add_argument("--ca-file", help="PEM file of CAs to trust for the server")
     parser.add_argument(
         "--insecure-skip-verify",
         action="store_true",
+        default=None,
         help="accept any TLS certificate from the server (testing only)",
     )
-    parser.add_argument("--control-path", default="/_tunnel", help="the server's control path")
+    parser.add_argument("--control-path", help="the server's control path (default /_tunnel)")
+    parser.add_argument("--basic-auth", metavar="USER:PASSWORD", help="visitors must log in")
+    parser.add_argument(
+        "--allow-ip",
+        action="append",
+        dest="allow_ips",
+        metavar="CIDR",
+        help="admit visitors only from this network (repeatable)",
+    )
+    parser.add_argument(
+        "--deny-ip",
+        action="append",
+        dest="deny_ips",
+        metavar="CIDR",
+        help="refuse visitors from this network (repeatable)",
+    )
 
 
 def _reservation(text: str) -> tuple[str, str]:
@@ -148,33 +180,49 @@ def _port_range(text: str) -> range:
     return range(int(first), int(last or first) + 1)
 
 
+def _rps(value: float | None) -> dict[str, float] | None:
+    return None if value is None else {"requests_per_second": value, "burst": max(1, int(value))}
+
+
 async def _hash_token(args: argparse.Namespace) -> int:
     print(f"sha256:{hashlib.sha256(args.token.encode()).hexdigest()}")
     return 0
 
 
 async def _run_server(args: argparse.Namespace) -> int:
-    config = ServerConfig(
+    config = load_server_config(
+        args.config,
         address=args.address,
         domain=args.domain,
         certificate=args.certificate,
         key=args.key,
-        tokens=frozenset(args.tokens) if args.tokens else None,
+        tokens=args.tokens,
         control_path=args.control_path,
         tcp_ports=args.tcp_ports,
         tokens_file=args.tokens_file,
         authorized_keys_file=args.authorized_keys,
-        reserved_hosts=dict(_reservation(text) for text in args.reserve),
+        reserved_hosts=dict(_reservation(text) for text in args.reserve) or None,
         max_tunnels_per_identity=args.max_tunnels,
+        max_request_body=args.max_request_body,
+        tunnel_rate_limit=_rps(args.tunnel_rps),
+        visitor_rate_limit=_rps(args.visitor_rps),
     )
-    await serve(config)
+    await serve(config, shutdown_trigger=_terminated)
     return 0
+
+
+async def _terminated() -> None:
+    """Return once the process receives SIGTERM."""
+    with trio.open_signal_receiver(signal.SIGTERM) as signals:
+        async for _ in signals:
+            return
 
 
 async def _run_agent(args: argparse.Namespace) -> int:
     send, receive = trio.open_memory_channel[ClientState](16)
     tcp = args.command == "tcp"
-    config = ClientConfig(
+    config = load_client_config(
+        args.config,
         address=args.server,
         token=args.token,
         key_file=args.key,
@@ -184,8 +232,11 @@ async def _run_agent(args: argparse.Namespace) -> int:
         ca_file=args.ca_file,
         insecure_skip_verify=args.insecure_skip_verify,
         control_path=args.control_path,
+        basic_auth=args.basic_auth,
+        allow_ips=args.allow_ips,
+        deny_ips=args.deny_ips,
         state=send,
-        tcp=tcp,
+        tcp=tcp or None,
         remote_port=args.remote_port if tcp else None,
     )
     client = Client(config)
@@ -199,7 +250,13 @@ async def _run_agent(args: argparse.Namespace) -> int:
                 else:
                     print(state.value, flush=True)
 
+        async def leave_on_sigterm() -> None:
+            await _terminated()
+            await client.aclose()  # finishes the requests in flight
+            nursery.cancel_scope.cancel()
+
         nursery.start_soon(report)
+        nursery.start_soon(leave_on_sigterm)
         try:
             await client.connect()
         finally:

@@ -49,7 +49,7 @@ async def test_demo_once_exits_zero_and_prints_the_answer() -> None:
     ("argv", "message"),
     [
         (["http", "abc", "--server", "x:1", "--token", "t"], "invalid int value: 'abc'"),
-        (["http", "8080", "--token", "t"], "the following arguments are required: --server"),
+        (["http", "8080", "--token", "t"], "give --server and PORT"),
         (["http", "8080", "--server", "ftp://x", "--token", "t"], "unknown scheme 'ftp'"),
         (["http", "70000", "--server", "x:1", "--token", "t"], "ClientConfig.port 70000"),
         (["server", "--address", "nowhere"], "has no port"),
@@ -164,3 +164,42 @@ async def test_embedding_example_runs_under_the_hypercorn_command(
     finally:
         server.kill()
         await server.wait()
+
+
+async def test_config_files_drive_both_commands(nursery: trio.Nursery, tmp_path: Path) -> None:
+    service = LocalService()
+    await nursery.start(serve_local, service)
+    port = free_port()
+    (tmp_path / "server.toml").write_text(f'address = "127.0.0.1:{port}"\ntokens = ["s3cret"]\n')
+    (tmp_path / "agent.toml").write_text(
+        f'address = "127.0.0.1:{port}"\ntoken = "s3cret"\nport = {service.port}\n'
+        'host = "file.localhost"\nbasic_auth = "ann:pw"\n'
+    )
+    server = await trio.lowlevel.open_process(
+        [*TUNNEL, "server", "--config", str(tmp_path / "server.toml")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    agent = None
+    try:
+        assert server.stderr is not None
+        await _wait_for_line(server.stderr, b"Running on", 20)
+        agent = await trio.lowlevel.open_process(
+            [*TUNNEL, "http", "--config", str(tmp_path / "agent.toml")], stdout=subprocess.PIPE
+        )
+        assert agent.stdout is not None
+        await _wait_for_line(agent.stdout, b"connected ", 20)
+        async with httpx.AsyncClient() as client:
+            with trio.fail_after(10):
+                url = f"http://127.0.0.1:{port}/from-files"
+                refused = await client.get(url, headers={"host": "file.localhost"})
+                admitted = await client.get(
+                    url, headers={"host": "file.localhost"}, auth=("ann", "pw")
+                )
+        assert refused.status_code == 401
+        assert admitted.status_code == 200
+    finally:
+        for process in (agent, server):
+            if process is not None and process.returncode is None:
+                process.kill()
+                await process.wait()

@@ -1,0 +1,88 @@
+"""TOML configuration files for server and agent."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import tunnel
+from tunnel._configfile import load_client_config, load_server_config
+from tunnel._protocol.limits import RateLimit
+
+
+def test_server_file_maps_every_kind_of_setting(tmp_path: Path) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text("sha256:" + "ab" * 32 + "\n")
+    path = tmp_path / "server.toml"
+    path.write_text(
+        f"""
+        address = ":9000"
+        domain = "Tunnel.Example.com"
+        tokens = ["a", "b"]
+        tokens_file = "{tokens}"
+        tcp_ports = "20000-20009"
+        max_request_body = 1000
+        reserved_hosts = {{ "shop.tunnel.example.com" = "a" }}
+
+        [visitor_rate_limit]
+        requests_per_second = 5
+        burst = 7
+        """
+    )
+    config = load_server_config(path)
+    assert config.address == ":9000"
+    assert config.domain == "tunnel.example.com"
+    assert config.tokens == frozenset({"a", "b"})
+    assert config.tcp_ports == range(20000, 20010)
+    assert config.max_request_body == 1000
+    assert dict(config.reserved_hosts) == {"shop.tunnel.example.com": "a"}
+    assert config.visitor_rate_limit == RateLimit(requests_per_second=5, burst=7)
+
+
+def test_flags_win_over_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "server.toml"
+    path.write_text('address = ":9000"\ngrace_period = 2.5\n')
+    config = load_server_config(path, address="127.0.0.1:1234", domain=None)
+    assert config.address == "127.0.0.1:1234"
+    assert config.grace_period == 2.5
+
+
+def test_agent_file(tmp_path: Path) -> None:
+    path = tmp_path / "agent.toml"
+    path.write_text(
+        'address = "https://tunnel.example.com"\ntoken = "t"\nport = 8080\n'
+        'basic_auth = "u:p"\nallow_ips = ["10.0.0.0/8"]\ntcp = false\n'
+    )
+    config = load_client_config(path)
+    assert config.server.scheme == "wss"
+    assert config.port == 8080
+    assert config.allow_ips == ("10.0.0.0/8",)
+    assert load_client_config(path, port=9090).port == 9090
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("adress = ':1'", r"unknown setting\(s\) adress"),
+        ("address = ", "not valid TOML"),
+        ("tcp_ports = 'many'", "20000-20099"),
+        ("auth = 'x'", r"unknown setting\(s\) auth"),
+        ("[tunnel_rate_limit]\nspeed = 1", "rate limit"),
+        ("keepalive_interval = -1", "keepalive_interval must be a positive number"),
+    ],
+)
+def test_bad_server_files_say_what_is_wrong(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "server.toml"
+    path.write_text(text)
+    with pytest.raises(tunnel.ConfigError, match=message):
+        load_server_config(path)
+
+
+def test_agent_needs_address_and_port(tmp_path: Path) -> None:
+    path = tmp_path / "agent.toml"
+    path.write_text('token = "t"\n')
+    with pytest.raises(tunnel.ConfigError, match="needs address and port"):
+        load_client_config(path)
+    with pytest.raises(tunnel.ConfigError, match="cannot read"):
+        load_client_config(tmp_path / "missing.toml")

@@ -1,0 +1,131 @@
+"""Configuration files: TOML with the same names as the config classes' fields.
+
+``tunnel server --config server.toml`` and ``tunnel http --config agent.toml``
+read them; a flag given on the command line wins over the file. In code,
+:func:`load_server_config` and :func:`load_client_config` do the same.
+
+Example server file::
+
+    address = ":8000"
+    domain = "tunnel.example.com"
+    tokens_file = "/etc/tunnel/tokens"
+    tcp_ports = "20000-20099"
+    max_request_body = 104857600
+    reserved_hosts = { "shop.tunnel.example.com" = "sha256:1ec1…" }
+
+    [visitor_rate_limit]
+    requests_per_second = 20
+    burst = 40
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from ._config import ClientConfig, ServerConfig
+from ._exceptions import ConfigError
+from ._protocol.limits import RateLimit
+
+__all__ = ["load_client_config", "load_server_config"]
+
+# Fields that hold code (hooks, channels), which a file cannot express.
+_CODE_ONLY = frozenset({"auth", "callbacks", "state"})
+
+
+def _port_range(value: Any) -> range:
+    if isinstance(value, str):
+        first, _, last = value.partition("-")
+        if first.strip().isdigit() and (last or first).strip().isdigit():
+            return range(int(first), int(last or first) + 1)
+    elif isinstance(value, list) and len(value) == 2 and all(isinstance(v, int) for v in value):
+        return range(value[0], value[1] + 1)
+    raise ConfigError(f'tcp_ports = {value!r}: write "20000-20099" or [20000, 20099]')
+
+
+def _rate_limit(value: Any) -> RateLimit:
+    if not isinstance(value, dict):
+        raise ConfigError("a rate limit is a table, such as { requests_per_second = 10 }")
+    try:
+        return RateLimit(**value)
+    except TypeError as exc:
+        raise ConfigError(f"rate limit {value!r}: {exc}") from None
+
+
+_CONVERT: dict[str, Callable[[Any], Any]] = {
+    "tokens": frozenset,
+    "tcp_ports": _port_range,
+    "tunnel_rate_limit": _rate_limit,
+    "visitor_rate_limit": _rate_limit,
+    "allow_ips": tuple,
+    "deny_ips": tuple,
+}
+
+
+def _load(
+    cls: type[ServerConfig] | type[ClientConfig],
+    path: str | os.PathLike[str] | None,
+    overrides: Mapping[str, Any],
+) -> dict[str, Any]:
+    settings: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as file:
+                settings = tomllib.load(file)
+        except OSError as exc:
+            raise ConfigError(f"cannot read {os.fspath(path)!r}: {exc.strerror or exc}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{os.fspath(path)!r} is not valid TOML: {exc}") from None
+    fields = {field.name for field in dataclasses.fields(cls)} - _CODE_ONLY
+    unknown = sorted(set(settings) - fields)
+    if unknown:
+        raise ConfigError(
+            f"{os.fspath(path or '')!r}: unknown setting(s) {', '.join(unknown)}; "
+            f"{cls.__name__} has {', '.join(sorted(fields))}"
+        )
+    settings.update({key: value for key, value in overrides.items() if value is not None})
+    for key, convert in _CONVERT.items():
+        if key in settings and key in fields:
+            settings[key] = convert(settings[key])
+    return settings
+
+
+def load_server_config(
+    path: str | os.PathLike[str] | None = None, **overrides: Any
+) -> ServerConfig:
+    """A :class:`~tunnel.ServerConfig` from a TOML file; ``overrides`` win.
+
+    Raises:
+        ConfigError: The file cannot be read, is not TOML, names an unknown
+            setting, or holds an invalid value.
+    """
+    settings = _load(ServerConfig, path, overrides)
+    try:
+        return ServerConfig(**settings)
+    except TypeError as exc:
+        raise ConfigError(f"server settings: {exc}") from None
+
+
+def load_client_config(
+    path: str | os.PathLike[str] | None = None, **overrides: Any
+) -> ClientConfig:
+    """A :class:`~tunnel.ClientConfig` from a TOML file; ``overrides`` win.
+
+    Raises:
+        ConfigError: As for :func:`load_server_config`, or when ``address`` or
+            ``port`` is given nowhere.
+    """
+    settings = _load(ClientConfig, path, overrides)
+    missing = [name for name in ("address", "port") if name not in settings]
+    if missing:
+        raise ConfigError(
+            f"the agent needs {' and '.join(missing)}: give --server and PORT, "
+            "or 'address' and 'port' in the config file"
+        )
+    try:
+        return ClientConfig(**settings)
+    except TypeError as exc:
+        raise ConfigError(f"agent settings: {exc}") from None
