@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from ._config import ClientConfig as ClientConfig
 from ._config import ServerConfig as ServerConfig
+from ._configfile import load_client_config as load_client_config
+from ._configfile import load_server_config as load_server_config
 from ._exceptions import AuthenticationError as AuthenticationError
 from ._exceptions import ConfigError as ConfigError
 from ._exceptions import ConnectionLostError as ConnectionLostError
@@ -18,6 +20,7 @@ from ._exceptions import ProtocolVersionError as ProtocolVersionError
 from ._exceptions import RejectedError as RejectedError
 from ._exceptions import ServerUnreachableError as ServerUnreachableError
 from ._exceptions import TunnelError as TunnelError
+from ._protocol.limits import RateLimit as RateLimit
 from .client import Client as Client
 from .client import ClientState as ClientState
 from .client import open_tunnel as open_tunnel
@@ -44,6 +47,7 @@ __all__ = [
     "HostInUseError",
     "HostRejectedError",
     "ProtocolVersionError",
+    "RateLimit",
     "RejectedError",
     "RequestInfo",
     "ServerConfig",
@@ -54,6 +58,8 @@ __all__ = [
     "TunnelStatistics",
     "__version__",
     "hypercorn_config",
+    "load_client_config",
+    "load_server_config",
     "open_tunnel",
     "serve",
 ]
