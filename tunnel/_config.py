@@ -166,7 +166,9 @@ class ServerConfig:
         control_path: The path agents connect to. Visitors' requests for it
             under a tunnel's host are still forwarded to that tunnel.
         response_timeout: Seconds a visitor waits for the response headers
-            from the agent before getting 504.
+            from the agent, once its request is sent, before getting 504.
+        request_idle_timeout: Seconds a visitor's request body may pause
+            before the request is dropped (408).
         grace_period: Seconds a visitor's request waits for a host whose agent
             is reconnecting (or busy at its stream limit) before getting 502
             (or 503).
@@ -205,6 +207,7 @@ class ServerConfig:
     domain: str | None = None
     control_path: str = "/_tunnel"
     response_timeout: float = 60.0
+    request_idle_timeout: float = 60.0
     grace_period: float = 5.0
     handshake_timeout: float = 10.0
     keepalive_interval: float = 15.0
@@ -263,6 +266,7 @@ class ServerConfig:
             )
         for name in (
             "response_timeout",
+            "request_idle_timeout",
             "grace_period",
             "handshake_timeout",
             "keepalive_interval",

@@ -567,3 +567,56 @@ async def test_drain_flushes_final_frames_over_slow_network(
                 respond.set()
                 assert (await stream.receive_headers()) == [(b":status", b"204")]
                 assert await stream.receive_data() == b""
+
+
+async def test_unacknowledged_data_of_finished_streams_gives_the_window_back(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # A consumer cancelled between taking a chunk and acknowledging it (a
+    # visitor leaving just as the response ends) must not leak the connection
+    # window: after enough such requests the tunnel would stall for good.
+    body = b"x" * 100_000
+
+    async def answer(stream: Stream) -> None:
+        await stream.receive_headers()
+        stream.send_headers([(b":status", b"200")])
+        await stream.send_data(body, end_stream=True)
+
+    with trio.fail_after(60):
+        async with open_pair(answer) as pair:
+            window = pair.client._conn.inbound_flow_control_window
+            for _ in range(400):  # 40 MB: far beyond the 16 MiB window
+                stream = await pair.client.open_stream(request(), end_stream=True)
+                received = 0
+                while chunk := await stream.receive_data():
+                    received += len(chunk)  # never acknowledged
+                assert received == len(body)
+            await trio.testing.wait_all_tasks_blocked()
+            # h2 returns window in steps of half of it, so up to half may be
+            # pending; a leak would have emptied it (and stalled the loop).
+            assert pair.client._conn.inbound_flow_control_window > window // 2
+
+
+async def test_a_reset_before_the_handler_starts_stops_it_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    seen: list[str] = []
+
+    async def slow_to_start(stream: Stream) -> None:
+        with stream.cancel_scope:
+            seen.append("entered")
+            await trio.sleep_forever()
+        seen.append("stopped")
+
+    with trio.fail_after(60):
+        async with open_pair(slow_to_start) as pair:
+            # HEADERS and RST_STREAM reach the server in one message, before
+            # its handler task has run.
+            pair.server_transport.hold = trio.Event()
+            stream = await pair.client.open_stream(request(), end_stream=False)
+            stream.cancel()
+            await trio.testing.wait_all_tasks_blocked()
+            pair.server_transport.hold.set()
+            await trio.testing.wait_all_tasks_blocked()
+            assert pair.server.open_streams == 0
+            assert seen == ["entered", "stopped"]

@@ -18,6 +18,7 @@ _TITLES = {
     401: "Sign in to this tunnel",
     403: "Not allowed",
     404: "No tunnel here",
+    408: "Request timed out",
     413: "Request too large",
     429: "Too many requests",
     431: "Request headers too large",

@@ -56,11 +56,14 @@ class LocalConnection:
 
     def stale(self) -> bool:
         """Whether an idle connection was closed (or spoke) while it sat in the pool."""
+        # poll, not select: select cannot watch descriptors above 1023, which a
+        # busy agent reaches.
+        poller = select.poll()
         try:
-            readable, _, _ = select.select([self.socket.socket.fileno()], [], [], 0)
+            poller.register(self.socket.socket.fileno(), select.POLLIN)
+            return bool(poller.poll(0))
         except (OSError, ValueError):
             return True
-        return bool(readable)
 
 
 class LocalPool:
@@ -139,8 +142,7 @@ async def forward(stream: Stream, pool: LocalPool) -> None:
     each gets its answer (an error page, or a reset stream).
     """
     assert stream.headers is not None
-    with trio.CancelScope() as scope:
-        stream.cancel_scope = scope
+    with stream.cancel_scope as scope:
         try:
             await _exchange(stream, pool)
         except LocalFailure as failure:

@@ -33,8 +33,7 @@ def _accept_key(key: bytes) -> bytes:
 
 async def forward_websocket(stream: Stream, pool: LocalPool) -> None:
     """Serve one WebSocket stream; never raises for what a peer did."""
-    with trio.CancelScope() as scope:
-        stream.cancel_scope = scope
+    with stream.cancel_scope as scope:
         try:
             await _forward(stream, pool)
         except LocalFailure as failure:
@@ -98,8 +97,7 @@ async def _forward(stream: Stream, pool: LocalPool) -> None:
 
 async def forward_tcp(stream: Stream, pool: LocalPool) -> None:
     """Serve one TCP tunnel connection: join the stream to the local port."""
-    with trio.CancelScope() as scope:
-        stream.cancel_scope = scope
+    with stream.cancel_scope as scope:
         try:
             socket = await pool.connect()
         except LocalFailure as failure:

@@ -100,11 +100,12 @@ async def serve_agent(
         async with trio.open_nursery() as nursery:
             await nursery.start(mux.run)
             try:
-                old = registry.claim(session)
-            except HostInUse:
-                # Another token claimed the host between our check and now.
-                mux.close("the host was claimed by another agent")
-                await transport.aclose(4409, f"{session.key} is in use by another agent")
+                old = registry.claim(session, config.max_tunnels_per_identity)
+            except HostInUse as exc:
+                # Another token claimed the host, or this identity reached its
+                # limit, between our check and now.
+                mux.close(f"refused: {exc}")
+                await transport.aclose(4409, f"refused: {exc}")
                 return
             if old is not None:
                 old.mux.close(

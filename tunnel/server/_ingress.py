@@ -87,7 +87,12 @@ async def forward_http(
     # Hypercorn has usually queued the first body message already, so waiting
     # for it costs nothing, and a request without a body then goes out as one
     # HEADERS frame with END_STREAM.
-    first = await receive()
+    try:
+        with trio.fail_after(config.request_idle_timeout):
+            first = await receive()
+    except trio.TooSlowError:
+        await send_error_page(send, 408, _idle(config))
+        return
     if first["type"] == "http.disconnect":
         return
     body: bytes = first.get("body", b"")
@@ -122,6 +127,13 @@ async def forward_http(
             nursery.cancel_scope.cancel()
 
 
+def _idle(config: ServerConfig) -> str:
+    return (
+        f"The request body stopped arriving for {config.request_idle_timeout:g} seconds; "
+        "the request was dropped."
+    )
+
+
 def _too_large(session: AgentSession, limit: int) -> str:
     return f"The request body is larger than the {limit} bytes that {session.host} accepts."
 
@@ -146,7 +158,10 @@ class _Exchange:
         self.receive = receive
         self.send = send
         self.pacer = pacer
-        self.too_large = False
+        #: Set when the request itself was refused part-way (status, message).
+        self.refusal: tuple[int, str] | None = None
+        #: Bounds the wait for the response headers; see _body_sent.
+        self.waiting = trio.CancelScope()
 
     async def relay_request(
         self, body: bytes, more_body: bool, cancel_scope: trio.CancelScope
@@ -164,9 +179,12 @@ class _Exchange:
                         await pacer.pace(len(body))
                     if body or not stream.local_ended:
                         await stream.send_data(body, end_stream=not more_body)
+                    if not more_body:
+                        self._body_sent()
                 if not more_body:
                     break
-                message = await self.receive()
+                with trio.fail_after(self.config.request_idle_timeout):
+                    message = await self.receive()
                 if message["type"] == "http.disconnect":
                     raise _VisitorGone
                 body = message.get("body", b"")
@@ -176,22 +194,41 @@ class _Exchange:
             while (await self.receive())["type"] != "http.disconnect":
                 pass
             raise _VisitorGone
-        except _TooLarge:
-            # The response side answers 413 if it has not started yet.
-            self.too_large = True
+        except (_TooLarge, trio.TooSlowError) as exc:
+            # The response side answers 413 or 408 if it has not started yet.
+            self.refusal = (
+                (413, _too_large(self.session, limit or 0))
+                if isinstance(exc, _TooLarge)
+                else (408, _idle(self.config))
+            )
             if not stream.done:
                 stream.cancel(h2.errors.ErrorCodes.CANCEL)
-        except (_VisitorGone, StreamError):
+        except StreamError:
+            if stream.reset is None:
+                # The agent answered before taking the whole body and asked us to
+                # stop sending (RFC 9113 section 8.1): the response goes on.
+                return
+            cancel_scope.cancel()
+        except _VisitorGone:
             if not stream.done:
                 stream.cancel(h2.errors.ErrorCodes.CANCEL)
             cancel_scope.cancel()
 
+    def _body_sent(self) -> None:
+        # The clock for the response starts once the whole request is sent: a
+        # long upload is no sign of a slow service.
+        self.waiting.deadline = trio.current_time() + self.config.response_timeout
+
     async def relay_response(self) -> None:
         """Relay the agent's response (or an error page) to the visitor."""
         config, session, stream, send = self.config, self.session, self.stream, self.send
+        if stream.local_ended:
+            self._body_sent()
         try:
-            with trio.fail_after(config.response_timeout):
+            with self.waiting:
                 headers = await stream.receive_headers()
+            if self.waiting.cancelled_caught:
+                raise trio.TooSlowError
         except trio.TooSlowError:
             await send_error_page(
                 send,
@@ -201,22 +238,27 @@ class _Exchange:
             )
             return
         except StreamError as exc:
-            if self.too_large:
-                assert config.max_request_body is not None
-                await send_error_page(send, 413, _too_large(session, config.max_request_body))
+            if self.refusal is not None:
+                await send_error_page(send, *self.refusal)
             else:
                 await send_error_page(
                     send, 502, f"The agent for {session.host} could not answer: {exc.reason}."
                 )
             return
 
-        status = 502
+        status = 0
         response_headers: Headers = []
         for key, value in headers:
             if key == b":status":
-                status = int(value)
+                status = int(value) if len(value) == 3 and value.isdigit() else 0
             elif not key.startswith(b":"):
                 response_headers.append((key, value))
+        if not 200 <= status <= 599:
+            stream.cancel(h2.errors.ErrorCodes.PROTOCOL_ERROR)
+            await send_error_page(
+                send, 502, f"The agent for {session.host} sent an invalid response status."
+            )
+            return
         trailers = (
             "http.response.trailers" in self.scope.get("extensions", {})
             and header_value(self.scope["headers"], b"te") == b"trailers"

@@ -196,7 +196,8 @@ class _Relay:
                         await self._to_visitor(parts, isinstance(event, TextMessage))
                         parts, size = [], 0
                 elif isinstance(event, Ping):
-                    await stream.send_data(ws.send(event.response()))
+                    if ws.state is ConnectionState.OPEN:
+                        await stream.send_data(ws.send(event.response()))
                 elif isinstance(event, CloseConnection):
                     if ws.state is ConnectionState.REMOTE_CLOSING:
                         await stream.send_data(ws.send(event.response()), end_stream=True)
@@ -230,6 +231,8 @@ class _Relay:
                         if text is not None
                         else BytesMessage(data=message.get("bytes") or b"")
                     )
+                    if ws.state is not ConnectionState.OPEN:
+                        continue  # the local side is closing; the message has nowhere to go
                     await stream.send_data(ws.send(event))
                 elif message["type"] == "websocket.disconnect":
                     self.visitor_closed = True

@@ -151,13 +151,20 @@ class Registry:
             raise HostInUse(key)
         return current
 
-    def claim(self, session: AgentSession) -> AgentSession | None:
+    def claim(self, session: AgentSession, limit: int | None = None) -> AgentSession | None:
         """Make ``session`` serve its host; return the session it replaced.
 
         A new connection with the same token replaces the old one at once, so a
         reconnecting agent never waits for its stale session to time out.
+
+        Raises:
+            HostInUse: Another identity holds the host, or this identity holds
+                ``limit`` tunnels already (checked here, with no await since
+                the handshake's check, so concurrent handshakes cannot race it).
         """
         old = self.check_claim(session.key, session.digest)
+        if old is None and limit is not None and self.count(session.digest) >= limit:
+            raise HostInUse(f"{session.key}: limit of {limit} tunnels reached")
         self._sessions[session.key] = session
         self._gone.pop(session.key, None)
         arrival = self._arrivals.pop(session.key, None)
