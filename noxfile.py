@@ -35,3 +35,15 @@ def demo(session: nox.Session) -> None:
     """Run the local demo until Ctrl-C (`nox -s demo -- --once` checks it and exits)."""
     session.install("-e", ".")
     session.run("tunnel", "demo", *session.posargs)
+
+
+@nox.session
+def huge(session: nox.Session) -> None:
+    """Move 1 GiB each way through a tunnel, checking hashes and memory (`-- --size 64MiB`).
+
+    Fails when a sha256 differs or the server's or agent's RSS grows by more
+    than 64 MiB; CI runs the same script at 64 MiB in tests/e2e/test_huge.py.
+    """
+    # Only the package: the script speaks HTTP with h11 and trio, its dependencies.
+    session.install("-e", ".")
+    session.run("python", "benchmarks/huge.py", *(session.posargs or ["--size", "1GiB"]))
