@@ -189,6 +189,16 @@ if hasattr(hyperframe.frame, "_raw_data_repr"):
     hyperframe.frame._raw_data_repr = _raw_data_repr
 
 
+def _reset_reason(code: int) -> str:
+    if code == h2.errors.ErrorCodes.REFUSED_STREAM:
+        return "the request was refused before any work began (the other side is restarting)"
+    try:
+        name = h2.errors.ErrorCodes(code).name
+    except ValueError:
+        name = str(code)
+    return f"the other side ended the request ({name})"
+
+
 class _Connection(h2.connection.H2Connection):
     """h2's connection, but counting open streams in constant time.
 
@@ -541,7 +551,7 @@ class Mux:
                         stream._window.set()
                     self._forget(stream)
                     return
-                stream.reset = StreamError(f"the peer reset the stream ({code!s})", code)
+                stream.reset = StreamError(_reset_reason(code), code)
                 self._forget(stream)
         elif isinstance(event, h2.events.WindowUpdated):
             if event.stream_id:
