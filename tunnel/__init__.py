@@ -23,6 +23,11 @@ from ._exceptions import TunnelError as TunnelError
 from ._protocol.limits import RateLimit as RateLimit
 from .client import Client as Client
 from .client import ClientState as ClientState
+from .client import Exchange as Exchange
+from .client import ExchangeObserver as ExchangeObserver
+from .client import Observer as Observer
+from .client import Recorder as Recorder
+from .client import RecorderStatistics as RecorderStatistics
 from .client import open_tunnel as open_tunnel
 from .server import Callbacks as Callbacks
 from .server import ConnectRequest as ConnectRequest
@@ -44,10 +49,15 @@ __all__ = [
     "ConfigError",
     "ConnectRequest",
     "ConnectionLostError",
+    "Exchange",
+    "ExchangeObserver",
     "HostInUseError",
     "HostRejectedError",
+    "Observer",
     "ProtocolVersionError",
     "RateLimit",
+    "Recorder",
+    "RecorderStatistics",
     "RejectedError",
     "RequestInfo",
     "ServerConfig",

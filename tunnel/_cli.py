@@ -8,6 +8,7 @@ and the agents gracefully, with status 0: requests in flight finish first.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import logging
 import signal
@@ -21,13 +22,17 @@ from . import __version__
 from ._configfile import load_client_config, load_server_config
 from ._demo import run_demo
 from ._exceptions import ConfigError, RejectedError
+from ._panel import show_agent
 from .client import Client, ClientState
+from .client._observe import Recorder
 from .server import serve
 
 __all__ = ["main"]
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+#: Where ``tunnel http`` serves its traffic inspector unless told otherwise.
+DEFAULT_INSPECTOR = "127.0.0.1:4040"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -98,6 +103,29 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N",
         help="requests per second per visitor address (429 above)",
     )
+    server.add_argument(
+        "--admin-token",
+        metavar="TOKEN",
+        help="turn on the admin API (<control path>/admin) with this bearer token; "
+        "visible in the process list, so prefer admin_token in a --config file",
+    )
+    server.add_argument(
+        "--admin-host",
+        metavar="HOST",
+        help="the Host the admin API answers on (default: localhost, 127.0.0.1, [::1])",
+    )
+    server.add_argument(
+        "--metrics-address",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics, without a token "
+        "(keep it private, such as 127.0.0.1:9100)",
+    )
+    server.add_argument(
+        "--access-log",
+        action="store_true",
+        default=None,
+        help="log one line per visitor request",
+    )
 
     http = commands.add_parser(
         "http",
@@ -106,6 +134,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     _agent_arguments(http)
     http.add_argument("--host", help="public host name to claim (default: the server's name)")
+    http.add_argument(
+        "--inspector",
+        metavar="HOST:PORT",
+        help=f"where to serve the traffic inspector page (default {DEFAULT_INSPECTOR})",
+    )
+    http.add_argument("--no-inspector", action="store_true", help="serve no traffic inspector page")
+    http.add_argument(
+        "--log-requests",
+        action="store_true",
+        help="when output is not a terminal, print a line per request too",
+    )
 
     tcp = commands.add_parser(
         "tcp",
@@ -206,6 +245,10 @@ async def _run_server(args: argparse.Namespace) -> int:
         max_request_body=args.max_request_body,
         tunnel_rate_limit=_rps(args.tunnel_rps),
         visitor_rate_limit=_rps(args.visitor_rps),
+        admin_token=args.admin_token,
+        admin_host=args.admin_host,
+        metrics_address=args.metrics_address,
+        access_log=args.access_log,
     )
     await serve(config, shutdown_trigger=_terminated)
     return 0
@@ -221,6 +264,8 @@ async def _terminated() -> None:
 async def _run_agent(args: argparse.Namespace) -> int:
     send, receive = trio.open_memory_channel[ClientState](16)
     tcp = args.command == "tcp"
+    # Requests feed the panel (and the inspector); TCP tunnels carry none.
+    recorder = None if tcp else Recorder()
     config = load_client_config(
         args.config,
         address=args.server,
@@ -238,17 +283,20 @@ async def _run_agent(args: argparse.Namespace) -> int:
         state=send,
         tcp=tcp or None,
         remote_port=args.remote_port if tcp else None,
+        inspector=None if tcp else args.inspector,
+        observer=recorder,
     )
+    if tcp or args.no_inspector:
+        config = dataclasses.replace(config, inspector=None)
+    elif config.inspector is None:
+        config = dataclasses.replace(config, inspector=DEFAULT_INSPECTOR)
     client = Client(config)
     target = f"{'tcp' if tcp else 'http'}://{config.local_host}:{config.port}"
     async with trio.open_nursery() as nursery:
 
         async def report() -> None:
-            async for state in receive:
-                if state is ClientState.CONNECTED:
-                    print(f"{state.value:<13} {client.url} → {target}", flush=True)
-                else:
-                    print(state.value, flush=True)
+            log_requests = not tcp and args.log_requests
+            await show_agent(client, receive, target, recorder, log_requests=log_requests)
 
         async def leave_on_sigterm() -> None:
             await _terminated()

@@ -20,6 +20,7 @@ from ._protocol.policy import VisitorPolicy
 if TYPE_CHECKING:
     import trio
 
+    from .client._observe import Observer
     from .client._state import ClientState
     from .server._hooks import Callbacks, ConnectRequest
 
@@ -192,6 +193,19 @@ class ServerConfig:
             ``range(20000, 20100)``; ``None`` offers no TCP tunnels.
         tcp_host: The interface TCP tunnels listen on; default: the host of
             ``address``.
+        admin_token: The secret of the admin API (list tunnels, disconnect
+            one, metrics) at ``<control_path>/admin``, sent as ``Authorization:
+            Bearer <token>``; ``None`` turns the admin API off.
+        admin_host: The ``Host`` the admin API answers on; requests for it
+            under every other host go to the tunnels as usual. Default:
+            ``localhost``, ``127.0.0.1`` and ``[::1]``. Pick a name no agent
+            may claim (outside ``domain``).
+        metrics_address: ``"host:port"`` where :func:`tunnel.serve` serves
+            Prometheus metrics at ``/metrics``, over plain HTTP and without a
+            token: keep it on loopback or a private network. ``None``: only
+            through the admin API.
+        access_log: Log one line per visitor request (logger
+            ``tunnel.server.access``).
     """
 
     address: str = "127.0.0.1:8000"
@@ -220,9 +234,33 @@ class ServerConfig:
     visitor_rate_limit: RateLimit | None = None
     max_request_body: int | None = None
     max_header_bytes: int = 32 * 1024
+    admin_token: str | None = None
+    admin_host: str | None = None
+    metrics_address: str | None = None
+    access_log: bool = False
 
     def __post_init__(self) -> None:
         parse_listen_address(self.address)
+        if self.admin_token is not None and (
+            not isinstance(self.admin_token, str)
+            or not self.admin_token
+            or any(c.isspace() for c in self.admin_token)
+        ):
+            raise ConfigError(
+                "ServerConfig.admin_token must be a non-empty string without spaces (or None)"
+            )
+        if self.admin_host is not None:
+            host = normalize_host(self.admin_host, what="ServerConfig.admin_host")
+            object.__setattr__(self, "admin_host", host)
+        if self.metrics_address is not None:
+            _, port = _split_host_port(
+                self.metrics_address.strip(), what="ServerConfig.metrics_address"
+            )
+            if port is None:
+                raise ConfigError(
+                    f"ServerConfig.metrics_address {self.metrics_address!r} has no port; "
+                    "write it as 'host:port', for example '127.0.0.1:9100'"
+                )
         if self.max_request_body is not None and self.max_request_body < 0:
             raise ConfigError("ServerConfig.max_request_body must be 0 or more bytes (or None)")
         if self.max_header_bytes < 1024:
@@ -340,6 +378,16 @@ class ClientConfig:
         remote_port: The public port to ask for, with ``tcp``; default: any
             free port of the server's range. After a reconnect the agent asks
             for the port it had.
+        inspector: ``"host:port"`` where the agent serves its traffic inspector,
+            a web page of the recent requests with a Replay button, such as
+            ``"127.0.0.1:4040"``; None serves none. A port in use is skipped for
+            the next free one of the following nine (``tunnel http`` defaults
+            to ``127.0.0.1:4040``). ``":4040"`` means ``127.0.0.1``: the page
+            shows request bodies, so listen beyond loopback only on purpose.
+        observer: Told about every HTTP request the agent forwards (see
+            :class:`~tunnel.Observer`); a :class:`~tunnel.Recorder` keeps the
+            recent ones. With ``inspector`` set the inspector shows this
+            recorder's exchanges (it makes one when none is given).
     """
 
     address: str
@@ -367,6 +415,8 @@ class ClientConfig:
     deny_ips: tuple[str, ...] = ()
     tcp: bool = False
     remote_port: int | None = None
+    inspector: str | None = None
+    observer: Observer | None = None
 
     def __post_init__(self) -> None:
         server = parse_server_address(self.address)
@@ -420,6 +470,8 @@ class ClientConfig:
             raise ConfigError("ClientConfig.max_concurrent_streams must be at least 1")
         if self.local_pool_size < 0:
             raise ConfigError("ClientConfig.local_pool_size must be 0 or more")
+        if self.inspector is not None:
+            self.inspector_address  # noqa: B018 - validates it
 
     @property
     def server(self) -> ServerAddress:
@@ -430,6 +482,19 @@ class ClientConfig:
     def visitor_policy(self) -> VisitorPolicy:
         """Basic auth and IP lists, as the server will enforce them."""
         return VisitorPolicy.for_agent(self.basic_auth, self.allow_ips, self.deny_ips)
+
+    @property
+    def inspector_address(self) -> tuple[str, int] | None:
+        """Where to serve the inspector, parsed from ``inspector``; None for nowhere."""
+        if self.inspector is None:
+            return None
+        host, port = _split_host_port(self.inspector.strip(), what="ClientConfig.inspector")
+        if port is None:
+            raise ConfigError(
+                f"ClientConfig.inspector {self.inspector!r} has no port; write it as "
+                "'host:port', for example '127.0.0.1:4040'"
+            )
+        return host or "127.0.0.1", port
 
     @property
     def claimed_host(self) -> str:

@@ -33,7 +33,7 @@ from ._protocol.limits import RateLimit
 __all__ = ["load_client_config", "load_server_config"]
 
 # Fields that hold code (hooks, channels), which a file cannot express.
-_CODE_ONLY = frozenset({"auth", "callbacks", "state"})
+_CODE_ONLY = frozenset({"auth", "callbacks", "observer", "state"})
 
 
 def _port_range(value: Any) -> range:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 __all__ = [
     "CHALLENGE_SUFFIX",
+    "DISCONNECTED_CLOSE_CODE",
     "HOST_HEADER",
     "KEY_HEADER",
     "NONCE_HEADER",
@@ -33,6 +34,9 @@ HOST_HEADER = "tunnel-host"
 #: WebSocket close code telling an agent that a newer connection with the same
 #: identity took its tunnel over: it must stop, not reconnect and fight back.
 REPLACED_CLOSE_CODE = 4000
+#: WebSocket close code telling an agent that the server's operator ended its
+#: tunnel (admin API): it must stop, not reconnect.
+DISCONNECTED_CLOSE_CODE = 4001
 
 #: Request: a TCP tunnel, on this public port (0: any). Response: the port it got.
 TCP_PORT_HEADER = "tunnel-tcp-port"

@@ -18,6 +18,7 @@ from .._config import ClientConfig
 from .._exceptions import (
     ConnectionLostError,
     HostInUseError,
+    RejectedError,
     ServerUnreachableError,
     TunnelError,
     is_permanent,
@@ -25,6 +26,7 @@ from .._exceptions import (
 )
 from .._mux import Mux, Stream
 from .._protocol.handshake import (
+    DISCONNECTED_CLOSE_CODE,
     HOST_HEADER,
     REPLACED_CLOSE_CODE,
     SUBPROTOCOL,
@@ -32,7 +34,9 @@ from .._protocol.handshake import (
 )
 from .._protocol.headers import header_value, is_websocket_connect
 from .._transport.websocket import WebSocketTransport
+from ._inspector import open_inspector
 from ._keys import AgentKey
+from ._observe import Observer, Recorder, agent_observers
 from ._state import ClientState
 from ._upstream import LocalPool, answer_error, forward
 from ._upstream_raw import forward_tcp, forward_websocket
@@ -47,7 +51,7 @@ MAX_MESSAGE_SIZE = 32 << 20
 RECEIVE_BUFFER_SIZE = 256 << 10
 #: How long closing the connection to the server may take.
 CLOSE_TIMEOUT = 2.0
-#: A connection that lasted this long resets the backoff.
+#: A connection that stayed up this long (seconds) resets the backoff.
 STABLE_AFTER = 10.0
 
 
@@ -70,6 +74,7 @@ class Client:
         self._host = config.claimed_host
         self._mux: Mux | None = None
         self._closing = False
+        self._connected_at: float | None = None
         self._task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
         self._remote_port = config.remote_port
         self._policy = config.visitor_policy
@@ -83,6 +88,11 @@ class Client:
             max_idle=config.local_pool_size,
             connect_timeout=config.local_connect_timeout,
         )
+        self._observer: Observer | None
+        self._observer, self._recorder = agent_observers(
+            config.observer, inspector=config.inspector is not None
+        )
+        self._inspector_url: str | None = None
 
     @property
     def state(self) -> ClientState:
@@ -114,6 +124,25 @@ class Client:
         """The last keepalive round-trip time to the server, in seconds."""
         return self._mux.rtt if self._mux is not None else None
 
+    @property
+    def open_streams(self) -> int:
+        """Requests, WebSockets and TCP connections in flight through the tunnel now."""
+        return self._mux.open_streams if self._mux is not None else 0
+
+    @property
+    def recorder(self) -> Recorder | None:
+        """The recent requests, if ``config.observer`` is a recorder or the inspector is on."""
+        return self._recorder
+
+    @property
+    def inspector_url(self) -> str | None:
+        """The traffic inspector's address, such as ``http://127.0.0.1:4040``.
+
+        None while :meth:`connect` is not running, or when ``config.inspector``
+        is None or none of its ports was free.
+        """
+        return self._inspector_url
+
     def _set_state(self, state: ClientState) -> None:
         if state is self._state:
             return
@@ -137,7 +166,12 @@ class Client:
 
         Failed attempts and lost connections are retried after a delay drawn
         from zero to ``min(backoff_max, backoff_initial * 2**n)`` for the n-th
-        failure in a row.
+        failure in a row. A connection that stayed up for :data:`STABLE_AFTER`
+        seconds counts as a success: the next delay starts from
+        ``backoff_initial`` again.
+
+        With ``config.inspector`` set, the traffic inspector is served for as
+        long as this runs.
 
         Args:
             task_status: Receives the public URL once the first connection is up.
@@ -147,17 +181,37 @@ class Client:
                 cannot fix (bad token, host reserved, in use or outside the
                 domain, protocol version). Raised at once, never retried.
         """
+        inspector = open_inspector(
+            self.config.inspector_address, self._recorder, self._pool, self._inspector_status
+        )
+        async with inspector as url:
+            self._inspector_url = url
+            try:
+                await self._reconnect_loop(task_status)
+            finally:
+                self._inspector_url = None
+
+    def _inspector_status(self) -> dict[str, object]:
+        rtt = self.rtt
+        return {
+            "state": self._state.value,
+            "url": self.url,
+            "target": f"http://{self._pool.label}",
+            "rtt_ms": None if rtt is None else round(rtt * 1000, 1),
+        }
+
+    async def _reconnect_loop(self, task_status: trio.TaskStatus[str]) -> None:
         failures = 0
         self._task_status = task_status
         try:
             while True:
                 self._set_state(ClientState.CONNECTING)
-                started_at = trio.current_time()
+                self._connected_at = None
                 try:
                     await self._connect_once()
                 except (ServerUnreachableError, ConnectionLostError) as exc:
                     logger.warning("agent for %s: %s", self._host, exc)
-                if trio.current_time() - started_at >= STABLE_AFTER:
+                if self._uptime() >= STABLE_AFTER:
                     failures = 0
                 if self._is_closing():
                     break
@@ -174,6 +228,14 @@ class Client:
 
     def _is_closing(self) -> bool:
         return self._closing
+
+    def _uptime(self) -> float:
+        """How long the last connection has been up; 0 if it never came up."""
+        # Counted from CONNECTED, not from the attempt's start: attempts that
+        # time out slowly must not pass for a stable connection.
+        if self._connected_at is None:
+            return 0.0
+        return trio.current_time() - self._connected_at
 
     async def _connect_once(self) -> None:
         """One connection: handshake, then serve streams until it ends.
@@ -260,6 +322,7 @@ class Client:
         async with trio.open_nursery() as nursery:
             await nursery.start(mux.run)
             self._mux = mux
+            self._connected_at = trio.current_time()
             self._set_state(ClientState.CONNECTED)
             logger.info("tunnel up: %s → %s", self.url, self._pool.label)
             self._task_status.started(self.url)
@@ -269,6 +332,12 @@ class Client:
             raise HostInUseError(
                 f"another agent with the same identity took over {self.url}; this one stops "
                 "(two agents with one token and host replace each other; give each its own)"
+            )
+        if mux.peer_close_code == DISCONNECTED_CLOSE_CODE:
+            raise RejectedError(
+                f"the server's operator disconnected {self.url}; this agent stops "
+                f"({mux.closed_reason})",
+                status=403,
             )
         if not self._is_closing():
             raise ConnectionLostError(f"lost the connection to the server: {mux.closed_reason}")
@@ -340,7 +409,7 @@ class Client:
                 else:
                     await answer_error(stream, 405, "This tunnel does not proxy CONNECT requests.")
             else:
-                await forward(stream, self._pool)
+                await forward(stream, self._pool, self._observer)
         except Exception:
             # A bug here must cost one request, not the whole tunnel.
             logger.exception("agent for %s failed to serve a request", self._host)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import select
 from collections import deque
+from typing import TYPE_CHECKING
 
 import h2.errors
 import h11
@@ -23,6 +24,9 @@ import trio
 from .._mux import Stream, StreamError
 from .._protocol.headers import local_request_headers, response_headers_from_local
 from .._protocol.pages import PAGE_HEADERS, error_page
+
+if TYPE_CHECKING:
+    from ._observe import ExchangeObserver, Observer
 
 __all__ = ["LocalConnection", "LocalFailure", "LocalPool", "answer_error", "forward", "relay_body"]
 
@@ -135,25 +139,42 @@ class LocalFailure(Exception):
         self.detail = detail
 
 
-async def forward(stream: Stream, pool: LocalPool) -> None:
+async def forward(stream: Stream, pool: LocalPool, observer: Observer | None = None) -> None:
     """Serve one stream: forward the request to the local service, relay its answer.
 
     Never raises for anything the visitor, the local service or the server did;
-    each gets its answer (an error page, or a reset stream).
+    each gets its answer (an error page, or a reset stream). ``observer``, if
+    given, is told about each event of the exchange.
     """
     assert stream.headers is not None
+    record = None
+    if observer is not None:
+        head = local_request_headers(stream.headers, has_body=not stream.remote_ended)
+        record = observer.request_started(*head)
     with stream.cancel_scope as scope:
         try:
-            await _exchange(stream, pool)
+            await _exchange(stream, pool, record)
         except LocalFailure as failure:
+            if record is not None:
+                record.ended(failure.detail, status=failure.status)
             await answer_error(stream, failure.status, failure.detail)
-        except StreamError:
-            pass  # reset by the server (visitor gone) or connection lost
+        except StreamError as exc:
+            # Reset by the server (visitor gone) or connection lost.
+            if record is not None:
+                record.ended(f"the stream was reset: {exc}")
+        except BaseException:
+            if record is not None:
+                record.ended("cancelled")
+            raise
+    if record is not None:
+        record.ended()  # no-op if it ended above
     if scope.cancelled_caught and not stream.done:
         stream.cancel()
 
 
-async def _exchange(stream: Stream, pool: LocalPool) -> None:
+async def _exchange(
+    stream: Stream, pool: LocalPool, record: ExchangeObserver | None = None
+) -> None:
     assert stream.headers is not None
     has_body = not stream.remote_ended
     method, target, headers = local_request_headers(stream.headers, has_body=has_body)
@@ -164,17 +185,19 @@ async def _exchange(stream: Stream, pool: LocalPool) -> None:
     try:
         async with trio.open_nursery() as nursery:
             if has_body:
-                nursery.start_soon(_send_body, stream, conn, pool.label)
+                nursery.start_soon(_send_body, stream, conn, pool.label, record)
             # Errors are caught inside the nursery's body, so they come out as
             # themselves rather than wrapped in an exception group.
             try:
                 if response is None:
                     response = await _receive_response(conn, pool.label)
+                if record is not None:
+                    record.response_started(response.status_code, response.headers)
                 stream.send_headers(
                     response_headers_from_local(response.status_code, response.headers)
                 )
                 response_started = True
-                await relay_body(stream, conn)
+                await relay_body(stream, conn, record)
             except (h11.ProtocolError, OSError, trio.BrokenResourceError, LocalFailure) as exc:
                 failure = exc
             except StreamError as exc:
@@ -198,6 +221,8 @@ async def _exchange(stream: Stream, pool: LocalPool) -> None:
         raise failure
     if response_started:
         logger.info("local service %s failed mid-response: %s", pool.label, failure)
+        if record is not None:
+            record.ended(f"the local service failed mid-response: {failure}")
         if not stream.done:
             stream.cancel(h2.errors.ErrorCodes.INTERNAL_ERROR)
         return
@@ -206,11 +231,15 @@ async def _exchange(stream: Stream, pool: LocalPool) -> None:
     )
 
 
-async def relay_body(stream: Stream, conn: LocalConnection) -> None:
-    """Relay the local response's body and trailers to the stream."""
+async def relay_body(
+    stream: Stream, conn: LocalConnection, record: ExchangeObserver | None = None
+) -> None:
+    """Relay the local response's body and trailers to the stream (and ``record``)."""
     while True:
         event = await conn.next_event()
         if isinstance(event, h11.Data):
+            if record is not None:
+                record.response_data(event.data)
             await stream.send_data(bytes(event.data))
         elif isinstance(event, h11.EndOfMessage):
             if event.headers:
@@ -281,12 +310,16 @@ async def _receive_response(
         ) from None
 
 
-async def _send_body(stream: Stream, conn: LocalConnection, label: str) -> None:
+async def _send_body(
+    stream: Stream, conn: LocalConnection, label: str, record: ExchangeObserver | None
+) -> None:
     try:
         while True:
             data = await stream.receive_data()
             if not data:
                 break
+            if record is not None:
+                record.request_data(data)
             await conn.send(h11.Data(data=data))
             stream.acknowledge()
         await conn.send(h11.EndOfMessage())

@@ -6,18 +6,23 @@ import logging
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from prometheus_client import CollectorRegistry
+
 from .._config import ServerConfig
 from .._protocol.handshake import CHALLENGE_SUFFIX
 from .._protocol.headers import Headers, header_value
 from .._protocol.hosts import host_from_authority
 from ._access import AccessControl
+from ._admin import AdminAPI
 from ._control import serve_agent
 from ._hypercorn_patches import apply_hypercorn_patches
 from ._ingress import forward_http
 from ._ingress_ws import forward_websocket, refuse_websocket
 from ._limits import Limiter, Pacer
+from ._metrics import ServerMetrics
 from ._pages import send_error_page
 from ._registry import AgentSession, Registry, TunnelStatistics
+from ._telemetry import Telemetry, log_event
 
 __all__ = ["ASGIApp", "TunnelApp"]
 
@@ -60,6 +65,13 @@ class TunnelApp:
         self.registry = Registry()
         self.access = AccessControl(self.config)
         self.limiter = Limiter(self.config)
+        self._metrics = ServerMetrics(self.registry)
+        self._telemetry = Telemetry(self.config, self._metrics)
+        self._admin: AdminAPI | None = None
+        if self.config.admin_token is not None:
+            self._admin = AdminAPI(self.config, self.registry, self._metrics)
+            hosts = ",".join(sorted(self._admin.hosts))
+            log_event(logger, "admin_api", path=self._admin.prefix, hosts=hosts)
         self._challenge_path = self.config.control_path + CHALLENGE_SUFFIX
         if self.access.open:
             logger.warning(
@@ -70,6 +82,17 @@ class TunnelApp:
     def statistics(self) -> list[TunnelStatistics]:
         """A snapshot of every active tunnel, sorted by host."""
         return self.registry.statistics()
+
+    @property
+    def metrics_registry(self) -> CollectorRegistry:
+        """This server's Prometheus metrics, to serve wherever you like.
+
+        Each app has a registry of its own, not prometheus-client's global one.
+        :func:`tunnel.serve` serves it at ``ServerConfig.metrics_address``, and
+        the admin API at ``<control_path>/admin/metrics``; under your own
+        Hypercorn, mount ``prometheus_client.make_asgi_app(app.metrics_registry)``.
+        """
+        return self._metrics.collectors
 
     def begin_shutdown(self) -> None:
         """Start a graceful shutdown; returns at once.
@@ -89,9 +112,13 @@ class TunnelApp:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "http":
-            await self._http(scope, receive, send)
+            if self._admin is not None and self._admin.claims(scope):
+                # Before any routing: the admin token never reaches an agent.
+                await self._admin(scope, receive, send)
+            else:
+                await self._telemetry.http(self._http, scope, receive, send)
         elif kind == "websocket":
-            await self._websocket(scope, receive, send)
+            await self._telemetry.websocket(self._websocket, scope, receive, send)
         elif kind == "lifespan":
             await self._lifespan(scope, receive, send)
 

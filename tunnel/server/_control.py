@@ -31,11 +31,13 @@ from .._protocol.handshake import (
 )
 from .._protocol.hosts import host_from_authority, in_domain, normalize_host
 from .._protocol.policy import VisitorPolicy
+from .._transport import ABNORMAL_CLOSURE
 from .._transport.asgi import ASGIWebSocketTransport
 from ._access import AccessControl, Denied, Identity
 from ._hooks import ConnectRequest, TunnelInfo
 from ._registry import AgentSession, HostInUse, Registry
 from ._tcp import bind_tcp_port, serve_tcp
+from ._telemetry import claimed_host, log_event, peer_text
 
 __all__ = ["serve_agent"]
 
@@ -62,6 +64,10 @@ async def serve_agent(
     peer = tuple(scope["client"]) if scope.get("client") else None
     listeners: list[trio.SocketListener] = []
     try:
+        if registry.shutting_down.is_set():
+            # 503, not a permanent refusal: the agent retries, and finds the
+            # restarted server.
+            raise Denied(503, "the server is shutting down; try again shortly")
         with trio.fail_after(config.handshake_timeout):
             request, identity, policy = await _check(config, access, registry, scope, peer)
             port = None
@@ -80,7 +86,14 @@ async def serve_agent(
             await trio.aclose_forcefully(listener)
         if isinstance(exc, trio.TooSlowError):
             exc = Denied(503, "the server's auth hook or callback took too long")
-        logger.info("refused agent from %s: %s %s", _peer(peer), exc.status, exc.reason)
+        log_event(
+            logger,
+            "agent_refused",
+            peer=peer_text(peer),
+            claimed=claimed_host(scope),
+            status=exc.status,
+            reason=exc.reason,
+        )
         await _refuse(scope, send, exc.status, exc.reason)
         return
 
@@ -99,6 +112,17 @@ async def serve_agent(
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(mux.run)
+            if registry.holds(session.key):
+                # Taking over is for a live agent only. A connection its agent
+                # already gave up on (its handshake held up in the network) may
+                # arrive after the one it uses now; it must not take the host
+                # from it. A live agent sends its SETTINGS at once.
+                alive = False
+                with trio.move_on_after(config.handshake_timeout):
+                    alive = await mux.wait_peer_settings()
+                if not alive:
+                    mux.close("the agent did not start HTTP/2", ABNORMAL_CLOSURE)
+                    return
             try:
                 old = registry.claim(session, config.max_tunnels_per_identity)
             except HostInUse as exc:
@@ -107,14 +131,24 @@ async def serve_agent(
                 mux.close(f"refused: {exc}")
                 await transport.aclose(4409, f"refused: {exc}")
                 return
-            if old is not None:
+            # An old session that is draining (its agent leaving, as in a
+            # rolling restart) finishes its requests in flight; it takes no
+            # new ones anyway.
+            if old is not None and old.mux.accepting:
                 old.mux.close(
                     f"replaced by a newer connection for {session.key}", REPLACED_CLOSE_CODE
                 )
             if listeners:
                 await nursery.start(serve_tcp, config, session, listeners)
                 listeners = []  # serve_tcp owns (and closes) them now
-            logger.info("agent for %s connected from %s", session.key, _peer(peer))
+            log_event(
+                logger,
+                "agent_connected",
+                tunnel=session.key,
+                peer=peer_text(peer),
+                identity=identity.label,
+            )
+            nursery.start_soon(_drain_on_shutdown, registry, mux, config.graceful_timeout)
             # The TCP listeners serve until the agent's connection ends.
             await mux.wait_closed()
             nursery.cancel_scope.cancel()
@@ -123,7 +157,14 @@ async def serve_agent(
             await trio.aclose_forcefully(listener)
         registry.release(session)
         session.done.set()
-        logger.info("agent for %s disconnected: %s", session.key, mux.closed_reason or "closed")
+        log_event(
+            logger,
+            "agent_disconnected",
+            tunnel=session.key,
+            peer=peer_text(peer),
+            duration=time.time() - info.connected_at,
+            reason=mux.closed_reason or "closed",
+        )
         if config.callbacks.on_disconnection is not None:
             with trio.move_on_after(config.handshake_timeout) as scope_:
                 scope_.shield = True
@@ -131,6 +172,13 @@ async def serve_agent(
                     await config.callbacks.on_disconnection(info)
                 except Exception:
                     logger.exception("on_disconnection callback failed for %s", request.host)
+
+
+async def _drain_on_shutdown(registry: Registry, mux: Mux, grace: float) -> None:
+    await registry.shutting_down.wait()
+    # New requests stop at once, requests in flight get the graceful timeout,
+    # then GOAWAY sends the agent off to reconnect (to the restarted server).
+    await mux.drain(grace)
 
 
 async def _check(
@@ -242,7 +290,3 @@ async def _refuse(scope: Scope, send: Send, status: int, reason: str) -> None:
     else:
         # Without the extension ASGI can only refuse with a bare 403.
         await send({"type": "websocket.close", "code": 1008, "reason": reason[:120]})
-
-
-def _peer(peer: tuple[str, int] | None) -> str:
-    return f"{peer[0]}:{peer[1]}" if peer else "an unknown address"

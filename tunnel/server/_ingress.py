@@ -73,7 +73,7 @@ async def forward_http(
     if limit is not None:
         length = header_value(scope["headers"], b"content-length")
         if length is not None and length.isdigit() and int(length) > limit:
-            await send_error_page(send, 413, _too_large(session, limit))
+            await send_error_page(send, 413, _too_large(session, limit), _closing(scope))
             return
     on_request = config.callbacks.on_request
     if on_request is not None:
@@ -125,6 +125,15 @@ async def forward_http(
                 # The response ended first (or failed): stop the agent too.
                 stream.cancel(h2.errors.ErrorCodes.CANCEL)
             nursery.cancel_scope.cancel()
+
+
+def _closing(scope: Scope) -> Headers:
+    """Headers for an answer sent before the request body was read.
+
+    The unread rest of the body makes the HTTP/1.1 connection unusable, so the
+    visitor is told not to send another request on it.
+    """
+    return [(b"connection", b"close")] if scope.get("http_version", "1.1") < "2" else []
 
 
 def _idle(config: ServerConfig) -> str:
@@ -239,7 +248,7 @@ class _Exchange:
             return
         except StreamError as exc:
             if self.refusal is not None:
-                await send_error_page(send, *self.refusal)
+                await send_error_page(send, *self.refusal, _closing(self.scope))
             else:
                 await send_error_page(
                     send, 502, f"The agent for {session.host} could not answer: {exc.reason}."

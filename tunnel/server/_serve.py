@@ -12,6 +12,8 @@ import trio
 
 from .._config import ServerConfig, parse_listen_address
 from ._app import ASGIApp, TunnelApp
+from ._hypercorn_guard import install_hypercorn_guard
+from ._metrics import serve_metrics
 
 __all__ = ["hypercorn_config", "serve"]
 
@@ -61,13 +63,15 @@ async def serve(
             once.
         task_status: Receives, once the server listens, the base URLs it is
             bound to, such as ``["http://127.0.0.1:54321"]``; bind port 0 and
-            read the port from here.
+            read the port from here. With ``config.metrics_address`` the
+            metrics URL (``http://…/metrics``) comes last.
 
     Example::
 
         async with trio.open_nursery() as nursery:
             urls = await nursery.start(tunnel.serve, tunnel.ServerConfig(address="127.0.0.1:0"))
     """
+    install_hypercorn_guard()
     app = TunnelApp(config, fallback=fallback)
     trigger = None
     if shutdown_trigger is not None:
@@ -79,9 +83,44 @@ async def serve(
             # has; the agents' connections end once their sessions drained.
             app.begin_shutdown()
 
+    if config.metrics_address is not None:
+        await _serve_with_metrics(app, config, trigger, task_status)
+        return
     await hypercorn.trio.serve(
         app,  # type: ignore[arg-type]  # Hypercorn's scope TypedDicts vs. plain ASGI mappings
         hypercorn_config(config),
         shutdown_trigger=trigger,
         task_status=task_status,
     )
+
+
+async def _serve_with_metrics(
+    app: TunnelApp,
+    config: ServerConfig,
+    trigger: Callable[[], Awaitable[None]] | None,
+    task_status: trio.TaskStatus[list[str]],
+) -> None:
+    """:func:`serve`, plus the metrics on their own listener until the server stops."""
+    assert config.metrics_address is not None
+    try:
+        async with trio.open_nursery() as nursery:
+            metrics_url: str = await nursery.start(
+                serve_metrics, app.metrics_registry, config.metrics_address
+            )
+
+            async def run(*, task_status: trio.TaskStatus[list[str]]) -> None:
+                await hypercorn.trio.serve(
+                    app,  # type: ignore[arg-type]  # as in serve()
+                    hypercorn_config(config),
+                    shutdown_trigger=trigger,
+                    task_status=task_status,
+                )
+                nursery.cancel_scope.cancel()
+
+            urls: list[str] = await nursery.start(run)
+            task_status.started([*urls, metrics_url])
+    except BaseExceptionGroup as group:
+        # One failure (such as an address in use) is raised as itself.
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise

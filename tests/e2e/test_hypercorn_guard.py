@@ -1,0 +1,113 @@
+"""HTTP/2 visitors that leave in the middle of a response must not stop the server.
+
+On Hypercorn 0.17 and 0.18, a cleartext HTTP/2 visitor that sends GOAWAY and
+closes while a response streams makes ``send_all`` race ``send_eof`` on the
+connection's socket. The ``trio.BusyResourceError`` then escapes into the
+nursery that runs every connection, and ``hypercorn.trio.serve`` (so
+``tunnel.serve``) raises. ``tunnel/server/_hypercorn_guard.py`` explains the
+bug and the guard; this test fails without the guard.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+from typing import Any
+
+import h2.config
+import h2.connection
+import h2.events
+import httpx
+import pytest
+import trio
+
+import tunnel
+
+CHUNK = b"x" * 16384
+CHUNKS = 64  # 1 MiB per response: far more than a visitor reads before it leaves
+STREAMS = 8  # concurrent responses on each visitor's connection
+VISITORS = 16  # visitors at once
+ROUNDS = 10  # without the guard the server is down within the first round or two
+
+
+async def streaming_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    """A long response, the fallback for every host: one 16 KiB chunk at a time."""
+    if scope["type"] == "lifespan":
+        # The fallback gets the server's lifespan too.
+        while (await receive())["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        await send({"type": "lifespan.shutdown.complete"})
+        return
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    for _ in range(CHUNKS):
+        await send({"type": "http.response.body", "body": CHUNK, "more_body": True})
+    await send({"type": "http.response.body", "body": b""})
+
+
+async def leave_mid_response(port: int, read_bytes: int) -> None:
+    """Start ``STREAMS`` requests, read ``read_bytes`` of responses, then send GOAWAY and go.
+
+    Like a browser or curl closing its connection: a GOAWAY and a TCP FIN,
+    while the server is still sending.
+    """
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        conn.initiate_connection()
+        for _ in range(STREAMS):
+            conn.send_headers(
+                conn.get_next_available_stream_id(),
+                [
+                    (":method", "GET"),
+                    (":path", "/"),
+                    (":scheme", "http"),
+                    (":authority", "nobody.localhost"),
+                ],
+                end_stream=True,
+            )
+        await stream.send_all(conn.data_to_send())
+        received = 0
+        while received < read_bytes:
+            data = await stream.receive_some()
+            if not data:
+                return
+            received += len(data)
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.DataReceived):
+                    # Keep the windows open, so the server is busy sending when we go.
+                    conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            await stream.send_all(conn.data_to_send())
+        conn.close_connection()
+        await stream.send_all(conn.data_to_send())
+
+
+async def test_server_survives_http2_visitors_leaving_mid_response(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    with trio.fail_after(10):
+        config = tunnel.ServerConfig(address="127.0.0.1:0", tokens=frozenset({"s3cret"}))
+        urls = await nursery.start(partial(tunnel.serve, config, fallback=streaming_app))
+        port = int(urls[0].rsplit(":", 1)[1])
+
+        for round_ in range(ROUNDS):
+            async with trio.open_nursery() as visitors:
+                for i in range(VISITORS):
+                    # Leave at different points of the responses.
+                    read_bytes = 16384 * (1 + (round_ * VISITORS + i) % 16)
+                    visitors.start_soon(leave_mid_response, port, read_bytes)
+
+        # Without the guard the server's crash has already failed the test (it
+        # raises into the test's nursery); with it, it still answers, over
+        # HTTP/2 too.
+        async with httpx.AsyncClient(
+            base_url=urls[0], http1=False, http2=True, headers={"host": "nobody.localhost"}
+        ) as http:
+            response = await http.get("/")
+        assert response.status_code == 200
+        assert response.http_version == "HTTP/2"
+        assert response.content == CHUNK * CHUNKS
+        # A visitor leaving is not a server error: without the guard the same
+        # race, hit from a response's own task, is logged as "Error in ASGI
+        # Framework".
+        errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert errors == []

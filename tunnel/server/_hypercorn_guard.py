@@ -1,0 +1,95 @@
+"""A guard for a Hypercorn bug that lets one HTTP/2 visitor stop the whole server.
+
+The bug (Hypercorn 0.17.0 to 0.18.0, trio worker, cleartext HTTP/2): when a
+visitor sends GOAWAY and closes its connection while a response is streaming,
+two tasks of that connection send on its ``trio.SocketStream`` at once.
+
+* The task reading from the socket sees the GOAWAY, and ``TCPServer._close``
+  calls ``send_eof()``, which holds the stream's send side across a checkpoint.
+* At that checkpoint the HTTP/2 sending task flushes the next DATA frame:
+  ``TCPServer.protocol_send`` calls ``send_all()``, which raises
+  ``trio.BusyResourceError``. ``protocol_send`` treats only
+  ``BrokenResourceError`` and ``ClosedResourceError`` as a gone peer, and its
+  ``send_lock`` cannot help because ``_close`` does not take it.
+
+The error leaves the connection's task group, then ``TCPServer.run``, and lands
+in the nursery that runs every connection. That cancels them all and
+``hypercorn.trio.serve`` raises, so every tunnel on the server goes down::
+
+    hypercorn/protocol/h2.py: send_task -> _send_data -> _flush
+    hypercorn/trio/tcp_server.py: protocol_send
+        await self.stream.send_all(event.data)
+    trio/_highlevel_socket.py: send_all
+    trio.BusyResourceError: another task is currently sending data on this SocketStream
+
+Browsers and curl send GOAWAY when they close a connection, so a visitor
+triggers this just by leaving. TLS is not affected because ``SSLStream`` has no
+``send_eof``.
+
+The guard: a ``TCPServer`` subclass whose ``protocol_send`` treats this
+``BusyResourceError`` like the errors Hypercorn already expects. With
+``send_lock`` held, the only other sender is ``send_eof``, so the error means
+the connection is closing and nothing has been written yet. The subclass
+replaces the name ``TCPServer`` in ``hypercorn.trio.run``, where
+``worker_serve`` looks it up for each call. It is installed when :func:`serve`
+starts, not at import time. Installing it a second time does nothing.
+
+The version pin: the guard applies to ``0.17 <= version < 0.19``. The crash
+was reproduced on 0.17.3 and 0.18.0 (and on 0.16.0, below our minimum), and
+``protocol_send`` and ``_close`` have the same source in every release from
+0.17.0 to 0.18.0, the latest at the time of writing. A later release is left
+alone: it may have fixed the bug or changed ``TCPServer``. Widen the pin only
+after ``tests/e2e/test_hypercorn_guard.py`` fails without the guard on that
+release and passes with it.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import re
+
+import hypercorn.trio.run
+import trio
+from hypercorn.events import Closed, Event, RawData
+from hypercorn.trio.tcp_server import TCPServer
+
+__all__ = ["install_hypercorn_guard"]
+
+_AFFECTED = ((0, 17), (0, 19))  # [first affected, first not known to be affected)
+
+
+class _GuardedTCPServer(TCPServer):
+    """Hypercorn's per-connection server, in which a send racing ``send_eof`` is a close."""
+
+    async def protocol_send(self, event: Event) -> None:
+        try:
+            await super().protocol_send(event)
+        except trio.BusyResourceError:
+            if not isinstance(event, RawData):
+                raise
+            # The same handling Hypercorn gives a peer that has gone.
+            await self.protocol.handle(Closed())
+
+
+def _is_affected(version: str) -> bool:
+    match = re.match(r"(\d+)\.(\d+)", version)
+    if match is None:
+        return False
+    major_minor = (int(match[1]), int(match[2]))
+    return _AFFECTED[0] <= major_minor < _AFFECTED[1]
+
+
+def install_hypercorn_guard() -> None:
+    """Install the guard if the running Hypercorn has the bug; safe to call repeatedly."""
+    # ``worker_serve`` reads ``TCPServer`` from its module's globals on each call.
+    run_globals = vars(hypercorn.trio.run)
+    if run_globals["TCPServer"] is _GuardedTCPServer:
+        return
+    try:
+        version = importlib.metadata.version("hypercorn")
+    except importlib.metadata.PackageNotFoundError:
+        # No way to know which source we would be patching.
+        return
+    # Someone else's replacement is left alone rather than silently discarded.
+    if _is_affected(version) and run_globals["TCPServer"] is TCPServer:
+        run_globals["TCPServer"] = _GuardedTCPServer
