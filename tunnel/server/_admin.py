@@ -149,7 +149,7 @@ class AdminAPI:
             )
         elif route == "tunnels":
             stats = self.registry.statistics()
-            await _json(send, 200, {"tunnels": [_tunnel(s) for s in stats]})
+            await _json(send, 200, {"tunnels": [_describe(s) for s in stats]})
         elif route == "metrics":
             accept = (header_value(scope["headers"], b"accept") or b"").decode("latin-1")
             body, content_type = render(self.metrics.collectors, accept)
@@ -163,14 +163,14 @@ class AdminAPI:
             await _error(send, 404, "not_found", f"no tunnel {key!r} is connected to this server")
             return
         if method != "DELETE":
-            await _json(send, 200, _tunnel(session.statistics()))
+            await _json(send, 200, _describe(session.statistics()))
             return
         query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
         reason = (query.get("reason") or [""])[0].strip()[:MAX_REASON]
         reconnect = (query.get("reconnect") or ["false"])[0].lower() in ("1", "true", "yes")
         stats = session.statistics()
         await self.disconnect(session, reason, reconnect=reconnect, peer=scope.get("client"))
-        await _json(send, 200, {"disconnected": _tunnel(stats), "reconnect": reconnect})
+        await _json(send, 200, {"disconnected": _describe(stats), "reconnect": reconnect})
 
     async def disconnect(
         self,
@@ -209,7 +209,7 @@ def _digest(token: str) -> bytes:
     return hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
 
 
-def _tunnel(stats: TunnelStatistics) -> dict[str, Any]:
+def _describe(stats: TunnelStatistics) -> dict[str, Any]:
     fields = dataclasses.asdict(stats)
     fields["uptime"] = round(max(0.0, time.time() - stats.connected_since), 3)
     return fields
