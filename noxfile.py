@@ -38,6 +38,19 @@ def demo(session: nox.Session) -> None:
 
 
 @nox.session
+def bench(session: nox.Session) -> None:
+    """Benchmark the tunnel against direct serving (`-- --quick` for a short run).
+
+    Uses wrk when it is on PATH, else a Python load generator of its own; see
+    benchmarks/README.rst for what each number means.
+    """
+    # The benchmark needs nothing beyond the package's own dependencies
+    # (trio, Hypercorn); wrk is a system tool, not a Python package.
+    session.install("-e", ".")
+    session.run("python", "benchmarks/bench.py", *session.posargs)
+
+
+@nox.session
 def huge(session: nox.Session) -> None:
     """Move 1 GiB each way through a tunnel, checking hashes and memory (`-- --size 64MiB`).
 

@@ -50,6 +50,9 @@ class LocalConnection:
         if data:
             await self.socket.send_all(data)
 
+    async def send_all(self, data: bytes) -> None:
+        await self.socket.send_all(data)
+
     async def next_event(self) -> h11.Event | type[h11.PAUSED]:
         while True:
             event = self.h11.next_event()
@@ -262,8 +265,13 @@ async def _start(
     """
     conn = await pool.acquire()
     try:
-        await conn.send(request)
-        if not retry:
+        if retry:
+            # No body: the request is complete with its head, and saying so
+            # lets the connection go back to the pool afterwards.
+            head, end = conn.h11.send(request), conn.h11.send(h11.EndOfMessage())
+            await conn.send_all((head or b"") + (end or b""))
+        else:
+            await conn.send(request)
             return conn, None
         return conn, await _receive_response(conn, pool.label, reused=conn.reused)
     except _Retry:

@@ -1,0 +1,154 @@
+"""The processes under test: start them on free loopback ports, read their CPU, stop them.
+
+Every child gets ``PR_SET_PDEATHSIG`` (Linux), so it dies with the benchmark even
+when the benchmark itself is killed hard; :class:`Processes` stops the rest on
+any exit from its ``with`` block.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import TracebackType
+
+__all__ = ["Process", "Processes", "free_ports", "get"]
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+_PR_SET_PDEATHSIG = 1
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct ports that were free a moment ago."""
+    sockets = []
+    try:
+        for _ in range(count):
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", 0))
+            sockets.append(sock)
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def _die_with_parent() -> None:
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def get(port: int, host: str, path: str = "/", timeout: float = 2.0) -> int:
+    """The status of a GET, or 0 if there was no HTTP answer."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+            sock.sendall(
+                f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()
+            )
+            head = sock.recv(4096)
+    except OSError:
+        return 0
+    if not head.startswith(b"HTTP/1.1 "):
+        return 0
+    return int(head[9:12])
+
+
+class Process:
+    """One child process, with its output in a log file."""
+
+    def __init__(self, name: str, argv: list[str], log_dir: Path) -> None:
+        self.name = name
+        self.argv = argv
+        self.log_path = log_dir / f"{name}.log"
+        with open(self.log_path, "wb") as log:
+            self.popen = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                # Not the checkout: `python -m tunnel` must import the installed package.
+                cwd=log_dir,
+                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+            )
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def cpu_seconds(self) -> float:
+        """User plus system CPU time used so far (Linux ``/proc``)."""
+        with open(f"/proc/{self.pid}/stat", "rb") as stat:
+            fields = stat.read().rsplit(b")", 1)[1].split()
+        # Fields 14 and 15 of proc(5); the split starts at field 3.
+        return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def check_alive(self) -> None:
+        if self.popen.poll() is not None:
+            raise RuntimeError(
+                f"{self.name} exited with status {self.popen.returncode}:\n{self.log_tail()}"
+            )
+
+    def wait_until(self, port: int, host: str, timeout: float = 20.0) -> None:
+        """Wait until ``GET /`` with ``Host: host`` on ``port`` answers 200."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.check_alive()
+            if get(port, host, timeout=1.0) == 200:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name} not ready after {timeout:g} s:\n{self.log_tail()}")
+            time.sleep(0.05)
+
+    def terminate(self) -> None:
+        # SIGTERM, not SIGINT: a child started from a background job inherits
+        # SIGINT ignored, and nothing here needs a graceful shutdown.
+        if self.popen.poll() is None:
+            self.popen.terminate()
+
+    def kill_after(self, deadline: float) -> None:
+        try:
+            self.popen.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait(5)
+
+
+class Processes:
+    """Owns the children: every one started is stopped when the block ends."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.started: list[Process] = []
+
+    def start(self, name: str, argv: list[str]) -> Process:
+        process = Process(name, argv, self.log_dir)
+        self.started.append(process)
+        return process
+
+    def __enter__(self) -> Processes:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        for process in reversed(self.started):
+            process.terminate()
+        deadline = time.monotonic() + 2
+        for process in reversed(self.started):
+            process.kill_after(deadline)

@@ -1,0 +1,505 @@
+"""Benchmark the tunnel against the same app served directly; see benchmarks/README.rst.
+
+Usage: ``python benchmarks/bench.py [--quick] [...]`` or ``nox -s bench -- --quick``.
+
+Starts, as separate processes on loopback: the local service (``_service.py raw``),
+the same app under Hypercorn (``_service.py hypercorn``), a tunnel server
+(``python -m tunnel server``) and an agent (``python -m tunnel http``) that
+forwards ``bench.localhost`` to the local service. Then, side by side in one run:
+small GETs at several concurrencies against the three targets, large downloads
+and uploads, and the CPU each process used per request. Prints a table and
+writes JSON to ``benchmarks/results/latest.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import _load
+import _procs
+import _profile
+import _report
+import _transfer
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+HOST = "bench.localhost"
+TOKEN = "bench-token"
+TARGETS = _report.TARGETS
+#: The processes whose CPU is charged to each target's requests.
+WATCHED = {
+    "direct": ("local",),
+    "hypercorn": ("hypercorn",),
+    "tunnel": ("server", "agent", "local"),
+}
+MIB = _transfer.MIB
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a short run (under a minute)")
+    parser.add_argument("--levels", help="concurrency levels, comma-separated")
+    parser.add_argument("--duration", type=int, help="seconds per load phase")
+    parser.add_argument("--repeat", type=int, help="rounds of every phase; medians are reported")
+    parser.add_argument("--transfer-mib", type=int, help="size of the download and upload")
+    parser.add_argument(
+        "--generator",
+        choices=("auto", "wrk", "python"),
+        default="auto",
+        help="load generator for small GETs (auto: wrk if installed)",
+    )
+    parser.add_argument(
+        "--agent-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="an extra argument for 'tunnel http' (repeat; e.g. --agent-arg=--no-inspector)",
+    )
+    parser.add_argument(
+        "--compare-generators",
+        action="store_true",
+        help="only run wrk and the Python fallback side by side against each target",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="only profile the tunnel server and agent with py-spy under load (see _profile.py)",
+    )
+    parser.add_argument(
+        "--output",
+        type=Path,
+        help="JSON output (default: results/latest.json, or generators.json, profile.json)",
+    )
+    return parser
+
+
+class Bench:
+    """The running processes and the measurements taken against them."""
+
+    def __init__(self, procs: _procs.Processes, agent_args: list[str]) -> None:
+        local, hypercorn, server, inspector = _procs.free_ports(4)
+        self.ports = {"direct": local, "hypercorn": hypercorn, "tunnel": server}
+        python = sys.executable
+        service = str(HERE / "_service.py")
+        self.processes = {
+            "local": procs.start("local", [python, service, "raw", str(local)]),
+            "hypercorn": procs.start("hypercorn", [python, service, "hypercorn", str(hypercorn)]),
+            "server": procs.start(
+                "server",
+                [
+                    *(python, "-m", "tunnel", "server"),
+                    *("--address", f"127.0.0.1:{server}", "--token", TOKEN),
+                ],
+            ),
+        }
+        self.processes["local"].wait_until(local, HOST)
+        self.processes["hypercorn"].wait_until(hypercorn, HOST)
+        _wait_for_port(self.processes["server"], server)
+        agent = [
+            *(python, "-m", "tunnel", "http", str(local)),
+            *("--server", f"127.0.0.1:{server}", "--token", TOKEN, "--host", HOST),
+        ]
+        if _agent_has_inspector() and not any(a.endswith("inspector") for a in agent_args):
+            # The agent's default traffic inspector stays on, as a user gets it,
+            # but on a free port rather than 4040.
+            agent += ["--inspector", f"127.0.0.1:{inspector}"]
+        self.agent_argv = [*agent, *agent_args]
+        self.processes["agent"] = procs.start("agent", self.agent_argv)
+        self.processes["agent"].wait_until(server, HOST)
+
+    def check_alive(self) -> None:
+        for process in self.processes.values():
+            process.check_alive()
+
+    def cpu(self) -> dict[str, float]:
+        return {name: process.cpu_seconds() for name, process in self.processes.items()}
+
+    def small_get(self, target: str, connections: int, seconds: int, generator: str) -> dict:
+        """One load phase of small GETs, with the CPU of the processes behind ``target``."""
+        self.check_alive()
+        port = self.ports[target]
+        marks: list[dict[str, float]] = []
+        if generator == "wrk":
+            marks.append(self.cpu())
+            result = _load.wrk_load(port, HOST, connections, seconds)
+            marks.append(self.cpu())
+        else:
+            result = _load.python_load(
+                port,
+                HOST,
+                connections,
+                seconds,
+                warmup=1.0,
+                on_start=lambda: marks.append(self.cpu()),
+                on_end=lambda: marks.append(self.cpu()),
+            )
+        self.check_alive()
+        before, after = marks
+        cpu = {name: after[name] - before[name] for name in WATCHED[target]}
+        return {
+            "target": target,
+            "concurrency": connections,
+            "generator": result.generator,
+            "seconds": round(result.seconds, 3),
+            "requests": result.requests,
+            "errors": result.errors,
+            "rps": round(result.rps, 1),
+            "p50_ms": round(result.p50_ms, 4),
+            "p99_ms": round(result.p99_ms, 4),
+            "cpu_s": {name: round(value, 3) for name, value in cpu.items()},
+            "generator_cpu_s": round(result.generator_cpu_s, 3),
+        }
+
+    def profile(
+        self, target: str, level: int, seconds: int, generator: str, directory: Path
+    ) -> dict:
+        """A load phase on ``target`` with py-spy recording the processes behind it."""
+        directory.mkdir(parents=True, exist_ok=True)
+        names = [name for name in WATCHED[target] if name != "local"]
+        paths = {name: directory / f"profile-{name}.txt" for name in names}
+        recorders = {
+            name: _profile.record(self.processes[name].pid, seconds, paths[name]) for name in names
+        }
+        # The load outlasts the recording, which starts a moment later.
+        result = self.small_get(target, level, seconds + 2, generator)
+        summaries = {}
+        for name, recorder in recorders.items():
+            _, stderr = recorder.communicate(timeout=30)
+            if recorder.returncode != 0:
+                raise RuntimeError(
+                    f"py-spy failed on the {name}: {stderr.decode(errors='replace')}"
+                )
+            summaries[name] = _profile.summarize(paths[name], name)
+        per_request = {name: result["cpu_s"][name] / result["requests"] * 1e6 for name in names}
+        return {"load": result, "cpu_us_per_request": per_request, "profiles": summaries}
+
+    def transfer(self, target: str, direction: str, size: int) -> dict:
+        self.check_alive()
+        run = _transfer.download if direction == "download" else _transfer.upload
+        before = self.cpu()
+        result = run(self.ports[target], HOST, size)
+        after = self.cpu()
+        return {
+            "target": target,
+            "direction": direction,
+            "bytes": size,
+            "seconds": round(result.seconds, 4),
+            "mib_per_s": round(result.mib_per_s, 1),
+            "cpu_ms_per_mib": {
+                name: round((after[name] - before[name]) * 1000 / (size / MIB), 2)
+                for name in WATCHED[target]
+            },
+        }
+
+
+def _agent_has_inspector() -> bool:
+    """Whether this tunnel's ``http`` command serves a traffic inspector by default."""
+    usage = subprocess.run(
+        [sys.executable, "-m", "tunnel", "http", "--help"],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=tempfile.gettempdir(),
+    ).stdout
+    return "--inspector" in usage
+
+
+def _wait_for_port(process: _procs.Process, port: int, timeout: float = 20.0) -> None:
+    """Wait until something answers HTTP on ``port`` (any status)."""
+    deadline = time.monotonic() + timeout
+    while _procs.get(port, "not-a-tunnel.localhost", timeout=1.0) == 0:
+        process.check_alive()
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{process.name} not listening after {timeout:g} s")
+        time.sleep(0.05)
+
+
+# --- summaries -----------------------------------------------------------------------
+
+
+def _median_run(runs: list[dict]) -> dict:
+    """The run with the median requests/s, with CPU per request over all runs."""
+    ordered = sorted(runs, key=lambda run: run["rps"])
+    chosen = dict(ordered[(len(ordered) - 1) // 2])
+    requests = sum(run["requests"] for run in runs)
+    seconds = sum(run["seconds"] for run in runs)
+    chosen["cpu_us_per_request"] = {
+        name: round(sum(run["cpu_s"][name] for run in runs) / requests * 1e6, 1)
+        if requests
+        else None
+        for name in chosen["cpu_s"]
+    }
+    chosen["generator_cpu_percent"] = round(
+        100 * sum(run["generator_cpu_s"] for run in runs) / seconds, 1
+    )
+    chosen["rounds_rps"] = [run["rps"] for run in runs]
+    chosen["errors"] = sum(run["errors"] for run in runs)
+    del chosen["cpu_s"], chosen["generator_cpu_s"]
+    return chosen
+
+
+def _versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in ("trio", "hypercorn", "h2", "h11", "wsproto", "trio-websocket", "tunnel"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "?"
+    wrk = _load.wrk_path()
+    if wrk:
+        out = subprocess.run([wrk, "-v"], capture_output=True, text=True, check=False)
+        versions["wrk"] = (
+            (out.stdout or out.stderr).split()[1] if (out.stdout or out.stderr) else "?"
+        )
+    return versions
+
+
+def _tunnel_source() -> str:
+    """Which tunnel package the child processes import, and its git state if it is ours."""
+    found = subprocess.run(
+        [sys.executable, "-c", "import tunnel; print(tunnel.__file__)"],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=tempfile.gettempdir(),
+    ).stdout.strip()
+    package = Path(found).parent if found else None
+    if package is None or package.parent != ROOT:
+        return f"tunnel from {package}"
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(ROOT), "status", "--porcelain", "--", "tunnel"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return f"tunnel from {package}"
+    return f"tunnel at {commit}" + (" with uncommitted changes in tunnel/" if dirty else "")
+
+
+# --- the run -------------------------------------------------------------------------
+
+
+def _compare_generators(bench: Bench, levels: list[int], seconds: int, repeat: int) -> list:
+    """wrk and the fallback against every target, interleaved, medians of ``repeat`` rounds."""
+    runs: dict[tuple[str, int, str], list[dict]] = {}
+    for level in levels:
+        for _ in range(repeat):
+            for target in TARGETS:
+                for generator in ("wrk", "python"):
+                    result = bench.small_get(target, level, seconds, generator)
+                    runs.setdefault((target, level, generator), []).append(result)
+    rows = []
+    print()
+    print("load generators side by side: wrk vs the Python fallback (medians)")
+    print(
+        f"{'conc':>5} {'target':<10} {'wrk req/s':>10} {'py req/s':>10} {'py÷wrk':>7}"
+        f" {'wrk p50':>8} {'py p50':>8} {'wrk p99':>8} {'py p99':>8} {'wrk CPU':>8} {'py CPU':>8}"
+    )
+    for level in levels:
+        for target in TARGETS:
+            wrk = _median_run(runs[(target, level, "wrk")])
+            py = _median_run(runs[(target, level, "python")])
+            rows.append({"wrk": wrk, "python": py})
+            print(
+                f"{level:>5} {target:<10} {wrk['rps']:>10.0f} {py['rps']:>10.0f}"
+                f" {py['rps'] / wrk['rps']:>7.2f} {wrk['p50_ms']:>8.3f} {py['p50_ms']:>8.3f}"
+                f" {wrk['p99_ms']:>8.3f} {py['p99_ms']:>8.3f}"
+                f" {wrk['generator_cpu_percent']:>7.0f}% {py['generator_cpu_percent']:>7.0f}%"
+            )
+    return rows
+
+
+def _run_profile(
+    bench: Bench, args: argparse.Namespace, levels: list[int], seconds: int, generator: str
+) -> dict[str, Any]:
+    level = 50 if 50 in levels or not args.levels else max(levels)
+    seconds = max(seconds, 10)
+    outcomes = {}
+    for target in ("hypercorn", "tunnel"):
+        bench.small_get(target, level, 1, generator)
+        print(f"\nprofiling {target} at c{level} for {seconds} s with py-spy", flush=True)
+        outcome = bench.profile(target, level, seconds, generator, args.output.parent)
+        load = outcome["load"]
+        print(f"(under py-spy: {load['rps']:.0f} req/s, p50 {load['p50_ms']:.2f} ms)")
+        for name, summary in outcome["profiles"].items():
+            print()
+            print(_profile.format_summary(name, summary, outcome["cpu_us_per_request"][name]))
+        outcomes[target] = outcome
+    return {"profile": outcomes}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    quick = args.quick
+    levels = (
+        [int(level) for level in args.levels.split(",")]
+        if args.levels
+        else ([1, 50] if quick else [1, 10, 50, 200])
+    )
+    seconds = args.duration or (2 if quick else 4)
+    repeat = args.repeat or (1 if quick else 3)
+    size = (args.transfer_mib or (16 if quick else 100)) * MIB
+    generator = args.generator
+    if generator == "auto":
+        generator = "wrk" if _load.wrk_path() else "python"
+    if generator == "wrk" and not _load.wrk_path():
+        raise SystemExit("bench: --generator wrk, but wrk is not installed")
+
+    if args.profile and _profile.py_spy_path() is None:
+        raise SystemExit("bench: --profile needs py-spy (pip install py-spy)")
+    versions = _versions()
+    source = _tunnel_source()
+    described = (
+        f"wrk {versions.get('wrk', '?')} (1 thread)"
+        if generator == "wrk"
+        else f"Python fallback (benchmarks/_load.py, up to {os.cpu_count()} processes)"
+    )
+    print(f"{source}; load generator: {described}")
+    load_before = os.getloadavg()[0]
+    print(
+        f"levels {levels}, {seconds} s per phase, {repeat} round(s); "
+        f"transfers of {size // MIB} MiB; {os.cpu_count()} CPUs; loadavg {load_before:.2f}",
+        flush=True,
+    )
+    if load_before > 0.75 * (os.cpu_count() or 1):
+        print("note: the machine is busy; absolute figures will be low and noisy", flush=True)
+    started = time.monotonic()
+    with (
+        tempfile.TemporaryDirectory(prefix="tunnel-bench-") as logs,
+        _procs.Processes(Path(logs)) as procs,
+    ):
+        bench = Bench(procs, args.agent_arg)
+        print(
+            "started: local service (raw trio) :{direct}, Hypercorn (trio worker) :{hypercorn}, "
+            "tunnel server :{tunnel}".format(**bench.ports),
+            flush=True,
+        )
+        print("agent: " + " ".join(bench.agent_argv[2:]), flush=True)
+        if args.compare_generators:
+            if not _load.wrk_path():
+                raise SystemExit("bench: --compare-generators needs wrk installed")
+            rows = _compare_generators(bench, levels, seconds, repeat)
+            return {"generator_comparison": rows, "versions": versions}
+
+        if args.profile:
+            return _run_profile(bench, args, levels, seconds, generator)
+
+        # Warm every target once (connections, the agent's pool, caches).
+        for target in TARGETS:
+            bench.small_get(target, max(levels), 1, generator)
+
+        runs: dict[tuple[str, int], list[dict]] = {}
+        for level in levels:
+            for round_ in range(repeat):
+                for target in TARGETS:
+                    result = bench.small_get(target, level, seconds, generator)
+                    runs.setdefault((target, level), []).append(result)
+                    print(
+                        f"  c{level:<4} round {round_ + 1} {target:<10}"
+                        f" {result['rps']:>8.0f} req/s  p50 {result['p50_ms']:.3f} ms"
+                        f"  p99 {result['p99_ms']:.3f} ms  errors {result['errors']}",
+                        flush=True,
+                    )
+        small = {key: _median_run(value) for key, value in runs.items()}
+
+        transfer_runs: dict[tuple[str, str], list[dict]] = {}
+        for round_ in range(repeat):
+            for direction in ("download", "upload"):
+                for target in TARGETS:
+                    result = bench.transfer(target, direction, size)
+                    transfer_runs.setdefault((target, direction), []).append(result)
+                    print(
+                        f"  {direction:<8} round {round_ + 1} {target:<10}"
+                        f" {result['mib_per_s']:>8.0f} MiB/s",
+                        flush=True,
+                    )
+        transfers = {}
+        for key, value in transfer_runs.items():
+            median = dict(sorted(value, key=lambda r: r["mib_per_s"])[(len(value) - 1) // 2])
+            median["rounds_mib_per_s"] = [r["mib_per_s"] for r in value]
+            median["cpu_ms_per_mib"] = {
+                name: round(statistics.median(r["cpu_ms_per_mib"][name] for r in value), 2)
+                for name in median["cpu_ms_per_mib"]
+            }
+            transfers[key] = median
+        bench.check_alive()
+
+    targets = _report.targets(small, transfers)
+    _report.print_small(small, levels)
+    _report.print_transfers(transfers, size)
+    _report.print_targets(targets)
+    elapsed = time.monotonic() - started
+    load_after = os.getloadavg()[0]
+    print(f"\n{elapsed:.0f} s; loadavg {load_before:.2f} before, {load_after:.2f} after")
+    return {
+        "meta": {
+            "generator": described,
+            "quick": quick,
+            "levels": levels,
+            "seconds_per_phase": seconds,
+            "rounds": repeat,
+            "transfer_bytes": size,
+            "cpus": os.cpu_count(),
+            "machine": platform.platform(),
+            "versions": versions,
+            "tunnel_source": source,
+            "agent_command": " ".join(bench.agent_argv[1:]),
+            "elapsed_s": round(elapsed, 1),
+            "loadavg_1min": [round(load_before, 2), round(load_after, 2)],
+            "small_get_body_bytes": 14,
+        },
+        "small_get": list(small.values()),
+        "transfers": list(transfers.values()),
+        "targets": targets,
+        "not_measured": [
+            "1,000 and 10,000 concurrent in-flight requests on one agent",
+            "server RSS with 1 and 1,000 idle agents",
+            "1 vs 2 server workers",
+        ],
+    }
+
+
+def main() -> int:
+    args = _parser().parse_args()
+
+    def terminate(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, terminate)
+    if args.output is None:
+        name = (
+            "generators.json"
+            if args.compare_generators
+            else "profile.json"
+            if args.profile
+            else "latest.json"
+        )
+        args.output = HERE / "results" / name
+    results = run(args)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    print(f"results: {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
