@@ -17,10 +17,10 @@ from ._admin import AdminAPI
 from ._control import serve_agent
 from ._hypercorn_patches import apply_hypercorn_patches
 from ._ingress import forward_http
-from ._ingress_ws import forward_websocket, refuse_websocket
+from ._ingress_ws import forward_websocket
 from ._limits import Limiter, Pacer
 from ._metrics import ServerMetrics
-from ._pages import send_error_page
+from ._pages import refuse_websocket, send_error_page
 from ._registry import AgentSession, Registry, TunnelStatistics
 from ._telemetry import Telemetry, log_event
 

@@ -35,6 +35,7 @@ from .._transport import ABNORMAL_CLOSURE
 from .._transport.asgi import ASGIWebSocketTransport
 from ._access import AccessControl, Denied, Identity
 from ._hooks import ConnectRequest, TunnelInfo
+from ._pages import refuse_websocket
 from ._registry import AgentSession, HostInUse, Registry
 from ._tcp import bind_tcp_port, serve_tcp
 from ._telemetry import claimed_host, log_event, peer_text
@@ -94,7 +95,7 @@ async def serve_agent(
             status=exc.status,
             reason=exc.reason,
         )
-        await _refuse(scope, send, exc.status, exc.reason)
+        await refuse_websocket(scope, send, exc.status, exc.reason)
         return
 
     accept_headers = [(HOST_HEADER.encode(), request.host.encode())]
@@ -154,7 +155,10 @@ async def serve_agent(
             nursery.cancel_scope.cancel()
     finally:
         for listener in listeners:
-            await trio.aclose_forcefully(listener)
+            # Closed synchronously: when the session is being cancelled, an
+            # await here raises Cancelled after the first listener, leaking
+            # the others and skipping the release below.
+            listener.socket.close()
         registry.release(session)
         session.done.set()
         log_event(
@@ -271,22 +275,3 @@ async def _check(
     except ConfigError as exc:
         raise Denied(400, str(exc)) from None
     return request, identity, policy
-
-
-async def _refuse(scope: Scope, send: Send, status: int, reason: str) -> None:
-    body = reason.encode("utf-8")
-    if "websocket.http.response" in scope.get("extensions", {}):
-        await send(
-            {
-                "type": "websocket.http.response.start",
-                "status": status,
-                "headers": [
-                    (b"content-type", b"text/plain; charset=utf-8"),
-                    (b"content-length", str(len(body)).encode()),
-                ],
-            }
-        )
-        await send({"type": "websocket.http.response.body", "body": body})
-    else:
-        # Without the extension ASGI can only refuse with a bare 403.
-        await send({"type": "websocket.close", "code": 1008, "reason": reason[:120]})

@@ -21,9 +21,10 @@ from wsproto.events import BytesMessage, CloseConnection, Message, Ping, TextMes
 from .._config import ServerConfig
 from .._mux import Stream, StreamError
 from .._protocol.headers import header_value, tunnel_request_headers, websocket_connect_headers
+from ._pages import refuse_websocket
 from ._registry import AgentSession
 
-__all__ = ["MAX_WEBSOCKET_MESSAGE", "forward_websocket", "refuse_websocket"]
+__all__ = ["MAX_WEBSOCKET_MESSAGE", "forward_websocket"]
 
 logger = logging.getLogger("tunnel.server")
 
@@ -40,26 +41,6 @@ MAX_REFUSAL_BODY: Final = 64 << 10
 CLOSE_TIMEOUT: Final = 2.0
 #: Codes that may not be sent in a close frame (RFC 6455 section 7.4.1).
 _RESERVED_CODES: Final = frozenset({1005, 1006, 1015})
-
-
-async def refuse_websocket(scope: Scope, send: Send, status: int, reason: str) -> None:
-    """Refuse a visitor's WebSocket handshake with an HTTP status and a reason."""
-    body = reason.encode("utf-8")
-    if "websocket.http.response" in scope.get("extensions", {}):
-        await send(
-            {
-                "type": "websocket.http.response.start",
-                "status": status,
-                "headers": [
-                    (b"content-type", b"text/plain; charset=utf-8"),
-                    (b"content-length", str(len(body)).encode()),
-                ],
-            }
-        )
-        await send({"type": "websocket.http.response.body", "body": body})
-    else:
-        # Without the extension ASGI can only refuse with a bare 403.
-        await send({"type": "websocket.close", "code": 1008, "reason": reason[:120]})
 
 
 async def forward_websocket(

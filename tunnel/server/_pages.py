@@ -1,4 +1,4 @@
-"""Sending the error pages of :mod:`tunnel._protocol.pages` to an ASGI visitor."""
+"""Refusals sent to ASGI clients: error pages for HTTP, statuses for WebSocket handshakes."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ from typing import Any
 
 from .._protocol.pages import PAGE_HEADERS, error_page
 
-__all__ = ["send_error_page"]
+__all__ = ["refuse_websocket", "send_error_page"]
 
+Scope = MutableMapping[str, Any]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 
@@ -29,3 +30,23 @@ async def send_error_page(
         }
     )
     await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def refuse_websocket(scope: Scope, send: Send, status: int, reason: str) -> None:
+    """Refuse a visitor's WebSocket handshake with an HTTP status and a reason."""
+    body = reason.encode("utf-8")
+    if "websocket.http.response" in scope.get("extensions", {}):
+        await send(
+            {
+                "type": "websocket.http.response.start",
+                "status": status,
+                "headers": [
+                    (b"content-type", b"text/plain; charset=utf-8"),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+            }
+        )
+        await send({"type": "websocket.http.response.body", "body": body})
+    else:
+        # Without the extension ASGI can only refuse with a bare 403.
+        await send({"type": "websocket.close", "code": 1008, "reason": reason[:120]})
