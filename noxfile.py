@@ -1,3 +1,5 @@
+import os
+
 import nox
 
 # `nox` with no arguments runs these; `nox -s demo` has to be asked for.
@@ -60,3 +62,29 @@ def huge(session: nox.Session) -> None:
     # Only the package: the script speaks HTTP with h11 and trio, its dependencies.
     session.install("-e", ".")
     session.run("python", "benchmarks/huge.py", *(session.posargs or ["--size", "1GiB"]))
+
+
+@nox.session
+def soak(session: nox.Session) -> None:
+    """Load the tunnel for 5 minutes while agents are killed, stopped and cut off.
+
+    Prints requests sent, answered, 502s and lost (lost must be 0) and the
+    server's RSS and open descriptors; `-- --quick` runs for about 30 s.
+    """
+    # httpx is the load generator; the script imports the tests' helpers.
+    session.install("-e", ".[test]")
+    session.run("python", "tests/soak.py", *session.posargs)
+
+
+@nox.session
+def fuzz(session: nox.Session) -> None:
+    """Fuzz the server with malicious agents' HTTP/2 frames, longer than CI does.
+
+    Runs the Hypothesis tests of tests/e2e/test_hostile.py with 2000 examples
+    each (``TUNNEL_FUZZ_EXAMPLES`` overrides) and shrinks what fails; pass
+    pytest arguments after ``--``.
+    """
+    session.install("-e", ".[test]")
+    session.env["TUNNEL_FUZZ_EXAMPLES"] = os.environ.get("TUNNEL_FUZZ_EXAMPLES", "2000")
+    session.env["TUNNEL_FUZZ_SHRINK"] = "1"
+    session.run("pytest", "tests/e2e/test_hostile.py", "-k", "fuzz", *session.posargs)

@@ -30,9 +30,11 @@ import h2.connection
 import h2.errors
 import h2.events
 import h2.exceptions
+import h2.frame_buffer
 import h2.settings
 import hyperframe.frame
 import trio
+from hyperframe.frame import Frame
 
 from ._protocol.headers import Headers
 from ._transport import ABNORMAL_CLOSURE, MessageTransport, TransportClosed
@@ -52,6 +54,23 @@ CONNECTION_WINDOW: Final = 16 << 20
 #: transfer may use: 1 MiB held single downloads to ~155 MiB/s, 8 MiB ~230.
 STREAM_WINDOW: Final = 8 << 20
 MAX_FRAME: Final = 1 << 20
+#: Received messages are fed to h2 this much at a time.
+RECEIVE_SLICE: Final = 256 << 10
+#: The most header-block bytes (HEADERS plus CONTINUATION) taken for one
+#: request or response; h2 alone would buffer 64 frames, up to 64 MiB here.
+MAX_HEADER_BLOCK: Final = 256 << 10
+#: PINGs and SETTINGS a peer may send per second; a legitimate one sends a
+#: few a minute, and each costs us an answer to queue.
+MAX_CONTROL_FRAMES_PER_SECOND: Final = 100
+
+
+#: WebSocket close codes (RFC 6455) for a peer that broke the rules.
+PROTOCOL_ERROR_CLOSE: Final = 1002
+POLICY_VIOLATION_CLOSE: Final = 1008
+
+
+class _Abuse(TransportClosed):
+    """The peer misbehaved; the connection is closed on our initiative."""
 
 
 class StreamError(Exception):
@@ -200,6 +219,20 @@ def _reset_reason(code: int) -> str:
     return f"the other side ended the request ({name})"
 
 
+class _FrameBuffer(h2.frame_buffer.FrameBuffer):
+    """h2's frame buffer, with a cap on the bytes of one header block."""
+
+    def _update_header_buffer(self, f: Frame | None) -> Frame | None:
+        result = super()._update_header_buffer(f)
+        if self._headers_buffer:
+            size = sum(len(getattr(part, "data", b"")) for part in self._headers_buffer)
+            if size > MAX_HEADER_BLOCK:
+                raise h2.exceptions.ProtocolError(
+                    f"a header block of more than {MAX_HEADER_BLOCK} bytes"
+                )
+        return result
+
+
 class _Connection(h2.connection.H2Connection):
     """h2's connection, but counting open streams in constant time.
 
@@ -207,9 +240,16 @@ class _Connection(h2.connection.H2Connection):
     a stream cost ~125 µs with 1,000 in flight. The mux knows the number.
     """
 
+    #: h2 remembers how each closed stream ended, so that a frame still in
+    #: flight for it gets the right answer; by default the last 65,536, about
+    #: 5.5 MiB on every busy long-lived connection. Frames arrive at most a
+    #: round trip late, when only a handful of streams have closed since.
+    MAX_CLOSED_STREAMS = 4096
+
     def __init__(self, config: h2.config.H2Configuration, mux: Mux) -> None:
         super().__init__(config)
         self._mux_streams = mux._streams
+        self.incoming_buffer = _FrameBuffer(server=not config.client_side)
 
     def _open_streams(self, remainder: int) -> int:
         # All of one side's streams are opened by the same peer (the server
@@ -255,6 +295,11 @@ class Mux:
         )
         self._streams: dict[int, Stream] = {}
         self._conn = _Connection(config, self)
+        # The server accepts header lists up to its max_header_bytes (32 KiB by
+        # default, counted as HTTP/2 does); hpack's own default of 64 KiB would
+        # let a visitor with a larger setting knock the agent's whole connection
+        # off. Header blocks are capped by MAX_HEADER_BLOCK all the same.
+        self._conn.decoder.max_header_list_size = 1 << 20
         settings = {
             h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: max_concurrent_streams,
             h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
@@ -283,6 +328,8 @@ class Mux:
         self._settings_received = trio.Event()
         self._ended = trio.Event()
         self._goaway_sent = False
+        self._control_frames = 0
+        self._control_window_start = 0.0
         self.closed_reason: str | None = None
         #: The WebSocket close code the peer ended the connection with, if any.
         self.peer_close_code: int | None = None
@@ -320,9 +367,12 @@ class Mux:
             closed = group.exceptions[0]
             assert isinstance(closed, TransportClosed)
             self.peer_close_code = closed.code
+            if isinstance(closed, _Abuse):
+                self._close_code = POLICY_VIOLATION_CLOSE
             self._end(closed.reason)
         except* h2.exceptions.ProtocolError as group:
             error = group.exceptions[0]
+            self._close_code = PROTOCOL_ERROR_CLOSE
             self._end(f"HTTP/2 protocol error from the peer: {error}")
         finally:
             self._end("the connection was closed")
@@ -451,20 +501,30 @@ class Mux:
     async def _reader(self) -> None:
         conn = self._conn
         while True:
-            data = await self._transport.receive()
-            self.bytes_received += len(data)
-            try:
-                events = conn.receive_data(data)
-            except h2.exceptions.ProtocolError:
-                if self._goaway_sent:
-                    # h2 refuses every frame once it sent GOAWAY (python-hyper/h2
-                    # issue 1181); what still arrives is the peer's last words
-                    # before it closes the transport.
-                    continue
-                raise
-            for event in events:
-                self._dispatch(event)
-            self._kick()
+            message = await self._transport.receive()
+            self.bytes_received += len(message)
+            for start in range(0, len(message), RECEIVE_SLICE):
+                if start:
+                    # A huge message (a flood of tiny frames) is parsed in
+                    # slices, so one peer cannot hold up every other task.
+                    await trio.lowlevel.checkpoint()
+                data = (
+                    message[start : start + RECEIVE_SLICE]
+                    if len(message) > RECEIVE_SLICE
+                    else message
+                )
+                try:
+                    events = conn.receive_data(data)
+                except h2.exceptions.ProtocolError:
+                    if self._goaway_sent:
+                        # h2 refuses every frame once it sent GOAWAY (python-hyper
+                        # /h2 issue 1181); what still arrives is the peer's last
+                        # words before it closes the transport.
+                        break
+                    raise
+                for event in events:
+                    self._dispatch(event)
+                self._kick()
 
     async def _keepalive(self) -> None:
         while True:
@@ -561,7 +621,10 @@ class Mux:
                     stream._window.set()
             else:
                 self._wake_all_senders()
+        elif isinstance(event, h2.events.PingReceived):
+            self._count_control_frame()
         elif isinstance(event, h2.events.RemoteSettingsChanged):
+            self._count_control_frame()
             self._settings_received.set()
             self._wake_all_senders()
             if self._capacity is not None:
@@ -584,6 +647,16 @@ class Mux:
                     self._forget(stream)
             if not self._streams:
                 raise TransportClosed("the peer went away (GOAWAY)")
+
+    def _count_control_frame(self) -> None:
+        now = trio.current_time()
+        if now - self._control_window_start >= 1.0:
+            self._control_window_start, self._control_frames = now, 0
+        self._control_frames += 1
+        if self._control_frames > MAX_CONTROL_FRAMES_PER_SECOND:
+            # Each PING or SETTINGS makes h2 queue an answer; a peer sending
+            # them endlessly (and not reading) would fill our memory.
+            raise _Abuse("the peer flooded the connection with PING or SETTINGS frames")
 
     def _wake_all_senders(self) -> None:
         for stream in self._streams.values():

@@ -101,8 +101,12 @@ def tunnel_request_headers(
         (b":path", target or b"/"),
     ]
     prior_for = b""
+    # With Transfer-Encoding, Content-Length does not describe the body
+    # (RFC 9112 section 6.3); passing it on would make the agent's HTTP/2
+    # stack see a body of the wrong length.
+    chunked = header_value(headers, b"transfer-encoding") is not None
     for key, value in strip_hop_by_hop(headers):
-        if key == b"host":
+        if key == b"host" or (chunked and key == b"content-length"):
             continue
         if key in _FORWARDED:
             if not trust_forwarded:

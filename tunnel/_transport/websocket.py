@@ -7,12 +7,64 @@ import contextlib
 import trio
 import trio_websocket
 
+from .._exceptions import ServerUnreachableError
 from . import ABNORMAL_CLOSURE, TransportClosed, close_reason
 
-__all__ = ["WebSocketTransport"]
+__all__ = ["HandshakeGuard", "WebSocketTransport"]
 
 # How long a close handshake may take before the socket is dropped anyway.
 CLOSE_TIMEOUT = 2.0
+
+
+class HandshakeGuard(trio.abc.Stream):
+    """The byte stream to the server, failing at once if it ends mid-handshake.
+
+    trio-websocket (0.12) waits for the handshake's answer forever when the
+    connection is closed or reset first, as a restarting server, or a load
+    balancer with no server behind it, does: the agent would sit out its whole
+    ``connect_timeout`` before retrying. This raises instead, in
+    trio-websocket's reader task, which ends the attempt. Once the handshake is
+    done (set :attr:`handshaking` to False) it is a plain pass-through.
+
+    Args:
+        stream: The connected byte stream.
+        where: The server's address, for the error message.
+    """
+
+    def __init__(self, stream: trio.abc.Stream, where: str) -> None:
+        self._stream = stream
+        self._where = where
+        self.handshaking = True
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        try:
+            await self._stream.send_all(data)
+        except trio.BrokenResourceError:
+            if self.handshaking:
+                raise self._ended() from None
+            raise
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._stream.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        try:
+            data = await self._stream.receive_some(max_bytes)
+        except trio.BrokenResourceError:
+            if not self.handshaking:
+                raise
+            data = b""
+        if not data and self.handshaking:
+            raise self._ended()
+        return data
+
+    def _ended(self) -> ServerUnreachableError:
+        return ServerUnreachableError(
+            f"{self._where} closed the connection during the WebSocket handshake"
+        )
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
 
 
 class WebSocketTransport:

@@ -33,7 +33,7 @@ from .._protocol.handshake import (
     TCP_PORT_HEADER,
 )
 from .._protocol.headers import header_value, is_websocket_connect
-from .._transport.websocket import WebSocketTransport
+from .._transport.websocket import HandshakeGuard, WebSocketTransport
 from ._inspector import open_inspector
 from ._keys import AgentKey
 from ._observe import Observer, Recorder, agent_observers
@@ -251,10 +251,11 @@ class Client:
                 # We own the byte stream (not trio-websocket), so it is closed
                 # on every path, a refused handshake included.
                 authority = server.host if server.default_port else f"{server.host}:{server.port}"
+                guard = HandshakeGuard(stream, f"{server.host}:{server.port}")
                 with trio.fail_after(config.connect_timeout):
                     ws = await trio_websocket.wrap_client_stream(
                         nursery,
-                        stream,
+                        guard,  # type: ignore[arg-type]  # any trio Stream works; the hint is narrow
                         authority,
                         config.control_path,
                         subprotocols=[SUBPROTOCOL],
@@ -263,6 +264,7 @@ class Client:
                         receive_buffer_size=RECEIVE_BUFFER_SIZE,
                         message_queue_size=4,
                     )
+                guard.handshaking = False
                 await self._serve(ws)
                 nursery.cancel_scope.cancel()
         except BaseExceptionGroup as group:

@@ -175,7 +175,9 @@ class TunnelApp:
         if scope["path"] == self._challenge_path:
             await self._challenge(send)
             return
-        size = sum(len(key) + len(value) for key, value in scope["headers"])
+        # Counted as HTTP/2 counts a header list (32 bytes per field on top),
+        # so no visitor can send the agent a list larger than it accepts.
+        size = sum(len(key) + len(value) + 32 for key, value in scope["headers"])
         if size > self.config.max_header_bytes:
             await send_error_page(
                 send,

@@ -4,6 +4,12 @@ Each fix is pinned to the Hypercorn versions it was verified on, applied once
 (idempotent) when a :class:`~tunnel.TunnelApp` is created, so it holds both
 under :func:`tunnel.serve` and under a user's own ``hypercorn`` command.
 
+**An HTTP/2 request without ``:path`` crashes the server.** Hypercorn 0.17
+and 0.18 read ``:method`` and ``:path`` into locals and use ``:path``
+unconditionally; a plain ``CONNECT`` (which has none) raises
+``UnboundLocalError`` out of the connection and takes the whole worker down.
+The fix refuses such a stream with ``RST_STREAM(PROTOCOL_ERROR)`` first.
+
 **A visitor's WebSocket close code is lost.** Hypercorn 0.17 and 0.18 tell the app
 ``websocket.disconnect`` with code 1006 whenever the client starts the closing
 handshake, whatever code the client sent. A tunnel must carry that code to the
@@ -16,7 +22,9 @@ import importlib.metadata
 import logging
 from typing import Any
 
+from h2.errors import ErrorCodes
 from hypercorn.protocol.events import StreamClosed
+from hypercorn.protocol.h2 import H2Protocol
 from hypercorn.protocol.ws_stream import FrameTooLargeError, WSStream
 from wsproto.connection import ConnectionState
 from wsproto.events import CloseConnection, Message, Ping
@@ -42,6 +50,21 @@ def apply_hypercorn_patches() -> None:
         logger.debug("Hypercorn %s: WebSocket close-code fix not applied", version)
         return
     _fix_websocket_close_code()
+    _fix_pathless_http2_request()
+
+
+def _fix_pathless_http2_request() -> None:
+    original = H2Protocol._create_stream
+
+    async def _create_stream(self: Any, request: Any) -> None:
+        names = {name for name, _ in request.headers}
+        if b":path" not in names or b":method" not in names:
+            self.connection.reset_stream(request.stream_id, ErrorCodes.PROTOCOL_ERROR)
+            await self._flush()
+            return
+        await original(self, request)
+
+    H2Protocol._create_stream = _create_stream  # type: ignore[method-assign]
 
 
 def _fix_websocket_close_code() -> None:

@@ -171,6 +171,7 @@ class _Exchange:
         self.refusal: tuple[int, str] | None = None
         #: Bounds the wait for the response headers; see _body_sent.
         self.waiting = trio.CancelScope()
+        self.body_done = False
 
     async def relay_request(
         self, body: bytes, more_body: bool, cancel_scope: trio.CancelScope
@@ -219,14 +220,24 @@ class _Exchange:
                 return
             cancel_scope.cancel()
         except _VisitorGone:
+            # Resetting the stream ends the response side through its own
+            # reads. Not cancel_scope: Hypercorn tells of the disconnect from
+            # inside the send that completes the response, and cancelling that
+            # send leaves the connection without its idle timer, so it stays
+            # open (and a graceful shutdown waits for it) until the visitor
+            # closes it.
             if not stream.done:
                 stream.cancel(h2.errors.ErrorCodes.CANCEL)
-            cancel_scope.cancel()
 
     def _body_sent(self) -> None:
         # The clock for the response starts once the whole request is sent: a
         # long upload is no sign of a slow service.
+        self.body_done = True
         self.waiting.deadline = trio.current_time() + self.config.response_timeout
+
+    def _unread(self) -> Headers:
+        """``Connection: close`` when we answer before reading the whole body."""
+        return [] if self.body_done else _closing(self.scope)
 
     async def relay_response(self) -> None:
         """Relay the agent's response (or an error page) to the visitor."""
@@ -244,6 +255,7 @@ class _Exchange:
                 504,
                 f"The service behind {session.host} did not answer within "
                 f"{config.response_timeout:g} seconds.",
+                self._unread(),
             )
             return
         except StreamError as exc:
@@ -251,7 +263,10 @@ class _Exchange:
                 await send_error_page(send, *self.refusal, _closing(self.scope))
             else:
                 await send_error_page(
-                    send, 502, f"The agent for {session.host} could not answer: {exc.reason}."
+                    send,
+                    502,
+                    f"The agent for {session.host} could not answer: {exc.reason}.",
+                    self._unread(),
                 )
             return
 

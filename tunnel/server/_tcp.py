@@ -100,7 +100,9 @@ async def serve_tcp(
             task_status.started()
     finally:
         for listener in listeners:
-            await trio.aclose_forcefully(listener)
+            # Synchronous: under cancellation an await would raise Cancelled
+            # after the first listener and leak the rest.
+            listener.socket.close()
 
 
 async def _connection(

@@ -1,0 +1,354 @@
+"""Soak: steady load through a tunnel server while agents are killed, stopped and cut off.
+
+Run with ``nox -s soak`` (5 minutes) or ``nox -s soak -- --quick`` (about 30 s);
+directly: ``python tests/soak.py [--duration SECONDS] [--quick]``.
+
+What runs, all on loopback:
+
+* a tunnel server, as a subprocess (``tests/processes.py server``), whose RSS and
+  open file descriptors are read from ``/proc`` at the start and the end;
+* *chaos* agents, one subprocess per host, each behind a
+  :class:`faultproxy.FaultProxy`, at random ``kill -9``-ed and restarted,
+  SIGSTOP-ed and SIGCONT-ed (once for 30 s in a full run), cut off (RST), or
+  black-holed (once for a whole minute in a full run);
+* a *steady* agent that nothing happens to: its visitors must only see 200s;
+* *churn*: in-process agents that connect, serve one request and leave, over
+  and over (2,000 cycles in a full run);
+* visitors: keep-alive HTTP clients sending requests to every host as fast as
+  the answers come.
+
+Every request must get an HTTP answer: 200, or 502 when its agent was offline
+for longer than the grace period. A request with no answer at all (an error or
+a timeout) is *lost*; the soak fails if any is lost, if a steady request was
+not a 200, if a chaos agent did not come back, or if the server's RSS grew by
+more than 10 MiB or its descriptors by any.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import signal
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from functools import partial
+
+import httpx
+import trio
+from faultproxy import FaultProxy
+from processes import TOKEN, Child, start_agent, start_server
+
+import tunnel
+from helpers import LocalService, free_port, serve_local
+
+KEEPALIVE = 1.0
+GRACE = 5.0
+#: A request unanswered after this long is lost (a hang, not a slow answer).
+REQUEST_TIMEOUT = 90.0
+RSS_BUDGET_MIB = 10.0
+
+
+@dataclass
+class Tally:
+    """Requests of one kind of host, by outcome."""
+
+    sent: int = 0
+    statuses: Counter[int] = field(default_factory=Counter)
+    #: Answered (status and headers), but the body ended early: the agent was
+    #: lost while the response was on its way, and that is how HTTP says so.
+    cut: int = 0
+    lost: int = 0
+    errors: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def ok(self) -> int:
+        return sum(n for status, n in self.statuses.items() if 200 <= status < 300)
+
+    @property
+    def bad_gateway(self) -> int:
+        return self.statuses[502]
+
+    @property
+    def other(self) -> int:
+        return sum(self.statuses.values()) - self.ok - self.bad_gateway
+
+
+@dataclass
+class Faults:
+    kills: int = 0
+    stops: int = 0
+    longest_stop: float = 0.0
+    cuts: int = 0
+    black_holes: int = 0
+    longest_black_hole: float = 0.0
+
+
+def rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+class Soak:
+    def __init__(self, duration: float, quick: bool) -> None:
+        self.duration = duration
+        self.quick = quick
+        self.chaos_hosts = [f"chaos-{i}.localhost" for i in range(3)]
+        self.tallies = {"chaos": Tally(), "steady": Tally(), "churn": Tally()}
+        self.faults = Faults()
+        self.churn_cycles = 0
+        self.churn_target = 200 if quick else 2000
+        self.port = free_port()
+        self.running = True
+        self.long_stop_done = quick
+        self.long_hole_done = quick
+        self.unrecovered: list[str] = []
+
+    async def request(self, http: httpx.AsyncClient, tally: Tally, path: str) -> None:
+        tally.sent += 1
+        status = 0
+        try:
+            with trio.fail_after(REQUEST_TIMEOUT):
+                async with http.stream("GET", path) as response:
+                    status = response.status_code
+                    await response.aread()
+            tally.statuses[status] += 1
+        except (httpx.HTTPError, trio.TooSlowError) as exc:
+            if status:
+                tally.cut += 1
+            else:
+                tally.lost += 1
+                tally.errors[type(exc).__name__] += 1
+
+    def visitor(self, host: str) -> httpx.AsyncClient:
+        return httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{self.port}",
+            headers={"host": host},
+            timeout=httpx.Timeout(REQUEST_TIMEOUT),
+            limits=httpx.Limits(max_connections=8),
+            trust_env=False,
+        )
+
+    async def load(self, host: str, tally: Tally, workers: int) -> None:
+        async with self.visitor(host) as http:
+
+            async def worker(n: int) -> None:
+                i = 0
+                while self.running:
+                    await self.request(http, tally, f"/load/{n}/{i}")
+                    i += 1
+
+            async with trio.open_nursery() as nursery:
+                for n in range(workers):
+                    nursery.start_soon(worker, n)
+
+    async def chaos(self, host: str, local_port: int, seed: int, connected: trio.Event) -> None:
+        """One agent process behind a proxy, and the faults done to it."""
+        rng = random.Random(seed)
+        async with trio.open_nursery() as nursery:
+            proxy: FaultProxy = await nursery.start(FaultProxy(self.port).run)
+            options = ("--keepalive", str(KEEPALIVE), "--backoff", "0.1", "--backoff-max", "1")
+            options += ("--connect-timeout", "2")
+            agent: Child = await start_agent(proxy.port, local_port, host, *options)
+            try:
+                await agent.wait_for_line("connected", 30)
+                connected.set()
+                while self.running:
+                    await trio.sleep(rng.uniform(2, 6))
+                    if not self.running:
+                        break
+                    fault = rng.choice(["kill", "stop", "cut", "hole"])
+                    if fault == "kill":
+                        self.faults.kills += 1
+                        await agent.aclose()
+                        await trio.sleep(rng.uniform(0, 2))
+                        agent = await start_agent(proxy.port, local_port, host, *options)
+                    elif fault == "stop":
+                        long = not self.long_stop_done and self.elapsed() > 30
+                        seconds = 30.0 if long else rng.uniform(0.5, 4)
+                        self.long_stop_done |= long
+                        self.faults.stops += 1
+                        self.faults.longest_stop = max(self.faults.longest_stop, seconds)
+                        agent.signal(signal.SIGSTOP)
+                        await trio.sleep(seconds)
+                        agent.signal(signal.SIGCONT)
+                    elif fault == "cut":
+                        self.faults.cuts += 1
+                        proxy.cut()
+                    else:
+                        long = not self.long_hole_done and self.elapsed() > 60
+                        seconds = 60.0 if long else rng.uniform(0.5, 4)
+                        self.long_hole_done |= long
+                        self.faults.black_holes += 1
+                        self.faults.longest_black_hole = max(
+                            self.faults.longest_black_hole, seconds
+                        )
+                        proxy.black_hole()
+                        await trio.sleep(seconds)
+                        proxy.pass_through()
+                # Whatever happened last, the agent must be back and serving.
+                async with self.visitor(host) as http:
+                    for _ in range(200):
+                        try:
+                            if (await http.get("/recovered")).status_code == 200:
+                                break
+                        except httpx.HTTPError:
+                            pass
+                        await trio.sleep(0.1)
+                    else:
+                        self.unrecovered.append(host)
+            finally:
+                await agent.aclose()
+                nursery.cancel_scope.cancel()
+
+    async def churn(self, local_port: int, n: int) -> None:
+        host = f"churn-{n}.localhost"
+        async with self.visitor(host) as http:
+            while self.running and self.churn_cycles < self.churn_target:
+                config = tunnel.ClientConfig(
+                    address=f"127.0.0.1:{self.port}", token=TOKEN, port=local_port, host=host
+                )
+                async with tunnel.open_tunnel(config):
+                    await self.request(http, self.tallies["churn"], "/churn")
+                self.churn_cycles += 1
+
+    def elapsed(self) -> float:
+        return trio.current_time() - self.started
+
+    async def run(self) -> bool:
+        server = await start_server(self.port, "--keepalive", str(KEEPALIVE), "--grace", str(GRACE))
+        try:
+            async with trio.open_nursery() as nursery:
+                service = LocalService("soak")
+                await nursery.start(partial(serve_local, service))
+                steady = tunnel.ClientConfig(
+                    address=f"127.0.0.1:{self.port}",
+                    token=TOKEN,
+                    port=service.port,
+                    host="steady.localhost",
+                )
+                async with tunnel.open_tunnel(steady):
+                    ok = await self._run(nursery, server, service.port)
+                nursery.cancel_scope.cancel()
+            return ok
+        finally:
+            await server.aclose()
+
+    async def _run(self, nursery: trio.Nursery, server: Child, local_port: int) -> bool:
+        # Warm up (imports, pools, first allocations), then take the baseline
+        # with no visitor connection open.
+        async with self.visitor("steady.localhost") as http:
+            for _ in range(300):
+                await http.get("/warm-up")
+        await trio.sleep(6)  # Hypercorn's keep-alive timeout closes the visitors
+        rss_start, fds_start = rss_mib(server.pid), open_fds(server.pid)
+
+        self.started = trio.current_time()
+        async with trio.open_nursery() as work:
+            for i, host in enumerate(self.chaos_hosts):
+                # A host no agent ever claimed is a 404: load starts once it has.
+                connected = trio.Event()
+                work.start_soon(self.chaos, host, local_port, i, connected)
+                await connected.wait()
+                work.start_soon(self.load, host, self.tallies["chaos"], 3)
+            work.start_soon(self.load, "steady.localhost", self.tallies["steady"], 6)
+            for n in range(2):
+                work.start_soon(self.churn, local_port, n)
+            with trio.move_on_after(self.duration):
+                while True:
+                    await trio.sleep(10)
+                    self.progress(server.pid)
+            self.running = False
+        await trio.sleep(6)
+        rss_end, fds_end = rss_mib(server.pid), open_fds(server.pid)
+        return self.report(rss_start, rss_end, fds_start, fds_end)
+
+    def progress(self, pid: int) -> None:
+        sent = sum(t.sent for t in self.tallies.values())
+        lost = sum(t.lost for t in self.tallies.values())
+        print(
+            f"  {self.elapsed():5.0f} s: {sent} requests, {lost} lost, "
+            f"{self.churn_cycles} churn cycles, server RSS {rss_mib(pid):.1f} MiB",
+            flush=True,
+        )
+
+    def report(self, rss_start: float, rss_end: float, fds_start: int, fds_end: int) -> bool:
+        f = self.faults
+        print()
+        print(
+            f"soak: {self.elapsed():.0f} s; 3 chaos agents, 1 steady agent, "
+            f"{self.churn_cycles} connect/disconnect cycles"
+        )
+        print()
+        head = ("hosts", "sent", "2xx", "502", "other", "cut short", "lost")
+        print("| {:<8} | {:>8} | {:>8} | {:>6} | {:>6} | {:>9} | {:>5} |".format(*head))
+        print("|" + "|".join("-" * (w + 2) for w in (8, 8, 8, 6, 6, 9, 5)) + "|")
+        total = Tally()
+        for name, t in self.tallies.items():
+            print(
+                f"| {name:<8} | {t.sent:>8} | {t.ok:>8} | {t.bad_gateway:>6} | "
+                f"{t.other:>6} | {t.cut:>9} | {t.lost:>5} |"
+            )
+            total.sent += t.sent
+            total.statuses.update(t.statuses)
+            total.cut += t.cut
+            total.lost += t.lost
+            total.errors.update(t.errors)
+        print(
+            f"| {'total':<8} | {total.sent:>8} | {total.ok:>8} | {total.bad_gateway:>6} | "
+            f"{total.other:>6} | {total.cut:>9} | {total.lost:>5} |"
+        )
+        others = {
+            k: n for k, n in sorted(total.statuses.items()) if k != 502 and not 200 <= k < 300
+        }
+        if others:
+            print(f"other statuses: {others}")
+        print()
+        print(
+            f"faults: {f.kills} kill -9, {f.stops} SIGSTOP/SIGCONT "
+            f"(longest {f.longest_stop:.0f} s), {f.cuts} cuts, "
+            f"{f.black_holes} black holes (longest {f.longest_black_hole:.0f} s)"
+        )
+        print(
+            f"server: RSS {rss_start:.1f} -> {rss_end:.1f} MiB ({rss_end - rss_start:+.1f}), "
+            f"open fds {fds_start} -> {fds_end}"
+        )
+        failures = []
+        if total.lost:
+            failures.append(f"{total.lost} requests lost: {dict(total.errors)}")
+        steady = self.tallies["steady"]
+        if steady.ok != steady.sent:
+            failures.append(f"steady host: {dict(steady.statuses)}")
+        if self.unrecovered:
+            failures.append(f"agents not back at the end: {self.unrecovered}")
+        if rss_end - rss_start > RSS_BUDGET_MIB:
+            failures.append(f"server RSS grew by {rss_end - rss_start:.1f} MiB")
+        if fds_end > fds_start:
+            failures.append(f"server fds grew from {fds_start} to {fds_end}")
+        for failure in failures:
+            print(f"FAILED: {failure}")
+        if not failures:
+            print("OK: every request answered, nothing leaked")
+        return not failures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="about 30 s instead of 5 minutes")
+    parser.add_argument("--duration", type=float, help="seconds of load and faults")
+    args = parser.parse_args()
+    duration = args.duration or (30.0 if args.quick else 300.0)
+    ok = trio.run(Soak(duration, args.quick).run)
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()
