@@ -34,7 +34,7 @@ import h2.frame_buffer
 import h2.settings
 import hyperframe.frame
 import trio
-from hyperframe.frame import Frame
+from hyperframe.frame import DataFrame, Frame
 
 from ._protocol.headers import Headers
 from ._transport import ABNORMAL_CLOSURE, MessageTransport, TransportClosed
@@ -62,6 +62,11 @@ MAX_HEADER_BLOCK: Final = 256 << 10
 #: PINGs and SETTINGS a peer may send per second; a legitimate one sends a
 #: few a minute, and each costs us an answer to queue.
 MAX_CONTROL_FRAMES_PER_SECOND: Final = 100
+#: DATA frames for finished streams a peer may send per second (some follow
+#: every reset; thousands a second only follow a peer gone bad).
+MAX_STRAY_DATA_PER_SECOND: Final = 5000
+#: Answers (not DATA) queued for a peer that does not read, before we give up.
+MAX_UNREAD_ANSWERS: Final = 16 << 20
 
 
 #: WebSocket close codes (RFC 6455) for a peer that broke the rules.
@@ -249,7 +254,16 @@ class _Connection(h2.connection.H2Connection):
     def __init__(self, config: h2.config.H2Configuration, mux: Mux) -> None:
         super().__init__(config)
         self._mux_streams = mux._streams
+        self._mux = mux
         self.incoming_buffer = _FrameBuffer(server=not config.client_side)
+
+    def _receive_frame(self, frame: Frame) -> list[h2.events.Event]:
+        # DATA for a stream the mux does not know makes h2 queue an answer
+        # (RST_STREAM) without telling us. Some arrive after any reset; a
+        # flood of them is a peer making us queue answers it never reads.
+        if isinstance(frame, DataFrame) and frame.stream_id not in self._mux_streams:
+            self._mux._count_stray_data()
+        return super()._receive_frame(frame)
 
     def _open_streams(self, remainder: int) -> int:
         # All of one side's streams are opened by the same peer (the server
@@ -330,6 +344,8 @@ class Mux:
         self._goaway_sent = False
         self._control_frames = 0
         self._control_window_start = 0.0
+        self._stray_frames = 0
+        self._stray_window_start = 0.0
         self.closed_reason: str | None = None
         #: The WebSocket close code the peer ended the connection with, if any.
         self.peer_close_code: int | None = None
@@ -524,6 +540,7 @@ class Mux:
                     raise
                 for event in events:
                     self._dispatch(event)
+                self._check_answers_read()
                 self._kick()
 
     async def _keepalive(self) -> None:
@@ -559,7 +576,10 @@ class Mux:
             stream = self._streams.get(event.stream_id)
             flow = event.flow_controlled_length or 0
             if stream is None or stream.reset is not None:
-                # Nobody will consume it; give the window back at once.
+                # Nobody will consume it; give the window back at once. A few
+                # such frames are in flight after a reset; a stream of them is
+                # a peer gone bad.
+                self._count_stray_data()
                 if flow:
                     self._conn.acknowledge_received_data(flow, event.stream_id)
                 return
@@ -647,6 +667,22 @@ class Mux:
                     self._forget(stream)
             if not self._streams:
                 raise TransportClosed("the peer went away (GOAWAY)")
+
+    def _check_answers_read(self) -> None:
+        # What h2 queued beyond our own DATA is answers to the peer's frames
+        # (PING ACKs, RST_STREAMs for frames on closed streams, ...). A peer
+        # that makes us answer while it reads nothing would fill our memory.
+        unsent = len(getattr(self._conn, "_data_to_send", b"")) - self._queued
+        if unsent > MAX_UNREAD_ANSWERS:
+            raise _Abuse("the peer stopped reading while its frames kept asking for answers")
+
+    def _count_stray_data(self) -> None:
+        now = trio.current_time()
+        if now - self._stray_window_start >= 1.0:
+            self._stray_window_start, self._stray_frames = now, 0
+        self._stray_frames += 1
+        if self._stray_frames > MAX_STRAY_DATA_PER_SECOND:
+            raise _Abuse("the peer flooded the connection with DATA for finished streams")
 
     def _count_control_frame(self) -> None:
         now = trio.current_time()

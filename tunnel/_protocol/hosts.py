@@ -54,7 +54,10 @@ def host_from_authority(authority: str) -> str:
         text = text[1:end] if end != -1 else text
     elif ":" in text:
         text = text.rsplit(":", 1)[0]
-    return text.removesuffix(".")
+    text = text.removesuffix(".")
+    # Only a valid host name may route: anything else (such as "[tcp:20000]",
+    # the registry's key of a TCP tunnel) must not match a registry key.
+    return text if is_valid_host(text) else ""
 
 
 def in_domain(host: str, domain: str) -> bool:
