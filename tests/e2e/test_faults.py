@@ -309,10 +309,11 @@ async def test_a_late_abandoned_handshake_does_not_take_the_host(
                 + b"Authorization: Bearer s3cret\r\n\r\n"
             )
             await late.send_eof()  # the agent's side of it is long closed
-            # The server answers the handshake, then finds the connection dead.
+            # The server answers the handshake and then finds the connection
+            # dead, or (timing) sees the end first and just closes it.
             answer = await late.receive_some(4096)
-            assert answer.startswith(b"HTTP/1.1 101")
             await late.aclose()
+            assert answer == b"" or answer.startswith(b"HTTP/1.1 101"), answer
             for i in range(3):
                 response = await http.get(f"/still-mine/{i}")
                 assert response.status_code == 200
