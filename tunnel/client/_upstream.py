@@ -181,7 +181,11 @@ async def _exchange(
     assert stream.headers is not None
     has_body = not stream.remote_ended
     method, target, headers = local_request_headers(stream.headers, has_body=has_body)
-    request = h11.Request(method=method, target=target, headers=headers)
+    try:
+        request = h11.Request(method=method, target=target, headers=headers)
+    except h11.LocalProtocolError as exc:
+        # HTTP/2 lets through what HTTP/1.1 cannot carry (a space in the path).
+        raise LocalFailure(400, f"The request cannot be sent to the local service: {exc}") from None
     conn, response = await _start(pool, request, retry=not has_body)
     response_started = False
     failure: Exception | None = None
