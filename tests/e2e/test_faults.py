@@ -421,7 +421,7 @@ def _count_tasks() -> int:
 async def test_connect_disconnect_cycles_and_requests_leak_nothing(
     nursery, local_service, agent_config, visitor
 ):
-    cycles, requests_per_cycle, concurrency = 30, 40, 8
+    cycles, requests_per_cycle, concurrency = 20, 40, 8
     app = tunnel.TunnelApp(
         tunnel.ServerConfig(tokens=frozenset({"s3cret"}), grace_period=0.2, **FAST)
     )
