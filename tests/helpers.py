@@ -27,6 +27,8 @@ Routes (any other path echoes the request as JSON):
     ``disconnected`` when its ``receive()`` says so (or its ``send`` fails).
 ``/gather/<n>``
     Waits until ``gather_target`` requests are inside at once, then echoes.
+``/hold``
+    Counts itself in ``holding`` and waits for ``release_hold``, then echoes.
 """
 
 from __future__ import annotations
@@ -87,6 +89,8 @@ class LocalService:
         self.gather_target = 200
         self._gathered = 0
         self._all_gathered = trio.Event()
+        self.holding = 0
+        self.release_hold = trio.Event()
         self.requests: list[tuple[str, str]] = []
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -117,6 +121,11 @@ class LocalService:
             await self._watch(receive, send)
         elif path.startswith("/gather/"):
             await self._gather(scope, receive, send)
+        elif path == "/hold":
+            body = await _read_body(receive)
+            self.holding += 1
+            await self.release_hold.wait()
+            await _respond(send, 200, self._echo(scope, body), [])
         else:
             body = await _read_body(receive)
             await _respond(
