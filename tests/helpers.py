@@ -48,6 +48,7 @@ __all__ = [
     "STREAM_CHUNK_1",
     "STREAM_CHUNK_2",
     "LocalService",
+    "eventually",
     "free_port",
     "serve_local",
     "visitor",
@@ -284,6 +285,15 @@ async def serve_local(
         await service.lifespan_started.wait()
         service.port = int(urls[0].rsplit(":", 1)[1])
         task_status.started(service.port)
+
+
+async def eventually(condition: Callable[[], bool], limit: float = 5.0) -> None:
+    """Wait (polling, bounded) until ``condition()`` holds; fail after ``limit`` seconds."""
+    for _ in range(int(limit / 0.02)):
+        if condition():
+            return
+        await trio.sleep(0.02)
+    assert condition()
 
 
 def free_port() -> int:

@@ -13,6 +13,7 @@ import trio
 from faultproxy import FaultProxy
 
 import tunnel
+from helpers import eventually
 
 
 async def _served_by(http, count: int, prefix: str = "/r") -> Counter[str]:
@@ -65,8 +66,7 @@ async def test_requests_go_to_the_least_busy_agent(
             # (idle agents take turns, and then the tie breaks either way).
             for _ in range(3):
                 nursery.start_soon(hold)
-            while one.holding + two.holding < 3:
-                await trio.sleep(0.01)
+            await eventually(lambda: one.holding + two.holding == 3)
             assert sorted([one.holding, two.holding]) == [1, 2]
             quieter = "one" if one.holding == 1 else "two"
             # New requests go to the agent with fewer in flight, every time.
@@ -79,7 +79,10 @@ async def test_requests_go_to_the_least_busy_agent(
 async def test_pool_needs_the_same_token(start_tunnel_server, local_service, open_agent, visitor):
     server = await start_tunnel_server(tokens=frozenset({"s3cret", "other"}))
     with trio.fail_after(10):
-        async with open_agent(server.port, local_service.port, pool=True), visitor(server.port) as http:
+        async with (
+            open_agent(server.port, local_service.port, pool=True),
+            visitor(server.port) as http,
+        ):
             with pytest.raises(tunnel.HostInUseError) as in_use:
                 async with open_agent(server.port, local_service.port, pool=True, token="other"):
                     pytest.fail("an agent with another token joined the pool")
@@ -93,13 +96,26 @@ async def test_agent_without_pool_takes_over_a_pool(
     one = await start_local_service("one")
     two = await start_local_service("two")
     port = tunnel_server.port
-    with trio.fail_after(10), pytest.raises(tunnel.HostInUseError, match="took over"):
-        async with open_agent(port, one.port, pool=True), visitor(port) as http:
+    connected = trio.Event()
+    replaced = trio.Event()
+
+    async def pooled() -> None:
+        with pytest.raises(tunnel.HostInUseError, match="took over"):  # noqa: PT012
+            async with open_agent(port, one.port, pool=True):
+                connected.set()
+                await trio.sleep_forever()
+        replaced.set()
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery, visitor(port) as http:
+            nursery.start_soon(pooled)
+            await connected.wait()
             async with open_agent(port, two.port):
                 # The newcomer did not ask to share: it has the host alone, and
-                # the pooled agent is told to stop (raised on leaving).
+                # the pooled agent is told to stop.
+                await replaced.wait()
                 assert await _served_by(http, 5) == {"two": 5}
-                await trio.sleep_forever()
+    assert one.requests == []
 
 
 async def test_pooled_agent_cut_off_costs_only_its_requests_in_flight(
@@ -129,15 +145,13 @@ async def test_pooled_agent_cut_off_costs_only_its_requests_in_flight(
 
             for worker in range(4):
                 load_nursery.start_soon(load, worker)
-            while len(one.requests) < 5 or len(two.requests) < 5:
-                await trio.sleep(0.01)
+            await eventually(lambda: len(one.requests) >= 5 and len(two.requests) >= 5)
             # Reset, and kept from coming back: the way a crashed host looks.
             proxy.cut()
             proxy.refuse()
             cut_at = len(one.requests)
             before = len(two.requests)
-            while len(two.requests) < before + 100:
-                await trio.sleep(0.01)
+            await eventually(lambda: len(two.requests) >= before + 100, limit=15)
             done.set()
     assert len(one.requests) <= cut_at + 4
     # At most the four requests in flight on agent one when it went failed.

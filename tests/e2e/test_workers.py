@@ -18,6 +18,7 @@ import pytest
 import trio
 
 import tunnel
+from helpers import eventually
 from tunnel._protocol.handshake import HAVE_WORKERS_HEADER, SUBPROTOCOL
 from tunnel.server._workers import worker_id
 
@@ -56,8 +57,7 @@ async def fresh_visits(port: int, count: int, host: str = "app.localhost") -> Co
 
 
 async def wait_connections(client: tunnel.Client, count: int) -> None:
-    while client.server_connections != count:
-        await trio.sleep(0.05)
+    await eventually(lambda: client.server_connections == count, limit=30)
 
 
 @pytest.fixture
