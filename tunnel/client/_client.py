@@ -100,7 +100,8 @@ class Client:
         self._connected_at: dict[int, float] = {}
         #: Connections to keep: the server's worker count, as it last said.
         self._wanted = 1
-        self._slots = 1
+        #: The slots whose reconnect loops run now.
+        self._running: set[int] = set()
         self._nursery: trio.Nursery | None = None
         # One handshake at a time, so each names every worker held by the
         # others, and two never land on one new worker unknowingly.
@@ -265,6 +266,13 @@ class Client:
 
     async def _slot_loop(self, slot: int) -> None:
         """Keep connection ``slot`` up, reconnecting with backoff, while it is wanted."""
+        self._running.add(slot)
+        try:
+            await self._keep_slot(slot)
+        finally:
+            self._running.discard(slot)
+
+    async def _keep_slot(self, slot: int) -> None:
         failures = 0
         duplicates = 0
         while not self._is_closing() and slot < self._wanted:
@@ -387,9 +395,11 @@ class Client:
         self._wanted = max(1, min(wanted, MAX_CONNECTIONS))
         nursery = self._nursery
         if nursery is not None:
-            while self._slots < self._wanted:
-                nursery.start_soon(self._slot_loop, self._slots)
-                self._slots += 1
+            for missing in set(range(self._wanted)) - self._running:
+                # Marked running now, not when the task starts, so that a
+                # second handshake before then does not start it twice.
+                self._running.add(missing)
+                nursery.start_soon(self._slot_loop, missing)
 
     async def _open_stream(self) -> trio.SocketStream | trio.SSLStream[trio.SocketStream]:
         config = self.config
