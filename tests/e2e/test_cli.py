@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -13,7 +14,7 @@ import httpx
 import pytest
 import trio
 
-from helpers import LocalService, free_port, serve_local
+from helpers import LocalService, eventually, free_port, serve_local
 
 ROOT = Path(__file__).resolve().parents[2]
 TUNNEL = [sys.executable, "-m", "tunnel"]
@@ -171,6 +172,45 @@ async def test_server_with_workers_and_pooled_agents_from_the_command_line(
             if process.returncode is None:
                 process.kill()
                 await process.wait()
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if (
+                entry.name.isdigit()
+                and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid
+            ):
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+async def test_workers_do_not_outlive_a_killed_main_process() -> None:
+    port = free_port()
+    server = await trio.lowlevel.open_process(
+        [*TUNNEL, "server", "--address", f"127.0.0.1:{port}", "--workers", "2"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    workers: list[int] = []
+    try:
+        assert server.stderr is not None
+        await _wait_for_line(server.stderr, b"Running on", 30)
+        workers = _children(server.pid)
+        assert len(workers) == 2
+        server.kill()  # SIGKILL: no chance to stop its workers
+        await server.wait()
+        await eventually(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in workers), 20)
+        # And the port is free again: nobody serves on it.
+        with pytest.raises(OSError, match="all attempts to connect"):
+            await trio.open_tcp_stream("127.0.0.1", port)
+    finally:
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 async def test_embedding_example_runs_under_the_hypercorn_command(

@@ -11,7 +11,10 @@ graceful shutdown sends it to all of them.
 Workers are fresh interpreters (``python -c``) that receive their settings
 pickled on stdin and the listening sockets as inherited descriptors; unlike
 ``multiprocessing``, they never import the user's main module again, so a script
-without an ``if __name__ == "__main__"`` guard works.
+without an ``if __name__ == "__main__"`` guard works. The parent keeps the
+worker's stdin open for as long as it wants the worker: if the parent dies (even
+by SIGKILL), the worker reads end-of-file there and drains and exits rather than
+serve on as an orphan nobody supervises.
 """
 
 from __future__ import annotations
@@ -237,7 +240,6 @@ class _Worker:
             assert process.stdin is not None
             with trio.move_on_after(START_TIMEOUT) as scope:
                 await process.stdin.send_all(payload)
-                await process.stdin.aclose()
                 # The worker writes its report and closes the pipe, or dies,
                 # which closes it too.
                 data = bytearray()
@@ -274,6 +276,8 @@ class _Worker:
     async def _end(self, process: trio.Process, *, graceful: bool = True) -> None:
         """Make sure ``process`` has exited: let it drain when stopping, else kill it."""
         with trio.CancelScope(shield=True):
+            if process.stdin is not None:
+                await trio.aclose_forcefully(process.stdin)
             if process.returncode is None and graceful and self.stopping.is_set():
                 with trio.move_on_after(self.config.graceful_timeout + EXIT_GRACE):
                     await process.wait()
@@ -340,11 +344,25 @@ async def _worker(
     from ._serve import serve_sockets
 
     async def terminated() -> None:
-        # SIGTERM: from the parent's graceful shutdown, or sent to this process
-        # directly (a whole process group stopped by systemd or Docker).
-        with trio.open_signal_receiver(signal.SIGTERM) as signals:
-            async for _ in signals:
-                return
+        async with trio.open_nursery() as nursery:
+
+            async def on_signal() -> None:
+                # From the parent's graceful shutdown, or sent to this process
+                # directly (a whole process group stopped by systemd or Docker).
+                with trio.open_signal_receiver(signal.SIGTERM) as signals:
+                    async for _ in signals:
+                        break
+                nursery.cancel_scope.cancel()
+
+            async def on_orphaned() -> None:
+                # Nothing more comes on stdin: readable means end-of-file, the
+                # parent closed it or died.
+                await trio.lowlevel.wait_readable(sys.stdin.fileno())
+                logger.warning("the server's main process is gone; this worker stops")
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(on_signal)
+            nursery.start_soon(on_orphaned)
 
     async with trio.open_nursery() as nursery:
         urls: list[str] = await nursery.start(serve_sockets, config, fallback, sockets, terminated)
