@@ -166,7 +166,7 @@ class Client:
 
         Failed attempts and lost connections are retried after a delay drawn
         from zero to ``min(backoff_max, backoff_initial * 2**n)`` for the n-th
-        failure in a row. A connection that stayed up for :data:`STABLE_AFTER`
+        failure in a row. A connection that stayed up for ``STABLE_AFTER`` (10)
         seconds counts as a success: the next delay starts from
         ``backoff_initial`` again.
 
