@@ -37,6 +37,7 @@ from .._transport.websocket import HandshakeGuard, WebSocketTransport
 from ._inspector import open_inspector
 from ._keys import AgentKey
 from ._observe import Observer, Recorder, agent_observers
+from ._progress import ReconnectWait
 from ._state import ClientState
 from ._upstream import LocalPool, answer_error, forward
 from ._upstream_raw import forward_tcp, forward_websocket
@@ -93,6 +94,7 @@ class Client:
             config.observer, inspector=config.inspector is not None
         )
         self._inspector_url: str | None = None
+        self._reconnect_wait: ReconnectWait | None = None
 
     @property
     def state(self) -> ClientState:
@@ -142,6 +144,11 @@ class Client:
         is None or none of its ports was free.
         """
         return self._inspector_url
+
+    @property
+    def reconnect_wait(self) -> ReconnectWait | None:
+        """The wait before the next connection attempt, while the agent waits; else None."""
+        return self._reconnect_wait
 
     def _set_state(self, state: ClientState) -> None:
         if state is self._state:
@@ -216,11 +223,18 @@ class Client:
                 if self._is_closing():
                     break
                 self._set_state(ClientState.DISCONNECTED)
-                cap = min(self.config.backoff_max, self.config.backoff_initial * 2**failures)
-                failures = min(failures + 1, 32)
+                cap = min(
+                    self.config.backoff_max, self.config.backoff_initial * 2 ** min(failures, 32)
+                )
+                failures += 1
                 delay = random.uniform(0, cap)
                 logger.info("agent for %s: reconnecting in %.1fs", self._host, delay)
-                await trio.sleep(delay)
+                # Published for the panel's countdown (tunnel._panel).
+                self._reconnect_wait = ReconnectWait(failures, delay, trio.current_time() + delay)
+                try:
+                    await trio.sleep(delay)
+                finally:
+                    self._reconnect_wait = None
         finally:
             self._set_state(ClientState.CLOSED)
             with trio.CancelScope(shield=True):
