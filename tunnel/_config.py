@@ -341,7 +341,7 @@ class ServerConfig:
 
     @property
     def tcp_listen_host(self) -> str:
-        """Where TCP tunnels listen: ``tcp_host``, else the host of ``address``."""
+        """The host TCP tunnels listen on, ``tcp_host`` or else the host of ``address``."""
         return self.tcp_host or parse_listen_address(self.address)[0]
 
     @property

@@ -44,6 +44,7 @@ from .._transport.websocket import HandshakeGuard, WebSocketTransport
 from ._inspector import open_inspector
 from ._keys import AgentKey
 from ._observe import Observer, Recorder, agent_observers
+from ._progress import ReconnectWait
 from ._state import ClientState
 from ._upstream import LocalPool, answer_error, forward
 from ._upstream_raw import forward_tcp, forward_websocket
@@ -129,6 +130,7 @@ class Client:
             config.observer, inspector=config.inspector is not None
         )
         self._inspector_url: str | None = None
+        self._reconnect_wait: ReconnectWait | None = None
 
     @property
     def state(self) -> ClientState:
@@ -188,6 +190,11 @@ class Client:
         """
         return self._inspector_url
 
+    @property
+    def reconnect_wait(self) -> ReconnectWait | None:
+        """The wait before the next connection attempt, while the agent waits; else None."""
+        return self._reconnect_wait
+
     def _set_state(self, state: ClientState) -> None:
         if state is self._state:
             return
@@ -211,7 +218,7 @@ class Client:
 
         Failed attempts and lost connections are retried after a delay drawn
         from zero to ``min(backoff_max, backoff_initial * 2**n)`` for the n-th
-        failure in a row. A connection that stayed up for :data:`STABLE_AFTER`
+        failure in a row. A connection that stayed up for ``STABLE_AFTER`` (10)
         seconds counts as a success: the next delay starts from
         ``backoff_initial`` again.
 
@@ -298,12 +305,20 @@ class Client:
             if slot == 0:
                 self._phase = ClientState.DISCONNECTED
                 self._update_state()
-            cap = min(self.config.backoff_max, self.config.backoff_initial * 2**failures)
-            failures = min(failures + 1, 32)
+            cap = min(self.config.backoff_max, self.config.backoff_initial * 2 ** min(failures, 32))
+            failures += 1
             delay = random.uniform(0, cap)
             which = self._which(slot)
             logger.info("agent for %s: %sreconnecting in %.1fs", self._host, which, delay)
-            await trio.sleep(delay)
+            if slot != 0:
+                await trio.sleep(delay)
+                continue
+            # Published for the panel's countdown (tunnel._panel).
+            self._reconnect_wait = ReconnectWait(failures, delay, trio.current_time() + delay)
+            try:
+                await trio.sleep(delay)
+            finally:
+                self._reconnect_wait = None
 
     def _which(self, slot: int) -> str:
         return "" if self._wanted == 1 else f"connection {slot + 1} of {self._wanted}: "
@@ -460,9 +475,12 @@ class Client:
                 self._task_status = trio.TASK_STATUS_IGNORED
         finally:
             self._links.pop(slot, None)
+            # Slot 0's loop says DISCONNECTED itself, at once and together with
+            # the reconnect wait; another slot's loss shows only if it was the
+            # last connection up.
             if slot == 0:
                 self._phase = ClientState.DISCONNECTED
-            if not self._is_closing():
+            elif not self._is_closing():
                 self._update_state()
         if mux.peer_close_code == REPLACED_CLOSE_CODE:
             raise HostInUseError(

@@ -61,7 +61,7 @@ class TunnelInfo:
 
     @property
     def key(self) -> str:
-        """What the registry knows the tunnel by: its host, or ``tcp:<port>``."""
+        """The registry's key for the tunnel, its host or ``tcp:<port>``."""
         return self.host if self.tcp_port is None else f"tcp:{self.tcp_port}"
 
 
