@@ -173,7 +173,7 @@ class Client:
 
     @property
     def server_connections(self) -> int:
-        """Connections to the server up now: one per server worker process when all are."""
+        """How many connections to the server are up now (one per server worker, when all are)."""
         return len(self._links)
 
     @property
