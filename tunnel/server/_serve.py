@@ -36,6 +36,12 @@ def hypercorn_config(config: ServerConfig) -> hypercorn.config.Config:
     # A visitor's keep-alive connection may carry any number of requests; the
     # default of 1000 makes busy clients reconnect for nothing.
     hc.keep_alive_max_requests = 2**31
+    # Hypercorn listens with a backlog of 100: a burst of new visitors beyond it
+    # (thousands of requests in flight through one tunnel, each on its own
+    # connection) overflows the accept queue, and the kernel drops their SYNs
+    # (a 1 s retransmit each) or the connections they thought were open. The
+    # kernel caps this at net.core.somaxconn (4096 by default since Linux 5.4).
+    hc.backlog = 4096
     hc.graceful_timeout = config.graceful_timeout
     hc.include_server_header = False
     hc.accesslog = None
