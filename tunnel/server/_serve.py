@@ -7,6 +7,7 @@ import os
 from collections.abc import Awaitable, Callable
 
 import hypercorn.config
+import hypercorn.trio
 import trio
 from hypercorn.config import Sockets
 from hypercorn.trio.run import worker_serve
@@ -117,8 +118,18 @@ async def serve_sockets(
             app.begin_shutdown()
 
     async def run(*, task_status: trio.TaskStatus[list[str]]) -> None:
+        if sockets is None:
+            await hypercorn.trio.serve(
+                app,  # type: ignore[arg-type]  # Hypercorn's scope TypedDicts vs. plain ASGI mappings
+                hypercorn_config(config),
+                shutdown_trigger=trigger,
+                task_status=task_status,
+            )
+            return
+        # The public serve() binds sockets of its own; a worker serves the
+        # parent's, through the function that serve() wraps.
         await worker_serve(
-            wrap_app(app, 0, "asgi"),  # type: ignore[arg-type]  # Hypercorn's scope TypedDicts vs. plain ASGI mappings
+            wrap_app(app, 0, "asgi"),  # type: ignore[arg-type]  # as above
             hypercorn_config(config),
             sockets=sockets,
             shutdown_trigger=trigger,
