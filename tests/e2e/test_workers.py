@@ -182,3 +182,41 @@ async def test_agent_of_a_server_claiming_more_workers_than_it_has_still_works(
             # Delays from 0.05 s doubling (capped at the test agent's 0.2 s).
             assert 1 <= refused <= 15, refused
             assert (await http.get("/still")).status_code == 200
+
+
+async def test_a_fresh_worker_lets_visitors_wait_for_the_agents_to_find_it(
+    local_service, open_agent, nursery
+):
+    # As a worker that has just (re)started sees it: a host no agent has
+    # claimed here yet may well be served by the other workers.
+    app = tunnel.TunnelApp(
+        tunnel.ServerConfig(
+            address="127.0.0.1:0", tokens=frozenset({TOKEN}), workers=2, grace_period=2
+        )
+    )
+    hc = tunnel.server.hypercorn_config(app.config)
+    urls = await nursery.start(hypercorn.trio.serve, app, hc)
+    port = int(urls[0].rsplit(":", 1)[1])
+    async with httpx.AsyncClient(
+        base_url=f"http://127.0.0.1:{port}", headers={"host": "app.localhost"}, trust_env=False
+    ) as http:
+        with trio.fail_after(10):
+            async with trio.open_nursery() as visits:
+                answers: list[httpx.Response] = []
+
+                async def visit() -> None:
+                    answers.append(await http.get("/early"))
+
+                visits.start_soon(visit)
+                await trio.sleep(0.3)
+                assert answers == []  # waiting, not 404
+                async with open_agent(port, local_service.port):
+                    await eventually(lambda: bool(answers))
+            assert answers[0].status_code == 200
+            assert answers[0].json()["path"] == "/early"
+            # Once the window has passed, an unknown host is a 404 at once.
+            await trio.sleep(2)
+            started = trio.current_time()
+            missing = await http.get("/", headers={"host": "nobody.localhost"})
+            assert missing.status_code == 404
+            assert trio.current_time() - started < 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -76,6 +77,9 @@ class TunnelApp:
             hosts = ",".join(sorted(self._admin.hosts))
             log_event(logger, "admin_api", path=self._admin.prefix, hosts=hosts)
         self._challenge_path = self.config.control_path + CHALLENGE_SUFFIX
+        # When this worker began: a worker of several that has just started
+        # (or restarted) knows no agent yet, while its siblings serve them.
+        self._started = time.monotonic()
         if self.access.open:
             logger.warning(
                 "tunnel server has no tokens, keys or auth hook: ANYONE can open a tunnel; "
@@ -144,6 +148,15 @@ class TunnelApp:
                 f"The agent for {host} is offline; it did not reconnect within "
                 f"{self.config.grace_period:g} seconds.",
             )
+        if self.config.workers > 1 and host and not registry.shutting_down.is_set():
+            # The agents of a server with several workers find a new worker
+            # within moments; until then its visitors wait for them rather than
+            # get a 404 that another worker would not have given.
+            left = self._started + self.config.grace_period - time.monotonic()
+            if left > 0:
+                session = await registry.wait_for(host, left)
+                if session is not None:
+                    return session
         if self.fallback is not None:
             return None
         return 404, f"No tunnel is serving {host or 'this host'} on this server."
