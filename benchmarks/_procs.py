@@ -2,7 +2,9 @@
 
 Every child gets ``PR_SET_PDEATHSIG`` (Linux), so it dies with the benchmark even
 when the benchmark itself is killed hard; :class:`Processes` stops the rest on
-any exit from its ``with`` block.
+any exit from its ``with`` block. Every child also starts with its soft limit on
+open files raised to the hard limit, as a server operator would set it: the
+in-flight phase holds 10,000 connections in each process.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -18,7 +21,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-__all__ = ["Process", "Processes", "free_ports", "get"]
+__all__ = ["Process", "Processes", "free_ports", "get", "raise_fd_limit", "rss_kib"]
 
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 _PR_SET_PDEATHSIG = 1
@@ -38,10 +41,33 @@ def free_ports(count: int) -> list[int]:
             sock.close()
 
 
-def _die_with_parent() -> None:
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+def raise_fd_limit() -> int:
+    """Lift this process's soft limit on open files to the hard one; return it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def rss_kib(pid: int) -> int:
+    """The resident set size of ``pid`` in KiB (``VmRSS``), or 0 once it is gone."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as status:
+            for line in status:
+                if line.startswith(b"VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _child_setup() -> None:
+    raise_fd_limit()
+    if sys.platform == "linux":
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def get(port: int, host: str, path: str = "/", timeout: float = 2.0) -> int:
@@ -74,7 +100,7 @@ class Process:
                 stderr=subprocess.STDOUT,
                 # Not the checkout: `python -m tunnel` must import the installed package.
                 cwd=log_dir,
-                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+                preexec_fn=_child_setup,
             )
 
     @property
@@ -87,6 +113,26 @@ class Process:
             fields = stat.read().rsplit(b")", 1)[1].split()
         # Fields 14 and 15 of proc(5); the split starts at field 3.
         return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+
+    def tree_cpu_seconds(self) -> float:
+        """CPU time of this process and its live descendants (worker processes)."""
+        total = 0.0
+        pids = [self.pid]
+        seen = set()
+        while pids and len(seen) < 1000:
+            pid = pids.pop()
+            if pid in seen:
+                continue
+            seen.add(pid)
+            try:
+                with open(f"/proc/{pid}/stat", "rb") as stat:
+                    fields = stat.read().rsplit(b")", 1)[1].split()
+                with open(f"/proc/{pid}/task/{pid}/children", "rb") as children:
+                    pids.extend(int(child) for child in children.read().split())
+            except OSError:
+                continue
+            total += (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+        return total
 
     def log_tail(self, lines: int = 20) -> str:
         try:
@@ -117,6 +163,11 @@ class Process:
         # SIGINT ignored, and nothing here needs a graceful shutdown.
         if self.popen.poll() is None:
             self.popen.terminate()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Terminate now and wait for the end (killing it after ``timeout``)."""
+        self.terminate()
+        self.kill_after(time.monotonic() + timeout)
 
     def kill_after(self, deadline: float) -> None:
         try:

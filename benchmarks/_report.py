@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
-__all__ = ["print_small", "print_targets", "print_transfers", "targets"]
+__all__ = [
+    "print_idle",
+    "print_inflight",
+    "print_small",
+    "print_targets",
+    "print_transfers",
+    "print_workers",
+    "targets",
+]
 
 TARGETS = ("direct", "hypercorn", "tunnel")
 MIB = 1 << 20
 
 
 def targets(
-    small: dict[tuple[str, int], dict], transfers: dict[tuple[str, str], dict]
+    small: dict[tuple[str, int], dict],
+    transfers: dict[tuple[str, str], dict],
+    inflight: list[dict] | None = None,
+    idle: dict | None = None,
 ) -> list[dict]:
     found: list[dict] = []
 
@@ -49,6 +60,23 @@ def targets(
     down, up = transfers.get(("tunnel", "download")), transfers.get(("tunnel", "upload"))
     add("download through the tunnel", down["mib_per_s"] if down else None, 300, "MiB/s", True)
     add("upload through the tunnel", up["mib_per_s"] if up else None, 200, "MiB/s", True)
+    # The largest in-flight phase run; 10,000 in a full run. Held only if all
+    # of them reached the local service together.
+    largest = max(inflight or [], key=lambda r: r["requests"], default=None)
+    if largest is not None:
+        failed = largest["error_count"] + max(
+            0, largest["requests"] - largest["local_peak_in_flight"]
+        )
+        add(f"errors, {largest['requests']:,} in flight on one agent", failed, 0, "", False)
+    else:
+        add("errors, 10,000 in flight on one agent", None, 0, "", False)
+    add(
+        "server KiB per extra idle agent",
+        idle["kib_per_extra_agent"] if idle else None,
+        50,
+        "KiB",
+        False,
+    )
     return found
 
 
@@ -120,4 +148,58 @@ def print_targets(verdicts: list[dict]) -> None:
         print(
             f"  {item['target']:<42} {item['measured']:>9.3f} {item['unit']:<5}"
             f" (target {'≥' if item['higher_is_better'] else '≤'} {item['limit']:g})  {verdict}"
+        )
+
+
+def print_inflight(results: list[dict]) -> None:
+    if not results:
+        return
+    print()
+    print(
+        "requests in flight at once on one agent (the local service holds them all, then answers)"
+    )
+    print(
+        f"{'requests':>9} {'ok':>7} {'errors':>6} {'at once':>8} {'ramp s':>9}"
+        f" {'done s':>7} {'p50 s':>7} {'max s':>7}  RSS peak MiB (before), CPU µs/request"
+    )
+    for r in results:
+        rss = ", ".join(
+            f"{name} {v['peak'] / 1024:.0f} ({v['before'] / 1024:.0f})"
+            for name, v in r["rss_kib"].items()
+        )
+        cpu = ", ".join(f"{name} {v:.0f}" for name, v in r["cpu_us_per_request"].items())
+        print(
+            f"{r['requests']:>9} {r['ok']:>7} {r['error_count']:>6}"
+            f" {r['local_peak_in_flight']:>8} {r['connect_s']:>9.2f} {r['complete_s']:>7.2f}"
+            f" {r['p50_ms'] / 1000:>7.1f} {r['max_ms'] / 1000:>7.1f}  {rss}; {cpu}"
+        )
+        if r["errors"]:
+            print(f"{'':>9} errors: {r['errors']}")
+
+
+def print_idle(idle: dict | None) -> None:
+    if not idle:
+        return
+    rss = idle["server_rss_kib"]
+    print()
+    print(f"idle agents on a fresh server (connected in {idle['connect_s']:.1f} s)")
+    print("  server RSS: " + ", ".join(f"{n} agents {v / 1024:.1f} MiB" for n, v in rss.items()))
+    print(
+        f"  {idle['kib_per_extra_agent']:.1f} KiB per extra idle agent;"
+        f" requests routed through the first and last: {'yes' if idle['routed'] else 'NO'}"
+    )
+
+
+def print_workers(rows: list[dict]) -> None:
+    print()
+    print("tunnel server workers side by side (small GETs, median of rounds)")
+    print(
+        f"{'conc':>5} {'workers':>7} {'req/s':>9} {'p50 ms':>8} {'errors':>6} {'gain':>6}"
+        "  CPU µs/request (server, all workers; agent)"
+    )
+    for r in rows:
+        print(
+            f"{r['concurrency']:>5} {r['workers']:>7} {r['rps']:>9.0f} {r['p50_ms']:>8.3f}"
+            f" {r['errors']:>6} {r['gain_over_first']:>6.2f}"
+            f"  {r['server_cpu_us_per_request']:.0f}; {r['agent_cpu_us_per_request']:.0f}"
         )

@@ -8,7 +8,13 @@ Both serve the same three routes:
 - ``GET /download?bytes=N``: ``N`` zero bytes, sent in 256 KiB pieces as they are
   written, never held whole;
 - ``POST /upload``: reads and discards the body as it arrives (Content-Length or
-  chunked) and answers with the number of bytes it read.
+  chunked) and answers with the number of bytes it read;
+- ``GET /hold?n=N&ms=S``: waits until N such requests are held at once (at most
+  ``HOLD_MAX`` seconds), then S milliseconds more, then answers like ``GET /``:
+  the in-flight phase, which must show N requests in flight together;
+- ``GET /holders`` (raw server only): ``CURRENT PEAK``, the ``/hold`` handlers
+  running now and the most that ran at once; ``?reset=1`` sets the peak to the
+  current count.
 
 The raw server is the "local service" behind the tunnel and the "direct"
 baseline: a few dozen lines of trio over plain sockets, parsing only what these
@@ -46,6 +52,47 @@ _HELLO_RESPONSE = b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-lengt
 def _download_size(query: bytes) -> int:
     values = parse_qs(query.decode("latin-1")).get("bytes", ["0"])
     return max(0, int(values[0]))
+
+
+#: The longest a ``/hold`` waits for the others, in seconds: a phase whose
+#: requests never all arrive still ends, and its peak count shows the shortfall.
+HOLD_MAX = 120.0
+
+
+class _Holders:
+    """The ``/hold`` handlers running now, the most at once, and their release."""
+
+    current = 0
+    peak = 0
+    reached: trio.Event | None = None
+
+
+async def _hold(query: bytes) -> None:
+    values = parse_qs(query.decode("latin-1"))
+    wanted = int(values.get("n", ["1"])[0])
+    after = min(60.0, max(0.0, int(values.get("ms", ["0"])[0]) / 1000))
+    if _Holders.reached is None:
+        _Holders.reached = trio.Event()
+    reached = _Holders.reached
+    _Holders.current += 1
+    _Holders.peak = max(_Holders.peak, _Holders.current)
+    try:
+        if _Holders.current >= wanted:
+            reached.set()
+        with trio.move_on_after(HOLD_MAX):
+            await reached.wait()
+        await trio.sleep(after)
+    finally:
+        _Holders.current -= 1
+        if _Holders.current == 0:
+            _Holders.reached = None  # the next phase waits afresh
+
+
+def _holders_body(query: bytes) -> bytes:
+    body = b"%d %d" % (_Holders.current, _Holders.peak)
+    if b"reset=1" in query:
+        _Holders.peak = _Holders.current
+    return body
 
 
 # --- the raw trio server ----------------------------------------------------------------
@@ -158,7 +205,15 @@ async def _serve_connection(stream: trio.SocketStream) -> None:
                     piece = view[: min(size, len(CHUNK))]
                     await stream.send_all(piece)
                     size -= len(piece)
+            elif path == b"/holders":
+                body = _holders_body(query)
+                await stream.send_all(
+                    b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n"
+                    b"content-length: %d\r\n\r\n%s" % (len(body), body)
+                )
             else:
+                if path == b"/hold":
+                    await _hold(query)
                 await stream.send_all(_HELLO_RESPONSE)
             if close:
                 return
@@ -169,7 +224,9 @@ async def _serve_connection(stream: trio.SocketStream) -> None:
 
 
 async def serve_raw(port: int) -> None:
-    await trio.serve_tcp(_serve_connection, port, host="127.0.0.1", backlog=1024)
+    # The agent opens one connection per request in flight: 10,000 in the
+    # in-flight phase, faster than a backlog of a few hundred drains.
+    await trio.serve_tcp(_serve_connection, port, host="127.0.0.1", backlog=4096)
 
 
 # --- the same app as ASGI, under Hypercorn -----------------------------------------------
@@ -222,6 +279,8 @@ async def app(
             size -= len(piece)
             await send({"type": "http.response.body", "body": piece, "more_body": size > 0})
     else:
+        if path == "/hold":
+            await _hold(scope["query_string"])
         await _send_small(send, HELLO)
 
 

@@ -7,8 +7,10 @@ the same app under Hypercorn (``_service.py hypercorn``), a tunnel server
 (``python -m tunnel server``) and an agent (``python -m tunnel http``) that
 forwards ``bench.localhost`` to the local service. Then, side by side in one run:
 small GETs at several concurrencies against the three targets, large downloads
-and uploads, and the CPU each process used per request. Prints a table and
-writes JSON to ``benchmarks/results/latest.json``.
+and uploads, and the CPU each process used per request; then 1,000 and 10,000 slow requests
+in flight at once on the one agent, and the server's memory with 1 and with 1,000
+idle agents (on a server of their own). Prints a table and writes JSON to
+``benchmarks/results/latest.json`` and a chart to ``latest.png`` (with matplotlib).
 """
 
 from __future__ import annotations
@@ -19,14 +21,19 @@ import json
 import os
 import platform
 import signal
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
+import _chart
+import _idle
+import _inflight
 import _load
 import _procs
 import _profile
@@ -45,6 +52,8 @@ WATCHED = {
     "tunnel": ("server", "agent", "local"),
 }
 MIB = _transfer.MIB
+#: The in-flight phase's server waits this long for response headers (see Bench.inflight).
+INFLIGHT_RESPONSE_TIMEOUT = 300
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -54,6 +63,28 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--duration", type=int, help="seconds per load phase")
     parser.add_argument("--repeat", type=int, help="rounds of every phase; medians are reported")
     parser.add_argument("--transfer-mib", type=int, help="size of the download and upload")
+    parser.add_argument(
+        "--inflight",
+        help="requests held in flight at once on one agent, comma-separated "
+        "(default 1000,10000; --quick 200; 0 skips)",
+    )
+    parser.add_argument(
+        "--inflight-hold-ms",
+        type=int,
+        default=1500,
+        help="how long the local service holds the in-flight requests once all "
+        "arrived (default 1500)",
+    )
+    parser.add_argument(
+        "--idle-agents",
+        type=int,
+        help="idle agents for the server-memory phase (default 1000; --quick 20; 0 skips)",
+    )
+    parser.add_argument(
+        "--server-workers",
+        help="also run the tunnel with these server worker counts side by side, "
+        "such as 1,2 (needs 'tunnel server --workers')",
+    )
     parser.add_argument(
         "--generator",
         choices=("auto", "wrk", "python"),
@@ -89,6 +120,7 @@ class Bench:
     """The running processes and the measurements taken against them."""
 
     def __init__(self, procs: _procs.Processes, agent_args: list[str]) -> None:
+        self.procs = procs
         local, hypercorn, server, inspector = _procs.free_ports(4)
         self.ports = {"direct": local, "hypercorn": hypercorn, "tunnel": server}
         python = sys.executable
@@ -202,6 +234,277 @@ class Bench:
                 for name in WATCHED[target]
             },
         }
+
+    def holders(self) -> tuple[int, int]:
+        """(running now, most at once since the last reset) of the local ``/hold``."""
+        with socket.create_connection(("127.0.0.1", self.ports["direct"]), timeout=5) as sock:
+            sock.sendall(b"GET /holders?reset=1 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            answer = b""
+            while chunk := sock.recv(4096):
+                answer += chunk
+        current, peak = answer.rsplit(b"\r\n\r\n", 1)[1].split()
+        return int(current), int(peak)
+
+    def inflight(self, count: int, hold_ms: int) -> dict:
+        """``count`` requests in flight at once through a tunnel of their own.
+
+        A fresh server and agent for each phase, so that one phase's memory is not
+        the next one's baseline. Two settings differ from the defaults, both in
+        the config files a user would write: the agent lets the server open
+        ``count`` streams at once (``max_concurrent_streams``, 1000 by default),
+        and the server waits up to 300 s for response headers
+        (``response_timeout``, 60 s) because opening 10,000 connections takes
+        most of a minute on this machine, and the first request must outlast it.
+        """
+        self.check_alive()
+        procs = self.procs
+        python = sys.executable
+        port, inspector = _procs.free_ports(2)
+        server_toml = procs.log_dir / f"inflight-{count}-server.toml"
+        server_toml.write_text(f"response_timeout = {INFLIGHT_RESPONSE_TIMEOUT}\n")
+        agent_toml = procs.log_dir / f"inflight-{count}-agent.toml"
+        agent_toml.write_text(f"max_concurrent_streams = {max(count, 1000)}\n")
+        server = procs.start(
+            f"inflight-{count}-server",
+            [
+                *(python, "-m", "tunnel", "server", "--config", str(server_toml)),
+                *("--address", f"127.0.0.1:{port}", "--token", TOKEN),
+            ],
+        )
+        _wait_for_port(server, port)
+        argv = [
+            *(python, "-m", "tunnel", "http", str(self.ports["direct"]), "--config"),
+            *(str(agent_toml), "--server", f"127.0.0.1:{port}", "--token", TOKEN),
+            *("--host", HOST),
+        ]
+        if _agent_has_inspector():
+            argv += ["--inspector", f"127.0.0.1:{inspector}"]
+        agent = procs.start(f"inflight-{count}-agent", argv)
+        agent.wait_until(port, HOST)
+        self.holders()  # resets the peak
+        watched = {"server": server, "agent": agent}
+        before = {name: process.cpu_seconds() for name, process in watched.items()}
+        with _RssSampler({name: process.pid for name, process in watched.items()}) as rss:
+            result = _inflight.hold(port, self.ports["direct"], HOST, count, hold_ms=hold_ms)
+        after = {name: process.cpu_seconds() for name, process in watched.items()}
+        _, peak = self.holders()
+        for process in (agent, server):
+            process.check_alive()
+            process.stop()
+        self.check_alive()
+        out = result.to_dict()
+        out["local_peak_in_flight"] = peak
+        out["rss_kib"] = rss.summary()
+        out["cpu_us_per_request"] = {
+            name: round((after[name] - before[name]) / count * 1e6, 1) for name in watched
+        }
+        out["server_settings"] = {"response_timeout": INFLIGHT_RESPONSE_TIMEOUT}
+        out["agent_settings"] = {"max_concurrent_streams": max(count, 1000)}
+        return out
+
+
+class _RssSampler:
+    """RSS of some processes every 50 ms in a thread: the value before, and the peak."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+        self.before = {name: _procs.rss_kib(pid) for name, pid in pids.items()}
+        self.peak = dict(self.before)
+        self.after: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            for name, pid in self.pids.items():
+                self.peak[name] = max(self.peak[name], _procs.rss_kib(pid))
+
+    def __enter__(self) -> _RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.after = {name: _procs.rss_kib(pid) for name, pid in self.pids.items()}
+
+    def summary(self) -> dict[str, dict[str, int]]:
+        return {
+            name: {"before": self.before[name], "peak": self.peak[name], "after": self.after[name]}
+            for name in self.pids
+        }
+
+
+def _settled_rss(pid: int, samples: int = 5, pause: float = 0.2) -> int:
+    """The median of a few RSS readings, once a process has had a moment to settle."""
+    readings = []
+    for _ in range(samples):
+        time.sleep(pause)
+        readings.append(_procs.rss_kib(pid))
+    return int(statistics.median(readings))
+
+
+def _wait_for_line(process: _procs.Process, text: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while text not in process.log_tail(5):
+        process.check_alive()
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{process.name}: no {text!r} after {timeout:g} s")
+        time.sleep(0.1)
+
+
+def idle_agents(procs: _procs.Processes, local_port: int, count: int) -> dict:
+    """Server RSS with no agent, 1 and ``count`` idle agents, on a server of its own.
+
+    A fresh server, so that nothing the other phases allocated (and Python kept
+    for reuse) hides or inflates what the agents cost.
+    """
+    (port,) = _procs.free_ports(1)
+    python = sys.executable
+    server = procs.start(
+        "idle-server",
+        [
+            *(python, "-m", "tunnel", "server"),
+            *("--address", f"127.0.0.1:{port}", "--token", TOKEN),
+        ],
+    )
+    _wait_for_port(server, port)
+    script = str(HERE / "_idle.py")
+    rss = {"0": _settled_rss(server.pid)}
+    first = procs.start("idle-1", [python, script, str(port), TOKEN, str(local_port), "0", "1"])
+    _wait_for_line(first, "connected 1", 30)
+    # The agents route: a request through the first reaches the local service.
+    first_ok = _procs.get(port, _idle.host(0)) == 200
+    rss["1"] = _settled_rss(server.pid)
+    rest = procs.start(
+        "idle-rest",
+        [python, script, str(port), TOKEN, str(local_port), "1", str(count - 1)],
+    )
+    started = time.monotonic()
+    _wait_for_line(rest, f"connected {count - 1}", _idle.CONNECT_WITHIN + 10)
+    connect_s = time.monotonic() - started
+    last_ok = _procs.get(port, _idle.host(count - 1)) == 200
+    # Past the handshakes' garbage and the agents' first PINGs.
+    time.sleep(2)
+    rss[str(count)] = _settled_rss(server.pid, samples=10)
+    agents_rss = _procs.rss_kib(first.pid) + _procs.rss_kib(rest.pid)
+    server.check_alive()
+    for process in (rest, first, server):
+        process.stop()
+    per_agent = (rss[str(count)] - rss["1"]) / (count - 1)
+    return {
+        "agents": count,
+        "server_rss_kib": rss,
+        "kib_per_extra_agent": round(per_agent, 1),
+        "connect_s": round(connect_s, 2),
+        "routed": first_ok and last_ok,
+        "agent_processes_rss_kib": agents_rss,
+    }
+
+
+def _worker_counts(text: str | None) -> list[int]:
+    """The ``--server-workers`` counts; exits if this tunnel has no ``--workers``."""
+    if not text:
+        return []
+    counts = [int(n) for n in text.split(",")]
+    if any(n < 1 for n in counts) or len(set(counts)) < 2:
+        raise SystemExit("bench: --server-workers takes two or more counts, such as 1,2")
+    usage = subprocess.run(
+        [sys.executable, "-m", "tunnel", "server", "--help"],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=tempfile.gettempdir(),
+    ).stdout
+    if "--workers" not in usage:
+        raise SystemExit(
+            "bench: --server-workers needs 'tunnel server --workers', which this tunnel lacks"
+        )
+    return counts
+
+
+def _compare_workers(
+    procs: _procs.Processes,
+    bench: Bench,
+    counts: list[int],
+    levels: list[int],
+    seconds: int,
+    repeat: int,
+    generator: str,
+) -> list[dict]:
+    """Small GETs through tunnels whose servers run ``counts`` workers, interleaved."""
+    python = sys.executable
+    tunnels = {}
+    for count in counts:
+        port, inspector = _procs.free_ports(2)
+        server = procs.start(
+            f"server-w{count}",
+            [
+                *(python, "-m", "tunnel", "server", "--workers", str(count)),
+                *("--address", f"127.0.0.1:{port}", "--token", TOKEN),
+            ],
+        )
+        _wait_for_port(server, port)
+        agent = [
+            *(python, "-m", "tunnel", "http", str(bench.ports["direct"])),
+            *("--server", f"127.0.0.1:{port}", "--token", TOKEN, "--host", HOST),
+        ]
+        if _agent_has_inspector():
+            agent += ["--inspector", f"127.0.0.1:{inspector}"]
+        process = procs.start(f"agent-w{count}", agent)
+        process.wait_until(port, HOST)
+        # The agent opens one connection per worker; give it time to reach all.
+        time.sleep(2)
+        tunnels[count] = (port, server, process)
+    runs: dict[tuple[int, int], list[dict]] = {}
+    for level in levels:
+        for _ in range(repeat):
+            for count, (port, server, agent) in tunnels.items():
+                before = (server.tree_cpu_seconds(), agent.cpu_seconds())
+                if generator == "wrk":
+                    result = _load.wrk_load(port, HOST, level, seconds)
+                else:
+                    result = _load.python_load(port, HOST, level, seconds, warmup=1.0)
+                after = (server.tree_cpu_seconds(), agent.cpu_seconds())
+                runs.setdefault((count, level), []).append(
+                    {
+                        "workers": count,
+                        "concurrency": level,
+                        "rps": round(result.rps, 1),
+                        "p50_ms": round(result.p50_ms, 4),
+                        "errors": result.errors,
+                        "requests": result.requests,
+                        "server_cpu_s": after[0] - before[0],
+                        "agent_cpu_s": after[1] - before[1],
+                    }
+                )
+    rows = []
+    base = counts[0]
+    for level in levels:
+        medians = {}
+        for count in counts:
+            value = runs[(count, level)]
+            chosen = dict(sorted(value, key=lambda r: r["rps"])[(len(value) - 1) // 2])
+            requests = sum(r["requests"] for r in value) or 1
+            chosen["server_cpu_us_per_request"] = round(
+                sum(r["server_cpu_s"] for r in value) / requests * 1e6, 1
+            )
+            chosen["agent_cpu_us_per_request"] = round(
+                sum(r["agent_cpu_s"] for r in value) / requests * 1e6, 1
+            )
+            chosen["errors"] = sum(r["errors"] for r in value)
+            chosen["rounds_rps"] = [r["rps"] for r in value]
+            del chosen["server_cpu_s"], chosen["agent_cpu_s"]
+            medians[count] = chosen
+        for count in counts:
+            medians[count]["gain_over_first"] = round(
+                medians[count]["rps"] / medians[base]["rps"], 3
+            )
+            rows.append(medians[count])
+    for _, server, agent in tunnels.values():
+        agent.stop()
+        server.stop()
+    return rows
 
 
 def _agent_has_inspector() -> bool:
@@ -358,6 +661,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     seconds = args.duration or (2 if quick else 4)
     repeat = args.repeat or (1 if quick else 3)
     size = (args.transfer_mib or (16 if quick else 100)) * MIB
+    inflight_levels = [
+        int(n) for n in (args.inflight or ("200" if quick else "1000,10000")).split(",") if int(n)
+    ]
+    idle_count = args.idle_agents if args.idle_agents is not None else (20 if quick else 1000)
+    worker_counts = _worker_counts(args.server_workers)
     generator = args.generator
     if generator == "auto":
         generator = "wrk" if _load.wrk_path() else "python"
@@ -443,9 +751,38 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             transfers[key] = median
         bench.check_alive()
 
-    targets = _report.targets(small, transfers)
+        inflight = []
+        for count in inflight_levels:
+            result = bench.inflight(count, args.inflight_hold_ms)
+            inflight.append(result)
+            print(
+                f"  in flight {count:>6}: {result['ok']} ok, {result['error_count']} errors,"
+                f" {result['local_peak_in_flight']} at once at the local service;"
+                f" sent in {result['connect_s']:.2f} s, all answered"
+                f" {result['complete_s']:.2f} s after the last (hold {result['hold_s']:g} s)",
+                flush=True,
+            )
+        idle = None
+        if idle_count >= 2:
+            idle = idle_agents(procs, bench.ports["direct"], idle_count)
+            print(
+                f"  idle agents: server RSS {idle['server_rss_kib']} KiB;"
+                f" {idle['kib_per_extra_agent']:.1f} KiB per extra agent",
+                flush=True,
+            )
+        workers = (
+            _compare_workers(procs, bench, worker_counts, levels, seconds, repeat, generator)
+            if worker_counts
+            else None
+        )
+
+    targets = _report.targets(small, transfers, inflight, idle)
     _report.print_small(small, levels)
     _report.print_transfers(transfers, size)
+    _report.print_inflight(inflight)
+    _report.print_idle(idle)
+    if workers:
+        _report.print_workers(workers)
     _report.print_targets(targets)
     elapsed = time.monotonic() - started
     load_after = os.getloadavg()[0]
@@ -466,15 +803,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "elapsed_s": round(elapsed, 1),
             "loadavg_1min": [round(load_before, 2), round(load_after, 2)],
             "small_get_body_bytes": 14,
+            "inflight_hold_ms": args.inflight_hold_ms,
         },
         "small_get": list(small.values()),
         "transfers": list(transfers.values()),
+        "inflight": inflight,
+        "idle_agents": idle,
+        "server_workers": workers,
         "targets": targets,
-        "not_measured": [
-            "1,000 and 10,000 concurrent in-flight requests on one agent",
-            "server RSS with 1 and 1,000 idle agents",
-            "1 vs 2 server workers",
-        ],
     }
 
 
@@ -498,6 +834,12 @@ def main() -> int:
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
     print(f"results: {args.output}")
+    if "small_get" in results:
+        chart = args.output.with_suffix(".png")
+        if _chart.draw(results, chart):
+            print(f"chart: {chart}")
+        else:
+            print("chart: not drawn (matplotlib is not installed; nox -s bench installs it)")
     return 0
 
 

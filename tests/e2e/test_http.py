@@ -6,9 +6,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 from contextlib import aclosing
+from pathlib import Path
 
 import httpx
+import pytest
 import trio
 
 from helpers import FIXED_BODY, STREAM_CHUNK_1, STREAM_CHUNK_2
@@ -197,6 +200,48 @@ async def test_two_hundred_concurrent_requests_on_one_agent(
         assert status == 200, text
         seen = json.loads(text)
         assert (seen["path"], seen["query"]) == (f"/gather/{i}", f"i={i}")
+
+
+def _open_without_yielding(port: int, count: int) -> list[socket.socket]:
+    """Open ``count`` connections while trio's loop (and so the server) cannot accept."""
+    opened: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            # A full accept queue drops the SYN: connect would wait 1 s for a retransmit.
+            opened.append(socket.create_connection(("127.0.0.1", port), timeout=0.5))
+    except OSError:
+        for sock in opened:
+            sock.close()
+        raise
+    return opened
+
+
+def _somaxconn() -> int:
+    try:
+        return int(Path("/proc/sys/net/core/somaxconn").read_text())
+    except (OSError, ValueError):
+        return 0
+
+
+@pytest.mark.skipif(_somaxconn() < 1024, reason="the kernel caps listen backlogs below 1024")
+async def test_a_burst_of_600_new_visitors_fits_in_the_listen_queue(
+    tunnel_server, local_service, open_agent, visitor
+):
+    # Hypercorn's default backlog (100) would leave the 102nd waiting for a SYN
+    # retransmit; thousands of requests in flight each come on a connection.
+    # 600, not thousands: a soft limit of 1024 open files must do.
+    sockets = _open_without_yielding(tunnel_server.port, 600)
+    try:
+        with trio.fail_after(20):
+            async with (
+                open_agent(tunnel_server.port, local_service.port),
+                visitor(tunnel_server.port) as http,
+            ):
+                response = await http.get("/after-the-burst")
+        assert response.status_code == 200
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 async def test_slow_local_service_gets_504(start_tunnel_server, local_service, open_agent, visitor):

@@ -93,7 +93,8 @@ LITERAL_EXAMPLES = {
     "GET http://demo.localhost:41235/hello": "test_the_demo_prints_what_the_readme_shows",
     "nox -s tests": "not run: it is this test suite",
     "tunnel server --address :8000 --domain": "test_the_command_line_quick_start",
-    "tunnel http 8080 --server": "test_the_command_line_quick_start",
+    "--token s3cret --host myapp\n": "test_the_command_line_quick_start",
+    "--host myapp --pool": "test_pooled_agents",
     "connected     https://myapp": "test_the_command_line_quick_start",
     "--tcp-ports 20000-20099": "test_the_tcp_tunnel_commands",
     "tunnel tcp 22": "test_the_tcp_tunnel_commands",
@@ -123,7 +124,7 @@ class Example:
 
 
 def examples(kind: str) -> list[Example]:
-    """The README's ``.. code-block:: python`` or ``::`` blocks, dedented."""
+    """The README's ``.. code-block:: python`` blocks, or its other literal blocks, dedented."""
     lines = README.read_text().splitlines()
     found = []
     for index, line in enumerate(lines):
@@ -131,7 +132,10 @@ def examples(kind: str) -> list[Example]:
         if kind == "python":
             opens = stripped == ".. code-block:: python"
         else:
-            opens = stripped.endswith("::") and not stripped.startswith("..")
+            # `::` paragraphs, and code blocks in any language but Python (console, toml...).
+            opens = (stripped.endswith("::") and not stripped.startswith("..")) or (
+                stripped.startswith(".. code-block::") and stripped != ".. code-block:: python"
+            )
         if not opens:
             continue
         indent = len(line) - len(line.lstrip())
@@ -521,7 +525,7 @@ async def test_the_command_line_quick_start(local_service: Any) -> None:
     port = free_port()
     values = {"server": port, "local": local_service.port}
     (serve,) = commands(example("literal", "tunnel server --address :8000 --domain"))
-    (expose,) = commands(example("literal", "tunnel http 8080 --server"))
+    (expose,) = commands(example("literal", "--token s3cret --host myapp\n"))
     printed = output(example("literal", "connected     https://myapp"))
     async with run(command(serve, **values), "tunnel server") as server:
         await server.line("Running on")
@@ -532,6 +536,28 @@ async def test_the_command_line_quick_start(local_service: Any) -> None:
             response = await get(port, "myapp.tunnel.localhost", "/quick/start")
             assert response.status_code == 200
             assert response.json()["path"] == "/quick/start"
+
+
+async def test_pooled_agents(start_local_service: Any) -> None:
+    services = [await start_local_service("one"), await start_local_service("two")]
+    port = free_port()
+    (serve,) = commands(example("literal", "tunnel server --address :8000 --domain"))
+    (expose,) = commands(example("literal", "--host myapp --pool"))
+    async with run(command(serve, server=port), "tunnel server") as server:
+        await server.line("Running on")
+        async with (
+            run(command(expose, server=port, local=services[0].port), "agent one") as one,
+            run(command(expose, server=port, local=services[1].port), "agent two") as two,
+        ):
+            await one.line("connected")
+            await two.line("connected")
+            # Idle agents take turns: both answer, soon.
+            seen = set()
+            with trio.fail_after(LIMIT):
+                while seen != {"one", "two"}:
+                    response = await get(port, "myapp.tunnel.localhost", "/pooled")
+                    assert response.status_code == 200
+                    seen.add(response.json()["service"])
 
 
 async def test_the_tcp_tunnel_commands(nursery: trio.Nursery) -> None:
