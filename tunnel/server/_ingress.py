@@ -87,30 +87,35 @@ async def forward_http(
     # Hypercorn has usually queued the first body message already, so waiting
     # for it costs nothing, and a request without a body then goes out as one
     # HEADERS frame with END_STREAM.
-    try:
-        with trio.fail_after(config.request_idle_timeout):
-            first = await receive()
-    except trio.TooSlowError:
+    # (Plain cancel scopes here rather than fail_after, whose generator-based
+    # context manager costs more than the scope itself, on every request.)
+    with trio.move_on_after(config.request_idle_timeout) as waited:
+        first = await receive()
+    if waited.cancelled_caught:
         await send_error_page(send, 408, _idle(config))
         return
     if first["type"] == "http.disconnect":
         return
     body: bytes = first.get("body", b"")
     more_body: bool = first.get("more_body", False)
+    end_stream = not body and not more_body
     try:
-        with trio.fail_after(config.grace_period):
-            stream = await session.mux.open_stream(headers, end_stream=not body and not more_body)
-    except trio.TooSlowError:
+        # Usually the agent has room for another stream and nothing waits.
+        stream = session.mux.open_stream_nowait(headers, end_stream=end_stream)
+        if stream is None:
+            with trio.move_on_after(config.grace_period):
+                stream = await session.mux.open_stream(headers, end_stream=end_stream)
+    except StreamError as exc:
+        await send_error_page(
+            send, 502, f"The agent for {session.host} is unavailable: {exc.reason}."
+        )
+        return
+    if stream is None:
         await send_error_page(
             send,
             503,
             f"The agent for {session.host} is at its limit of requests in flight; "
             "try again shortly.",
-        )
-        return
-    except StreamError as exc:
-        await send_error_page(
-            send, 502, f"The agent for {session.host} is unavailable: {exc.reason}."
         )
         return
     session.requests_served += 1
@@ -193,8 +198,10 @@ class _Exchange:
                         self._body_sent()
                 if not more_body:
                     break
-                with trio.fail_after(self.config.request_idle_timeout):
+                with trio.move_on_after(self.config.request_idle_timeout) as waited:
                     message = await self.receive()
+                if waited.cancelled_caught:
+                    raise trio.TooSlowError
                 if message["type"] == "http.disconnect":
                     raise _VisitorGone
                 body = message.get("body", b"")
