@@ -18,6 +18,13 @@ cancellation and join were a tenth of the server's task switches. With the fix
 :class:`NotifyingReceive`, whose ``on_disconnect`` callback Hypercorn calls as
 it queues ``http.disconnect``; apps that don't look see the plain ``receive``.
 
+**A WebSocket message is copied many times over as it arrives.** Hypercorn
+0.17 and 0.18 gather each message's pieces in a ``BytesIO``, which grows in
+steps of an eighth and copies what it holds each time: 11 % of the server's
+CPU in a download through the tunnel, whose agent sends 1 MiB messages. The
+fix gathers binary messages as a list of pieces, joined once (not at all for a
+message that came in one piece, as most do).
+
 **A visitor's WebSocket close code is lost.** Hypercorn 0.17 and 0.18 tell the app
 ``websocket.disconnect`` with code 1006 whenever the client starts the closing
 handshake, whatever code the client sent. A tunnel must carry that code to the
@@ -32,12 +39,13 @@ from typing import Any
 
 import trio
 from h2.errors import ErrorCodes
+from hypercorn.protocol import ws_stream
 from hypercorn.protocol.events import StreamClosed
 from hypercorn.protocol.h2 import H2Protocol
-from hypercorn.protocol.ws_stream import FrameTooLargeError, WSStream
+from hypercorn.protocol.ws_stream import FrameTooLargeError, WebsocketBuffer, WSStream
 from hypercorn.trio import task_group
 from wsproto.connection import ConnectionState
-from wsproto.events import CloseConnection, Message, Ping
+from wsproto.events import BytesMessage, CloseConnection, Message, Ping
 from wsproto.frame_protocol import CloseReason
 
 __all__ = ["NotifyingReceive", "apply_hypercorn_patches"]
@@ -63,6 +71,7 @@ def apply_hypercorn_patches() -> None:
         return
     _fix_websocket_close_code()
     _fix_pathless_http2_request()
+    ws_stream.WebsocketBuffer = _JoiningBuffer  # type: ignore[misc]
     if version.startswith(_VERIFIED_SPAWN_APP):
         _notify_disconnect()
 
@@ -114,6 +123,35 @@ def _notify_disconnect() -> None:
         return app_put
 
     task_group.TaskGroup.spawn_app = spawn_app  # type: ignore[method-assign]
+
+
+class _JoiningBuffer(WebsocketBuffer):
+    """Hypercorn's buffer of one incoming WebSocket message, binary ones kept as pieces."""
+
+    def __init__(self, max_length: int) -> None:
+        super().__init__(max_length)
+        self.parts: list[bytes] = []
+
+    def extend(self, event: Message) -> None:  # type: ignore[type-arg]
+        if not isinstance(event, BytesMessage) or self.value is not None:
+            super().extend(event)
+            return
+        data = event.data
+        self.parts.append(data if isinstance(data, bytes) else bytes(data))
+        self.length += len(data)
+        if self.length > self.max_length:
+            raise FrameTooLargeError()
+
+    def clear(self) -> None:
+        super().clear()
+        self.parts = []
+
+    def to_message(self) -> dict[str, Any]:
+        parts = self.parts
+        if not parts:
+            return super().to_message()
+        data = parts[0] if len(parts) == 1 else b"".join(parts)
+        return {"type": "websocket.receive", "bytes": data, "text": None}
 
 
 def _fix_pathless_http2_request() -> None:
