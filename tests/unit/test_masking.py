@@ -8,7 +8,7 @@ import wsproto.frame_protocol
 from hypothesis import given
 from hypothesis import strategies as st
 from wsproto.connection import Connection, ConnectionType
-from wsproto.events import BytesMessage
+from wsproto.events import BytesMessage, CloseConnection, Ping
 
 from tunnel._transport import masking
 
@@ -54,3 +54,24 @@ def test_masked_messages_round_trip_through_wsproto(size: int) -> None:
             received += event.data
     assert len(received) == size
     assert received == payload, "the payload came out changed"
+
+
+def test_control_frames_round_trip_and_stay_small() -> None:
+    masking.use_fast_masking()
+    client = Connection(ConnectionType.CLIENT)
+    server = Connection(ConnectionType.SERVER)
+    server.receive_data(client.send(Ping(payload=b"x" * 125)))
+    assert [type(event) for event in server.events()] == [Ping]
+    with pytest.raises(ValueError, match="control frame"):
+        client.send(Ping(payload=b"x" * 126))
+    server.receive_data(client.send(CloseConnection(code=1000, reason="done")))
+    (close,) = server.events()
+    assert isinstance(close, CloseConnection)
+    assert (close.code, close.reason) == (1000, "done")
+
+
+def test_every_frame_gets_a_fresh_key() -> None:
+    masking.use_fast_masking()
+    client = Connection(ConnectionType.CLIENT)
+    keys = {bytes(client.send(BytesMessage(data=b"same"))[2:6]) for _ in range(50)}
+    assert len(keys) > 45

@@ -8,6 +8,10 @@ machine, more than HTTP/2, the sockets and everything else a download costs.
 The ``websockets`` package ships the same operation in C (``apply_mask``),
 about 70 times faster; :func:`use_fast_masking` puts it in wsproto's place.
 
+The agent's frames are also built with fewer copies: wsproto copies each
+payload about eight times on its way to the socket (``bytearray`` conversions,
+four strided slices, concatenations), 10-15 % of the agent's CPU in a download.
+
 The swap is pinned to the wsproto versions whose masker it was checked against
 (the masker's interface is private); on any other version, or where
 ``websockets`` has no compiled extension, wsproto's own masker stays.
@@ -17,10 +21,13 @@ from __future__ import annotations
 
 import importlib.metadata
 import logging
+import os
+import struct
 from collections.abc import Callable
 from typing import Any, Final
 
 import wsproto.frame_protocol
+from wsproto.frame_protocol import FrameProtocol, Opcode
 
 __all__ = ["FastMasker", "use_fast_masking"]
 
@@ -62,6 +69,33 @@ class FastMasker:
         return masked
 
 
+_original_serialize_frame = FrameProtocol._serialize_frame
+
+
+def _serialize_frame(
+    self: FrameProtocol, opcode: Opcode, payload: bytes | bytearray = b"", fin: bool = True
+) -> bytearray:
+    # wsproto 1.2/1.3's _serialize_frame for a client without extensions (the
+    # agent's case), with the frame built in two copies of the payload.
+    if not self.client or self.extensions:
+        return _original_serialize_frame(self, opcode, payload, fin)
+    assert apply_mask is not None
+    first = (0x80 if fin else 0) | opcode
+    length = len(payload)
+    if length <= 125:
+        header = struct.pack("!BB", first, 0x80 | length)
+    elif opcode.iscontrol():
+        raise ValueError("payload too long for control frame")
+    elif length <= 0xFFFF:
+        header = struct.pack("!BBH", first, 0x80 | 126, length)
+    else:
+        header = struct.pack("!BBQ", first, 0x80 | 127, length)
+    # A fresh key from a strong source for every frame (RFC 6455 section 5.3).
+    key = os.urandom(4)
+    # bytes, not the bytearray wsproto makes: its caller adds it to b"" anyway.
+    return header + key + apply_mask(payload, key)  # type: ignore[return-value]
+
+
 def use_fast_masking() -> bool:
     """Make wsproto mask and unmask in C, once per process; True if it does."""
     global _applied
@@ -76,4 +110,5 @@ def use_fast_masking() -> bool:
     # wsproto looks the class up by name each time it makes a masker (one per
     # frame, sending and receiving), so replacing the name is enough.
     wsproto.frame_protocol.XorMaskerSimple = FastMasker  # type: ignore[misc,assignment]
+    FrameProtocol._serialize_frame = _serialize_frame  # type: ignore[method-assign]
     return True
