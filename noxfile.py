@@ -3,7 +3,7 @@ import os
 import nox
 
 # `nox` with no arguments runs these; `nox -s demo` has to be asked for.
-nox.options.sessions = ["lint", "typecheck", "tests"]
+nox.options.sessions = ["lint", "typecheck", "docs", "tests"]
 
 # No `python=` on the sessions: they use the interpreter nox itself runs
 # with, so a machine that has only one Python works.
@@ -23,6 +23,17 @@ def typecheck(session: nox.Session) -> None:
     """Type-check the package with mypy --strict."""
     session.install("-e", ".[typecheck]")
     session.run("mypy", "--strict", "tunnel")
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """Build the HTML documentation into docs/_build/html; any warning fails it."""
+    session.install("-e", ".[docs]")
+    # -n: every cross-reference must resolve; -W --keep-going: report every
+    # warning, then fail. -E: no stale pages from an earlier build.
+    session.run(
+        "sphinx-build", "-n", "-W", "--keep-going", "-E", "-b", "html", "docs", "docs/_build/html"
+    )
 
 
 @nox.session

@@ -17,6 +17,10 @@ visitor hashes the download as it arrives and generates the upload chunk by
 chunk; both speak HTTP/1.1 with h11 over plain trio sockets. Whatever memory
 grows is the tunnel's.
 
+On a terminal, each transfer shows its progress on standard error (bytes so
+far, percentage, rate and time left), redrawn a few times a second; piped, the
+output is only the report.
+
 Exit status: 0 when both hashes match and neither the server's nor the agent's
 RSS grew by more than ``--max-growth`` (64 MiB); 1 on any failure, with the
 reason on the last lines; 143 when stopped with SIGTERM.
@@ -39,6 +43,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager, suppress
 from functools import partial
 from pathlib import Path
+from typing import TextIO
 from urllib.parse import parse_qs
 
 import h11
@@ -65,6 +70,8 @@ MIN_RATE = 2 * MiB
 SAMPLE_INTERVAL = 0.1
 #: How long a killed child may take to be reaped.
 REAP_TIMEOUT = 5.0
+#: The fastest redraw of the progress line on a terminal (seconds).
+PROGRESS_REDRAW = 0.2
 
 
 class HugeFailure(Exception):
@@ -301,6 +308,66 @@ def _serve_local_main() -> None:
         trio.run(run)
 
 
+# --- progress on a terminal ----------------------------------------------------------
+
+Progress = Callable[[int], None]
+
+
+class TerminalProgress:
+    """One self-overwriting line: ``download  312.0 MiB / 1.0 GiB  30%  85.2 MiB/s  8 s left``.
+
+    Call it with the bytes moved so far as often as you like; it redraws at
+    most every PROGRESS_REDRAW seconds, and :meth:`done` ends the line.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        size: int,
+        out: TextIO,
+        *,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self.name = name
+        self.size = size
+        self.out = out
+        self.clock = clock
+        self.started = clock()
+        self._drawn_at: float | None = None
+        self._width = 0
+        #: The bytes moved, as last reported.
+        self.last = 0
+
+    def __call__(self, moved: int) -> None:
+        self.last = moved
+        now = self.clock()
+        if self._drawn_at is not None and now - self._drawn_at < PROGRESS_REDRAW:
+            return
+        self._drawn_at = now
+        self._draw(moved, now)
+
+    def line(self, moved: int, now: float) -> str:
+        elapsed = now - self.started
+        rate = moved / elapsed if elapsed > 0 else 0.0
+        text = f"{self.name:<9} {format_size(moved)} / {format_size(self.size)}"
+        text += f"  {moved / self.size if self.size else 1.0:4.0%}"
+        if rate > 0:
+            text += f"  {format_size(rate)}/s  {(self.size - moved) / rate:.0f} s left"
+        return text
+
+    def done(self) -> None:
+        self._draw(self.last, self.clock())
+        self.out.write("\n")
+        self.out.flush()
+
+    def _draw(self, moved: int, now: float) -> None:
+        text = self.line(moved, now)
+        # Pad over the previous, longer line's leftovers.
+        self.out.write("\r" + text.ljust(self._width))
+        self.out.flush()
+        self._width = len(text)
+
+
 # --- the visitor ---------------------------------------------------------------------
 
 
@@ -370,7 +437,9 @@ async def get_small(port: int, host: str, target: str = "/") -> tuple[int, bytes
         return response.status_code, body
 
 
-async def download(port: int, host: str, size: int, seed: int = 0) -> Transfer:
+async def download(
+    port: int, host: str, size: int, seed: int = 0, *, progress: Progress | None = None
+) -> Transfer:
     """GET ``size`` bytes through the tunnel, hashing them as they arrive."""
     stream = await _connect(port)
     async with stream:
@@ -392,6 +461,8 @@ async def download(port: int, host: str, size: int, seed: int = 0) -> Transfer:
             if isinstance(event, h11.Data):
                 digest.update(event.data)
                 count += len(event.data)
+                if progress is not None:
+                    progress(count)
             elif isinstance(event, h11.EndOfMessage):
                 break
             else:
@@ -402,7 +473,9 @@ async def download(port: int, host: str, size: int, seed: int = 0) -> Transfer:
     return Transfer(size, seconds, digest.hexdigest())
 
 
-async def upload(port: int, host: str, size: int, seed: int = 0) -> Transfer:
+async def upload(
+    port: int, host: str, size: int, seed: int = 0, *, progress: Progress | None = None
+) -> Transfer:
     """POST ``size`` bytes through the tunnel; the result's hash is the service's."""
     stream = await _connect(port)
     async with stream:
@@ -430,6 +503,8 @@ async def upload(port: int, host: str, size: int, seed: int = 0) -> Transfer:
                             f"{format_size(sent)}: the transfer hung"
                         )
                 sent += len(piece)
+                if progress is not None:
+                    progress(sent)
             await stream.send_all(conn.send(h11.EndOfMessage()) or b"")
         except trio.BrokenResourceError:
             answer = "no answer"
@@ -647,7 +722,7 @@ class Report:
 async def _transfers(report: Report, port: int, host: str) -> None:
     """The download, then the upload, each with a deadline from MIN_RATE."""
     deadline = STALL_TIMEOUT + report.size / MIN_RATE
-    runs: dict[str, Callable[[int, str, int], Awaitable[Transfer]]] = {
+    runs: dict[str, Callable[..., Awaitable[Transfer]]] = {
         "download": download,
         "upload": upload,
     }
@@ -655,12 +730,17 @@ async def _transfers(report: Report, port: int, host: str) -> None:
     for name, run in runs.items():
         cpu_before = {process: cpu_seconds(pid) for process, pid in pids.items()}
         visitor_before = time.process_time()
+        # Only a person watching needs it; the report stays the only output in a pipe.
+        progress = TerminalProgress(name, report.size, sys.stderr) if sys.stderr.isatty() else None
         with trio.move_on_after(deadline) as scope:
             try:
-                transfer = await run(port, host, report.size)
+                transfer = await run(port, host, report.size, progress=progress)
             except _TRANSFER_ERRORS as error:
                 what = str(error) if isinstance(error, HugeFailure) else repr(error)
                 raise HugeFailure(f"{name}: {what}") from None
+            finally:
+                if progress is not None:
+                    progress.done()
         if scope.cancelled_caught:
             raise HugeFailure(
                 f"{name} took longer than {deadline:.0f} s "

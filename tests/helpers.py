@@ -27,6 +27,8 @@ Routes (any other path echoes the request as JSON):
     ``disconnected`` when its ``receive()`` says so (or its ``send`` fails).
 ``/gather/<n>``
     Waits until ``gather_target`` requests are inside at once, then echoes.
+``/hold``
+    Counts itself in ``holding`` and waits for ``release_hold``, then echoes.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ __all__ = [
     "STREAM_CHUNK_1",
     "STREAM_CHUNK_2",
     "LocalService",
+    "eventually",
     "free_port",
     "serve_local",
     "visitor",
@@ -87,6 +90,8 @@ class LocalService:
         self.gather_target = 200
         self._gathered = 0
         self._all_gathered = trio.Event()
+        self.holding = 0
+        self.release_hold = trio.Event()
         self.requests: list[tuple[str, str]] = []
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -117,6 +122,11 @@ class LocalService:
             await self._watch(receive, send)
         elif path.startswith("/gather/"):
             await self._gather(scope, receive, send)
+        elif path == "/hold":
+            body = await _read_body(receive)
+            self.holding += 1
+            await self.release_hold.wait()
+            await _respond(send, 200, self._echo(scope, body), [])
         else:
             body = await _read_body(receive)
             await _respond(
@@ -275,6 +285,15 @@ async def serve_local(
         await service.lifespan_started.wait()
         service.port = int(urls[0].rsplit(":", 1)[1])
         task_status.started(service.port)
+
+
+async def eventually(condition: Callable[[], bool], limit: float = 5.0) -> None:
+    """Wait (polling, bounded) until ``condition()`` holds; fail after ``limit`` seconds."""
+    for _ in range(int(limit / 0.02)):
+        if condition():
+            return
+        await trio.sleep(0.02)
+    assert condition()
 
 
 def free_port() -> int:

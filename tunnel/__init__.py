@@ -26,6 +26,7 @@ from .client import ClientState as ClientState
 from .client import Exchange as Exchange
 from .client import ExchangeObserver as ExchangeObserver
 from .client import Observer as Observer
+from .client import ReconnectWait as ReconnectWait
 from .client import Recorder as Recorder
 from .client import RecorderStatistics as RecorderStatistics
 from .client import open_tunnel as open_tunnel
@@ -56,6 +57,7 @@ __all__ = [
     "Observer",
     "ProtocolVersionError",
     "RateLimit",
+    "ReconnectWait",
     "Recorder",
     "RecorderStatistics",
     "RejectedError",

@@ -6,4 +6,7 @@ import sys
 
 from ._cli import main
 
-sys.exit(main())
+# Guarded: the server's worker processes (multiprocessing's spawn method) import
+# the main module again, and must not run the command a second time.
+if __name__ == "__main__":
+    sys.exit(main())

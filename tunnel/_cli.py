@@ -126,6 +126,12 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="log one line per visitor request",
     )
+    server.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="worker processes on the port, to use N cores (default 1); agents connect to each",
+    )
 
     http = commands.add_parser(
         "http",
@@ -140,6 +146,13 @@ def _parser() -> argparse.ArgumentParser:
         help=f"where to serve the traffic inspector page (default {DEFAULT_INSPECTOR})",
     )
     http.add_argument("--no-inspector", action="store_true", help="serve no traffic inspector page")
+    http.add_argument(
+        "--pool",
+        action="store_true",
+        default=None,
+        help="share the host with other agents of this token that pass --pool too "
+        "(the server balances requests between them)",
+    )
     http.add_argument(
         "--log-requests",
         action="store_true",
@@ -249,6 +262,7 @@ async def _run_server(args: argparse.Namespace) -> int:
         admin_host=args.admin_host,
         metrics_address=args.metrics_address,
         access_log=args.access_log,
+        workers=args.workers,
     )
     await serve(config, shutdown_trigger=_terminated)
     return 0
@@ -285,6 +299,7 @@ async def _run_agent(args: argparse.Namespace) -> int:
         remote_port=args.remote_port if tcp else None,
         inspector=None if tcp else args.inspector,
         observer=recorder,
+        pool=None if tcp else args.pool,
     )
     if tcp or args.no_inspector:
         config = dataclasses.replace(config, inspector=None)

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from functools import partial
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from ._exceptions import ConfigError
 from ._protocol.hosts import normalize_host
@@ -27,6 +28,9 @@ if TYPE_CHECKING:
 __all__ = ["ClientConfig", "ServerConfig", "parse_listen_address", "parse_server_address"]
 
 AuthHook = Callable[["ConnectRequest"], "Awaitable[None] | None"]
+
+#: The most server worker processes; each agent keeps a connection to each.
+MAX_WORKERS = 64
 
 
 def _positive(name: str, value: float) -> None:
@@ -206,6 +210,11 @@ class ServerConfig:
             through the admin API.
         access_log: Log one line per visitor request (logger
             ``tunnel.server.access``).
+        workers: How many worker processes :func:`tunnel.serve` runs on the
+            port, to use more than one core. Agents keep a connection to every
+            worker, so each serves every tunnel; the handshake tells agents
+            this number, so when you run :class:`~tunnel.TunnelApp` under your
+            own Hypercorn, set it to Hypercorn's worker count.
     """
 
     address: str = "127.0.0.1:8000"
@@ -238,9 +247,19 @@ class ServerConfig:
     admin_host: str | None = None
     metrics_address: str | None = None
     access_log: bool = False
+    workers: int = 1
 
     def __post_init__(self) -> None:
         parse_listen_address(self.address)
+        if (
+            isinstance(self.workers, bool)
+            or not isinstance(self.workers, int)
+            or not 1 <= self.workers <= MAX_WORKERS
+        ):
+            raise ConfigError(
+                f"ServerConfig.workers {self.workers!r}: give a number of processes from 1 to "
+                f"{MAX_WORKERS} (one per core is a good start)"
+            )
         if self.admin_token is not None and (
             not isinstance(self.admin_token, str)
             or not self.admin_token
@@ -313,9 +332,16 @@ class ServerConfig:
         ):
             _positive(f"ServerConfig.{name}", getattr(self, name))
 
+    def __reduce__(self) -> tuple[Any, tuple[()]]:
+        # A copy for each server worker process; a mappingproxy cannot be
+        # pickled, so the copy is made anew (and checked again) from plain values.
+        values = {name.name: getattr(self, name.name) for name in fields(self)}
+        values["reserved_hosts"] = dict(self.reserved_hosts)
+        return partial(ServerConfig, **values), ()
+
     @property
     def tcp_listen_host(self) -> str:
-        """Where TCP tunnels listen: ``tcp_host``, else the host of ``address``."""
+        """The host TCP tunnels listen on, ``tcp_host`` or else the host of ``address``."""
         return self.tcp_host or parse_listen_address(self.address)[0]
 
     @property
@@ -388,6 +414,10 @@ class ClientConfig:
             :class:`~tunnel.Observer`); a :class:`~tunnel.Recorder` keeps the
             recent ones. With ``inspector`` set the inspector shows this
             recorder's exchanges (it makes one when none is given).
+        pool: Share the host with other agents that have the same token (or
+            key) and set ``pool`` too: the server sends each request to the
+            least busy of them, and when one leaves the others take its share.
+            Without it, a newer agent for the host replaces the older one.
     """
 
     address: str
@@ -417,9 +447,15 @@ class ClientConfig:
     remote_port: int | None = None
     inspector: str | None = None
     observer: Observer | None = None
+    pool: bool = False
 
     def __post_init__(self) -> None:
         server = parse_server_address(self.address)
+        if self.pool and self.tcp:
+            raise ConfigError(
+                "ClientConfig.pool works for HTTP tunnels only: a TCP tunnel's public port "
+                "has one agent; drop pool or tcp"
+            )
         object.__setattr__(self, "allow_ips", tuple(self.allow_ips))
         object.__setattr__(self, "deny_ips", tuple(self.deny_ips))
         self.visitor_policy  # noqa: B018 - validates basic_auth and the networks

@@ -3,10 +3,16 @@
 On a terminal, a live panel (rich): state, public URL, local target, the
 inspector's address, latency to the server, connections open, requests per
 minute, p50/p90 response times and the last requests, redrawn as things happen;
-reconnects and warnings stay visible in it. Anywhere else (a pipe, a file, CI)
-plain lines: one per state change, in the format scripts and tests read
-(``connecting``, ``connected     <url> → <target>``), and one per request with
-``--log-requests``.
+reconnects and warnings stay visible in it. Long operations show progress: large
+transfers in flight with bytes so far, total and rate, and the wait before a
+reconnect counting down.
+
+Anywhere else (a pipe, a file, CI) plain lines: one per state change, in the
+format scripts and tests read (``connecting``, ``connected     <url> → <target>``),
+one when a reconnect wait starts, one every :data:`PLAIN_PROGRESS_INTERVAL`
+seconds per long transfer and one when it ends, and one per request with
+``--log-requests``. Nothing is printed more often than that, so a busy tunnel
+cannot flood a log.
 """
 
 from __future__ import annotations
@@ -24,11 +30,19 @@ from typing import Protocol, TextIO
 import trio
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
+from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
 from .client import ClientState
 from .client._observe import Exchange, Recorder
+from .client._progress import (
+    LARGE_TRANSFER,
+    ReconnectWait,
+    TransferProgress,
+    TransferWatch,
+    format_bytes,
+)
 
 __all__ = ["AgentView", "LivePanel", "PlainReport", "show_agent"]
 
@@ -39,6 +53,15 @@ PANEL_MESSAGES = 3
 #: The panel's fastest redraw, and its redraw when nothing happens (seconds).
 MIN_REDRAW = 0.1
 IDLE_REDRAW = 1.0
+#: The panel's redraw while something counts down or moves (a reconnect wait,
+#: a large transfer): often enough to look alive, rarely enough to cost nothing.
+BUSY_REDRAW = 0.25
+#: Plain lines: how often a long transfer in flight gets a line (seconds); a
+#: transfer shorter than this gets none until it ends.
+PLAIN_PROGRESS_INTERVAL = 10.0
+#: Plain lines: a transfer that moved this much gets a line when it ends, even
+#: if it was quick.
+PLAIN_LARGE_TRANSFER = 64 << 20
 
 _STATE_STYLE = {
     ClientState.CONNECTING: ("connecting", "yellow"),
@@ -76,6 +99,11 @@ class AgentView(Protocol):
         """The traffic inspector's address, if it runs."""
         ...
 
+    @property
+    def reconnect_wait(self) -> ReconnectWait | None:
+        """The wait before the next connection attempt, while there is one."""
+        ...
+
 
 def _ms(seconds: float | None) -> str:
     if seconds is None:
@@ -89,6 +117,28 @@ def _status(exchange: Exchange) -> str:
     if exchange.status is None:
         return "…" if not exchange.done else "error"
     return str(exchange.status)
+
+
+def _waiting(wait: ReconnectWait, left: float) -> str:
+    return f"in {left:.1f} s, attempt {wait.attempt}"
+
+
+def _transferred(exchange: Exchange) -> str:
+    """The plain line of a large transfer that ended."""
+    parts = [f"{'transferred':<13} {exchange.method} {exchange.target}"]
+    moved = 0
+    for arrow, body in (("↑", exchange.request_body), ("↓", exchange.response_body)):
+        if body.size >= LARGE_TRANSFER:
+            parts.append(f"{arrow} {format_bytes(body.size)}")
+            moved += body.size
+    duration = exchange.duration or 0.0
+    parts.append(f"in {_ms(duration)}")
+    if duration > 0:
+        parts.append(f"at {format_bytes(moved / duration)}/s")
+    line = " ".join(parts)
+    if exchange.error is not None:
+        line += f" ({exchange.error})"
+    return line
 
 
 def _reason(status: int | None) -> str:
@@ -108,24 +158,38 @@ class PlainReport:
         agent: The agent, for its URL and inspector.
         target: The local service, such as ``http://127.0.0.1:8080``.
         requests: Also write one line per finished request.
+        watch: The large transfers in flight, for :meth:`tick`'s lines.
     """
 
     def __init__(
-        self, out: TextIO, agent: AgentView, target: str, *, requests: bool = False
+        self,
+        out: TextIO,
+        agent: AgentView,
+        target: str,
+        *,
+        requests: bool = False,
+        watch: TransferWatch | None = None,
     ) -> None:
         self.out = out
         self.agent = agent
         self.target = target
         self.requests = requests
+        self.watch = watch
         self._told_inspector = False
+        # Exchanges that got a progress line, so that their end gets one too.
+        self._reported: set[int] = set()
 
     def _line(self, text: str) -> None:
         print(text, file=self.out, flush=True)
 
     def state_changed(self, state: ClientState) -> None:
-        """Write the line for a state change."""
+        """Write the line for a state change, and for the reconnect wait that follows."""
         if state is not ClientState.CONNECTED:
             self._line(state.value)
+            wait = self.agent.reconnect_wait
+            if state is ClientState.DISCONNECTED and wait is not None:
+                # The wait's whole length: the countdown is the panel's.
+                self._line(f"{'reconnecting':<13} {_waiting(wait, wait.delay)}")
             return
         self._line(f"{state.value:<13} {self.agent.url} → {self.target}")
         inspector = self.agent.inspector_url
@@ -133,9 +197,28 @@ class PlainReport:
             self._told_inspector = True
             self._line(f"{'inspector':<13} {inspector}")
 
+    def tick(self) -> None:
+        """Write a line for each transfer in flight for :data:`PLAIN_PROGRESS_INTERVAL`."""
+        if self.watch is None:
+            return
+        for transfer in self.watch.progress():
+            if transfer.elapsed >= PLAIN_PROGRESS_INTERVAL:
+                self._reported.add(transfer.exchange.id)
+                self._line(f"{'transfer':<13} {transfer.describe()}")
+
     def exchange_changed(self, exchange: Exchange | None) -> None:
-        """A :class:`~tunnel.Recorder` listener: write a line when a request ends."""
-        if not self.requests or exchange is None or not exchange.done:
+        """A :class:`~tunnel.Recorder` listener: write lines when a request ends.
+
+        One for a long or large transfer; one for every request if asked.
+        """
+        if exchange is None or not exchange.done:
+            return
+        reported = exchange.id in self._reported
+        self._reported.discard(exchange.id)
+        largest = max(exchange.request_body.size, exchange.response_body.size)
+        if reported or largest >= PLAIN_LARGE_TRANSFER:
+            self._line(_transferred(exchange))
+        if not self.requests:
             return
         line = (
             f"{'request':<13} {exchange.method} {exchange.target} → {_status(exchange)} "
@@ -153,7 +236,10 @@ class LivePanel:
         agent: The agent to show.
         target: The local service, such as ``http://127.0.0.1:8080``.
         recorder: Where the requests and their timings come from, if recorded.
+        watch: The large transfers in flight, to show their progress.
         wall_clock: Seconds since the epoch, for the clock times shown.
+        clock: trio's clock (:func:`trio.current_time`), for the reconnect
+            countdown.
     """
 
     def __init__(
@@ -162,12 +248,17 @@ class LivePanel:
         target: str,
         recorder: Recorder | None,
         *,
+        watch: TransferWatch | None = None,
         wall_clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] = trio.current_time,
     ) -> None:
         self.agent = agent
         self.target = target
         self.recorder = recorder
+        self.watch = watch
         self.wall_clock = wall_clock
+        self.clock = clock
+        self.busy = False
         self.reconnects = 0
         self.messages: deque[tuple[float, str]] = deque(maxlen=PANEL_MESSAGES)
         self._was_connected = False
@@ -188,6 +279,9 @@ class LivePanel:
         agent = self.agent
         label, style = _STATE_STYLE[agent.state]
         status = Text("● " + label, style=style)
+        wait = agent.reconnect_wait
+        if agent.state is ClientState.DISCONNECTED and wait is not None:
+            status.append(" " + _waiting(wait, wait.remaining(self.clock())), style=style)
         if self.reconnects:
             times = "once" if self.reconnects == 1 else f"{self.reconnects} times"
             status.append(f"   reconnected {times}", style="yellow")
@@ -217,6 +311,11 @@ class LivePanel:
         title = Text("tunnel", style="bold")
         title.append("   (Ctrl+C to quit)", style="dim")
         blocks: list[RenderableType] = [title, Text(), facts]
+        transfers = self.watch.progress() if self.watch is not None else []
+        # Redraw faster while something moves or counts down (see show_agent).
+        self.busy = bool(transfers) or wait is not None
+        if transfers:
+            blocks += [Text(), _transfers(transfers)]
         if self.recorder is not None:
             blocks += [Text(), self._requests()]
         if self.messages:
@@ -270,6 +369,39 @@ class LivePanel:
         return table
 
 
+def _transfers(transfers: list[TransferProgress]) -> RenderableType:
+    table = Table(
+        title="Transfers",
+        title_justify="left",
+        title_style="bold",
+        box=None,
+        show_header=False,
+        pad_edge=False,
+        padding=(0, 2, 0, 0),
+    )
+    table.add_column(style="bold", no_wrap=True)
+    table.add_column(overflow="ellipsis", no_wrap=True, ratio=1)
+    table.add_column(no_wrap=True)
+    table.add_column(no_wrap=True, width=20)
+    for transfer in transfers:
+        first = True
+        for arrow, flow in (("↑", transfer.up), ("↓", transfer.down)):
+            if flow is None:
+                continue
+            fraction = flow.fraction
+            bar: RenderableType = (
+                Text("") if fraction is None else ProgressBar(total=1.0, completed=fraction)
+            )
+            table.add_row(
+                transfer.exchange.method if first else "",
+                transfer.exchange.target if first else "",
+                f"{arrow} {flow.describe()}",
+                bar,
+            )
+            first = False
+    return table
+
+
 class _PanelLog(logging.Handler):
     """Routes log records into the panel, where they don't tear its drawing."""
 
@@ -319,19 +451,57 @@ async def show_agent(
     out = out or sys.stdout
     if live is None:
         live = out.isatty() and os.environ.get("TERM") != "dumb"
-    if not live:
-        report = PlainReport(out, agent, target, requests=log_requests)
-        if recorder is not None:
-            recorder.add_listener(report.exchange_changed)
-        try:
+    watch = TransferWatch(recorder) if recorder is not None else None
+    if watch is not None:
+        watch.attach()
+    try:
+        if live:
+            await _show_live(agent, states, target, recorder, watch, out)
+        else:
+            await _show_plain(agent, states, target, recorder, watch, out, log_requests)
+    finally:
+        if watch is not None:
+            watch.detach()
+
+
+async def _show_plain(
+    agent: AgentView,
+    states: trio.MemoryReceiveChannel[ClientState],
+    target: str,
+    recorder: Recorder | None,
+    watch: TransferWatch | None,
+    out: TextIO,
+    log_requests: bool,
+) -> None:
+    report = PlainReport(out, agent, target, requests=log_requests, watch=watch)
+    if recorder is not None:
+        recorder.add_listener(report.exchange_changed)
+
+    async def tick() -> None:
+        while True:
+            await trio.sleep(PLAIN_PROGRESS_INTERVAL)
+            report.tick()
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(tick)
             async for state in states:
                 report.state_changed(state)
-        finally:
-            if recorder is not None:
-                recorder.remove_listener(report.exchange_changed)
-        return
+            nursery.cancel_scope.cancel()
+    finally:
+        if recorder is not None:
+            recorder.remove_listener(report.exchange_changed)
 
-    panel = LivePanel(agent, target, recorder)
+
+async def _show_live(
+    agent: AgentView,
+    states: trio.MemoryReceiveChannel[ClientState],
+    target: str,
+    recorder: Recorder | None,
+    watch: TransferWatch | None,
+    out: TextIO,
+) -> None:
+    panel = LivePanel(agent, target, recorder, watch=watch)
     changed = trio.Event()
 
     def wake(_: object = None) -> None:
@@ -358,7 +528,7 @@ async def show_agent(
                 while True:
                     display.refresh()
                     await trio.sleep(MIN_REDRAW)
-                    with trio.move_on_after(IDLE_REDRAW):
+                    with trio.move_on_after(BUSY_REDRAW if panel.busy else IDLE_REDRAW):
                         await changed.wait()
                     changed = trio.Event()
     finally:

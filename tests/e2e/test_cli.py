@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -13,7 +14,7 @@ import httpx
 import pytest
 import trio
 
-from helpers import LocalService, free_port, serve_local
+from helpers import LocalService, eventually, free_port, serve_local
 
 ROOT = Path(__file__).resolve().parents[2]
 TUNNEL = [sys.executable, "-m", "tunnel"]
@@ -55,6 +56,8 @@ async def test_demo_once_exits_zero_and_prints_the_answer() -> None:
         (["server", "--address", "nowhere"], "has no port"),
         (["server", "--certificate", "missing.pem"], "give both certificate and key"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
+        (["server", "--workers", "0"], "ServerConfig.workers 0"),
+        (["tcp", "22", "--server", "x:1", "--token", "t", "--pool"], "unrecognized arguments"),
     ],
 )
 async def test_bad_arguments_get_one_line_and_status_2(argv: list[str], message: str) -> None:
@@ -106,6 +109,108 @@ async def test_server_and_http_commands_make_a_working_tunnel(nursery: trio.Nurs
             if process is not None and process.returncode is None:
                 process.kill()
                 await process.wait()
+
+
+@pytest.mark.parametrize(("stop", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 0)])
+async def test_server_with_workers_and_pooled_agents_from_the_command_line(
+    nursery: trio.Nursery, stop: signal.Signals, status: int
+) -> None:
+    services = [LocalService("one"), LocalService("two")]
+    for service in services:
+        await nursery.start(serve_local, service)
+    port = free_port()
+    # A session of its own, so the signal can go to the whole process group,
+    # workers included, as Ctrl-C in a terminal or systemd's stop would send it.
+    server = await trio.lowlevel.open_process(
+        [
+            *TUNNEL,
+            "server",
+            "--address",
+            f"127.0.0.1:{port}",
+            "--token",
+            "s3cret",
+            "--workers",
+            "2",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    agents = []
+    try:
+        assert server.stderr is not None
+        await _wait_for_line(server.stderr, b"Running on", 30)
+        for service in services:
+            argv = [*TUNNEL, "http", str(service.port), "--server", f"127.0.0.1:{port}"]
+            agent = await trio.lowlevel.open_process(
+                [*argv, "--pool", *AGENT_ARGS],
+                stdout=subprocess.PIPE,
+            )
+            agents.append(agent)
+            assert agent.stdout is not None
+            await _wait_for_line(agent.stdout, b"connected ", 30)
+        seen: set[str] = set()
+        with trio.fail_after(30):
+            while seen != {"one", "two"}:
+                async with httpx.AsyncClient() as client:
+                    response = await client.get(
+                        f"http://127.0.0.1:{port}/pooled",
+                        headers={"host": "cli.localhost", "connection": "close"},
+                    )
+                if response.status_code == 200:
+                    seen.add(response.json()["service"])
+                else:
+                    # A worker the agents have not reached yet answers 404.
+                    assert response.status_code == 404, response.text
+        os.killpg(server.pid, stop)
+        with trio.fail_after(30):
+            assert await server.wait() == status
+        errors = await server.stderr.receive_some(1 << 20)
+        assert b"Traceback" not in errors, errors.decode()
+    finally:
+        for process in (*agents, server):
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if (
+                entry.name.isdigit()
+                and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid
+            ):
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+async def test_workers_do_not_outlive_a_killed_main_process() -> None:
+    port = free_port()
+    server = await trio.lowlevel.open_process(
+        [*TUNNEL, "server", "--address", f"127.0.0.1:{port}", "--workers", "2"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    workers: list[int] = []
+    try:
+        assert server.stderr is not None
+        await _wait_for_line(server.stderr, b"Running on", 30)
+        workers = _children(server.pid)
+        assert len(workers) == 2
+        server.kill()  # SIGKILL: no chance to stop its workers
+        await server.wait()
+        await eventually(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in workers), 20)
+        # And the port is free again: nobody serves on it.
+        with pytest.raises(OSError, match="all attempts to connect"):
+            await trio.open_tcp_stream("127.0.0.1", port)
+    finally:
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 async def test_embedding_example_runs_under_the_hypercorn_command(

@@ -10,7 +10,6 @@ plus :data:`SLACK` for a busy machine.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -23,7 +22,7 @@ import trio_websocket
 from faultproxy import FaultProxy
 
 import tunnel
-from helpers import STREAM_CHUNK_1, STREAM_CHUNK_2, LocalService
+from helpers import STREAM_CHUNK_1, STREAM_CHUNK_2, LocalService, eventually
 from tunnel._protocol.handshake import HOST_HEADER, SUBPROTOCOL
 
 CONNECTING = tunnel.ClientState.CONNECTING
@@ -46,15 +45,6 @@ async def start_proxy(nursery: trio.Nursery, port: int) -> FaultProxy:
 async def next_state(states: trio.MemoryReceiveChannel[tunnel.ClientState]) -> tuple[Any, float]:
     state = await states.receive()
     return state, trio.current_time()
-
-
-async def eventually(condition: Callable[[], bool], limit: float = 5.0) -> None:
-    """Wait (polling, bounded) until ``condition()`` holds."""
-    for _ in range(int(limit / 0.02)):
-        if condition():
-            return
-        await trio.sleep(0.02)
-    assert condition()
 
 
 async def wait_until_inside(service: LocalService, path: str) -> None:

@@ -9,6 +9,7 @@ when the visitor walks away in the middle of a body.
 from __future__ import annotations
 
 import importlib.util
+import io
 import signal
 import sys
 from pathlib import Path
@@ -143,3 +144,18 @@ async def test_visitor_abandoning_an_upload_ends_the_local_request(
             assert stats.received == sent
 
             await _still_served(tunnel_server.port)
+
+
+def test_the_terminal_progress_line_is_redrawn_a_few_times_a_second() -> None:
+    out = io.StringIO()
+    now = [10.0]
+    progress = huge.TerminalProgress("download", 100 * MiB, out, clock=lambda: now[0])
+    for _ in range(40):  # 1 MiB every 50 ms: 2 s in all
+        now[0] += 0.05
+        progress(progress.last + MiB)
+    progress.done()
+    frames = out.getvalue().split("\r")[1:]
+    # At most one frame per PROGRESS_REDRAW, whatever the number of updates.
+    assert len(frames) == 1 + 2 / huge.PROGRESS_REDRAW
+    assert frames[0].rstrip() == "download  1.0 MiB / 100.0 MiB    1%  20.0 MiB/s  5 s left"
+    assert frames[-1] == "download  40.0 MiB / 100.0 MiB   40%  20.0 MiB/s  3 s left\n"

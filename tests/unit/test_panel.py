@@ -12,8 +12,10 @@ from rich.console import Console
 
 import tunnel
 from tunnel import ClientState
-from tunnel._panel import LivePanel, PlainReport, show_agent
+from tunnel._panel import PLAIN_PROGRESS_INTERVAL, LivePanel, PlainReport, show_agent
+from tunnel.client._progress import ReconnectWait, TransferWatch
 
+MiB = 1 << 20
 URL = "http://app.localhost:8000"
 TARGET = "http://127.0.0.1:8080"
 INSPECTOR = "http://127.0.0.1:4040"
@@ -26,6 +28,7 @@ class FakeAgent:
     rtt: float | None = None
     open_streams: int = 0
     inspector_url: str | None = INSPECTOR
+    reconnect_wait: ReconnectWait | None = None
 
 
 class Clock:
@@ -203,3 +206,146 @@ async def test_the_live_panel_redraws_and_takes_over_logging(
     assert "204 No Content" in drawn
     assert "lost the connection" in drawn
     assert logging.getLogger().handlers == handlers
+
+
+def test_plain_lines_say_how_long_the_reconnect_wait_is() -> None:
+    out = io.StringIO()
+    agent = FakeAgent(state=ClientState.DISCONNECTED)
+    report = PlainReport(out, agent, TARGET)
+    report.state_changed(ClientState.DISCONNECTED)  # no wait (closing): no line for it
+    agent.reconnect_wait = ReconnectWait(attempt=4, delay=3.25, until=50.0)
+    report.state_changed(ClientState.DISCONNECTED)
+    report.state_changed(ClientState.CONNECTING)
+    assert out.getvalue().splitlines() == [
+        "disconnected",
+        "disconnected",
+        "reconnecting  in 3.2 s, attempt 4",
+        "connecting",
+    ]
+
+
+def test_the_panel_counts_the_reconnect_wait_down() -> None:
+    clock = Clock()
+    agent = FakeAgent(state=ClientState.DISCONNECTED)
+    agent.reconnect_wait = ReconnectWait(attempt=3, delay=4.0, until=clock.now + 4.0)
+    panel = LivePanel(agent, TARGET, None, wall_clock=lambda: 0.0, clock=clock)
+    assert "● reconnecting in 4.0 s, attempt 3" in render(panel)
+    assert panel.busy  # redrawn often while it counts down
+    clock.now += 1.5
+    assert "● reconnecting in 2.5 s, attempt 3" in render(panel)
+    clock.now += 10
+    assert "● reconnecting in 0.0 s, attempt 3" in render(panel)
+    # The attempt itself: no countdown left.
+    agent.state = ClientState.CONNECTING
+    agent.reconnect_wait = None
+    text = render(panel)
+    assert "● connecting" in text
+    assert "attempt" not in text
+    assert not panel.busy
+
+
+def test_the_panel_shows_large_transfers_with_bytes_total_and_rate() -> None:
+    clock = Clock()
+    recorder = tunnel.Recorder(clock=clock)
+    watch = TransferWatch(recorder)
+    watch.attach()
+    agent = FakeAgent(state=ClientState.CONNECTED)
+    panel = LivePanel(agent, TARGET, recorder, watch=watch, wall_clock=lambda: 0.0, clock=clock)
+    small = recorder.request_started(b"GET", b"/small", [])
+    download = recorder.request_started(b"GET", b"/video.mp4", [])
+    download.response_started(200, [(b"content-length", str(8 * MiB).encode())])
+    upload = recorder.request_started(b"PUT", b"/backup.tar", [])  # chunked: no total
+    assert "Transfers" in render(panel)
+    clock.now += 2
+    download.response_data(bytes(3 * MiB))
+    upload.request_data(bytes(5 * MiB))
+    small.response_started(200, [])
+    small.response_data(b"x" * 100)
+    text = render(panel)
+    lines = [line.rstrip() for line in text.splitlines()]
+    start = lines.index("Transfers")
+    assert "/video.mp4" in lines[start + 1]
+    assert "↓ 3.0 MiB of 8.0 MiB (38%) at 1.5 MiB/s" in lines[start + 1]
+    assert "━" in lines[start + 1]  # a bar, as the total is known
+    assert "/backup.tar" in lines[start + 2]
+    assert "↑ 5.0 MiB at 2.5 MiB/s" in lines[start + 2]
+    assert "━" not in lines[start + 2]
+    assert "/small" not in "".join(lines[start : start + 3])
+    assert panel.busy
+    download.ended()
+    upload.ended()
+    assert "Transfers" not in render(panel)
+    assert not panel.busy
+
+
+def test_plain_lines_for_long_and_large_transfers_only() -> None:
+    clock = Clock()
+    recorder = tunnel.Recorder(clock=clock)
+    watch = TransferWatch(recorder)
+    watch.attach()
+    out = io.StringIO()
+    report = PlainReport(out, FakeAgent(), TARGET, watch=watch)
+    recorder.add_listener(report.exchange_changed)
+    slow = recorder.request_started(b"GET", b"/slow.iso", [])
+    slow.response_started(200, [(b"content-length", str(40 * MiB).encode())])
+    quick = recorder.request_started(b"GET", b"/quick", [])
+    clock.now += 5
+    slow.response_data(bytes(10 * MiB))
+    report.tick()  # 5 s in: not a long transfer yet
+    quick.response_started(200, [])
+    quick.response_data(bytes(2 * MiB))
+    quick.ended()  # 2 MiB in 5 s: neither long nor large, no line
+    assert out.getvalue() == ""
+    clock.now += PLAIN_PROGRESS_INTERVAL - 5
+    slow.response_data(bytes(10 * MiB))
+    report.tick()
+    clock.now += 10
+    slow.response_data(bytes(20 * MiB))
+    slow.ended()
+    big = recorder.request_started(b"POST", b"/fast", [])
+    clock.now += 0.5
+    big.request_data(bytes(64 * MiB))  # quick, but large: a line when it ends
+    big.ended()
+    assert out.getvalue().splitlines() == [
+        "transfer      GET /slow.iso ↓ 20.0 MiB of 40.0 MiB (50%) at 2.0 MiB/s",
+        "transferred   GET /slow.iso ↓ 40.0 MiB in 20.00 s at 2.0 MiB/s",
+        "transferred   POST /fast ↑ 64.0 MiB in 500 ms at 128.0 MiB/s",
+    ]
+
+
+async def test_plain_progress_lines_come_every_interval(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    class Stamped(io.StringIO):
+        """Output that notes the virtual time of each line written."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.lines: list[tuple[float, str]] = []
+
+        def write(self, text: str) -> int:
+            if text.strip():
+                self.lines.append((trio.current_time() - start, text.strip()))
+            return len(text)
+
+    send, receive = trio.open_memory_channel[ClientState](8)
+    out = Stamped()
+    recorder = tunnel.Recorder()
+    start = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lambda: show_agent(FakeAgent(), receive, TARGET, recorder, out=out))
+        await trio.testing.wait_all_tasks_blocked()  # listening, in no virtual time
+        exchange = recorder.request_started(b"GET", b"/big", [])
+        exchange.response_started(200, [])
+        for _ in range(25):
+            # Half a second off the report's ticks, so the order of wake-ups never matters.
+            await trio.sleep(0.5)
+            exchange.response_data(bytes(MiB))
+            await trio.sleep(0.5)
+        exchange.ended()
+        await send.aclose()
+    assert out.lines == [
+        (10, "transfer      GET /big ↓ 10.0 MiB at 1.0 MiB/s"),
+        (20, "transfer      GET /big ↓ 20.0 MiB at 1.0 MiB/s"),
+        (25, "transferred   GET /big ↓ 25.0 MiB in 25.00 s at 1.0 MiB/s"),
+    ]

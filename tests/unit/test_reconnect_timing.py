@@ -9,6 +9,7 @@ delays and nothing else. ``random.uniform`` is fixed to its upper bound, so the
 
 from __future__ import annotations
 
+import io
 import itertools
 import random
 from typing import Any
@@ -18,9 +19,12 @@ import pytest
 import trio
 import trio.testing
 from faultproxy import FaultProxy
+from rich.console import Console
 
 import tunnel
+from tunnel._panel import LivePanel, PlainReport
 from tunnel.client._client import STABLE_AFTER
+from tunnel.client._progress import ReconnectWait
 
 CONNECTING = tunnel.ClientState.CONNECTING
 CONNECTED = tunnel.ClientState.CONNECTED
@@ -181,3 +185,58 @@ async def test_grace_period_in_exact_time(
             assert response.status_code == 502
             assert trio.current_time() - asked_at == grace
             proxy.pass_through()
+
+
+async def test_the_reconnect_wait_is_shown_counting_down_in_exact_time(
+    autojump_clock: trio.testing.MockClock,
+    largest_delays: None,
+    nursery: trio.Nursery,
+    start_tunnel_server: Any,
+    local_service: Any,
+    agent_config: Any,
+) -> None:
+    _, proxy = await start(nursery, start_tunnel_server, local_service.port)
+    timeline = Timeline()
+    config = agent_config(
+        proxy.port, local_service.port, state=timeline.send, backoff_initial=1, backoff_max=8
+    )
+    out = io.StringIO()
+    with trio.fail_after(60):
+        async with tunnel.open_tunnel(config) as client:
+            report = PlainReport(out, client, "http://127.0.0.1")
+            panel = LivePanel(client, "http://127.0.0.1", None, wall_clock=lambda: 0.0)
+            assert await timeline.until(CONNECTED) == 0
+            assert client.reconnect_wait is None
+            # Lost, then every attempt refused: waits of 1, 2 and 4 s.
+            proxy.refuse()
+            proxy.cut()
+            lost = await timeline.until(DISCONNECTED)
+            for attempt, delay in [(1, 1), (2, 2), (3, 4)]:
+                report.state_changed(DISCONNECTED)
+                assert client.reconnect_wait == ReconnectWait(
+                    attempt, delay, timeline.start + lost + delay
+                )
+                assert f"● reconnecting in {delay:.1f} s, attempt {attempt}" in _text(panel)
+                await trio.sleep(delay / 4)
+                left = delay * 3 / 4
+                assert f"● reconnecting in {left:.1f} s, attempt {attempt}" in _text(panel)
+                # The attempt at the end of the wait is refused at once.
+                assert await timeline.until(CONNECTING) == lost + delay
+                assert client.reconnect_wait is None
+                lost = await timeline.until(DISCONNECTED)
+            proxy.pass_through()
+            assert await timeline.until(CONNECTED) == 1 + 2 + 4 + 8
+    assert out.getvalue().splitlines() == [
+        "disconnected",
+        "reconnecting  in 1.0 s, attempt 1",
+        "disconnected",
+        "reconnecting  in 2.0 s, attempt 2",
+        "disconnected",
+        "reconnecting  in 4.0 s, attempt 3",
+    ]
+
+
+def _text(panel: LivePanel) -> str:
+    console = Console(file=io.StringIO(), width=100, color_system=None, force_terminal=False)
+    console.print(panel.render())
+    return console.file.getvalue()  # type: ignore[attr-defined,no-any-return]

@@ -10,17 +10,23 @@ as client and the agent as server.
 from __future__ import annotations
 
 __all__ = [
+    "AGENT_ID_HEADER",
     "CHALLENGE_SUFFIX",
     "DISCONNECTED_CLOSE_CODE",
+    "DUPLICATE_STATUS",
+    "HAVE_WORKERS_HEADER",
     "HOST_HEADER",
     "KEY_HEADER",
     "NONCE_HEADER",
+    "POOL_HEADER",
     "PROTOCOL_VERSION",
     "REPLACED_CLOSE_CODE",
     "SIGNATURE_HEADER",
     "SUBPROTOCOL",
     "SUBPROTOCOL_PREFIX",
     "TCP_PORT_HEADER",
+    "WORKERS_HEADER",
+    "WORKER_HEADER",
     "bearer_token",
     "signed_challenge",
 ]
@@ -40,6 +46,28 @@ DISCONNECTED_CLOSE_CODE = 4001
 
 #: Request: a TCP tunnel, on this public port (0: any). Response: the port it got.
 TCP_PORT_HEADER = "tunnel-tcp-port"
+
+# Several server processes. A server run as N worker processes answers each
+# handshake with the id of the worker that took the connection and N; the agent
+# opens connections until it holds one to every worker, so that each worker can
+# serve the agent's host to the visitors it accepts. The agent names the workers
+# it already holds; a worker among them refuses the connection with
+# DUPLICATE_STATUS before anything else (no claim, no callback), and the agent
+# tries again, landing on another worker.
+#: Request: this agent process's random id, the same on all its connections.
+AGENT_ID_HEADER = "tunnel-agent"
+#: Request: comma-separated ids of the workers the agent is connected to now.
+HAVE_WORKERS_HEADER = "tunnel-have-workers"
+#: Response: the id of the worker process that accepted this connection.
+WORKER_HEADER = "tunnel-worker"
+#: Response: how many worker processes serve this server.
+WORKERS_HEADER = "tunnel-workers"
+#: The refusal of a connection to a worker the agent is connected to already.
+DUPLICATE_STATUS = 421
+
+#: Request: "1" to share the host with other agents of the same identity that
+#: ask the same (a pool); the server sends each request to the least busy.
+POOL_HEADER = "tunnel-pool"
 
 # Public-key authentication. The agent first GETs ``<control path>/challenge``
 # for a single-use nonce, then connects with its public key, the nonce, and its

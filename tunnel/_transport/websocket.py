@@ -9,6 +9,7 @@ import trio_websocket
 
 from .._exceptions import ServerUnreachableError
 from . import ABNORMAL_CLOSURE, TransportClosed, close_reason
+from .masking import use_fast_masking
 
 __all__ = ["HandshakeGuard", "WebSocketTransport"]
 
@@ -72,6 +73,9 @@ class WebSocketTransport:
 
     def __init__(self, ws: trio_websocket.WebSocketConnection) -> None:
         self._ws = ws
+        # Every byte the agent sends is masked; wsproto's own masker would be
+        # the largest cost of a download.
+        use_fast_masking()
 
     async def send(self, data: bytes) -> None:
         try:

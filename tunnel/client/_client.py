@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import random
+import secrets
 import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -26,17 +27,24 @@ from .._exceptions import (
 )
 from .._mux import Mux, Stream
 from .._protocol.handshake import (
+    AGENT_ID_HEADER,
     DISCONNECTED_CLOSE_CODE,
+    DUPLICATE_STATUS,
+    HAVE_WORKERS_HEADER,
     HOST_HEADER,
+    POOL_HEADER,
     REPLACED_CLOSE_CODE,
     SUBPROTOCOL,
     TCP_PORT_HEADER,
+    WORKER_HEADER,
+    WORKERS_HEADER,
 )
 from .._protocol.headers import header_value, is_websocket_connect
 from .._transport.websocket import HandshakeGuard, WebSocketTransport
 from ._inspector import open_inspector
 from ._keys import AgentKey
 from ._observe import Observer, Recorder, agent_observers
+from ._progress import ReconnectWait
 from ._state import ClientState
 from ._upstream import LocalPool, answer_error, forward
 from ._upstream_raw import forward_tcp, forward_websocket
@@ -53,6 +61,16 @@ RECEIVE_BUFFER_SIZE = 256 << 10
 CLOSE_TIMEOUT = 2.0
 #: A connection that stayed up this long (seconds) resets the backoff.
 STABLE_AFTER = 10.0
+#: The first delay's bound (seconds) after landing on a server worker this
+#: agent is connected to already; it doubles up to ``backoff_max`` while the
+#: attempts keep landing there.
+DUPLICATE_BACKOFF = 0.05
+#: The most connections an agent keeps to one server (one per worker process).
+MAX_CONNECTIONS = 64
+
+
+class _DuplicateWorker(Exception):
+    """The connection reached a server worker another connection holds already."""
 
 
 class Client:
@@ -72,9 +90,28 @@ class Client:
         self.config = config
         self._state = ClientState.DISCONNECTED
         self._host = config.claimed_host
-        self._mux: Mux | None = None
         self._closing = False
-        self._connected_at: float | None = None
+        # One connection per server worker process, each in a slot of its own
+        # with its own reconnect loop; slot 0 is the first and always runs.
+        #: Slot → its HTTP/2 session, while that connection is up.
+        self._links: dict[int, Mux] = {}
+        #: Slot → the worker its connection reached (while up, or handshaking).
+        self._workers: dict[int, str] = {}
+        #: Slot → when its connection came up (trio time).
+        self._connected_at: dict[int, float] = {}
+        #: Connections to keep: the server's worker count, as it last said.
+        self._wanted = 1
+        #: The slots whose reconnect loops run now.
+        self._running: set[int] = set()
+        self._nursery: trio.Nursery | None = None
+        # One handshake at a time, so each names every worker held by the
+        # others, and two never land on one new worker unknowingly.
+        self._handshake_lock = trio.Lock()
+        #: What slot 0 is doing (CONNECTING or DISCONNECTED) when no link is up.
+        self._phase = ClientState.DISCONNECTED
+        #: Sent on every connection: the server knows the connections of one
+        #: agent, and replaces a stale one rather than pooling with it.
+        self._agent_id = secrets.token_hex(8)
         self._task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
         self._remote_port = config.remote_port
         self._policy = config.visitor_policy
@@ -93,6 +130,7 @@ class Client:
             config.observer, inspector=config.inspector is not None
         )
         self._inspector_url: str | None = None
+        self._reconnect_wait: ReconnectWait | None = None
 
     @property
     def state(self) -> ClientState:
@@ -122,12 +160,21 @@ class Client:
     @property
     def rtt(self) -> float | None:
         """The last keepalive round-trip time to the server, in seconds."""
-        return self._mux.rtt if self._mux is not None else None
+        for slot in sorted(self._links):
+            rtt = self._links[slot].rtt
+            if rtt is not None:
+                return rtt
+        return None
 
     @property
     def open_streams(self) -> int:
         """Requests, WebSockets and TCP connections in flight through the tunnel now."""
-        return self._mux.open_streams if self._mux is not None else 0
+        return sum(mux.open_streams for mux in self._links.values())
+
+    @property
+    def server_connections(self) -> int:
+        """How many connections to the server are up now (one per server worker, when all are)."""
+        return len(self._links)
 
     @property
     def recorder(self) -> Recorder | None:
@@ -142,6 +189,11 @@ class Client:
         is None or none of its ports was free.
         """
         return self._inspector_url
+
+    @property
+    def reconnect_wait(self) -> ReconnectWait | None:
+        """The wait before the next connection attempt, while the agent waits; else None."""
+        return self._reconnect_wait
 
     def _set_state(self, state: ClientState) -> None:
         if state is self._state:
@@ -166,7 +218,7 @@ class Client:
 
         Failed attempts and lost connections are retried after a delay drawn
         from zero to ``min(backoff_max, backoff_initial * 2**n)`` for the n-th
-        failure in a row. A connection that stayed up for :data:`STABLE_AFTER`
+        failure in a row. A connection that stayed up for ``STABLE_AFTER`` (10)
         seconds counts as a success: the next delay starts from
         ``backoff_initial`` again.
 
@@ -201,43 +253,93 @@ class Client:
         }
 
     async def _reconnect_loop(self, task_status: trio.TaskStatus[str]) -> None:
-        failures = 0
         self._task_status = task_status
         try:
-            while True:
-                self._set_state(ClientState.CONNECTING)
-                self._connected_at = None
-                try:
-                    await self._connect_once()
-                except (ServerUnreachableError, ConnectionLostError) as exc:
-                    logger.warning("agent for %s: %s", self._host, exc)
-                if self._uptime() >= STABLE_AFTER:
-                    failures = 0
-                if self._is_closing():
-                    break
-                self._set_state(ClientState.DISCONNECTED)
-                cap = min(self.config.backoff_max, self.config.backoff_initial * 2**failures)
-                failures = min(failures + 1, 32)
-                delay = random.uniform(0, cap)
-                logger.info("agent for %s: reconnecting in %.1fs", self._host, delay)
-                await trio.sleep(delay)
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                await self._slot_loop(0)
+                # Slot 0 ends only when the agent does; the others go with it.
+                nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            error = _first_error(group)
+            if error is group:
+                raise
+            raise error from None
         finally:
+            self._nursery = None
             self._set_state(ClientState.CLOSED)
             with trio.CancelScope(shield=True):
                 await self._pool.aclose()
 
+    async def _slot_loop(self, slot: int) -> None:
+        """Keep connection ``slot`` up, reconnecting with backoff, while it is wanted."""
+        self._running.add(slot)
+        try:
+            await self._keep_slot(slot)
+        finally:
+            self._running.discard(slot)
+
+    async def _keep_slot(self, slot: int) -> None:
+        failures = 0
+        duplicates = 0
+        while not self._is_closing() and slot < self._wanted:
+            if slot == 0:
+                self._phase = ClientState.CONNECTING
+                self._update_state()
+            try:
+                await self._connect_once(slot)
+            except _DuplicateWorker:
+                # Routine while looking for the workers not reached yet; the
+                # delay grows only if the attempts keep landing on held ones.
+                duplicates = min(duplicates + 1, 32)
+                cap = min(self.config.backoff_max, DUPLICATE_BACKOFF * 2**duplicates)
+                await trio.sleep(random.uniform(0, cap))
+                continue
+            except (ServerUnreachableError, ConnectionLostError) as exc:
+                logger.warning("agent for %s: %s%s", self._host, self._which(slot), exc)
+            duplicates = 0
+            if self._uptime(slot) >= STABLE_AFTER:
+                failures = 0
+            if self._is_closing():
+                break
+            if slot == 0:
+                self._phase = ClientState.DISCONNECTED
+                self._update_state()
+            cap = min(self.config.backoff_max, self.config.backoff_initial * 2 ** min(failures, 32))
+            failures += 1
+            delay = random.uniform(0, cap)
+            which = self._which(slot)
+            logger.info("agent for %s: %sreconnecting in %.1fs", self._host, which, delay)
+            if slot != 0:
+                await trio.sleep(delay)
+                continue
+            # Published for the panel's countdown (tunnel._panel).
+            self._reconnect_wait = ReconnectWait(failures, delay, trio.current_time() + delay)
+            try:
+                await trio.sleep(delay)
+            finally:
+                self._reconnect_wait = None
+
+    def _which(self, slot: int) -> str:
+        return "" if self._wanted == 1 else f"connection {slot + 1} of {self._wanted}: "
+
+    def _update_state(self) -> None:
+        """The tunnel is CONNECTED while any of its connections is up."""
+        self._set_state(ClientState.CONNECTED if self._links else self._phase)
+
     def _is_closing(self) -> bool:
         return self._closing
 
-    def _uptime(self) -> float:
-        """How long the last connection has been up; 0 if it never came up."""
+    def _uptime(self, slot: int) -> float:
+        """How long slot's last connection has been up; 0 if it never came up."""
         # Counted from CONNECTED, not from the attempt's start: attempts that
         # time out slowly must not pass for a stable connection.
-        if self._connected_at is None:
+        connected_at = self._connected_at.pop(slot, None)
+        if connected_at is None:
             return 0.0
-        return trio.current_time() - self._connected_at
+        return trio.current_time() - connected_at
 
-    async def _connect_once(self) -> None:
+    async def _connect_once(self, slot: int) -> None:
         """One connection: handshake, then serve streams until it ends.
 
         Returns when closed by :meth:`aclose`; raises when the connection could
@@ -245,36 +347,74 @@ class Client:
         """
         config = self.config
         server = config.server
-        stream = await self._open_stream()
+        locked = True
+        await self._handshake_lock.acquire()
+        try:
+            stream = await self._open_stream()
+        except BaseException:
+            self._handshake_lock.release()
+            raise
         try:
             async with trio.open_nursery() as nursery:
                 # We own the byte stream (not trio-websocket), so it is closed
                 # on every path, a refused handshake included.
                 authority = server.host if server.default_port else f"{server.host}:{server.port}"
                 guard = HandshakeGuard(stream, f"{server.host}:{server.port}")
-                with trio.fail_after(config.connect_timeout):
-                    ws = await trio_websocket.wrap_client_stream(
-                        nursery,
-                        guard,  # type: ignore[arg-type]  # any trio Stream works; the hint is narrow
-                        authority,
-                        config.control_path,
-                        subprotocols=[SUBPROTOCOL],
-                        extra_headers=await self._handshake_headers(stream, authority),
-                        max_message_size=MAX_MESSAGE_SIZE,
-                        receive_buffer_size=RECEIVE_BUFFER_SIZE,
-                        message_queue_size=4,
-                    )
-                guard.handshaking = False
-                await self._serve(ws)
+                try:
+                    with trio.fail_after(config.connect_timeout):
+                        ws = await trio_websocket.wrap_client_stream(
+                            nursery,
+                            guard,  # type: ignore[arg-type]  # any trio Stream works; the hint is narrow
+                            authority,
+                            config.control_path,
+                            subprotocols=[SUBPROTOCOL],
+                            extra_headers=await self._handshake_headers(stream, authority, slot),
+                            max_message_size=MAX_MESSAGE_SIZE,
+                            receive_buffer_size=RECEIVE_BUFFER_SIZE,
+                            message_queue_size=4,
+                        )
+                    guard.handshaking = False
+                    self._note_worker(slot, ws)
+                finally:
+                    locked = False
+                    self._handshake_lock.release()
+                await self._serve(slot, ws)
                 nursery.cancel_scope.cancel()
         except BaseExceptionGroup as group:
             raise self._translate(_first_error(group)) from None
         except Exception as exc:
             raise self._translate(exc) from None
         finally:
+            if locked:
+                self._handshake_lock.release()
+            self._workers.pop(slot, None)
             with trio.move_on_after(CLOSE_TIMEOUT) as scope:
                 scope.shield = True
                 await stream.aclose()
+
+    def _note_worker(self, slot: int, ws: trio_websocket.WebSocketConnection) -> None:
+        """Record which server worker ``slot`` reached, and how many there are."""
+        answer = dict(ws.handshake_headers)
+        worker = answer.get(WORKER_HEADER.encode(), b"").decode("ascii", "replace")
+        count = answer.get(WORKERS_HEADER.encode(), b"1")
+        if worker and worker in self._workers.values():
+            # The server refuses these before accepting; this is the same
+            # rule for a server that could not tell (say, behind a proxy
+            # that dropped our header). Closing before HTTP/2 starts means
+            # the server never hands this connection a request.
+            raise _DuplicateWorker(worker)
+        if worker:
+            self._workers[slot] = worker
+        # A TCP tunnel's public port lives in the worker that bound it.
+        wanted = 1 if self.config.tcp or not count.isdigit() else int(count)
+        self._wanted = max(1, min(wanted, MAX_CONNECTIONS))
+        nursery = self._nursery
+        if nursery is not None:
+            for missing in set(range(self._wanted)) - self._running:
+                # Marked running now, not when the task starts, so that a
+                # second handshake before then does not start it twice.
+                self._running.add(missing)
+                nursery.start_soon(self._slot_loop, missing)
 
     async def _open_stream(self) -> trio.SocketStream | trio.SSLStream[trio.SocketStream]:
         config = self.config
@@ -300,7 +440,7 @@ class Client:
         except Exception as exc:
             raise self._translate(exc) from None
 
-    async def _serve(self, ws: trio_websocket.WebSocketConnection) -> None:
+    async def _serve(self, slot: int, ws: trio_websocket.WebSocketConnection) -> None:
         config = self.config
         answer = dict(ws.handshake_headers)
         granted = answer.get(HOST_HEADER.encode())
@@ -321,19 +461,32 @@ class Client:
             on_stream=self._serve_stream,
             trusted_peer=True,
         )
-        async with trio.open_nursery() as nursery:
-            await nursery.start(mux.run)
-            self._mux = mux
-            self._connected_at = trio.current_time()
-            self._set_state(ClientState.CONNECTED)
-            logger.info("tunnel up: %s → %s", self.url, self._pool.label)
-            self._task_status.started(self.url)
-            self._task_status = trio.TASK_STATUS_IGNORED
-        self._mux = None
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(mux.run)
+                self._links[slot] = mux
+                self._connected_at[slot] = trio.current_time()
+                self._update_state()
+                if len(self._links) == 1:
+                    logger.info("tunnel up: %s → %s", self.url, self._pool.label)
+                else:
+                    logger.debug("%s: %sup", self.url, self._which(slot))
+                self._task_status.started(self.url)
+                self._task_status = trio.TASK_STATUS_IGNORED
+        finally:
+            self._links.pop(slot, None)
+            # Slot 0's loop says DISCONNECTED itself, at once and together with
+            # the reconnect wait; another slot's loss shows only if it was the
+            # last connection up.
+            if slot == 0:
+                self._phase = ClientState.DISCONNECTED
+            elif not self._is_closing():
+                self._update_state()
         if mux.peer_close_code == REPLACED_CLOSE_CODE:
             raise HostInUseError(
                 f"another agent with the same identity took over {self.url}; this one stops "
-                "(two agents with one token and host replace each other; give each its own)"
+                "(two agents with one token and host replace each other: give each its own, "
+                "or set pool on both to share the host)"
             )
         if mux.peer_close_code == DISCONNECTED_CLOSE_CODE:
             raise RejectedError(
@@ -345,10 +498,18 @@ class Client:
             raise ConnectionLostError(f"lost the connection to the server: {mux.closed_reason}")
 
     async def _handshake_headers(
-        self, stream: trio.abc.Stream, authority: str
+        self, stream: trio.abc.Stream, authority: str, slot: int
     ) -> list[tuple[bytes, bytes]]:
         config = self.config
-        headers = [(HOST_HEADER.encode(), config.claimed_host.encode())]
+        headers = [
+            (HOST_HEADER.encode(), config.claimed_host.encode()),
+            (AGENT_ID_HEADER.encode(), self._agent_id.encode()),
+        ]
+        held = [worker for other, worker in self._workers.items() if other != slot]
+        if held:
+            headers.append((HAVE_WORKERS_HEADER.encode(), ",".join(held).encode()))
+        if config.pool:
+            headers.append((POOL_HEADER.encode(), b"1"))
         if self._key is not None:
             headers += await self._key.handshake_headers(
                 stream, authority, config.control_path, config.claimed_host
@@ -364,11 +525,13 @@ class Client:
         """The error to raise for ``exc``: ours for the network's, others unchanged."""
         server = self.config.server
         where = f"{server.host}:{server.port}"
-        if isinstance(exc, TunnelError):
+        if isinstance(exc, TunnelError | _DuplicateWorker):
             return exc
         if isinstance(exc, trio.BrokenResourceError) and isinstance(exc.__cause__, ssl.SSLError):
             exc = exc.__cause__
         if isinstance(exc, trio_websocket.ConnectionRejected):
+            if exc.status_code == DUPLICATE_STATUS:
+                return _DuplicateWorker()
             reason = (exc.body or b"").decode("utf-8", "replace").strip() or "no reason given"
             if is_permanent(exc.status_code):
                 return rejection_for_status(exc.status_code, reason)
@@ -424,9 +587,13 @@ class Client:
         :meth:`connect` then returns.
         """
         self._closing = True
-        mux = self._mux
-        if mux is not None:
-            await mux.drain(self.config.drain_timeout)
+        links = list(self._links.values())
+        if len(links) == 1:
+            await links[0].drain(self.config.drain_timeout)
+            return
+        async with trio.open_nursery() as nursery:
+            for mux in links:
+                nursery.start_soon(mux.drain, self.config.drain_timeout)
 
 
 def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
@@ -443,7 +610,13 @@ def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
     collect(group)
     if not leaves:
         return group
-    for kind in (TunnelError, trio_websocket.ConnectionRejected, trio_websocket.HandshakeError):
+    kinds = (
+        TunnelError,
+        _DuplicateWorker,
+        trio_websocket.ConnectionRejected,
+        trio_websocket.HandshakeError,
+    )
+    for kind in kinds:
         for leaf in leaves:
             if isinstance(leaf, kind):
                 return leaf

@@ -35,6 +35,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
+from functools import partial
 from typing import Any, Final
 from urllib.parse import parse_qs
 
@@ -158,19 +159,27 @@ class AdminAPI:
             await self._tunnel(scope, send, method, route.removeprefix("tunnels/"))
 
     async def _tunnel(self, scope: Scope, send: Send, method: str, key: str) -> None:
-        session = next((s for s in self.registry.sessions() if s.key == key), None)
-        if session is None:
+        sessions = self.registry.sessions_of(key)
+        if not sessions:
             await _error(send, 404, "not_found", f"no tunnel {key!r} is connected to this server")
             return
         if method != "DELETE":
-            await _json(send, 200, _describe(session.statistics()))
+            # A pooled host's agents are listed one by one under /tunnels.
+            await _json(send, 200, {**_describe(sessions[0].statistics()), "agents": len(sessions)})
             return
         query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
         reason = (query.get("reason") or [""])[0].strip()[:MAX_REASON]
         reconnect = (query.get("reconnect") or ["false"])[0].lower() in ("1", "true", "yes")
-        stats = session.statistics()
-        await self.disconnect(session, reason, reconnect=reconnect, peer=scope.get("client"))
-        await _json(send, 200, {"disconnected": _describe(stats), "reconnect": reconnect})
+        stats = sessions[0].statistics()
+        async with trio.open_nursery() as nursery:
+            for session in sessions:
+                disconnect = partial(self.disconnect, reconnect=reconnect, peer=scope.get("client"))
+                nursery.start_soon(disconnect, session, reason)
+        await _json(
+            send,
+            200,
+            {"disconnected": _describe(stats), "agents": len(sessions), "reconnect": reconnect},
+        )
 
     async def disconnect(
         self,

@@ -12,6 +12,7 @@ from .._config import ServerConfig
 from .._protocol.handshake import CHALLENGE_SUFFIX
 from .._protocol.headers import Headers, header_value
 from .._protocol.hosts import host_from_authority
+from .._transport.masking import use_fast_masking
 from ._access import AccessControl
 from ._admin import AdminAPI
 from ._control import serve_agent
@@ -60,6 +61,8 @@ class TunnelApp:
 
     def __init__(self, config: ServerConfig | None = None, *, fallback: ASGIApp | None = None):
         apply_hypercorn_patches()
+        # Hypercorn unmasks every byte agents send through wsproto; see masking.py.
+        use_fast_masking()
         self.config = config if config is not None else ServerConfig()
         self.fallback = fallback
         self.registry = Registry()

@@ -19,14 +19,20 @@ from .._config import ServerConfig
 from .._exceptions import ConfigError
 from .._mux import Mux
 from .._protocol.handshake import (
+    AGENT_ID_HEADER,
+    DUPLICATE_STATUS,
+    HAVE_WORKERS_HEADER,
     HOST_HEADER,
     KEY_HEADER,
     NONCE_HEADER,
+    POOL_HEADER,
     REPLACED_CLOSE_CODE,
     SIGNATURE_HEADER,
     SUBPROTOCOL,
     SUBPROTOCOL_PREFIX,
     TCP_PORT_HEADER,
+    WORKER_HEADER,
+    WORKERS_HEADER,
     bearer_token,
 )
 from .._protocol.hosts import host_from_authority, in_domain, normalize_host
@@ -39,6 +45,7 @@ from ._pages import refuse_websocket
 from ._registry import AgentSession, HostInUse, Registry
 from ._tcp import bind_tcp_port, serve_tcp
 from ._telemetry import claimed_host, log_event, peer_text
+from ._workers import worker_id
 
 __all__ = ["serve_agent"]
 
@@ -90,6 +97,8 @@ async def serve_agent(
         log_event(
             logger,
             "agent_refused",
+            # An agent's probe for a worker it lacks is routine, not news.
+            logging.DEBUG if exc.status == DUPLICATE_STATUS else logging.INFO,
             peer=peer_text(peer),
             claimed=claimed_host(scope),
             status=exc.status,
@@ -98,7 +107,11 @@ async def serve_agent(
         await refuse_websocket(scope, send, exc.status, exc.reason)
         return
 
-    accept_headers = [(HOST_HEADER.encode(), request.host.encode())]
+    accept_headers = [
+        (HOST_HEADER.encode(), request.host.encode()),
+        (WORKER_HEADER.encode(), worker_id().encode()),
+        (WORKERS_HEADER.encode(), str(config.workers).encode()),
+    ]
     if port is not None:
         accept_headers.append((TCP_PORT_HEADER.encode(), str(port).encode()))
     await send({"type": "websocket.accept", "subprotocol": SUBPROTOCOL, "headers": accept_headers})
@@ -109,7 +122,14 @@ async def serve_agent(
         keepalive_interval=config.keepalive_interval,
         keepalive_timeout=config.keepalive_timeout,
     )
-    session = AgentSession(info, identity.digest, mux, policy)
+    session = AgentSession(
+        info,
+        identity.digest,
+        mux,
+        policy,
+        pool=request.pool,
+        agent_id=request.header(AGENT_ID_HEADER) or "",
+    )
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(mux.run)
@@ -125,20 +145,26 @@ async def serve_agent(
                     mux.close("the agent did not start HTTP/2", ABNORMAL_CLOSURE)
                     return
             try:
-                old = registry.claim(session, config.max_tunnels_per_identity)
+                replaced = registry.claim(session, config.max_tunnels_per_identity)
             except HostInUse as exc:
                 # Another token claimed the host, or this identity reached its
                 # limit, between our check and now.
                 mux.close(f"refused: {exc}")
                 await transport.aclose(4409, f"refused: {exc}")
                 return
-            # An old session that is draining (its agent leaving, as in a
-            # rolling restart) finishes its requests in flight; it takes no
-            # new ones anyway.
-            if old is not None and old.mux.accepting:
-                old.mux.close(
-                    f"replaced by a newer connection for {session.key}", REPLACED_CLOSE_CODE
-                )
+            for old in replaced:
+                if not old.mux.accepting:
+                    # Draining (its agent leaving, as in a rolling restart): it
+                    # finishes its requests in flight and takes no new ones.
+                    continue
+                if session.agent_id and old.agent_id == session.agent_id:
+                    # The same agent, back after losing that connection: the
+                    # old one is stale, and nobody must be told to stop.
+                    old.mux.close(f"replaced by the agent's newer connection for {session.key}")
+                else:
+                    old.mux.close(
+                        f"replaced by a newer connection for {session.key}", REPLACED_CLOSE_CODE
+                    )
             if listeners:
                 await nursery.start(serve_tcp, config, session, listeners)
                 listeners = []  # serve_tcp owns (and closes) them now
@@ -204,6 +230,13 @@ async def _check(
         (key.decode("latin-1").lower(), value.decode("latin-1")) for key, value in scope["headers"]
     )
     values = dict(headers)
+    held = values.get(HAVE_WORKERS_HEADER, "")
+    if held and worker_id() in {part.strip() for part in held.split(",")}:
+        raise Denied(
+            DUPLICATE_STATUS,
+            "this agent is connected to this server worker already; "
+            "it tries again to reach the others",
+        )
 
     tcp_port: int | None = None
     if TCP_PORT_HEADER in values:
@@ -215,6 +248,9 @@ async def _check(
                 403, "this server offers no TCP tunnels (its operator sets ServerConfig.tcp_ports)"
             )
         tcp_port = int(text)
+    pool = values.get(POOL_HEADER, "").strip() == "1"
+    if pool and tcp_port is not None:
+        raise Denied(400, "TCP tunnels cannot pool: a public port has one agent")
     claimed = values.get(HOST_HEADER) or host_from_authority(values.get("host", ""))
     if config.domain is not None and "." not in claimed and claimed != config.domain:
         claimed = f"{claimed}.{config.domain}"
@@ -246,7 +282,9 @@ async def _check(
         )
     if tcp_port is None:
         access.check_reserved(host, identity)
-    request = ConnectRequest(headers, token, host, peer, scope.get("path", ""), tcp_port, key)
+    request = ConnectRequest(
+        headers, token, host, peer, scope.get("path", ""), tcp_port, key, pool=pool
+    )
     if config.auth is not None:
         try:
             result = config.auth(request)
@@ -257,14 +295,14 @@ async def _check(
     limit = config.max_tunnels_per_identity
     if tcp_port is None:
         try:
-            holder = registry.check_claim(host, identity.digest)
+            holders = registry.check_claim(host, identity.digest)
         except HostInUse:
             raise Denied(
                 409, f"host {host} is in use by another agent; claim another host"
             ) from None
     else:
-        holder = None  # a TCP tunnel is known by its port, checked when bound
-    if limit is not None and holder is None and registry.count(identity.digest) >= limit:
+        holders = []  # a TCP tunnel is known by its port, checked when bound
+    if limit is not None and not holders and registry.count(identity.digest) >= limit:
         raise Denied(
             403,
             f"this {identity.label.split()[0]} already holds {limit} tunnel(s), the most the "

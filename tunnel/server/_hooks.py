@@ -22,6 +22,8 @@ class ConnectRequest:
             ``None`` for an HTTP tunnel.
         key: The agent's ``ssh-ed25519`` public key when it authenticated with
             a key (then ``token`` is empty).
+        pool: The agent asked to share its host with the other agents of its
+            identity that ask the same (``ClientConfig.pool``).
     """
 
     headers: tuple[tuple[str, str], ...]
@@ -31,6 +33,7 @@ class ConnectRequest:
     path: str
     tcp_port: int | None = None
     key: str | None = None
+    pool: bool = False
 
     def header(self, name: str) -> str | None:
         """The first value of header ``name`` (any case), or None."""
@@ -58,7 +61,7 @@ class TunnelInfo:
 
     @property
     def key(self) -> str:
-        """What the registry knows the tunnel by: its host, or ``tcp:<port>``."""
+        """The registry's key for the tunnel, its host or ``tcp:<port>``."""
         return self.host if self.tcp_port is None else f"tcp:{self.tcp_port}"
 
 

@@ -54,16 +54,28 @@ class TunnelStatistics:
 class AgentSession:
     """One accepted agent connection and its counters."""
 
-    __slots__ = ("digest", "done", "info", "mux", "policy", "requests_served")
+    __slots__ = ("agent_id", "digest", "done", "info", "mux", "policy", "pool", "requests_served")
 
     def __init__(
-        self, info: TunnelInfo, digest: bytes, mux: Mux, policy: VisitorPolicy | None = None
+        self,
+        info: TunnelInfo,
+        digest: bytes,
+        mux: Mux,
+        policy: VisitorPolicy | None = None,
+        *,
+        pool: bool = False,
+        agent_id: str = "",
     ) -> None:
         self.info = info
         self.digest = digest
         self.mux = mux
         #: Who may visit: what the agent asked the server to enforce.
         self.policy = policy or VisitorPolicy()
+        #: The agent asked to share its host with other agents of its identity.
+        self.pool = pool
+        #: The agent process's own random id ("" if it sent none): a newer
+        #: connection from the same agent replaces this one, pool or not.
+        self.agent_id = agent_id
         self.requests_served = 0
         #: Set once the session has ended and let go of everything it held.
         self.done = trio.Event()
@@ -76,6 +88,14 @@ class AgentSession:
     def key(self) -> str:
         """The registry key: the host, or ``tcp:<port>`` for a TCP tunnel."""
         return self.info.key
+
+    @property
+    def available(self) -> bool:
+        """Whether the session takes new requests now."""
+        # Not before the agent's SETTINGS: a connection the agent has already
+        # given up on never sends them, and must not be handed requests.
+        mux = self.mux
+        return mux.ready and mux.accepting
 
     def statistics(self) -> TunnelStatistics:
         mux = self.mux
@@ -92,24 +112,42 @@ class AgentSession:
 
 
 class Registry:
-    """Maps each claimed host to the agent session serving it."""
+    """Maps each claimed host to the agent sessions serving it.
+
+    A host has one session, or several when agents of one identity asked to
+    pool (``ClientConfig.pool``); a request goes to the least busy of them.
+    """
 
     def __init__(self) -> None:
-        self._sessions: dict[str, AgentSession] = {}
+        self._sessions: dict[str, list[AgentSession]] = {}
         self._gone: OrderedDict[str, float] = OrderedDict()
         self._arrivals: dict[str, trio.Event] = {}
+        # Rotates the first pool member looked at, so that idle members
+        # (all with no stream open) share the requests instead of the first
+        # one taking them all.
+        self._turn = 0
         #: Set when the server begins a graceful shutdown: sessions drain, no
         #: new agent is accepted and nobody waits for an agent to come back.
         self.shutting_down = trio.Event()
 
     def lookup(self, host: str) -> AgentSession | None:
-        """The session serving ``host`` now, if it takes new requests."""
-        session = self._sessions.get(host)
-        # Not before the agent's SETTINGS: a connection the agent has already
-        # given up on never sends them, and must not be handed requests.
-        if session is not None and session.mux.ready and session.mux.accepting:
-            return session
-        return None
+        """The session to serve a request for ``host`` now: the least busy available."""
+        members = self._sessions.get(host)
+        if members is None:
+            return None
+        if len(members) == 1:
+            session = members[0]
+            return session if session.available else None
+        self._turn += 1
+        count = len(members)
+        best: AgentSession | None = None
+        for index in range(count):
+            session = members[(self._turn + index) % count]
+            if session.available and (
+                best is None or session.mux.open_streams < best.mux.open_streams
+            ):
+                best = session
+        return best
 
     def knows(self, host: str) -> bool:
         """Whether ``host`` has (or recently had) an agent."""
@@ -123,12 +161,15 @@ class Registry:
                     session = self.lookup(host)
                     if session is not None:
                         return session
-                    pending = self._sessions.get(host)
-                    if (
-                        pending is not None
-                        and pending.mux.closed_reason is None
-                        and not pending.mux.ready
-                    ):
+                    pending = next(
+                        (
+                            member
+                            for member in self._sessions.get(host, ())
+                            if member.mux.closed_reason is None and not member.mux.ready
+                        ),
+                        None,
+                    )
+                    if pending is not None:
                         # Just connected: ready (or gone) within a round trip.
                         await pending.mux.wait_peer_settings()
                         continue
@@ -144,55 +185,79 @@ class Registry:
                 del self._arrivals[host]
         return None
 
-    def check_claim(self, key: str, digest: bytes) -> AgentSession | None:
-        """Raise HostInUse if another token holds ``key``; return its holder if any."""
-        current = self._sessions.get(key)
-        if current is not None and current.digest != digest:
+    def check_claim(self, key: str, digest: bytes) -> list[AgentSession]:
+        """Raise HostInUse if another identity holds ``key``; return its sessions."""
+        current = self._sessions.get(key, [])
+        if current and current[0].digest != digest:
             raise HostInUse(key)
-        return current
+        return list(current)
 
-    def claim(self, session: AgentSession, limit: int | None = None) -> AgentSession | None:
-        """Make ``session`` serve its host; return the session it replaced.
+    def claim(self, session: AgentSession, limit: int | None = None) -> list[AgentSession]:
+        """Make ``session`` serve its host; return the sessions it replaced.
 
-        A new connection with the same token replaces the old one at once, so a
-        reconnecting agent never waits for its stale session to time out.
+        A new connection with the same identity replaces the old ones at once,
+        so a reconnecting agent never waits for its stale session to time out;
+        unless the new one and all the old ones asked to pool, when it joins
+        them. A connection from an agent (``agent_id``) already there always
+        replaces that agent's old connection: it is the same agent, back.
 
         Raises:
             HostInUse: Another identity holds the host, or this identity holds
                 ``limit`` tunnels already (checked here, with no await since
                 the handshake's check, so concurrent handshakes cannot race it).
         """
-        old = self.check_claim(session.key, session.digest)
-        if old is None and limit is not None and self.count(session.digest) >= limit:
+        current = self.check_claim(session.key, session.digest)
+        if not current and limit is not None and self.count(session.digest) >= limit:
             raise HostInUse(f"{session.key}: limit of {limit} tunnels reached")
-        self._sessions[session.key] = session
+        if session.pool and all(member.pool for member in current):
+            replaced = [
+                member
+                for member in current
+                if session.agent_id and member.agent_id == session.agent_id
+            ]
+        else:
+            replaced = current
+        self._sessions[session.key] = [m for m in current if m not in replaced] + [session]
         self._gone.pop(session.key, None)
         arrival = self._arrivals.pop(session.key, None)
         if arrival is not None:
             arrival.set()
-        return old
+        return replaced
 
     def release(self, session: AgentSession) -> None:
-        """Forget ``session``; its host is remembered as recently served."""
-        if self._sessions.get(session.key) is session:
-            del self._sessions[session.key]
-            self._gone[session.key] = time.time()
-            self._gone.move_to_end(session.key)
-            while len(self._gone) > MAX_REMEMBERED_HOSTS:
-                self._gone.popitem(last=False)
+        """Forget ``session``; a host left with no session is remembered as recently served."""
+        members = self._sessions.get(session.key)
+        if members is None or session not in members:
+            return
+        if len(members) > 1:
+            self._sessions[session.key] = [m for m in members if m is not session]
+            return
+        del self._sessions[session.key]
+        self._gone[session.key] = time.time()
+        self._gone.move_to_end(session.key)
+        while len(self._gone) > MAX_REMEMBERED_HOSTS:
+            self._gone.popitem(last=False)
 
     def count(self, digest: bytes) -> int:
-        """How many tunnels the identity ``digest`` holds now."""
-        return sum(1 for session in self._sessions.values() if session.digest == digest)
+        """How many tunnels (hosts and TCP ports) the identity ``digest`` holds now."""
+        return sum(1 for members in self._sessions.values() if members[0].digest == digest)
 
     def holds(self, key: str) -> bool:
         """Whether a session holds ``key`` now."""
         return key in self._sessions
 
     def sessions(self) -> list[AgentSession]:
-        """The sessions serving hosts now."""
-        return list(self._sessions.values())
+        """The sessions serving hosts now (a pool's members one by one)."""
+        return [session for members in self._sessions.values() for session in members]
+
+    def sessions_of(self, key: str) -> list[AgentSession]:
+        """The sessions serving ``key`` now."""
+        return list(self._sessions.get(key, ()))
 
     def statistics(self) -> list[TunnelStatistics]:
-        """A snapshot of every active tunnel, sorted by host."""
-        return [self._sessions[host].statistics() for host in sorted(self._sessions)]
+        """A snapshot of every active tunnel's sessions, sorted by host."""
+        return [
+            session.statistics()
+            for host in sorted(self._sessions)
+            for session in self._sessions[host]
+        ]

@@ -9,11 +9,15 @@ from collections.abc import Awaitable, Callable
 import hypercorn.config
 import hypercorn.trio
 import trio
+from hypercorn.config import Sockets
+from hypercorn.trio.run import worker_serve
+from hypercorn.utils import wrap_app
 
 from .._config import ServerConfig, parse_listen_address
 from ._app import ASGIApp, TunnelApp
 from ._hypercorn_guard import install_hypercorn_guard
 from ._metrics import serve_metrics
+from ._workers import serve_workers
 
 __all__ = ["hypercorn_config", "serve"]
 
@@ -59,6 +63,11 @@ async def serve(
 ) -> None:
     """Run a tunnel server until cancelled (or until ``shutdown_trigger`` returns).
 
+    With ``config.workers`` above 1 the server runs that many worker processes
+    on the same port (started with ``multiprocessing``'s spawn method, so the
+    auth hook, the callbacks and ``fallback`` must be importable: module-level
+    functions, not lambdas), and restarts any that dies.
+
     Args:
         config: The server's settings.
         fallback: An ASGI app for hosts no agent has claimed.
@@ -70,13 +79,32 @@ async def serve(
         task_status: Receives, once the server listens, the base URLs it is
             bound to, such as ``["http://127.0.0.1:54321"]``; bind port 0 and
             read the port from here. With ``config.metrics_address`` the
-            metrics URL (``http://…/metrics``) comes last.
+            metrics URL (``http://…/metrics``) comes last, one per worker.
+
+    Raises:
+        ConfigError: With several workers, the settings cannot be copied to
+            the worker processes.
 
     Example::
 
         async with trio.open_nursery() as nursery:
             urls = await nursery.start(tunnel.serve, tunnel.ServerConfig(address="127.0.0.1:0"))
     """
+    if config.workers > 1:
+        await serve_workers(config, fallback, shutdown_trigger, task_status)
+        return
+    await serve_sockets(config, fallback, None, shutdown_trigger, task_status=task_status)
+
+
+async def serve_sockets(
+    config: ServerConfig,
+    fallback: ASGIApp | None,
+    sockets: Sockets | None,
+    shutdown_trigger: Callable[[], Awaitable[None]] | None,
+    *,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """One process's server, on ``sockets`` (bound and listening) or its own."""
     install_hypercorn_guard()
     app = TunnelApp(config, fallback=fallback)
     trigger = None
@@ -89,41 +117,39 @@ async def serve(
             # has; the agents' connections end once their sessions drained.
             app.begin_shutdown()
 
-    if config.metrics_address is not None:
-        await _serve_with_metrics(app, config, trigger, task_status)
+    async def run(*, task_status: trio.TaskStatus[list[str]]) -> None:
+        if sockets is None:
+            await hypercorn.trio.serve(
+                app,  # type: ignore[arg-type]  # Hypercorn's scope TypedDicts vs. plain ASGI mappings
+                hypercorn_config(config),
+                shutdown_trigger=trigger,
+                task_status=task_status,
+            )
+            return
+        # The public serve() binds sockets of its own; a worker serves the
+        # parent's, through the function that serve() wraps.
+        await worker_serve(
+            wrap_app(app, 0, "asgi"),  # type: ignore[arg-type]  # as above
+            hypercorn_config(config),
+            sockets=sockets,
+            shutdown_trigger=trigger,
+            task_status=task_status,
+        )
+
+    if config.metrics_address is None:
+        await run(task_status=task_status)
         return
-    await hypercorn.trio.serve(
-        app,  # type: ignore[arg-type]  # Hypercorn's scope TypedDicts vs. plain ASGI mappings
-        hypercorn_config(config),
-        shutdown_trigger=trigger,
-        task_status=task_status,
-    )
-
-
-async def _serve_with_metrics(
-    app: TunnelApp,
-    config: ServerConfig,
-    trigger: Callable[[], Awaitable[None]] | None,
-    task_status: trio.TaskStatus[list[str]],
-) -> None:
-    """:func:`serve`, plus the metrics on their own listener until the server stops."""
-    assert config.metrics_address is not None
     try:
         async with trio.open_nursery() as nursery:
             metrics_url: str = await nursery.start(
                 serve_metrics, app.metrics_registry, config.metrics_address
             )
 
-            async def run(*, task_status: trio.TaskStatus[list[str]]) -> None:
-                await hypercorn.trio.serve(
-                    app,  # type: ignore[arg-type]  # as in serve()
-                    hypercorn_config(config),
-                    shutdown_trigger=trigger,
-                    task_status=task_status,
-                )
+            async def run_then_stop(*, task_status: trio.TaskStatus[list[str]]) -> None:
+                await run(task_status=task_status)
                 nursery.cancel_scope.cancel()
 
-            urls: list[str] = await nursery.start(run)
+            urls: list[str] = await nursery.start(run_then_stop)
             task_status.started([*urls, metrics_url])
     except BaseExceptionGroup as group:
         # One failure (such as an address in use) is raised as itself.

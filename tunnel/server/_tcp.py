@@ -49,13 +49,14 @@ async def bind_tcp_port(
                 f"{ports.start}-{ports.stop - 1}",
             )
         try:
-            holder = registry.check_claim(f"tcp:{requested}", digest)
+            holders = registry.check_claim(f"tcp:{requested}", digest)
         except HostInUse:
             raise Denied(409, f"port {requested} is in use by another agent") from None
-        if holder is not None:
+        for holder in holders:
             holder.mux.close(
                 f"replaced by a newer connection for port {requested}", REPLACED_CLOSE_CODE
             )
+        for holder in holders:
             await holder.done.wait()
         listeners = await _listen(config, requested)
         if listeners is None:

@@ -1,0 +1,184 @@
+"""A server of several worker processes: one agent connection per worker.
+
+``tunnel.serve`` with ``workers=2`` starts two real worker processes on one
+port; visitors are spread over them by the kernel. Every visitor here opens a
+new connection (``Connection: close``), so it may land on either worker.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import hypercorn.trio
+import pytest
+import trio
+
+import tunnel
+from helpers import eventually
+from tunnel._protocol.handshake import HAVE_WORKERS_HEADER, SUBPROTOCOL
+from tunnel.server._workers import worker_id
+
+TOKEN = "s3cret"
+
+
+def worker_pids() -> list[int]:
+    """The worker processes this test process started, by their command line."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == os.getpid() and b"tunnel.server._workers" in cmdline:
+            found.append(int(entry.name))
+    return sorted(found)
+
+
+async def fresh_visits(port: int, count: int, host: str = "app.localhost") -> Counter[int]:
+    """``count`` requests, each on a new connection; their status codes."""
+    statuses: Counter[int] = Counter()
+    async with httpx.AsyncClient(
+        base_url=f"http://127.0.0.1:{port}",
+        headers={"host": host, "connection": "close"},
+        trust_env=False,
+        timeout=10,
+    ) as http:
+        for i in range(count):
+            statuses[(await http.get(f"/visit/{i}")).status_code] += 1
+    return statuses
+
+
+async def wait_connections(client: tunnel.Client, count: int) -> None:
+    await eventually(lambda: client.server_connections == count, limit=30)
+
+
+@pytest.fixture
+async def workers_server(nursery):
+    config = tunnel.ServerConfig(
+        address="127.0.0.1:0", tokens=frozenset({TOKEN}), workers=2, graceful_timeout=2
+    )
+    urls = await nursery.start(tunnel.serve, config)
+    return int(urls[0].rsplit(":", 1)[1])
+
+
+async def test_agent_connects_to_every_worker_and_each_serves(
+    workers_server, local_service, agent_config
+):
+    with trio.fail_after(40):
+        assert len(worker_pids()) == 2
+        async with tunnel.open_tunnel(agent_config(workers_server, local_service.port)) as agent:
+            await wait_connections(agent, 2)
+            statuses = await fresh_visits(workers_server, 30)
+            assert statuses == {200: 30}
+            assert agent.state is tunnel.ClientState.CONNECTED
+
+
+async def test_a_worker_killed_leaves_the_tunnel_up_and_comes_back(
+    workers_server, local_service, agent_config
+):
+    with trio.fail_after(60):
+        async with tunnel.open_tunnel(agent_config(workers_server, local_service.port)) as agent:
+            await wait_connections(agent, 2)
+            first, second = worker_pids()
+            os.kill(first, signal.SIGKILL)
+            # The agent sees one connection go; the survivor serves everyone
+            # (the listening socket is shared, so no visitor lands on the dead one).
+            await wait_connections(agent, 1)
+            assert agent.state is tunnel.ClientState.CONNECTED
+            assert await fresh_visits(workers_server, 20) == {200: 20}
+            # The server restarts the worker; the agent finds and joins it.
+            await wait_connections(agent, 2)
+            pids = worker_pids()
+            assert second in pids
+            assert first not in pids
+            assert len(pids) == 2
+            assert await fresh_visits(workers_server, 20) == {200: 20}
+
+
+async def test_graceful_shutdown_stops_every_worker(local_service, agent_config, nursery):
+    stop = trio.Event()
+    done = trio.Event()
+    config = tunnel.ServerConfig(
+        address="127.0.0.1:0", tokens=frozenset({TOKEN}), workers=2, graceful_timeout=2
+    )
+
+    async def run(task_status=trio.TASK_STATUS_IGNORED):
+        await tunnel.serve(config, shutdown_trigger=stop.wait, task_status=task_status)
+        done.set()
+
+    with trio.fail_after(40):
+        urls = await nursery.start(run)
+        port = int(urls[0].rsplit(":", 1)[1])
+        async with tunnel.open_tunnel(agent_config(port, local_service.port)) as agent:
+            await wait_connections(agent, 2)
+            stop.set()
+            await done.wait()
+            assert worker_pids() == []
+            await wait_connections(agent, 0)
+
+
+def test_workers_refuse_settings_they_cannot_copy():
+    config = tunnel.ServerConfig(address="127.0.0.1:0", workers=2, auth=lambda request: None)
+    with pytest.raises(tunnel.ConfigError, match="cannot be copied"):
+        trio.run(tunnel.serve, config)
+
+
+@pytest.mark.parametrize("workers", [0, 65, "2", True])
+def test_workers_must_be_a_sensible_count(workers):
+    with pytest.raises(tunnel.ConfigError, match="workers"):
+        tunnel.ServerConfig(workers=workers)
+
+
+async def test_worker_the_agent_holds_already_refuses_before_anything_else(tunnel_server):
+    # Single process here, so this test process's worker id is the server's.
+    # The token is wrong too: the duplicate check comes first and costs nothing.
+    request = (
+        "GET /_tunnel HTTP/1.1\r\n"
+        f"Host: 127.0.0.1:{tunnel_server.port}\r\n"
+        "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+        f"Sec-WebSocket-Protocol: {SUBPROTOCOL}\r\n"
+        f"{HAVE_WORKERS_HEADER}: other,{worker_id()}\r\n"
+        "Authorization: Bearer wrong-token\r\n\r\n"
+    )
+    with trio.fail_after(5):
+        stream = await trio.open_tcp_stream("127.0.0.1", tunnel_server.port)
+        async with stream:
+            await stream.send_all(request.encode())
+            answer = b""
+            while b"\r\n\r\n" not in answer:
+                chunk = await stream.receive_some()
+                assert chunk, answer
+                answer += chunk
+    assert answer.startswith(b"HTTP/1.1 421 "), answer
+
+
+async def test_agent_of_a_server_claiming_more_workers_than_it_has_still_works(
+    local_service, open_agent, visitor, nursery
+):
+    # An embedding that says workers=2 but runs one process: the agent's
+    # second connection lands on that one worker every time and is refused;
+    # the tunnel works on one connection, and the retries back off.
+    app = tunnel.TunnelApp(
+        tunnel.ServerConfig(address="127.0.0.1:0", tokens=frozenset({TOKEN}), workers=2)
+    )
+    hc = tunnel.server.hypercorn_config(app.config)
+    urls = await nursery.start(hypercorn.trio.serve, app, hc)
+    port = int(urls[0].rsplit(":", 1)[1])
+    with trio.fail_after(10):
+        async with open_agent(port, local_service.port) as agent, visitor(port) as http:
+            assert (await http.get("/one-worker")).status_code == 200
+            await trio.sleep(1)
+            assert agent.server_connections == 1
+            refused = app._metrics.handshakes_refused.get(421, 0)
+            # Delays from 0.05 s doubling (capped at the test agent's 0.2 s).
+            assert 1 <= refused <= 15, refused
+            assert (await http.get("/still")).status_code == 200

@@ -1,0 +1,371 @@
+"""Several worker processes: the parent binds, each worker runs its own app.
+
+A trio process uses one core. With ``ServerConfig.workers`` set to N, the parent
+binds the listening sockets and starts N worker processes that accept from the
+same sockets, each with its own :class:`~tunnel.TunnelApp` (registry, sessions).
+Every agent opens a connection to each worker (see the worker headers of the
+handshake), so whichever worker takes a visitor's connection can serve it. The
+parent restarts a worker that dies; SIGTERM to a worker drains it, and a
+graceful shutdown sends it to all of them.
+
+Workers are fresh interpreters (``python -c``) that receive their settings
+pickled on stdin and the listening sockets as inherited descriptors; unlike
+``multiprocessing``, they never import the user's main module again, so a script
+without an ``if __name__ == "__main__"`` guard works. The parent keeps the
+worker's stdin open for as long as it wants the worker: if the parent dies (even
+by SIGKILL), the worker reads end-of-file there and drains and exits rather than
+serve on as an orphan nobody supervises.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any, Final
+
+import trio
+
+from .._exceptions import ConfigError, TunnelError
+
+if TYPE_CHECKING:
+    from hypercorn.config import Sockets
+
+    from .._config import ServerConfig
+    from ._app import ASGIApp
+
+__all__ = ["serve_workers", "worker_id"]
+
+logger = logging.getLogger("tunnel.server")
+
+#: Seconds a worker may take from its start to listening.
+START_TIMEOUT: Final = 60.0
+#: Seconds before restarting a worker that died; doubles while it keeps dying.
+RESTART_INITIAL: Final = 0.5
+RESTART_MAX: Final = 30.0
+#: A worker that stayed up this long (seconds) starts again from RESTART_INITIAL.
+STABLE_AFTER: Final = 30.0
+#: Seconds a worker gets beyond the graceful timeout to exit on shutdown.
+EXIT_GRACE: Final = 10.0
+#: The most a worker's start-up report may hold.
+MAX_REPORT: Final = 1 << 20
+
+# The worker's first statement: make the parent's import path its own (the
+# package may be importable only through it), then hand over to _worker_main.
+_BOOTSTRAP = (
+    "import pickle, sys; sys.path[:0] = pickle.load(sys.stdin.buffer); "
+    "from tunnel.server._workers import _worker_main; _worker_main()"
+)
+
+_worker_identity: tuple[int, str] | None = None
+
+
+def worker_id() -> str:
+    """This process's worker id, as agents see it: random, new in every process."""
+    global _worker_identity
+    pid = os.getpid()
+    # Keyed by the pid: a process forked from one that had an id gets its own.
+    if _worker_identity is None or _worker_identity[0] != pid:
+        _worker_identity = (pid, secrets.token_hex(6))
+    return _worker_identity[1]
+
+
+async def serve_workers(
+    config: ServerConfig,
+    fallback: ASGIApp | None,
+    shutdown_trigger: Callable[[], Awaitable[None]] | None,
+    task_status: trio.TaskStatus[list[str]],
+) -> None:
+    """:func:`tunnel.serve` with ``config.workers`` processes."""
+    from ._serve import hypercorn_config
+
+    _check_portable(config, fallback)
+    hc = hypercorn_config(config)
+    sockets = hc.create_sockets()
+    listening = [*sockets.secure_sockets, *sockets.insecure_sockets]
+    try:
+        for sock in listening:
+            sock.listen(hc.backlog)
+        urls = [_url("https", sock) for sock in sockets.secure_sockets] + [
+            _url("http", sock) for sock in sockets.insecure_sockets
+        ]
+        stopping = trio.Event()
+        async with trio.open_nursery() as nursery:
+            # Started side by side: each takes a second or more to import.
+            extra: list[list[str]] = [[] for _ in range(config.workers)]
+            async with trio.open_nursery() as starting:
+                for index in range(config.workers):
+                    worker = _Worker(index, _for_worker(config, index), fallback, sockets, stopping)
+                    starting.start_soon(_start_supervisor, nursery, worker, extra)
+            task_status.started(urls + [url for found in extra for url in found])
+            if shutdown_trigger is None:
+                await trio.sleep_forever()
+            await shutdown_trigger()
+            # Each worker drains and exits; its supervisor returns then.
+            stopping.set()
+    finally:
+        for sock in listening:
+            sock.close()
+
+
+async def _start_supervisor(nursery: trio.Nursery, worker: _Worker, extra: list[list[str]]) -> None:
+    extra[worker.index] = await nursery.start(worker.supervise)
+
+
+def _url(scheme: str, sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
+
+
+def _for_worker(config: ServerConfig, index: int) -> ServerConfig:
+    """Worker ``index``'s settings: its own metrics port (the given one plus index)."""
+    if config.metrics_address is None:
+        return config
+    host, _, port = config.metrics_address.strip().rpartition(":")
+    if int(port) == 0:
+        return config
+    return replace(config, metrics_address=f"{host}:{int(port) + index}")
+
+
+def _check_portable(config: ServerConfig, fallback: ASGIApp | None) -> None:
+    """Refuse, with the fix, settings that a worker process could not rebuild."""
+    code = {
+        "auth": config.auth,
+        "on_connection": config.callbacks.on_connection,
+        "on_disconnection": config.callbacks.on_disconnection,
+        "on_request": config.callbacks.on_request,
+        "fallback": fallback,
+    }
+    for name, value in code.items():
+        module = getattr(value, "__module__", None) or getattr(type(value), "__module__", None)
+        if value is not None and module == "__main__":
+            raise ConfigError(
+                f"ServerConfig.workers={config.workers}: {name} is defined in the main script, "
+                "which the worker processes do not run; move it into a module they can import"
+            )
+    try:
+        pickle.dumps((config, fallback))
+    except Exception as exc:
+        raise ConfigError(
+            f"ServerConfig.workers={config.workers}: every worker process gets a copy of the "
+            f"settings and the fallback app, and this one cannot be copied ({exc}); make the "
+            "auth hook, the callbacks and the fallback module-level functions or objects"
+        ) from None
+
+
+class _Worker:
+    """One worker slot: its process, restarted whenever it dies."""
+
+    def __init__(
+        self,
+        index: int,
+        config: ServerConfig,
+        fallback: ASGIApp | None,
+        sockets: Sockets,
+        stopping: trio.Event,
+    ) -> None:
+        self.index = index
+        self.config = config
+        self.fallback = fallback
+        self.sockets = sockets
+        self.stopping = stopping
+
+    async def supervise(self, *, task_status: trio.TaskStatus[list[str]]) -> None:
+        """Run the worker, restarting it when it dies, until the server stops."""
+        delay = RESTART_INITIAL
+        first = True
+        while True:
+            process, urls = await self._start()
+            started_at = trio.current_time()
+            try:
+                if first:
+                    first = False
+                    task_status.started(urls)
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._drain_on_stop, process)
+                    await process.wait()
+                    nursery.cancel_scope.cancel()
+            finally:
+                await self._end(process)
+            if self.stopping.is_set():
+                return
+            up = trio.current_time() - started_at
+            if up >= STABLE_AFTER:
+                delay = RESTART_INITIAL
+            logger.warning(
+                "server worker %d exited with code %s after %.1fs; restarting it in %.1fs",
+                self.index,
+                process.returncode,
+                up,
+                delay,
+            )
+            await trio.sleep(delay)
+            delay = min(RESTART_MAX, delay * 2)
+
+    async def _drain_on_stop(self, process: trio.Process) -> None:
+        await self.stopping.wait()
+        process.send_signal(signal.SIGTERM)
+
+    async def _start(self) -> tuple[trio.Process, list[str]]:
+        """Start the worker process and wait until it listens; return it and its extra URLs."""
+        sockets = self.sockets
+        secure = [sock.fileno() for sock in sockets.secure_sockets]
+        insecure = [sock.fileno() for sock in sockets.insecure_sockets]
+        read_fd, write_fd = os.pipe()
+        root = logging.getLogger()
+        formats = [h.formatter._fmt for h in root.handlers if h.formatter is not None]
+        payload = pickle.dumps(sys.path) + pickle.dumps(
+            (self.config, self.fallback, secure, insecure, write_fd, root.level, formats[:1])
+        )
+        try:
+            process = await trio.lowlevel.open_process(
+                [sys.executable, "-c", _BOOTSTRAP],
+                stdin=subprocess.PIPE,
+                pass_fds=(*secure, *insecure, write_fd),
+            )
+        except BaseException:
+            os.close(read_fd)
+            raise
+        finally:
+            os.close(write_fd)
+        report = trio.lowlevel.FdStream(read_fd)
+        try:
+            assert process.stdin is not None
+            with trio.move_on_after(START_TIMEOUT) as scope:
+                await process.stdin.send_all(payload)
+                # The worker writes its report and closes the pipe, or dies,
+                # which closes it too.
+                data = bytearray()
+                while chunk := await report.receive_some():
+                    data += chunk
+                    if len(data) > MAX_REPORT:
+                        break
+            message: Any = None
+            if not scope.cancelled_caught:
+                try:
+                    message = pickle.loads(data)
+                except Exception:
+                    message = None
+        except BaseException:
+            await self._end(process, graceful=False)
+            raise
+        finally:
+            await report.aclose()
+        if isinstance(message, tuple) and message[0] == "ready":
+            return process, list(message[1])
+        await self._end(process, graceful=False)
+        if isinstance(message, tuple) and message[0] == "error":
+            error = message[1]
+            if isinstance(error, BaseException):
+                raise error
+            raise TunnelError(f"server worker {self.index} failed to start: {error}")
+        if scope.cancelled_caught:
+            raise TunnelError(f"server worker {self.index} did not start within {START_TIMEOUT:g}s")
+        raise TunnelError(
+            f"server worker {self.index} died while starting (exit code {process.returncode}); "
+            "see its log above"
+        )
+
+    async def _end(self, process: trio.Process, *, graceful: bool = True) -> None:
+        """Make sure ``process`` has exited: let it drain when stopping, else kill it."""
+        with trio.CancelScope(shield=True):
+            if process.stdin is not None:
+                await trio.aclose_forcefully(process.stdin)
+            if process.returncode is None and graceful and self.stopping.is_set():
+                with trio.move_on_after(self.config.graceful_timeout + EXIT_GRACE):
+                    await process.wait()
+            if process.returncode is None:
+                process.kill()
+                with trio.move_on_after(5):
+                    await process.wait()
+
+
+def _worker_main() -> None:
+    """A worker process's body, after the bootstrap set its import path."""
+    # Ctrl-C reaches the whole process group; the parent decides what happens.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    report = _Report()
+    try:
+        config, fallback, secure, insecure, report.fd, log_level, log_formats = pickle.load(
+            sys.stdin.buffer
+        )
+        if log_formats:
+            logging.basicConfig(level=log_level, format=log_formats[0])
+        else:
+            logging.getLogger().setLevel(log_level)
+        from hypercorn.config import Sockets
+
+        sockets = Sockets(
+            secure_sockets=[socket.socket(fileno=fd) for fd in secure],
+            insecure_sockets=[socket.socket(fileno=fd) for fd in insecure],
+            quic_sockets=[],
+        )
+        trio.run(_worker, config, fallback, sockets, report)
+    except Exception as exc:
+        # While starting, the parent waits for this; later nobody reads it.
+        if not report.send(("error", exc)):
+            report.send(("error", f"{type(exc).__name__}: {exc}"))
+        raise
+
+
+class _Report:
+    """The pipe on which a worker tells the parent it started (or why not), once."""
+
+    def __init__(self) -> None:
+        self.fd = -1
+
+    def send(self, message: tuple[str, Any]) -> bool:
+        """Send ``message`` and close the pipe; False if it could not be pickled."""
+        if self.fd < 0:
+            return True
+        try:
+            data = pickle.dumps(message)
+        except Exception:
+            return False
+        fd, self.fd = self.fd, -1
+        try:
+            with open(fd, "wb", closefd=True) as pipe:
+                pipe.write(data)
+        except OSError:
+            pass  # the parent gave up waiting
+        return True
+
+
+async def _worker(
+    config: ServerConfig, fallback: ASGIApp | None, sockets: Sockets, report: _Report
+) -> None:
+    from ._serve import serve_sockets
+
+    async def terminated() -> None:
+        async with trio.open_nursery() as nursery:
+
+            async def on_signal() -> None:
+                # From the parent's graceful shutdown, or sent to this process
+                # directly (a whole process group stopped by systemd or Docker).
+                with trio.open_signal_receiver(signal.SIGTERM) as signals:
+                    async for _ in signals:
+                        break
+                nursery.cancel_scope.cancel()
+
+            async def on_orphaned() -> None:
+                # Nothing more comes on stdin: readable means end-of-file, the
+                # parent closed it or died.
+                await trio.lowlevel.wait_readable(sys.stdin.fileno())
+                logger.warning("the server's main process is gone; this worker stops")
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(on_signal)
+            nursery.start_soon(on_orphaned)
+
+    async with trio.open_nursery() as nursery:
+        urls: list[str] = await nursery.start(serve_sockets, config, fallback, sockets, terminated)
+        # The parent knows the public URLs; what only the worker knows is where
+        # it serves its metrics.
+        report.send(("ready", [url for url in urls if url.endswith("/metrics")]))
