@@ -57,9 +57,10 @@ def bench(session: nox.Session) -> None:
     Uses wrk when it is on PATH, else a Python load generator of its own; see
     benchmarks/README.rst for what each number means.
     """
-    # The benchmark needs nothing beyond the package's own dependencies
-    # (trio, Hypercorn); wrk is a system tool, not a Python package.
-    session.install("-e", ".")
+    # The benchmark needs the package's own dependencies (trio, Hypercorn) and
+    # matplotlib for its chart, which the package itself never imports; wrk is
+    # a system tool, not a Python package.
+    session.install("-e", ".", "matplotlib")
     session.run("python", "benchmarks/bench.py", *session.posargs)
 
 

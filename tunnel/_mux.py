@@ -36,6 +36,7 @@ import hyperframe.frame
 import trio
 from hyperframe.frame import DataFrame, Frame, RstStreamFrame
 
+from ._h2settings import compact_settings
 from ._protocol.headers import Headers
 from ._transport import ABNORMAL_CLOSURE, MessageTransport, TransportClosed
 
@@ -353,9 +354,10 @@ class Mux:
         if not client_side:
             # WebSockets arrive as extended CONNECT streams (RFC 8441).
             settings[h2.settings.SettingCodes.ENABLE_CONNECT_PROTOCOL] = 1
-        self._conn.local_settings = h2.settings.Settings(
-            client=client_side, initial_values=settings
+        self._conn.local_settings = compact_settings(
+            h2.settings.Settings(client=client_side, initial_values=settings)
         )
+        compact_settings(self._conn.remote_settings)
         self._client_side = client_side
         self._transport = transport
         self._keepalive_interval = keepalive_interval
