@@ -21,7 +21,7 @@ import trio
 from . import __version__
 from ._configfile import load_client_config, load_server_config
 from ._demo import run_demo
-from ._exceptions import ConfigError, RejectedError
+from ._exceptions import ConfigError, RejectedError, TunnelError
 from ._panel import show_agent
 from .client import Client, ClientState
 from .client._observe import Recorder
@@ -29,6 +29,7 @@ from .server import serve
 
 __all__ = ["main"]
 
+EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 #: Where ``tunnel http`` serves its traffic inspector unless told otherwise.
@@ -349,6 +350,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RejectedError as exc:
         print(f"tunnel: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except TunnelError as exc:
+        # Not the user's input: a server worker that would not start, say.
+        print(f"tunnel: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except BaseExceptionGroup as group:
@@ -359,4 +364,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(single, ConfigError | RejectedError):
             print(f"tunnel: {single}", file=sys.stderr)
             return EXIT_USAGE
+        if isinstance(single, TunnelError):
+            print(f"tunnel: {single}", file=sys.stderr)
+            return EXIT_FAILURE
         raise

@@ -173,6 +173,15 @@ def _children(pid: int) -> list[int]:
     return found
 
 
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs: a zombie (exited, not yet reaped by its adopter) does not."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 async def test_workers_do_not_outlive_a_killed_main_process() -> None:
     port = free_port()
     server = await trio.lowlevel.open_process(
@@ -188,7 +197,7 @@ async def test_workers_do_not_outlive_a_killed_main_process() -> None:
         assert len(workers) == 2
         server.kill()  # SIGKILL: no chance to stop its workers
         await server.wait()
-        await eventually(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in workers), 20)
+        await eventually(lambda: not any(_alive(pid) for pid in workers), 20)
         # And the port is free again: nobody serves on it.
         with pytest.raises(OSError, match="all attempts to connect"):
             await trio.open_tcp_stream("127.0.0.1", port)

@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry
 from .._config import ServerConfig
 from .._protocol.handshake import CHALLENGE_SUFFIX
 from .._protocol.headers import Headers, header_value
-from .._protocol.hosts import host_from_authority
+from .._protocol.hosts import host_from_authority, in_domain
 from .._transport.masking import use_fast_masking
 from ._access import AccessControl
 from ._admin import AdminAPI
@@ -148,7 +148,7 @@ class TunnelApp:
                 f"The agent for {host} is offline; it did not reconnect within "
                 f"{self.config.grace_period:g} seconds.",
             )
-        if self.config.workers > 1 and host and not registry.shutting_down.is_set():
+        if self._may_be_elsewhere(host):
             # The agents of a server with several workers find a new worker
             # within moments; until then its visitors wait for them rather than
             # get a 404 that another worker would not have given.
@@ -160,6 +160,19 @@ class TunnelApp:
         if self.fallback is not None:
             return None
         return 404, f"No tunnel is serving {host or 'this host'} on this server."
+
+    def _may_be_elsewhere(self, host: str) -> bool:
+        """Whether an unknown ``host`` may have an agent this worker has not seen yet."""
+        config = self.config
+        if config.workers == 1 or not host or self.registry.shutting_down.is_set():
+            return False
+        if config.domain is not None:
+            # Only names agents may claim; the operator's own site (the
+            # domain itself, a fallback's other hosts) answers at once.
+            return host != config.domain and in_domain(host, config.domain)
+        # Without a domain any name might be a tunnel's, but a fallback app
+        # serves the unknown ones, and must not wait for a tunnel that isn't.
+        return self.fallback is None
 
     def _admit(
         self, scope: Scope, session: AgentSession
