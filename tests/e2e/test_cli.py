@@ -147,11 +147,15 @@ async def test_server_with_workers_and_pooled_agents_from_the_command_line(
                 else:
                     # A worker the agents have not reached yet answers 404.
                     assert response.status_code == 404, response.text
+        workers = _children(server.pid)
+        assert len(workers) == 2
         os.killpg(server.pid, stop)
         with trio.fail_after(30):
             assert await server.wait() == status
         errors = await server.stderr.receive_some(1 << 20)
         assert b"Traceback" not in errors, errors.decode()
+        # The main process reaped its workers before it exited.
+        assert not any(_alive(pid) for pid in workers)
     finally:
         for process in (*agents, server):
             if process.returncode is None:
