@@ -6,8 +6,10 @@ claim and a lookup never see a half-made change.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import trio
@@ -129,6 +131,25 @@ class Registry:
         #: Set when the server begins a graceful shutdown: sessions drain, no
         #: new agent is accepted and nobody waits for an agent to come back.
         self.shutting_down = trio.Event()
+        self._shutdown_scopes: set[trio.CancelScope] = set()
+
+    def begin_shutdown(self) -> None:
+        """Set :attr:`shutting_down` and cancel every :meth:`cancelled_on_shutdown` scope."""
+        self.shutting_down.set()
+        for scope in self._shutdown_scopes:
+            scope.cancel()
+
+    @contextlib.contextmanager
+    def cancelled_on_shutdown(self) -> Iterator[trio.CancelScope]:
+        """A cancel scope that the server's shutdown cancels (at once if it began)."""
+        with trio.CancelScope() as scope:
+            if self.shutting_down.is_set():
+                scope.cancel()
+            self._shutdown_scopes.add(scope)
+            try:
+                yield scope
+            finally:
+                self._shutdown_scopes.discard(scope)
 
     def lookup(self, host: str) -> AgentSession | None:
         """The session to serve a request for ``host`` now: the least busy available."""
