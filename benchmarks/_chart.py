@@ -2,10 +2,13 @@
 
 matplotlib is the ``bench`` nox session's, not a dependency of the package: without
 it :func:`draw` draws nothing and says so, and the run is otherwise the same.
+``python benchmarks/_chart.py results/latest.json`` draws a saved run again.
 """
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 
 __all__ = ["draw"]
@@ -144,14 +147,14 @@ def _inflight(axis, rows: list[dict]) -> None:  # type: ignore[no-untyped-def]
         )
     axis.set_xticks(list(positions), labels)
     axis.set_xlabel("requests")
-    axis.set_ylabel("s from sending to the last response")
+    axis.set_ylabel("s from the last request sent to the last answer")
     axis.set_ylim(0, max(r["complete_s"] for r in rows) * 1.4)
     axis.legend(loc="upper left")
 
 
 def _idle(axis, idle: dict | None) -> None:  # type: ignore[no-untyped-def]
-    axis.set_title("server RSS with idle agents")
     if not idle:
+        axis.set_title("server RSS with idle agents")
         axis.text(0.5, 0.5, "not measured", ha="center", transform=axis.transAxes)
         return
     rss = idle["server_rss_kib"]
@@ -159,9 +162,16 @@ def _idle(axis, idle: dict | None) -> None:  # type: ignore[no-untyped-def]
     axis.bar(range(len(names)), [rss[n] / 1024 for n in names], 0.5, color=COLOURS["tunnel"])
     axis.set_xticks(range(len(names)), [f"{n} agents" for n in names])
     axis.set_ylabel("MiB")
-    axis.annotate(
-        f"{idle['kib_per_extra_agent']:.1f} KiB per extra agent (target ≤ 50)",
-        (0.02, 0.92),
-        xycoords="axes fraction",
+    axis.set_title(
+        "server RSS with idle agents:"
+        f" {idle['kib_per_extra_agent']:.1f} KiB per extra agent (target ≤ 50)"
     )
     axis.grid(True, axis="y", alpha=0.3)
+
+
+if __name__ == "__main__":
+    source = Path(sys.argv[1])
+    target = source.with_suffix(".png")
+    if not draw(json.loads(source.read_text()), target):
+        sys.exit("matplotlib is not installed")
+    print(target)

@@ -239,7 +239,7 @@ def hold(
     *,
     hold_ms: int,
     window: int = 256,
-    timeout: float = 120.0,
+    timeout: float = 240.0,
 ) -> InflightResult:
     """Hold ``count`` requests in flight on ``port`` (the local service on ``local_port``).
 

@@ -56,7 +56,7 @@ def _download_size(query: bytes) -> int:
 
 #: The longest a ``/hold`` waits for the others, in seconds: a phase whose
 #: requests never all arrive still ends, and its peak count shows the shortfall.
-HOLD_MAX = 120.0
+HOLD_MAX = 240.0
 
 
 class _Holders:

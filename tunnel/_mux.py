@@ -68,6 +68,9 @@ MAX_CONTROL_FRAMES_PER_SECOND: Final = 100
 MAX_STRAY_DATA_PER_SECOND: Final = 5000
 #: Answers (not DATA) queued for a peer that does not read, before we give up.
 MAX_UNREAD_ANSWERS: Final = 16 << 20
+#: Extra keepalive timeouts a PING's answer may take while the peer keeps
+#: sending: 4 more of 15 s by default, so a minute and a quarter in all.
+KEEPALIVE_BUSY_PERIODS: Final = 4
 
 
 #: WebSocket close codes (RFC 6455) for a peer that broke the rules.
@@ -589,10 +592,22 @@ class Mux:
             opaque = os.urandom(8)
             answered = self._pings[opaque] = trio.Event()
             sent_at = trio.current_time()
+            received = self.bytes_received
             self._conn.ping(opaque)
             self._kick()
             with trio.move_on_after(self._keepalive_timeout):
                 await answered.wait()
+            # A peer that is still sending is alive, even when its answer is
+            # late: with 10,000 streams answering at once, one side's loop took
+            # longer than the timeout to get to the PING, and the connection
+            # was dropped with every stream on it. A few more periods while
+            # bytes keep arriving; flow control stops a peer that is not read.
+            for _ in range(KEEPALIVE_BUSY_PERIODS):
+                if answered.is_set() or self.bytes_received == received:
+                    break
+                received = self.bytes_received
+                with trio.move_on_after(self._keepalive_timeout):
+                    await answered.wait()
             del self._pings[opaque]
             if not answered.is_set():
                 # A peer that stopped answering PINGs will not answer a close

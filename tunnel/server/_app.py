@@ -114,7 +114,7 @@ class TunnelApp:
         yourself, since the ASGI lifespan shutdown only comes after Hypercorn
         has waited out its graceful timeout.
         """
-        self.registry.shutting_down.set()
+        self.registry.begin_shutdown()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]

@@ -175,9 +175,16 @@ async def serve_agent(
                 peer=peer_text(peer),
                 identity=identity.label,
             )
-            nursery.start_soon(_drain_on_shutdown, registry, mux, config.graceful_timeout)
-            # The TCP listeners serve until the agent's connection ends.
-            await mux.wait_closed()
+            # The TCP listeners serve until the agent's connection ends. The
+            # server's shutdown is waited for in this same task: a task per
+            # agent only for that cost the server ~1.5 KiB per idle agent.
+            with registry.cancelled_on_shutdown():
+                await mux.wait_closed()
+            if registry.shutting_down.is_set():
+                # New requests stop at once, requests in flight get the graceful
+                # timeout, then GOAWAY sends the agent off to reconnect (to the
+                # restarted server); the connection is closed when it returns.
+                await mux.drain(config.graceful_timeout)
             nursery.cancel_scope.cancel()
     finally:
         for listener in listeners:
@@ -202,13 +209,6 @@ async def serve_agent(
                     await config.callbacks.on_disconnection(info)
                 except Exception:
                     logger.exception("on_disconnection callback failed for %s", request.host)
-
-
-async def _drain_on_shutdown(registry: Registry, mux: Mux, grace: float) -> None:
-    await registry.shutting_down.wait()
-    # New requests stop at once, requests in flight get the graceful timeout,
-    # then GOAWAY sends the agent off to reconnect (to the restarted server).
-    await mux.drain(grace)
 
 
 async def _check(

@@ -6,8 +6,10 @@ claim and a lookup never see a half-made change.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import trio
@@ -132,6 +134,25 @@ class Registry:
         self.shutting_down = trio.Event()
         #: Who holds which host on the other worker processes, if there are any.
         self.ledger: HostLedger | None = None
+        self._shutdown_scopes: set[trio.CancelScope] = set()
+
+    def begin_shutdown(self) -> None:
+        """Set :attr:`shutting_down` and cancel every :meth:`cancelled_on_shutdown` scope."""
+        self.shutting_down.set()
+        for scope in self._shutdown_scopes:
+            scope.cancel()
+
+    @contextlib.contextmanager
+    def cancelled_on_shutdown(self) -> Iterator[trio.CancelScope]:
+        """A cancel scope that the server's shutdown cancels (at once if it began)."""
+        with trio.CancelScope() as scope:
+            if self.shutting_down.is_set():
+                scope.cancel()
+            self._shutdown_scopes.add(scope)
+            try:
+                yield scope
+            finally:
+                self._shutdown_scopes.discard(scope)
 
     def lookup(self, host: str) -> AgentSession | None:
         """The session to serve a request for ``host`` now: the least busy available."""
