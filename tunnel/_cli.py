@@ -22,6 +22,7 @@ from . import __version__
 from ._configfile import load_client_config, load_server_config
 from ._demo import run_demo
 from ._exceptions import ConfigError, RejectedError, TunnelError
+from ._malloc import keep_freed_buffers
 from ._panel import show_agent
 from .client import Client, ClientState
 from .client._observe import Recorder
@@ -331,6 +332,8 @@ async def _run_agent(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``tunnel`` command; return the exit status."""
     args = _parser().parse_args(argv)
+    if args.command in ("server", "http", "tcp"):
+        keep_freed_buffers()  # see _malloc.py: large buffers without page faults
     logging.basicConfig(
         level=logging.INFO if args.command == "server" else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

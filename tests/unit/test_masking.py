@@ -37,19 +37,21 @@ def test_fast_masker_matches_wsproto_piece_by_piece(key: bytes, pieces: list[byt
 
 
 @pytest.mark.parametrize("size", [0, 1, 125, 126, 65535, 65536, 1 << 20])
-def test_masked_messages_round_trip_through_wsproto(size: int) -> None:
+@pytest.mark.parametrize("sender", [ConnectionType.CLIENT, ConnectionType.SERVER])
+def test_messages_round_trip_through_wsproto(size: int, sender: ConnectionType) -> None:
     masking.use_fast_masking()
     # Connections past the handshake, as trio-websocket and Hypercorn use them.
-    client = Connection(ConnectionType.CLIENT)
-    server = Connection(ConnectionType.SERVER)
+    receiver = ConnectionType.SERVER if sender is ConnectionType.CLIENT else ConnectionType.CLIENT
+    sending, receiving = Connection(sender), Connection(receiver)
     payload = os.urandom(size)
-    wire = client.send(BytesMessage(data=payload))
-    assert wire[1] & 0x80, "a client's frames are masked"
+    wire = sending.send(BytesMessage(data=payload))
+    masked = bool(wire[1] & 0x80)
+    assert masked == (sender is ConnectionType.CLIENT), "only a client's frames are masked"
     received = b""
     # Fed in odd-sized pieces, as TCP delivers them.
     for start in range(0, len(wire), 7919):
-        server.receive_data(wire[start : start + 7919])
-        for event in server.events():
+        receiving.receive_data(wire[start : start + 7919])
+        for event in receiving.events():
             assert isinstance(event, BytesMessage)
             received += event.data
     assert len(received) == size

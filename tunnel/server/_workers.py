@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, Final
 import trio
 
 from .._exceptions import ConfigError, TunnelError
+from .._malloc import keep_freed_buffers, keeping_freed_buffers
 from ._ledger import HostLedger, clear_worker
 
 if TYPE_CHECKING:
@@ -269,9 +270,9 @@ class _Worker:
         # A dead or replaced worker's claims go before its successor starts.
         clear_worker(self.ledger, self.index)
         ledger = (self.ledger, self.index, self.config.workers)
-        logs = (root.level, formats[:1])
+        process_settings = (root.level, formats[:1], keeping_freed_buffers())
         payload = pickle.dumps(sys.path) + pickle.dumps(
-            (self.config, self.fallback, secure, insecure, ledger, write_fd, *logs)
+            (self.config, self.fallback, secure, insecure, ledger, write_fd, *process_settings)
         )
         try:
             process = await trio.lowlevel.open_process(
@@ -344,9 +345,11 @@ def _worker_main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     report = _Report()
     try:
-        config, fallback, secure, insecure, ledger, report.fd, log_level, log_formats = pickle.load(
-            sys.stdin.buffer
-        )
+        settings = pickle.load(sys.stdin.buffer)
+        config, fallback, secure, insecure, ledger, report.fd = settings[:6]
+        log_level, log_formats, malloc = settings[6:]
+        if malloc:
+            keep_freed_buffers()  # as the main process did (see tunnel._malloc)
         if log_formats:
             logging.basicConfig(level=log_level, format=log_formats[0])
         else:
