@@ -8,9 +8,11 @@ from typing import Any
 import hypercorn.config
 import hypercorn.trio
 import trio
+from hypercorn.trio import tcp_server
 
 from tunnel.server._hypercorn_patches import (
     _VERIFIED_SPAWN_APP,
+    READ_SIZE,
     NotifyingReceive,
     apply_hypercorn_patches,
 )
@@ -55,3 +57,11 @@ async def test_an_app_hears_of_a_visitor_leaving_with_no_task_in_receive(
         await visitor.aclose()
         await left.wait()
     assert receives[0].gone
+
+
+def test_hypercorn_reads_connections_in_large_pieces() -> None:
+    # 64 KiB reads sent every 64 KiB of an upload through Hypercorn's whole
+    # stack and gave the agent's WebSocket 16 reads per MiB. If a Hypercorn
+    # update renames MAX_RECV or changes its default, the patch stops applying.
+    apply_hypercorn_patches()
+    assert tcp_server.MAX_RECV == READ_SIZE

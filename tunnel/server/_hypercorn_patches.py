@@ -25,6 +25,12 @@ CPU in a download through the tunnel, whose agent sends 1 MiB messages. The
 fix gathers binary messages as a list of pieces, joined once (not at all for a
 message that came in one piece, as most do).
 
+**Hypercorn reads a connection 64 KiB at a time** (``MAX_RECV`` in its trio
+worker), and each read goes through its whole protocol stack: one ASGI
+message per 64 KiB of an upload, 16 WebSocket reads per MiB an agent sends.
+Reading up to 256 KiB at once took an upload through the tunnel from 42 to
+117 MiB/s and cut the server's CPU per MiB of a download by a quarter.
+
 **A visitor's WebSocket close code is lost.** Hypercorn 0.17 and 0.18 tell the app
 ``websocket.disconnect`` with code 1006 whenever the client starts the closing
 handshake, whatever code the client sent. A tunnel must carry that code to the
@@ -43,7 +49,7 @@ from hypercorn.protocol import ws_stream
 from hypercorn.protocol.events import StreamClosed
 from hypercorn.protocol.h2 import H2Protocol
 from hypercorn.protocol.ws_stream import FrameTooLargeError, WebsocketBuffer, WSStream
-from hypercorn.trio import task_group
+from hypercorn.trio import task_group, tcp_server
 from wsproto.connection import ConnectionState
 from wsproto.events import BytesMessage, CloseConnection, Message, Ping
 from wsproto.frame_protocol import CloseReason
@@ -54,6 +60,8 @@ logger = logging.getLogger("tunnel.server")
 
 #: Versions whose code the fixes below were written against and tested on.
 _VERIFIED = ("0.17.", "0.18.")
+#: What Hypercorn's trio worker reads from a connection at once (it reads 64 KiB).
+READ_SIZE = 256 << 10
 #: Those whose ``TaskGroup.spawn_app`` the disconnect notice replaces.
 _VERIFIED_SPAWN_APP = ("0.18.",)
 _applied = False
@@ -71,6 +79,8 @@ def apply_hypercorn_patches() -> None:
         return
     _fix_websocket_close_code()
     _fix_pathless_http2_request()
+    if getattr(tcp_server, "MAX_RECV", None) == 1 << 16:
+        tcp_server.MAX_RECV = READ_SIZE
     ws_stream.WebsocketBuffer = _JoiningBuffer  # type: ignore[misc]
     if version.startswith(_VERIFIED_SPAWN_APP):
         _notify_disconnect()
