@@ -25,11 +25,13 @@ test here runs or explicitly leaves out.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import textwrap
@@ -272,12 +274,15 @@ async def run(argv: list[str], what: str, cwd: Path | None = None) -> AsyncItera
         stderr=subprocess.STDOUT,
         env=env,
         cwd=cwd,
+        # A group of its own: the program's children (Hypercorn's worker
+        # process, say) are ended with it, not left behind.
+        start_new_session=True,
     )
     try:
         yield Process(process, what)
     finally:
-        if process.returncode is None:
-            process.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
         with trio.move_on_after(5):
             await process.wait()
         for pipe in (process.stdin, process.stdout):
