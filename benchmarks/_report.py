@@ -175,6 +175,9 @@ def print_inflight(results: list[dict]) -> None:
         )
         if r["errors"]:
             print(f"{'':>9} errors: {r['errors']}")
+            for name, tail in r.get("log_tails", {}).items():
+                lines = tail.splitlines()[-3:]
+                print(f"{'':>9} {name} log: " + f"\n{'':>9} {name} log: ".join(lines))
 
 
 def print_idle(idle: dict | None) -> None:
