@@ -6,7 +6,7 @@ import sys
 
 from ._cli import main
 
-# Guarded: the server's worker processes (multiprocessing's spawn method) import
-# the main module again, and must not run the command a second time.
+# Guarded, as a module run with -m should be: importing it (a tool that imports
+# every module, say) must not run the command.
 if __name__ == "__main__":
     sys.exit(main())

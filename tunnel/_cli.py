@@ -21,7 +21,8 @@ import trio
 from . import __version__
 from ._configfile import load_client_config, load_server_config
 from ._demo import run_demo
-from ._exceptions import ConfigError, RejectedError
+from ._exceptions import ConfigError, RejectedError, TunnelError
+from ._malloc import keep_freed_buffers
 from ._panel import show_agent
 from .client import Client, ClientState
 from .client._observe import Recorder
@@ -29,6 +30,7 @@ from .server import serve
 
 __all__ = ["main"]
 
+EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 #: Where ``tunnel http`` serves its traffic inspector unless told otherwise.
@@ -330,6 +332,8 @@ async def _run_agent(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``tunnel`` command; return the exit status."""
     args = _parser().parse_args(argv)
+    if args.command in ("server", "http", "tcp"):
+        keep_freed_buffers()  # see _malloc.py: large buffers without page faults
     logging.basicConfig(
         level=logging.INFO if args.command == "server" else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -349,6 +353,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RejectedError as exc:
         print(f"tunnel: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except TunnelError as exc:
+        # Not the user's input: a server worker that would not start, say.
+        print(f"tunnel: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except BaseExceptionGroup as group:
@@ -359,4 +367,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(single, ConfigError | RejectedError):
             print(f"tunnel: {single}", file=sys.stderr)
             return EXIT_USAGE
+        if isinstance(single, TunnelError):
+            print(f"tunnel: {single}", file=sys.stderr)
+            return EXIT_FAILURE
         raise

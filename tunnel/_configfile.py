@@ -37,6 +37,9 @@ _CODE_ONLY = frozenset({"auth", "callbacks", "observer", "state"})
 
 
 def _port_range(value: Any) -> range:
+    # Overrides (the command line's --tcp-ports, a caller's keyword) are ranges already.
+    if isinstance(value, range):
+        return value
     if isinstance(value, str):
         first, _, last = value.partition("-")
         if first.strip().isdigit() and (last or first).strip().isdigit():

@@ -34,7 +34,7 @@ import h2.frame_buffer
 import h2.settings
 import hyperframe.frame
 import trio
-from hyperframe.frame import DataFrame, Frame
+from hyperframe.frame import DataFrame, Frame, RstStreamFrame
 
 from ._h2settings import compact_settings
 from ._protocol.headers import Headers
@@ -242,6 +242,10 @@ class _FrameBuffer(h2.frame_buffer.FrameBuffer):
         return result
 
 
+#: The h2 versions whose ``_receive_frame`` the copy in ``_Connection`` follows.
+_H2_RECEIVE_FRAME_VERIFIED: Final = h2.__version__.startswith("4.")
+
+
 class _Connection(h2.connection.H2Connection):
     """h2's connection, but counting open streams in constant time.
 
@@ -267,7 +271,34 @@ class _Connection(h2.connection.H2Connection):
         # flood of them is a peer making us queue answers it never reads.
         if isinstance(frame, DataFrame) and frame.stream_id not in self._mux_streams:
             self._mux._count_stray_data()
-        return super()._receive_frame(frame)
+        if not _H2_RECEIVE_FRAME_VERIFIED:
+            return super()._receive_frame(frame)
+        # h2 4's own, less its first line: a trace log of repr(frame), which
+        # formats every received frame whether or not anyone logs, 2-3 % of the
+        # server's CPU per request.
+        events: list[h2.events.Event]
+        try:
+            frames, events = self._frame_dispatch_table[frame.__class__](frame)
+        except h2.exceptions.StreamClosedError as exc:
+            if not self._stream_is_closed_by_reset(exc.stream_id):
+                raise
+            reset = RstStreamFrame(exc.stream_id)
+            reset.error_code = exc.error_code
+            self._prepare_for_sending([reset])
+            events = exc._events
+        except h2.exceptions.StreamIDTooLowError as exc:
+            if self._stream_is_closed_by_reset(exc.stream_id):
+                reset = RstStreamFrame(exc.stream_id)
+                reset.error_code = h2.errors.ErrorCodes.STREAM_CLOSED
+                self._prepare_for_sending([reset])
+                events = []
+            elif self._stream_is_closed_by_end(exc.stream_id):
+                raise h2.exceptions.StreamClosedError(exc.stream_id) from exc
+            else:
+                raise
+        else:
+            self._prepare_for_sending(frames)
+        return events
 
     def _open_streams(self, remainder: int) -> int:
         # All of one side's streams are opened by the same peer (the server
@@ -499,6 +530,13 @@ class Mux:
     def _kick(self) -> None:
         self._send_wanted.set()
 
+    def _kick_if_queued(self) -> None:
+        # Most received frames and acknowledgements make h2 queue nothing (it
+        # sends WINDOW_UPDATE only once half a window is used up); waking the
+        # writer for nothing cost a task switch per request on each side.
+        if getattr(self._conn, "_data_to_send", True):
+            self._kick()
+
     async def _writer(self) -> None:
         while True:
             await self._send_wanted.wait()
@@ -546,7 +584,7 @@ class Mux:
                 for event in events:
                     self._dispatch(event)
                 self._check_answers_read()
-                self._kick()
+                self._kick_if_queued()
 
     async def _keepalive(self) -> None:
         while True:
@@ -737,7 +775,7 @@ class Mux:
             stream._chunks.clear()
         if pending:
             self._conn.acknowledge_received_data(pending, stream.id)
-            self._kick()
+            self._kick_if_queued()
         # h2 itself finds closed streams by walking all of them on every new
         # stream; dropping them here keeps that walk short (see _Connection).
         h2_stream = self._conn.streams.pop(stream.id, None)
@@ -773,8 +811,26 @@ class Mux:
             if self._capacity is None:
                 self._capacity = trio.Event()
             await self._capacity.wait()
-        # No await from here until the headers are queued: stream IDs must be
-        # used in increasing order.
+        return self._open(headers, end_stream)
+
+    def open_stream_nowait(self, headers: Headers, *, end_stream: bool) -> Stream | None:
+        """Like :meth:`open_stream`, but None where that would have to wait.
+
+        Raises:
+            StreamError: The connection is closing or closed.
+        """
+        if not self._settings_received.is_set() and self.closed_reason is None:
+            return None
+        if not self.accepting:
+            raise StreamError(self.closed_reason or "the agent is going away")
+        if len(self._streams) >= self._conn.remote_settings.max_concurrent_streams:
+            return None
+        return self._open(headers, end_stream)
+
+    def _open(self, headers: Headers, end_stream: bool) -> Stream:
+        # Synchronous, so nothing runs between taking a stream ID and queueing
+        # its headers: stream IDs must be used in increasing order.
+        conn = self._conn
         stream_id = conn.get_next_available_stream_id()
         stream = Stream(self, stream_id)
         try:
@@ -866,4 +922,4 @@ class Mux:
         if self.closed_reason is not None:
             return
         self._conn.acknowledge_received_data(size, stream_id)
-        self._kick()
+        self._kick_if_queued()

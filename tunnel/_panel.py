@@ -95,6 +95,11 @@ class AgentView(Protocol):
         ...
 
     @property
+    def server_connections(self) -> int:
+        """Connections to the server up now (one per server worker process)."""
+        ...
+
+    @property
     def inspector_url(self) -> str | None:
         """The traffic inspector's address, if it runs."""
         ...
@@ -295,7 +300,11 @@ class LivePanel:
         facts.add_row("Forwarding", forwarding)
         if agent.inspector_url is not None:
             facts.add_row("Inspector", agent.inspector_url)
-        facts.add_row("Latency", _ms(agent.rtt))
+        latency = Text(_ms(agent.rtt))
+        if agent.server_connections > 1:
+            # A server of several worker processes: one connection to each.
+            latency.append(f"   over {agent.server_connections} server connections", style="dim")
+        facts.add_row("Latency", latency)
         parts = [f"open {agent.open_streams}"]
         if self.recorder is not None:
             stats = self.recorder.statistics()

@@ -303,3 +303,31 @@ async def test_piped_output_reports_a_large_transfer_when_it_ends(nursery: trio.
         finally:
             agent.kill()
             await agent.wait()
+
+
+async def test_a_terminal_counts_the_reconnect_wait_down(nursery: trio.Nursery) -> None:
+    service = LocalService()
+    await nursery.start(serve_local, service)
+    master, slave = pty.openpty()
+    screen = trio.lowlevel.FdStream(master)
+    agent = None
+    try:
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+        env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": "120", "LINES": "40"}
+        async with _tunnel_server() as port:
+            agent = await trio.lowlevel.open_process(
+                _agent_argv(port, service.port), stdout=slave, stderr=slave, env=env
+            )
+            os.close(slave)
+            slave = -1
+            await _read_until(screen, [b"online"], 20)
+        # The server is gone; the waits grow (0.5 s doubling) until one is drawn.
+        drawn = await _read_until(screen, [b"reconnecting in ", b", attempt "], 20)
+        assert re.search(rb"reconnecting in \d+\.\d s, attempt \d+", drawn), drawn[-2000:]
+    finally:
+        if slave != -1:
+            os.close(slave)
+        if agent is not None:
+            agent.kill()
+            await agent.wait()
+        await screen.aclose()

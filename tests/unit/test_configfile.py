@@ -48,6 +48,15 @@ def test_flags_win_over_the_file(tmp_path: Path) -> None:
     assert config.grace_period == 2.5
 
 
+def test_a_port_range_given_as_a_range_is_taken_as_it_is(tmp_path: Path) -> None:
+    # What `tunnel server --tcp-ports 20000-20099` passes: its parser makes the range.
+    path = tmp_path / "server.toml"
+    path.write_text('tcp_ports = "30000-30009"\n')
+    config = load_server_config(path, tcp_ports=range(20000, 20100))
+    assert config.tcp_ports == range(20000, 20100)
+    assert load_server_config(tcp_ports=range(5, 6)).tcp_ports == range(5, 6)
+
+
 def test_agent_file(tmp_path: Path) -> None:
     path = tmp_path / "agent.toml"
     path.write_text(

@@ -27,6 +27,7 @@ class FakeAgent:
     url: str = URL
     rtt: float | None = None
     open_streams: int = 0
+    server_connections: int = 1
     inspector_url: str | None = INSPECTOR
     reconnect_wait: ReconnectWait | None = None
 
@@ -160,6 +161,10 @@ def test_the_panel_shows_state_traffic_timings_and_the_last_requests() -> None:
     assert "201 Created" in lines[first + 2]
     assert "200 OK" in lines[first + 3]
     assert "reconnected" not in text
+    assert "server connections" not in text
+    # A server of several workers: the agent holds a connection to each.
+    agent.server_connections = 2
+    assert "Latency       23 ms   over 2 server connections" in render(panel)
 
 
 def test_the_panel_makes_reconnects_and_warnings_visible() -> None:

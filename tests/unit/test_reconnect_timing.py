@@ -240,3 +240,34 @@ def _text(panel: LivePanel) -> str:
     console = Console(file=io.StringIO(), width=100, color_system=None, force_terminal=False)
     console.print(panel.render())
     return console.file.getvalue()  # type: ignore[attr-defined,no-any-return]
+
+
+async def test_a_worker_held_already_is_retried_within_a_second_in_exact_time(
+    autojump_clock: trio.testing.MockClock,
+    largest_delays: None,
+    nursery: trio.Nursery,
+    local_service: Any,
+    agent_config: Any,
+) -> None:
+    # A server that says it has two workers but runs one process: the agent's
+    # second connection lands on the worker it holds, every time. Its delays
+    # double from 0.1 s but stop at 1 s (not backoff_max): visitors of a
+    # worker the agent has not found yet are waiting.
+    import hypercorn.trio
+
+    app = tunnel.TunnelApp(
+        tunnel.ServerConfig(address="127.0.0.1:0", tokens=frozenset({"s3cret"}), workers=2)
+    )
+    hc = tunnel.server.hypercorn_config(app.config)
+    urls = await nursery.start(hypercorn.trio.serve, app, hc)
+    port = int(urls[0].rsplit(":", 1)[1])
+    config = agent_config(port, local_service.port, backoff_max=30)
+    started = trio.current_time()
+    async with tunnel.open_tunnel(config) as client:
+        # open_tunnel gave up waiting for the second connection after
+        # connect_timeout.
+        assert trio.current_time() - started == config.connect_timeout
+        await trio.sleep(0.25)
+        # Refused at 0, 0.1, 0.3, 0.7, 1.5, then every second: 2.5 … 9.5.
+        assert app._metrics.handshakes_refused.get(421) == 5 + 8
+        assert client.server_connections == 1

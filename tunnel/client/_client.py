@@ -65,6 +65,11 @@ STABLE_AFTER = 10.0
 #: agent is connected to already; it doubles up to ``backoff_max`` while the
 #: attempts keep landing there.
 DUPLICATE_BACKOFF = 0.05
+#: The cap on that delay: a refusal that costs the server nothing is worth
+#: retrying soon, since visitors on the missing worker wait meanwhile.
+DUPLICATE_BACKOFF_MAX = 1.0
+#: After this many such refusals in a row, the agent says so.
+DUPLICATE_WARN_AFTER = 30
 #: The most connections an agent keeps to one server (one per worker process).
 MAX_CONNECTIONS = 64
 
@@ -91,6 +96,8 @@ class Client:
         self._state = ClientState.DISCONNECTED
         self._host = config.claimed_host
         self._closing = False
+        #: Set by aclose(): ends a reconnect wait at once.
+        self._closed = trio.Event()
         # One connection per server worker process, each in a slot of its own
         # with its own reconnect loop; slot 0 is the first and always runs.
         #: Slot → its HTTP/2 session, while that connection is up.
@@ -292,8 +299,21 @@ class Client:
                 # Routine while looking for the workers not reached yet; the
                 # delay grows only if the attempts keep landing on held ones.
                 duplicates = min(duplicates + 1, 32)
-                cap = min(self.config.backoff_max, DUPLICATE_BACKOFF * 2**duplicates)
-                await trio.sleep(random.uniform(0, cap))
+                cap = min(
+                    DUPLICATE_BACKOFF_MAX,
+                    self.config.backoff_max,
+                    DUPLICATE_BACKOFF * 2**duplicates,
+                )
+                await self._pause(random.uniform(0, cap))
+                if duplicates == DUPLICATE_WARN_AFTER:
+                    logger.warning(
+                        "agent for %s: %s%d attempts in a row reached server workers it holds "
+                        "already; still trying (is ServerConfig.workers larger than the "
+                        "server's real number of processes?)",
+                        self._host,
+                        self._which(slot),
+                        duplicates,
+                    )
                 continue
             except (ServerUnreachableError, ConnectionLostError) as exc:
                 logger.warning("agent for %s: %s%s", self._host, self._which(slot), exc)
@@ -311,14 +331,19 @@ class Client:
             which = self._which(slot)
             logger.info("agent for %s: %sreconnecting in %.1fs", self._host, which, delay)
             if slot != 0:
-                await trio.sleep(delay)
+                await self._pause(delay)
                 continue
             # Published for the panel's countdown (tunnel._panel).
             self._reconnect_wait = ReconnectWait(failures, delay, trio.current_time() + delay)
             try:
-                await trio.sleep(delay)
+                await self._pause(delay)
             finally:
                 self._reconnect_wait = None
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep ``seconds``, or until :meth:`aclose` is called."""
+        with trio.move_on_after(seconds):
+            await self._closed.wait()
 
     def _which(self, slot: int) -> str:
         return "" if self._wanted == 1 else f"connection {slot + 1} of {self._wanted}: "
@@ -349,6 +374,11 @@ class Client:
         server = config.server
         locked = True
         await self._handshake_lock.acquire()
+        # The workers the other connections hold (read under the lock: it is
+        # what they hold now). Only a refusal of a handshake that named some is
+        # this server saying "a worker you hold"; a 421 otherwise comes from
+        # something else (a proxy's Misdirected Request) and is reported.
+        held = [worker for other, worker in self._workers.items() if other != slot]
         try:
             stream = await self._open_stream()
         except BaseException:
@@ -368,7 +398,7 @@ class Client:
                             authority,
                             config.control_path,
                             subprotocols=[SUBPROTOCOL],
-                            extra_headers=await self._handshake_headers(stream, authority, slot),
+                            extra_headers=await self._handshake_headers(stream, authority, held),
                             max_message_size=MAX_MESSAGE_SIZE,
                             receive_buffer_size=RECEIVE_BUFFER_SIZE,
                             message_queue_size=4,
@@ -381,9 +411,9 @@ class Client:
                 await self._serve(slot, ws)
                 nursery.cancel_scope.cancel()
         except BaseExceptionGroup as group:
-            raise self._translate(_first_error(group)) from None
+            raise self._translate(_first_error(group), probing=bool(held)) from None
         except Exception as exc:
-            raise self._translate(exc) from None
+            raise self._translate(exc, probing=bool(held)) from None
         finally:
             if locked:
                 self._handshake_lock.release()
@@ -391,6 +421,34 @@ class Client:
             with trio.move_on_after(CLOSE_TIMEOUT) as scope:
                 scope.shield = True
                 await stream.aclose()
+
+    def _report_started(self) -> None:
+        """Hand the URL to ``connect``'s caller once every wanted connection is up.
+
+        On a server of several workers, a visitor can reach any worker; the
+        caller of ``open_tunnel`` must be able to count on every one of them.
+        A worker that stays out of reach holds it up for ``connect_timeout``
+        at most (see :meth:`_start_anyway`).
+        """
+        if self._task_status is trio.TASK_STATUS_IGNORED:
+            return
+        if len(self._links) >= self._wanted:
+            self._task_status.started(self.url)
+            self._task_status = trio.TASK_STATUS_IGNORED
+        elif len(self._links) == 1 and self._nursery is not None:
+            self._nursery.start_soon(self._start_anyway)
+
+    async def _start_anyway(self) -> None:
+        await trio.sleep(self.config.connect_timeout)
+        if self._task_status is not trio.TASK_STATUS_IGNORED and self._links:
+            logger.warning(
+                "agent for %s: up on %d of %d server connections; going on",
+                self._host,
+                len(self._links),
+                self._wanted,
+            )
+            self._task_status.started(self.url)
+            self._task_status = trio.TASK_STATUS_IGNORED
 
     def _note_worker(self, slot: int, ws: trio_websocket.WebSocketConnection) -> None:
         """Record which server worker ``slot`` reached, and how many there are."""
@@ -471,8 +529,7 @@ class Client:
                     logger.info("tunnel up: %s → %s", self.url, self._pool.label)
                 else:
                     logger.debug("%s: %sup", self.url, self._which(slot))
-                self._task_status.started(self.url)
-                self._task_status = trio.TASK_STATUS_IGNORED
+                self._report_started()
         finally:
             self._links.pop(slot, None)
             # Slot 0's loop says DISCONNECTED itself, at once and together with
@@ -498,14 +555,13 @@ class Client:
             raise ConnectionLostError(f"lost the connection to the server: {mux.closed_reason}")
 
     async def _handshake_headers(
-        self, stream: trio.abc.Stream, authority: str, slot: int
+        self, stream: trio.abc.Stream, authority: str, held: list[str]
     ) -> list[tuple[bytes, bytes]]:
         config = self.config
         headers = [
             (HOST_HEADER.encode(), config.claimed_host.encode()),
             (AGENT_ID_HEADER.encode(), self._agent_id.encode()),
         ]
-        held = [worker for other, worker in self._workers.items() if other != slot]
         if held:
             headers.append((HAVE_WORKERS_HEADER.encode(), ",".join(held).encode()))
         if config.pool:
@@ -521,7 +577,7 @@ class Client:
             headers.append((TCP_PORT_HEADER.encode(), str(self._remote_port or 0).encode()))
         return headers + self._policy.handshake_headers()
 
-    def _translate(self, exc: BaseException) -> BaseException:
+    def _translate(self, exc: BaseException, *, probing: bool = False) -> BaseException:
         """The error to raise for ``exc``: ours for the network's, others unchanged."""
         server = self.config.server
         where = f"{server.host}:{server.port}"
@@ -530,7 +586,7 @@ class Client:
         if isinstance(exc, trio.BrokenResourceError) and isinstance(exc.__cause__, ssl.SSLError):
             exc = exc.__cause__
         if isinstance(exc, trio_websocket.ConnectionRejected):
-            if exc.status_code == DUPLICATE_STATUS:
+            if exc.status_code == DUPLICATE_STATUS and probing:
                 return _DuplicateWorker()
             reason = (exc.body or b"").decode("utf-8", "replace").strip() or "no reason given"
             if is_permanent(exc.status_code):
@@ -587,6 +643,7 @@ class Client:
         :meth:`connect` then returns.
         """
         self._closing = True
+        self._closed.set()
         links = list(self._links.values())
         if len(links) == 1:
             await links[0].drain(self.config.drain_timeout)

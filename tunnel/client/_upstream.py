@@ -187,32 +187,21 @@ async def _exchange(
         # HTTP/2 lets through what HTTP/1.1 cannot carry (a space in the path).
         raise LocalFailure(400, f"The request cannot be sent to the local service: {exc}") from None
     conn, response = await _start(pool, request, retry=not has_body)
-    response_started = False
-    failure: Exception | None = None
     try:
-        async with trio.open_nursery() as nursery:
-            if has_body:
+        if has_body:
+            async with trio.open_nursery() as nursery:
                 nursery.start_soon(_send_body, stream, conn, pool.label, record)
-            # Errors are caught inside the nursery's body, so they come out as
-            # themselves rather than wrapped in an exception group.
-            try:
-                if response is None:
-                    response = await _receive_response(conn, pool.label)
-                if record is not None:
-                    record.response_started(response.status_code, response.headers)
-                stream.send_headers(
-                    response_headers_from_local(response.status_code, response.headers)
-                )
-                response_started = True
-                await relay_body(stream, conn, record)
-            except (h11.ProtocolError, OSError, trio.BrokenResourceError, LocalFailure) as exc:
-                failure = exc
-            except StreamError as exc:
-                failure = exc
-            if failure is not None or conn.h11.our_state is not h11.DONE:
-                # Failed, or answered before the request body was all sent: the
-                # rest of the body has no use (RFC 9113 section 8.1).
-                nursery.cancel_scope.cancel()
+                # Errors are caught inside _respond, so they come out as
+                # themselves rather than wrapped in an exception group.
+                failure, response_started = await _respond(stream, conn, response, pool, record)
+                if failure is not None or conn.h11.our_state is not h11.DONE:
+                    # Failed, or answered before the request body was all sent:
+                    # the rest of the body has no use (RFC 9113 section 8.1).
+                    nursery.cancel_scope.cancel()
+        else:
+            # No nursery without a body to send: even an empty one costs a
+            # task switch on its way out, per request.
+            failure, response_started = await _respond(stream, conn, response, pool, record)
     except BaseException:
         await _close_quietly(conn)
         raise
@@ -236,6 +225,30 @@ async def _exchange(
     raise LocalFailure(
         502, f"The local service at {pool.label} sent an invalid response: {failure}"
     )
+
+
+async def _respond(
+    stream: Stream,
+    conn: LocalConnection,
+    response: h11.Response | None,
+    pool: LocalPool,
+    record: ExchangeObserver | None,
+) -> tuple[Exception | None, bool]:
+    """Relay the local response to the stream: (what failed, if anything; whether it started)."""
+    response_started = False
+    try:
+        if response is None:
+            response = await _receive_response(conn, pool.label)
+        if record is not None:
+            record.response_started(response.status_code, response.headers)
+        stream.send_headers(response_headers_from_local(response.status_code, response.headers))
+        response_started = True
+        await relay_body(stream, conn, record)
+    except (h11.ProtocolError, OSError, trio.BrokenResourceError, LocalFailure) as exc:
+        return exc, response_started
+    except StreamError as exc:
+        return exc, response_started
+    return None, response_started
 
 
 async def relay_body(

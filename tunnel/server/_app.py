@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -11,7 +12,7 @@ from prometheus_client import CollectorRegistry
 from .._config import ServerConfig
 from .._protocol.handshake import CHALLENGE_SUFFIX
 from .._protocol.headers import Headers, header_value
-from .._protocol.hosts import host_from_authority
+from .._protocol.hosts import host_from_authority, in_domain
 from .._transport.masking import use_fast_masking
 from ._access import AccessControl
 from ._admin import AdminAPI
@@ -76,6 +77,9 @@ class TunnelApp:
             hosts = ",".join(sorted(self._admin.hosts))
             log_event(logger, "admin_api", path=self._admin.prefix, hosts=hosts)
         self._challenge_path = self.config.control_path + CHALLENGE_SUFFIX
+        # When this worker began: a worker of several that has just started
+        # (or restarted) knows no agent yet, while its siblings serve them.
+        self._started = time.monotonic()
         if self.access.open:
             logger.warning(
                 "tunnel server has no tokens, keys or auth hook: ANYONE can open a tunnel; "
@@ -144,9 +148,31 @@ class TunnelApp:
                 f"The agent for {host} is offline; it did not reconnect within "
                 f"{self.config.grace_period:g} seconds.",
             )
+        if self._may_be_elsewhere(host):
+            # The agents of a server with several workers find a new worker
+            # within moments; until then its visitors wait for them rather than
+            # get a 404 that another worker would not have given.
+            left = self._started + self.config.grace_period - time.monotonic()
+            if left > 0:
+                session = await registry.wait_for(host, left)
+                if session is not None:
+                    return session
         if self.fallback is not None:
             return None
         return 404, f"No tunnel is serving {host or 'this host'} on this server."
+
+    def _may_be_elsewhere(self, host: str) -> bool:
+        """Whether an unknown ``host`` may have an agent this worker has not seen yet."""
+        config = self.config
+        if config.workers == 1 or not host or self.registry.shutting_down.is_set():
+            return False
+        if config.domain is not None:
+            # Only names agents may claim; the operator's own site (the
+            # domain itself, a fallback's other hosts) answers at once.
+            return host != config.domain and in_domain(host, config.domain)
+        # Without a domain any name might be a tunnel's, but a fallback app
+        # serves the unknown ones, and must not wait for a tunnel that isn't.
+        return self.fallback is None
 
     def _admit(
         self, scope: Scope, session: AgentSession

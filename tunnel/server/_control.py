@@ -230,6 +230,14 @@ async def _check(
         (key.decode("latin-1").lower(), value.decode("latin-1")) for key, value in scope["headers"]
     )
     values = dict(headers)
+    if config.workers > 1 and not values.get(AGENT_ID_HEADER):
+        # An agent that predates worker processes would hold one connection
+        # and serve only the visitors of that one worker.
+        raise Denied(
+            426,
+            f"this server runs {config.workers} worker processes and needs an agent that "
+            "connects to each: upgrade the agent (pip install --upgrade tunnel)",
+        )
     held = values.get(HAVE_WORKERS_HEADER, "")
     if held and worker_id() in {part.strip() for part in held.split(",")}:
         raise Denied(

@@ -19,6 +19,7 @@ from .._config import ServerConfig
 from .._mux import Stream, StreamError
 from .._protocol.headers import Headers, declares_trailers, header_value, tunnel_request_headers
 from ._hooks import RequestInfo
+from ._hypercorn_patches import NotifyingReceive
 from ._limits import Pacer
 from ._pages import send_error_page
 from ._registry import AgentSession
@@ -84,23 +85,36 @@ async def forward_http(
         except Exception:
             logger.exception("on_request callback failed for %s; forwarding anyway", session.host)
 
-    # Hypercorn has usually queued the first body message already, so waiting
-    # for it costs nothing, and a request without a body then goes out as one
-    # HEADERS frame with END_STREAM.
-    try:
-        with trio.fail_after(config.request_idle_timeout):
+    body = b""
+    more_body = False
+    if not _bodyless(scope):
+        # Hypercorn has usually queued the first body message already, so
+        # waiting for it costs little, and a request whose body turns out empty
+        # still goes out as one HEADERS frame with END_STREAM. (A plain cancel
+        # scope rather than fail_after, whose generator-based context manager
+        # costs more than the scope, on every request.)
+        with trio.move_on_after(config.request_idle_timeout) as waited:
             first = await receive()
-    except trio.TooSlowError:
-        await send_error_page(send, 408, _idle(config))
-        return
-    if first["type"] == "http.disconnect":
-        return
-    body: bytes = first.get("body", b"")
-    more_body: bool = first.get("more_body", False)
+        if waited.cancelled_caught:
+            await send_error_page(send, 408, _idle(config))
+            return
+        if first["type"] == "http.disconnect":
+            return
+        body = first.get("body", b"")
+        more_body = first.get("more_body", False)
+    end_stream = not body and not more_body
     try:
-        with trio.fail_after(config.grace_period):
-            stream = await session.mux.open_stream(headers, end_stream=not body and not more_body)
-    except trio.TooSlowError:
+        # Usually the agent has room for another stream and nothing waits.
+        stream = session.mux.open_stream_nowait(headers, end_stream=end_stream)
+        if stream is None:
+            with trio.move_on_after(config.grace_period):
+                stream = await session.mux.open_stream(headers, end_stream=end_stream)
+    except StreamError as exc:
+        await send_error_page(
+            send, 502, f"The agent for {session.host} is unavailable: {exc.reason}."
+        )
+        return
+    if stream is None:
         await send_error_page(
             send,
             503,
@@ -108,14 +122,23 @@ async def forward_http(
             "try again shortly.",
         )
         return
-    except StreamError as exc:
-        await send_error_page(
-            send, 502, f"The agent for {session.host} is unavailable: {exc.reason}."
-        )
-        return
     session.requests_served += 1
 
     exchange = _Exchange(config, session, scope, stream, receive, send, pacer)
+    if end_stream and isinstance(receive, NotifyingReceive):
+        # The whole request is sent, so the only thing left to watch on the
+        # visitor's side is its leaving, which Hypercorn (patched) tells
+        # without a task of ours waiting in receive().
+        receive.on_disconnect = exchange.visitor_left
+        if receive.gone:
+            exchange.visitor_left()
+        try:
+            await exchange.relay_response()
+        finally:
+            receive.on_disconnect = None
+            if not stream.done:
+                stream.cancel(h2.errors.ErrorCodes.CANCEL)
+        return
     async with trio.open_nursery() as nursery:
         nursery.start_soon(exchange.relay_request, body, more_body, nursery.cancel_scope)
         try:
@@ -125,6 +148,19 @@ async def forward_http(
                 # The response ended first (or failed): stop the agent too.
                 stream.cancel(h2.errors.ErrorCodes.CANCEL)
             nursery.cancel_scope.cancel()
+
+
+def _bodyless(scope: Scope) -> bool:
+    """Whether an HTTP/1 request has no body (RFC 9112 section 6.3), so none is awaited.
+
+    Reading the empty body from Hypercorn costs a task switch per request.
+    """
+    if scope.get("http_version") not in ("1.0", "1.1"):
+        return False  # in HTTP/2 only the end of the stream tells
+    for key, _ in scope["headers"]:
+        if key == b"content-length" or key == b"transfer-encoding":
+            return False
+    return True
 
 
 def _closing(scope: Scope) -> Headers:
@@ -193,8 +229,10 @@ class _Exchange:
                         self._body_sent()
                 if not more_body:
                     break
-                with trio.fail_after(self.config.request_idle_timeout):
+                with trio.move_on_after(self.config.request_idle_timeout) as waited:
                     message = await self.receive()
+                if waited.cancelled_caught:
+                    raise trio.TooSlowError
                 if message["type"] == "http.disconnect":
                     raise _VisitorGone
                 body = message.get("body", b"")
@@ -228,6 +266,11 @@ class _Exchange:
             # closes it.
             if not stream.done:
                 stream.cancel(h2.errors.ErrorCodes.CANCEL)
+
+    def visitor_left(self) -> None:
+        """Stop the agent: the visitor is gone (what ``_VisitorGone`` does below)."""
+        if not self.stream.done:
+            self.stream.cancel(h2.errors.ErrorCodes.CANCEL)
 
     def _body_sent(self) -> None:
         # The clock for the response starts once the whole request is sent: a

@@ -17,6 +17,7 @@ import trio
 from .._mux import Mux
 from .._protocol.policy import VisitorPolicy
 from ._hooks import TunnelInfo
+from ._ledger import HostLedger
 
 __all__ = ["AgentSession", "HostInUse", "Registry", "TunnelStatistics"]
 
@@ -131,6 +132,8 @@ class Registry:
         #: Set when the server begins a graceful shutdown: sessions drain, no
         #: new agent is accepted and nobody waits for an agent to come back.
         self.shutting_down = trio.Event()
+        #: Who holds which host on the other worker processes, if there are any.
+        self.ledger: HostLedger | None = None
         self._shutdown_scopes: set[trio.CancelScope] = set()
 
     def begin_shutdown(self) -> None:
@@ -211,6 +214,8 @@ class Registry:
         current = self._sessions.get(key, [])
         if current and current[0].digest != digest:
             raise HostInUse(key)
+        if not current and self.ledger is not None and self.ledger.held_by_other(key, digest):
+            raise HostInUse(key)
         return list(current)
 
     def claim(self, session: AgentSession, limit: int | None = None) -> list[AgentSession]:
@@ -230,6 +235,13 @@ class Registry:
         current = self.check_claim(session.key, session.digest)
         if not current and limit is not None and self.count(session.digest) >= limit:
             raise HostInUse(f"{session.key}: limit of {limit} tunnels reached")
+        if (
+            not current
+            and self.ledger is not None
+            and not self.ledger.claim(session.key, session.digest)
+        ):
+            # Another identity took it on another worker since our check.
+            raise HostInUse(session.key)
         if session.pool and all(member.pool for member in current):
             replaced = [
                 member
@@ -254,6 +266,8 @@ class Registry:
             self._sessions[session.key] = [m for m in members if m is not session]
             return
         del self._sessions[session.key]
+        if self.ledger is not None:
+            self.ledger.release(session.key)
         self._gone[session.key] = time.time()
         self._gone.move_to_end(session.key)
         while len(self._gone) > MAX_REMEMBERED_HOSTS:

@@ -16,6 +16,7 @@ from hypercorn.utils import wrap_app
 from .._config import ServerConfig, parse_listen_address
 from ._app import ASGIApp, TunnelApp
 from ._hypercorn_guard import install_hypercorn_guard
+from ._ledger import HostLedger
 from ._metrics import serve_metrics
 from ._workers import serve_workers
 
@@ -64,9 +65,10 @@ async def serve(
     """Run a tunnel server until cancelled (or until ``shutdown_trigger`` returns).
 
     With ``config.workers`` above 1 the server runs that many worker processes
-    on the same port (started with ``multiprocessing``'s spawn method, so the
-    auth hook, the callbacks and ``fallback`` must be importable: module-level
-    functions, not lambdas), and restarts any that dies.
+    on the same port, and restarts any that dies. Each is a fresh interpreter
+    that gets a copy of the settings, so the auth hook, the callbacks and
+    ``fallback`` must be importable: module-level functions of a module, not
+    lambdas or functions of the main script.
 
     Args:
         config: The server's settings.
@@ -102,11 +104,16 @@ async def serve_sockets(
     sockets: Sockets | None,
     shutdown_trigger: Callable[[], Awaitable[None]] | None,
     *,
+    ledger: HostLedger | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """One process's server, on ``sockets`` (bound and listening) or its own."""
+    """One process's server, on ``sockets`` (bound and listening) or its own.
+
+    A worker of several passes the ``ledger`` it shares with the others.
+    """
     install_hypercorn_guard()
     app = TunnelApp(config, fallback=fallback)
+    app.registry.ledger = ledger
     trigger = None
     if shutdown_trigger is not None:
         user_trigger = shutdown_trigger

@@ -59,6 +59,10 @@ async def bind_tcp_port(
         for holder in holders:
             await holder.done.wait()
         listeners = await _listen(config, requested)
+        if listeners is None and config.workers > 1:
+            # Likely this agent's own stale connection on another worker,
+            # which lets go once its keepalive fails: worth retrying.
+            raise Denied(503, f"port {requested} is still in use on the server; try again")
         if listeners is None:
             raise Denied(409, f"port {requested} is in use on the server")
         return listeners, requested

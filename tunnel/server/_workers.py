@@ -19,21 +19,27 @@ serve on as an orphan nobody supervises.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pickle
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
+from functools import partial
 from typing import TYPE_CHECKING, Any, Final
 
 import trio
 
 from .._exceptions import ConfigError, TunnelError
+from .._malloc import keep_freed_buffers, keeping_freed_buffers
+from ._ledger import HostLedger, clear_worker
 
 if TYPE_CHECKING:
     from hypercorn.config import Sockets
@@ -54,6 +60,8 @@ RESTART_MAX: Final = 30.0
 STABLE_AFTER: Final = 30.0
 #: Seconds a worker gets beyond the graceful timeout to exit on shutdown.
 EXIT_GRACE: Final = 10.0
+#: Seconds a worker that is ending anyway gets to exit before it is killed.
+EXIT_WAIT: Final = 2.0
 #: The most a worker's start-up report may hold.
 MAX_REPORT: Final = 1 << 20
 
@@ -90,6 +98,7 @@ async def serve_workers(
     hc = hypercorn_config(config)
     sockets = hc.create_sockets()
     listening = [*sockets.secure_sockets, *sockets.insecure_sockets]
+    cleanup = contextlib.ExitStack()
     try:
         for sock in listening:
             sock.listen(hc.backlog)
@@ -97,12 +106,16 @@ async def serve_workers(
             _url("http", sock) for sock in sockets.insecure_sockets
         ]
         stopping = trio.Event()
+        ledger = tempfile.mkdtemp(prefix="tunnel-hosts-")
+        cleanup.callback(shutil.rmtree, ledger, ignore_errors=True)
         async with trio.open_nursery() as nursery:
             # Started side by side: each takes a second or more to import.
             extra: list[list[str]] = [[] for _ in range(config.workers)]
             async with trio.open_nursery() as starting:
                 for index in range(config.workers):
-                    worker = _Worker(index, _for_worker(config, index), fallback, sockets, stopping)
+                    worker = _Worker(
+                        index, _for_worker(config, index), fallback, sockets, stopping, ledger
+                    )
                     starting.start_soon(_start_supervisor, nursery, worker, extra)
             task_status.started(urls + [url for found in extra for url in found])
             if shutdown_trigger is None:
@@ -110,9 +123,23 @@ async def serve_workers(
             await shutdown_trigger()
             # Each worker drains and exits; its supervisor returns then.
             stopping.set()
+    except BaseExceptionGroup as group:
+        error = _single(group)
+        if error is group:
+            raise
+        raise error from None
     finally:
         for sock in listening:
             sock.close()
+        cleanup.close()
+
+
+def _single(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The one error inside nested groups of one, else the group itself."""
+    error: BaseException = group
+    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+        error = error.exceptions[0]
+    return error
 
 
 async def _start_supervisor(nursery: trio.Nursery, worker: _Worker, extra: list[list[str]]) -> None:
@@ -170,48 +197,67 @@ class _Worker:
         fallback: ASGIApp | None,
         sockets: Sockets,
         stopping: trio.Event,
+        ledger: str,
     ) -> None:
         self.index = index
         self.config = config
         self.fallback = fallback
         self.sockets = sockets
         self.stopping = stopping
+        #: The directory of the workers' :class:`HostLedger`.
+        self.ledger = ledger
 
     async def supervise(self, *, task_status: trio.TaskStatus[list[str]]) -> None:
         """Run the worker, restarting it when it dies, until the server stops."""
+        # The first start's failure is the server's: it is raised. Later ones
+        # (the OOM killer striking a restart, say) count as one more death.
+        process, urls = await self._start()
+        task_status.started(urls)
         delay = RESTART_INITIAL
-        first = True
         while True:
-            process, urls = await self._start()
             started_at = trio.current_time()
             try:
-                if first:
-                    first = False
-                    task_status.started(urls)
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._drain_on_stop, process)
                     await process.wait()
                     nursery.cancel_scope.cancel()
-            finally:
-                await self._end(process)
+            except BaseException:
+                # Cancelled: stop at once.
+                await self._end(process, graceful=False)
+                raise
+            await self._end(process)
             if self.stopping.is_set():
                 return
             up = trio.current_time() - started_at
             if up >= STABLE_AFTER:
                 delay = RESTART_INITIAL
-            logger.warning(
-                "server worker %d exited with code %s after %.1fs; restarting it in %.1fs",
-                self.index,
-                process.returncode,
-                up,
-                delay,
-            )
-            await trio.sleep(delay)
-            delay = min(RESTART_MAX, delay * 2)
+            while True:
+                logger.warning(
+                    "server worker %d exited with code %s after %.1fs; restarting it in %.1fs",
+                    self.index,
+                    process.returncode,
+                    up,
+                    delay,
+                )
+                with trio.move_on_after(delay):
+                    await self.stopping.wait()
+                if self.stopping.is_set():
+                    return
+                delay = min(RESTART_MAX, delay * 2)
+                try:
+                    process, _ = await self._start()
+                    break
+                except TunnelError as exc:
+                    logger.error("server worker %d did not restart: %s", self.index, exc)
+                    up = 0.0
 
     async def _drain_on_stop(self, process: trio.Process) -> None:
         await self.stopping.wait()
         process.send_signal(signal.SIGTERM)
+        # Draining has a deadline, whatever the worker is stuck on.
+        await trio.sleep(self.config.graceful_timeout + EXIT_GRACE)
+        logger.warning("server worker %d did not stop in time; killing it", self.index)
+        process.kill()
 
     async def _start(self) -> tuple[trio.Process, list[str]]:
         """Start the worker process and wait until it listens; return it and its extra URLs."""
@@ -221,8 +267,12 @@ class _Worker:
         read_fd, write_fd = os.pipe()
         root = logging.getLogger()
         formats = [h.formatter._fmt for h in root.handlers if h.formatter is not None]
+        # A dead or replaced worker's claims go before its successor starts.
+        clear_worker(self.ledger, self.index)
+        ledger = (self.ledger, self.index, self.config.workers)
+        process_settings = (root.level, formats[:1], keeping_freed_buffers())
         payload = pickle.dumps(sys.path) + pickle.dumps(
-            (self.config, self.fallback, secure, insecure, write_fd, root.level, formats[:1])
+            (self.config, self.fallback, secure, insecure, ledger, write_fd, *process_settings)
         )
         try:
             process = await trio.lowlevel.open_process(
@@ -260,7 +310,8 @@ class _Worker:
             await report.aclose()
         if isinstance(message, tuple) and message[0] == "ready":
             return process, list(message[1])
-        await self._end(process, graceful=False)
+        # Failing: let it finish writing its traceback to stderr first.
+        await self._end(process)
         if isinstance(message, tuple) and message[0] == "error":
             error = message[1]
             if isinstance(error, BaseException):
@@ -274,12 +325,13 @@ class _Worker:
         )
 
     async def _end(self, process: trio.Process, *, graceful: bool = True) -> None:
-        """Make sure ``process`` has exited: let it drain when stopping, else kill it."""
+        """Make sure ``process`` has exited: give it a moment when ``graceful``, then kill it."""
         with trio.CancelScope(shield=True):
             if process.stdin is not None:
                 await trio.aclose_forcefully(process.stdin)
-            if process.returncode is None and graceful and self.stopping.is_set():
-                with trio.move_on_after(self.config.graceful_timeout + EXIT_GRACE):
+            if process.returncode is None and graceful:
+                # Exiting on its own (a start-up error being written out, say).
+                with trio.move_on_after(EXIT_WAIT):
                     await process.wait()
             if process.returncode is None:
                 process.kill()
@@ -293,9 +345,11 @@ def _worker_main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     report = _Report()
     try:
-        config, fallback, secure, insecure, report.fd, log_level, log_formats = pickle.load(
-            sys.stdin.buffer
-        )
+        settings = pickle.load(sys.stdin.buffer)
+        config, fallback, secure, insecure, ledger, report.fd = settings[:6]
+        log_level, log_formats, malloc = settings[6:]
+        if malloc:
+            keep_freed_buffers()  # as the main process did (see tunnel._malloc)
         if log_formats:
             logging.basicConfig(level=log_level, format=log_formats[0])
         else:
@@ -307,7 +361,7 @@ def _worker_main() -> None:
             insecure_sockets=[socket.socket(fileno=fd) for fd in insecure],
             quic_sockets=[],
         )
-        trio.run(_worker, config, fallback, sockets, report)
+        trio.run(_worker, config, fallback, sockets, HostLedger(*ledger), report)
     except Exception as exc:
         # While starting, the parent waits for this; later nobody reads it.
         if not report.send(("error", exc)):
@@ -339,7 +393,11 @@ class _Report:
 
 
 async def _worker(
-    config: ServerConfig, fallback: ASGIApp | None, sockets: Sockets, report: _Report
+    config: ServerConfig,
+    fallback: ASGIApp | None,
+    sockets: Sockets,
+    ledger: HostLedger,
+    report: _Report,
 ) -> None:
     from ._serve import serve_sockets
 
@@ -365,7 +423,9 @@ async def _worker(
             nursery.start_soon(on_orphaned)
 
     async with trio.open_nursery() as nursery:
-        urls: list[str] = await nursery.start(serve_sockets, config, fallback, sockets, terminated)
+        urls: list[str] = await nursery.start(
+            partial(serve_sockets, config, fallback, sockets, terminated, ledger=ledger)
+        )
         # The parent knows the public URLs; what only the worker knows is where
         # it serves its metrics.
         report.send(("ready", [url for url in urls if url.endswith("/metrics")]))

@@ -1,0 +1,73 @@
+"""The ledger that keeps worker processes from giving one host to two identities.
+
+Real files in a temporary directory, as the workers share them; the ledgers of
+two workers are two objects here.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tunnel.server._ledger import HostLedger, clear_worker
+from tunnel.server._registry import HostInUse, Registry
+
+HOST = "app.localhost"
+
+
+@pytest.fixture
+def ledgers(tmp_path) -> tuple[HostLedger, HostLedger]:
+    return HostLedger(str(tmp_path), 0, 2), HostLedger(str(tmp_path), 1, 2)
+
+
+def test_a_host_is_held_by_one_identity_on_every_worker(ledgers) -> None:
+    zero, one = ledgers
+    assert zero.claim(HOST, b"alice")
+    assert one.held_by_other(HOST, b"mallory")
+    assert not one.claim(HOST, b"mallory")
+    # The same identity, on the other worker: that is its agent's second connection.
+    assert not one.held_by_other(HOST, b"alice")
+    assert one.claim(HOST, b"alice")
+    zero.release(HOST)
+    assert not one.claim(HOST, b"mallory")  # still held through worker one
+    one.release(HOST)
+    assert one.claim(HOST, b"mallory")
+
+
+def test_a_dead_workers_claims_are_cleared_before_it_restarts(ledgers, tmp_path) -> None:
+    zero, one = ledgers
+    assert zero.claim(HOST, b"alice")
+    assert zero.claim("tcp:20000", b"alice")
+    clear_worker(str(tmp_path), 0)
+    assert one.claim(HOST, b"mallory")
+    assert one.claim("tcp:20000", b"mallory")
+    assert sorted(os.listdir(tmp_path)) == sorted(
+        [".lock", *(name for name in os.listdir(tmp_path) if name.endswith(".1"))]
+    )
+
+
+def test_release_of_an_unknown_host_is_harmless(ledgers) -> None:
+    zero, _ = ledgers
+    zero.release("never.localhost")
+
+
+def test_registries_of_two_workers_refuse_a_second_identity(ledgers) -> None:
+    from test_registry import session  # the registry tests' session maker
+
+    zero, one = Registry(), Registry()
+    zero.ledger, one.ledger = ledgers
+    zero.claim(session(b"alice"))
+    with pytest.raises(HostInUse):
+        one.check_claim(HOST, b"mallory")
+    with pytest.raises(HostInUse):
+        one.claim(session(b"mallory"))
+    one.claim(session(b"alice"))
+    # Alice's agent leaves worker zero only: worker one still holds the host.
+    (alice,) = zero.sessions_of(HOST)
+    zero.release(alice)
+    with pytest.raises(HostInUse):
+        zero.claim(session(b"mallory"))
+    (alice,) = one.sessions_of(HOST)
+    one.release(alice)
+    zero.claim(session(b"mallory"))
