@@ -163,8 +163,8 @@ def _idle(axis, idle: dict | None) -> None:  # type: ignore[no-untyped-def]
     axis.set_xticks(range(len(names)), [f"{n} agents" for n in names])
     axis.set_ylabel("MiB")
     axis.set_title(
-        "server RSS with idle agents:"
-        f" {idle['kib_per_extra_agent']:.1f} KiB per extra agent (target ≤ 50)"
+        "server RSS with idle agents\n"
+        f"{idle['kib_per_extra_agent']:.1f} KiB per extra agent (target ≤ 50)"
     )
     axis.grid(True, axis="y", alpha=0.3)
 

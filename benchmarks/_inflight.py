@@ -19,6 +19,9 @@ then S milliseconds more, and answers them all (see ``_service.py``). So the N
 are in flight together by construction, and the benchmark checks it: it reads
 the local service's peak count (``GET /holders``) after the phase. A response
 that is cut short, is not 2xx, or has not ended by the deadline is an error.
+If some request never arrives (it failed on the way, and is counted), the hold
+would last its full limit; instead the generator ends it (``GET /release``) once
+no more have arrived for ``STALL`` seconds after the last was sent.
 
 Reported: the ramp (first connect to last request sent), the time from the
 last request sent to the last response complete (S plus what the tunnel needs
@@ -40,6 +43,10 @@ import _procs
 
 __all__ = ["InflightResult", "hold"]
 
+#: Seconds without one more request arriving at the local service, after the
+#: last was sent, before the generator ends the hold for those that did arrive.
+STALL = 10.0
+
 
 @dataclass
 class InflightResult:
@@ -58,6 +65,8 @@ class InflightResult:
     p99_ms: float = 0.0
     max_ms: float = 0.0
     generator_cpu_s: float = 0.0
+    #: The hold was ended early: fewer than N arrived, none for STALL seconds.
+    released: bool = False
 
     @property
     def error_count(self) -> int:
@@ -94,6 +103,17 @@ def _held(local_port: int) -> int:
         return int(answer.rsplit(b"\r\n\r\n", 1)[1].split()[0])
     except (OSError, ValueError, IndexError):
         return -1
+
+
+def _release(local_port: int) -> None:
+    """Make the local service answer every held request now (``GET /release``)."""
+    try:
+        with socket.create_connection(("127.0.0.1", local_port), timeout=5) as sock:
+            sock.sendall(b"GET /release HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            while sock.recv(4096):
+                pass
+    except OSError:
+        pass
 
 
 def _run(
@@ -148,12 +168,20 @@ def _run(
         return False
 
     held = 0
-    held_at = 0.0
+    held_at = grown_at = 0.0
     # Open, at most `window` on their way at a time, sending each request at once.
     while (pending or opening or waiting) and (now := time.monotonic()) < deadline:
-        if pending and now - held_at >= 0.05:
-            held = max(held, _held(local_port))
+        ramping = pending or opening
+        if not result.released and now - held_at >= (0.05 if ramping else 0.5):
+            now_held = _held(local_port)
+            if now_held > held:
+                held, grown_at = now_held, now
             held_at = now
+            if not ramping and held < count and now - grown_at >= STALL:
+                # Some request will never arrive (its error is counted): the
+                # others are answered now rather than at the hold's limit.
+                _release(local_port)
+                result.released = True
         while pending and opening + (result.connected - held) < window:
             pending -= 1
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

@@ -173,8 +173,13 @@ def print_inflight(results: list[dict]) -> None:
             f" {r['local_peak_in_flight']:>8} {r['connect_s']:>9.2f} {r['complete_s']:>7.2f}"
             f" {r['p50_ms'] / 1000:>7.1f} {r['max_ms'] / 1000:>7.1f}  {rss}; {cpu}"
         )
+        if r.get("released"):
+            print(f"{'':>9} the hold was ended early: no more arrived for 10 s after the last")
         if r["errors"]:
             print(f"{'':>9} errors: {r['errors']}")
+            for name, tail in r.get("log_tails", {}).items():
+                lines = tail.splitlines()[-3:]
+                print(f"{'':>9} {name} log: " + f"\n{'':>9} {name} log: ".join(lines))
 
 
 def print_idle(idle: dict | None) -> None:

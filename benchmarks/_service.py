@@ -12,6 +12,7 @@ Both serve the same three routes:
 - ``GET /hold?n=N&ms=S``: waits until N such requests are held at once (at most
   ``HOLD_MAX`` seconds), then S milliseconds more, then answers like ``GET /``:
   the in-flight phase, which must show N requests in flight together;
+- ``GET /release`` (raw server only): answers every held ``/hold`` now;
 - ``GET /holders`` (raw server only): ``CURRENT PEAK``, the ``/hold`` handlers
   running now and the most that ran at once; ``?reset=1`` sets the peak to the
   current count.
@@ -205,6 +206,10 @@ async def _serve_connection(stream: trio.SocketStream) -> None:
                     piece = view[: min(size, len(CHUNK))]
                     await stream.send_all(piece)
                     size -= len(piece)
+            elif path == b"/release":
+                if _Holders.reached is not None:
+                    _Holders.reached.set()
+                await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
             elif path == b"/holders":
                 body = _holders_body(query)
                 await stream.send_all(

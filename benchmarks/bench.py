@@ -291,6 +291,12 @@ class Bench:
         for process in (agent, server):
             process.check_alive()
             process.stop()
+        # The logs live in a temporary directory: keep what explains a failure.
+        logs = (
+            {name: process.log_tail(10) for name, process in watched.items()}
+            if result.error_count
+            else None
+        )
         self.check_alive()
         out = result.to_dict()
         out["local_peak_in_flight"] = peak
@@ -300,6 +306,8 @@ class Bench:
         }
         out["server_settings"] = {"response_timeout": INFLIGHT_RESPONSE_TIMEOUT}
         out["agent_settings"] = {"max_concurrent_streams": max(count, 1000)}
+        if logs:
+            out["log_tails"] = logs
         return out
 
 
