@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import h2.settings
 
-__all__ = ["compact_settings"]
+__all__ = ["compact_header_tables", "compact_settings"]
 
 
 class _Values(list[int]):
@@ -36,3 +36,21 @@ def compact_settings(settings: h2.settings.Settings) -> h2.settings.Settings:
     }
     settings._settings = compact  # type: ignore[assignment]
     return settings
+
+
+class _Entries(list[tuple[bytes, bytes]]):
+    """The deque methods hpack's ``HeaderTable`` uses, on a list."""
+
+    __slots__ = ()
+
+    def appendleft(self, entry: tuple[bytes, bytes]) -> None:
+        # An HPACK table holds at most a few dozen entries (4 KiB, 32 bytes of
+        # overhead each), so shifting them is as cheap as a deque's append.
+        self.insert(0, entry)
+
+
+def compact_header_tables(*tables: object) -> None:
+    """Store hpack ``HeaderTable`` entries in lists rather than deques (600 bytes each)."""
+    for table in tables:
+        entries = table.dynamic_entries  # type: ignore[attr-defined]
+        table.dynamic_entries = _Entries(entries)  # type: ignore[attr-defined]

@@ -23,7 +23,7 @@ import logging
 import os
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Final
+from typing import Any, ClassVar, Final
 
 import h2.config
 import h2.connection
@@ -36,7 +36,7 @@ import hyperframe.frame
 import trio
 from hyperframe.frame import DataFrame, Frame, RstStreamFrame
 
-from ._h2settings import compact_settings
+from ._h2settings import compact_header_tables, compact_settings
 from ._protocol.headers import Headers
 from ._transport import ABNORMAL_CLOSURE, MessageTransport, TransportClosed
 
@@ -259,11 +259,24 @@ class _Connection(h2.connection.H2Connection):
     #: round trip late, when only a handful of streams have closed since.
     MAX_CLOSED_STREAMS = 4096
 
+    #: Frame class -> h2's handler, shared by every connection (see __init__).
+    _dispatch: ClassVar[dict[type[Frame], Callable[..., Any]] | None] = None
+
     def __init__(self, config: h2.config.H2Configuration, mux: Mux) -> None:
         super().__init__(config)
         self._mux_streams = mux._streams
         self._mux = mux
         self.incoming_buffer = _FrameBuffer(server=not config.client_side)
+        compact_header_tables(self.encoder.header_table, self.decoder.header_table)
+        if _H2_RECEIVE_FRAME_VERIFIED:
+            # h2 builds a table of a dozen bound methods per connection (1.3 KiB,
+            # kept for every idle agent); one table of functions serves all.
+            if _Connection._dispatch is None:
+                _Connection._dispatch = {
+                    frame: getattr(_Connection, handler.__name__)
+                    for frame, handler in self._frame_dispatch_table.items()
+                }
+            del self._frame_dispatch_table
 
     def _receive_frame(self, frame: Frame) -> list[h2.events.Event]:
         # DATA for a stream the mux does not know makes h2 queue an answer
@@ -278,7 +291,8 @@ class _Connection(h2.connection.H2Connection):
         # server's CPU per request.
         events: list[h2.events.Event]
         try:
-            frames, events = self._frame_dispatch_table[frame.__class__](frame)
+            assert _Connection._dispatch is not None
+            frames, events = _Connection._dispatch[frame.__class__](self, frame)
         except h2.exceptions.StreamClosedError as exc:
             if not self._stream_is_closed_by_reset(exc.stream_id):
                 raise
@@ -321,6 +335,41 @@ class Mux:
         trusted_peer: Skip h2's validation of received headers (the agent trusts
             the server it chose to dial; the server never trusts agents).
     """
+
+    # Slots: the server keeps a Mux per agent, idle or not; an instance dict of
+    # these thirty attributes cost 1.5 KiB of it.
+    __slots__ = (
+        "_capacity",
+        "_client_side",
+        "_close_code",
+        "_closing",
+        "_conn",
+        "_control_frames",
+        "_control_window_start",
+        "_drained",
+        "_ended",
+        "_goaway_received",
+        "_goaway_sent",
+        "_keepalive_interval",
+        "_keepalive_timeout",
+        "_nursery",
+        "_on_stream",
+        "_pings",
+        "_queued",
+        "_send_wanted",
+        "_settings_received",
+        "_stray_frames",
+        "_stray_window_start",
+        "_streams",
+        "_transport",
+        "_writing",
+        "bytes_received",
+        "bytes_sent",
+        "closed_reason",
+        "peer_close_code",
+        "rtt",
+        "streams_opened",
+    )
 
     def __init__(
         self,

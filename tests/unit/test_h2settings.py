@@ -43,3 +43,27 @@ def test_compact_settings_take_a_fraction_of_the_memory() -> None:
             tracemalloc.stop()
 
     assert size(compacted=True) < size(compacted=False) / 3
+
+
+def test_compact_header_tables_encode_and_decode_as_hpacks_own() -> None:
+    import hpack
+
+    from tunnel._h2settings import compact_header_tables
+
+    plain_encoder, plain_decoder = hpack.Encoder(), hpack.Decoder()
+    encoder, decoder = hpack.Encoder(), hpack.Decoder()
+    compact_header_tables(encoder.header_table, decoder.header_table)
+    # Enough distinct headers to fill the 4 KiB tables many times over, so
+    # entries are added, found again and evicted.
+    for i in range(300):
+        headers = [
+            (b":path", f"/item/{i % 40}".encode()),
+            (b"x-request-id", f"{i:032d}".encode()),
+            (b"cookie", b"c" * (i % 90)),
+        ]
+        block = encoder.encode(headers)
+        assert block == plain_encoder.encode(headers)
+        assert decoder.decode(block, raw=True) == plain_decoder.decode(block, raw=True) == headers
+    assert list(encoder.header_table.dynamic_entries) == list(
+        plain_encoder.header_table.dynamic_entries
+    )
