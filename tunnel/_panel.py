@@ -336,15 +336,7 @@ class LivePanel:
 
     def _requests(self) -> RenderableType:
         assert self.recorder is not None
-        table = Table(
-            title="HTTP requests",
-            title_justify="left",
-            title_style="bold",
-            box=None,
-            show_header=False,
-            pad_edge=False,
-            padding=(0, 2, 0, 0),
-        )
+        table = _section("HTTP requests")
         table.add_column(style="dim", no_wrap=True)
         table.add_column(style="bold", no_wrap=True)
         table.add_column(overflow="ellipsis", no_wrap=True, ratio=1)
@@ -378,9 +370,10 @@ class LivePanel:
         return table
 
 
-def _transfers(transfers: list[TransferProgress]) -> RenderableType:
-    table = Table(
-        title="Transfers",
+def _section(title: str) -> Table:
+    """A titled, borderless table of the panel: one of its sections."""
+    return Table(
+        title=title,
         title_justify="left",
         title_style="bold",
         box=None,
@@ -388,6 +381,10 @@ def _transfers(transfers: list[TransferProgress]) -> RenderableType:
         pad_edge=False,
         padding=(0, 2, 0, 0),
     )
+
+
+def _transfers(transfers: list[TransferProgress]) -> RenderableType:
+    table = _section("Transfers")
     table.add_column(style="bold", no_wrap=True)
     table.add_column(overflow="ellipsis", no_wrap=True, ratio=1)
     table.add_column(no_wrap=True)

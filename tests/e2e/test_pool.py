@@ -17,6 +17,12 @@ import tunnel
 from helpers import eventually
 
 
+@pytest.fixture
+async def services(start_local_service):
+    """Two local services, "one" and "two", for two agents of one pool."""
+    return await start_local_service("one"), await start_local_service("two")
+
+
 async def _served_by(http, count: int, prefix: str = "/r") -> Counter[str]:
     served: Counter[str] = Counter()
     for i in range(count):
@@ -27,10 +33,9 @@ async def _served_by(http, count: int, prefix: str = "/r") -> Counter[str]:
 
 
 async def test_pooled_agents_share_a_host_and_one_leaving_moves_its_share(
-    tunnel_server, start_local_service, open_agent, visitor
+    tunnel_server, services, open_agent, visitor
 ):
-    one = await start_local_service("one")
-    two = await start_local_service("two")
+    one, two = services
     port = tunnel_server.port
     with trio.fail_after(15):
         async with open_agent(port, two.port, pool=True) as agent_two, visitor(port) as http:
@@ -44,11 +49,8 @@ async def test_pooled_agents_share_a_host_and_one_leaving_moves_its_share(
             assert agent_two.state is tunnel.ClientState.CONNECTED
 
 
-async def test_requests_go_to_the_least_busy_agent(
-    tunnel_server, start_local_service, open_agent, visitor
-):
-    one = await start_local_service("one")
-    two = await start_local_service("two")
+async def test_requests_go_to_the_least_busy_agent(tunnel_server, services, open_agent, visitor):
+    one, two = services
     port = tunnel_server.port
     with trio.fail_after(15):
         async with (
@@ -91,11 +93,8 @@ async def test_pool_needs_the_same_token(start_tunnel_server, local_service, ope
             assert (await http.get("/mine")).status_code == 200
 
 
-async def test_agent_without_pool_takes_over_a_pool(
-    tunnel_server, start_local_service, open_agent, visitor
-):
-    one = await start_local_service("one")
-    two = await start_local_service("two")
+async def test_agent_without_pool_takes_over_a_pool(tunnel_server, services, open_agent, visitor):
+    one, two = services
     port = tunnel_server.port
     connected = trio.Event()
     replaced = trio.Event()
@@ -120,10 +119,9 @@ async def test_agent_without_pool_takes_over_a_pool(
 
 
 async def test_pooled_agent_cut_off_costs_only_its_requests_in_flight(
-    tunnel_server, start_local_service, open_agent, visitor, nursery
+    tunnel_server, services, open_agent, visitor, nursery
 ):
-    one = await start_local_service("one")
-    two = await start_local_service("two")
+    one, two = services
     port = tunnel_server.port
     # Agent one reaches the server through a proxy that can reset its connection.
     proxy: FaultProxy = await nursery.start(FaultProxy(port).run)

@@ -74,11 +74,8 @@ class HostLedger:
     def held_by_other(self, key: str, digest: bytes) -> bool:
         """Whether another identity than ``digest`` holds ``key`` on any worker."""
         name, mine = _name(key), digest.hex()
-        return any(
-            holder not in (None, mine)
-            for worker in range(self.workers)
-            for holder in (self._holder(name, worker),)
-        )
+        holders = {self._holder(name, worker) for worker in range(self.workers)}
+        return bool(holders - {None, mine})
 
     def claim(self, key: str, digest: bytes) -> bool:
         """Record that this worker serves ``key`` for ``digest``; False if another holds it."""

@@ -36,6 +36,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any, Final
 
 import trio
+from hypercorn.utils import repr_socket_addr
 
 from .._exceptions import ConfigError, TunnelError
 from .._malloc import keep_freed_buffers, keeping_freed_buffers
@@ -147,8 +148,8 @@ async def _start_supervisor(nursery: trio.Nursery, worker: _Worker, extra: list[
 
 
 def _url(scheme: str, sock: socket.socket) -> str:
-    host, port = sock.getsockname()[:2]
-    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
+    # As Hypercorn reports the URLs of the sockets it binds itself.
+    return f"{scheme}://{repr_socket_addr(sock.family, sock.getsockname())}"
 
 
 def _for_worker(config: ServerConfig, index: int) -> ServerConfig:
