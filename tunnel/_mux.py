@@ -104,6 +104,7 @@ class Stream:
         "_window",
         "cancel_scope",
         "headers",
+        "headers_ended",
         "id",
         "local_ended",
         "remote_ended",
@@ -115,6 +116,11 @@ class Stream:
         self._mux = mux
         self.id = stream_id
         self.headers: Headers | None = None
+        #: Whether the peer's header block carried END_STREAM, so no body
+        #: follows. This, not ``remote_ended``, says whether a message has a
+        #: body: a small body often arrives in the same read as its head, and
+        #: then the stream has ended before its handler first looks at it.
+        self.headers_ended = False
         self.trailers: Headers | None = None
         self.remote_ended = False
         self.local_ended = False
@@ -697,7 +703,7 @@ class Mux:
             assert event.stream_id is not None
             stream = Stream(self, event.stream_id)
             stream.headers = event.headers
-            stream.remote_ended = event.stream_ended is not None
+            stream.remote_ended = stream.headers_ended = event.stream_ended is not None
             self._streams[event.stream_id] = stream
             self.streams_opened += 1
             if self._on_stream is None or self._nursery is None or self._closing:
@@ -708,7 +714,7 @@ class Mux:
             stream = self._streams.get(event.stream_id or 0)
             if stream is not None:
                 stream.headers = event.headers
-                stream.remote_ended = event.stream_ended is not None
+                stream.remote_ended = stream.headers_ended = event.stream_ended is not None
                 stream._notify()
                 self._forget_if_done(stream)
         elif isinstance(event, h2.events.TrailersReceived):

@@ -152,7 +152,7 @@ async def forward(stream: Stream, pool: LocalPool, observer: Observer | None = N
     assert stream.headers is not None
     record = None
     if observer is not None:
-        head = local_request_headers(stream.headers, has_body=not stream.remote_ended)
+        head = local_request_headers(stream.headers, has_body=not stream.headers_ended)
         record = observer.request_started(*head)
     with stream.cancel_scope as scope:
         try:
@@ -179,7 +179,7 @@ async def _exchange(
     stream: Stream, pool: LocalPool, record: ExchangeObserver | None = None
 ) -> None:
     assert stream.headers is not None
-    has_body = not stream.remote_ended
+    has_body = not stream.headers_ended
     method, target, headers = local_request_headers(stream.headers, has_body=has_body)
     try:
         request = h11.Request(method=method, target=target, headers=headers)

@@ -320,7 +320,7 @@ class _Exchange:
                 status = int(value) if len(value) == 3 and value.isdigit() else 0
             elif not key.startswith(b":"):
                 response_headers.append((key, value))
-        if stream.remote_ended and not stream.data_buffered() and self.scope["method"] != "HEAD":
+        if stream.headers_ended and self.scope["method"] != "HEAD":
             # The agent ended the response with its headers: whatever length
             # they declare, the body is empty, and must be sent as such.
             response_headers = [(k, v) for k, v in response_headers if k != b"content-length"]

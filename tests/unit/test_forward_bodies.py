@@ -1,0 +1,73 @@
+"""The agent's ``forward``: a request whose whole body arrived with its head.
+
+The server writes a small request's HEADERS, DATA and END_STREAM in one
+message when the visitor sent them in one segment (as curl, browsers and most
+HTTP libraries do). The agent's reader then handles all three before the
+stream's handler first runs, so the stream has already ended when the handler
+looks at it. The body must reach the local service all the same.
+
+Deterministic: the test queues the three frames with no ``await`` between them,
+so the server's writer sends them as one message.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+
+import pytest
+import trio
+from test_mux import open_pair
+
+from helpers import LocalService, serve_local
+from tunnel._mux import Stream
+from tunnel.client._upstream import LocalPool, forward
+
+
+def _post(path: bytes, body: bytes, *, length: bool) -> list[tuple[bytes, bytes]]:
+    headers = [
+        (b":method", b"POST"),
+        (b":scheme", b"http"),
+        (b":authority", b"shop.localhost"),
+        (b":path", path),
+        (b"content-type", b"application/json"),
+    ]
+    if length:
+        headers.append((b"content-length", str(len(body)).encode()))
+    return headers
+
+
+async def _read(stream: Stream) -> tuple[bytes, bytes]:
+    headers = dict(await stream.receive_headers())
+    body = bytearray()
+    while data := await stream.receive_data():
+        body += data
+        stream.acknowledge()
+    return headers[b":status"], bytes(body)
+
+
+@pytest.mark.parametrize("length", [True, False], ids=["content-length", "no-length"])
+async def test_body_that_arrived_with_its_head_reaches_the_local_service(length: bool) -> None:
+    body = json.dumps({"item": "socks", "qty": 2}).encode()
+    service = LocalService()
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(serve_local, service)
+            pool = LocalPool("127.0.0.1", service.port, max_idle=4, connect_timeout=5)
+            async with open_pair(functools.partial(forward, pool=pool)) as pair:
+                for _ in range(3):  # a fresh local connection, then reused ones
+                    stream = pair.client.open_stream_nowait(
+                        _post(b"/sha", body, length=length), end_stream=False
+                    )
+                    assert stream is not None
+                    # No await before the body is queued: one message carries all.
+                    await stream.send_data(body, end_stream=True)
+                    status, answer = await _read(stream)
+                    assert status == b"200", answer
+                    assert json.loads(answer) == {
+                        "sha256": hashlib.sha256(body).hexdigest(),
+                        "length": len(body),
+                    }
+            await pool.aclose()
+            nursery.cancel_scope.cancel()
