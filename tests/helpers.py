@@ -388,6 +388,8 @@ class RecordingService:
         self._connections = 0
         self._sockets: set[socket.socket] = set()
         self._closed = False
+        #: ``/page/<name>`` answers ``pages[name]`` as HTML (for a browser to run).
+        self.pages: dict[str, bytes] = {}
         self._thread = threading.Thread(target=self._accept, daemon=True)
         self._thread.start()
 
@@ -475,6 +477,14 @@ class RecordingService:
         query = dict(
             part.split("=", 1) for part in target.partition("?")[2].split("&") if "=" in part
         )
+        if framing == "page":
+            page = self.pages.get(target.split("/")[2], b"")
+            sock.sendall(
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nCache-Control: no-store\r\n"
+                + f"Content-Length: {len(page)}\r\n\r\n".encode()
+                + page
+            )
+            return True
         payload = response_body(method, target, body, int(query.get("r", "0")))
         sock.sendall(_frame(framing, method, payload))
         return framing != "close" and fields.get("connection", "").lower() != "close"

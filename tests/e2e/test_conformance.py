@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import os
 import random
 import shutil
@@ -39,6 +40,10 @@ import trio
 import trustme
 from hypothesis import strategies as st
 from processes import start_agent
+from selenium import webdriver
+from selenium.webdriver.common.by import By
+from selenium.webdriver.remote.webdriver import WebDriver
+from selenium.webdriver.support.ui import WebDriverWait
 
 from helpers import FRAMINGS, Processes, Recorded, RecordingService
 
@@ -153,9 +158,11 @@ def tunnel_processes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tunne
     service = RecordingService()
     processes = Processes()
     try:
-        port = processes.server()
+        port = processes.server("--graceful", "1")
         processes.agent(port, service.port, HOST)
-        tls_port = processes.server("--certificate", str(cert_file), "--key", str(key_file))
+        tls_port = processes.server(
+            "--graceful", "1", "--certificate", str(cert_file), "--key", str(key_file)
+        )
         processes.agent(tls_port, service.port, HOST, "--ca-file", str(ca_file))
         yield Tunnel(service, processes, port, tls_port, ca_file, files)
     finally:
@@ -336,7 +343,9 @@ def raw(kind: str) -> Client:
     return send
 
 
-def h2_frames(request: Request, *, length: bool) -> tuple[h2.connection.H2Connection, list[bytes]]:
+def h2_frames(
+    request: Request, *, length: bool, frame_sizes: list[int] | None = None
+) -> tuple[h2.connection.H2Connection, list[bytes]]:
     """An HTTP/2 connection's preface and the request's frames, each frame apart."""
     conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
     conn.initiate_connection()
@@ -352,19 +361,25 @@ def h2_frames(request: Request, *, length: bool) -> tuple[h2.connection.H2Connec
         headers.append(("content-length", str(len(request.body))))
     conn.send_headers(1, headers, end_stream=not request.body)
     frames.append(conn.data_to_send())
-    step = conn.max_outbound_frame_size
-    for start in range(0, len(request.body), step):
+    sizes = itertools.chain(frame_sizes or (), itertools.repeat(conn.max_outbound_frame_size))
+    start = 0
+    while start < len(request.body):
+        step = min(next(sizes), conn.max_outbound_frame_size)
         last = start + step >= len(request.body)
         conn.send_data(1, request.body[start : start + step], end_stream=last)
         frames.append(conn.data_to_send())
+        start += step
     return conn, frames
 
 
 async def h2_send(
-    request: Request, length: bool, batches: Callable[[list[bytes]], list[bytes]]
+    request: Request,
+    length: bool,
+    batches: Callable[[list[bytes]], list[bytes]],
+    frame_sizes: list[int] | None = None,
 ) -> Answer:
     """Send the request with the h2 library, its frames written as ``batches``."""
-    conn, frames = h2_frames(request, length=length)
+    conn, frames = h2_frames(request, length=length, frame_sizes=frame_sizes)
     sock = await trio.open_tcp_stream("127.0.0.1", request.port)
     async with sock:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -525,3 +540,292 @@ async def test_conformance(tunnel_processes: Tunnel, case: Case) -> None:
         )
     assert tunnel_request == direct_request, f"{case.id}: what the service received differs"
     assert tunnel_answer == direct_answer, f"{case.id}: what the visitor received differs"
+
+
+# -- a fresh agent, then a reused local connection ----------------------------------------
+
+FRESH_CLIENTS = (
+    "curl -d",
+    "curl -T chunked",
+    "httpx h2",
+    "raw one-segment",
+    "h2 one-write no-length",
+)
+
+
+@pytest.mark.parametrize("client", FRESH_CLIENTS)
+async def test_fresh_agent_then_reused_connection(tunnel_processes: Tunnel, client: str) -> None:
+    """A new agent's first request opens a local connection; the next one reuses it."""
+    tunnel = tunnel_processes
+    host = f"fresh-{FRESH_CLIENTS.index(client)}.localhost"
+    body = make_body(41, text=client in TEXT_CLIENTS)
+    with trio.fail_after(30):
+        agent = await start_agent(tunnel.port, tunnel.service.port, host)
+        try:
+            await agent.wait_for_line("connected", 20)
+            for turn in ("fresh", "reused"):
+                target = f"/length/{host}-{turn}?r=100"
+                views = []
+                for direct in (True, False):
+                    request = Request(tunnel, direct, "POST", target, body, host)
+                    answer = await CLIENTS[client](request)
+                    record = tunnel.service.take(target)
+                    views.append((request_view(record), answer_view(answer)))
+                where = f"{client}, {turn} local connection"
+                assert views[1][0] == views[0][0], f"{where}: what the service received differs"
+                assert views[1][1] == views[0][1], f"{where}: what the visitor received differs"
+                assert (record.index == 0) == (turn == "fresh"), (where, record)
+        finally:
+            await agent.aclose()
+
+
+# -- Chromium -------------------------------------------------------------------------------
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebDriver]:
+    """Headless Chromium as tests/e2e/test_inspector.py starts it, once for the module."""
+    missing = [path for path in (CHROMIUM, CHROMEDRIVER) if not os.path.exists(path)]
+    if missing:
+        message = f"{' and '.join(missing)} missing: apt-get install chromium chromium-driver"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for argument in (
+        "--headless=new",
+        "--no-sandbox",  # CI runs as root, where Chromium's sandbox refuses to start
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}",
+    ):
+        options.add_argument(argument)
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(CHROMEDRIVER))
+    try:
+        driver.set_page_load_timeout(20)
+        yield driver
+    finally:
+        driver.quit()
+
+
+def _page(kind: str, target: str, body: str) -> bytes:
+    """A page whose script sends ``body`` to ``target`` the way ``kind`` says, then says done."""
+    value = json.dumps(body)
+    done = "document.title = 'done ' + r.status + ' ' + t.length"
+    scripts = {
+        "fetch JSON": f"fetch({json.dumps(target)}, {{method: 'POST', "
+        f"headers: {{'Content-Type': 'application/json'}}, body: {value}}})"
+        f".then(r => r.text().then(t => {{ {done}; }}));",
+        "form urlencoded": f"document.forms[0].note.value = {value}; document.forms[0].submit();",
+        "form multipart file": "const files = new DataTransfer();"
+        f"files.items.add(new File([{value}], 'order.json', {{type: 'application/json'}}));"
+        "document.forms[1].upload.files = files.files; document.forms[1].submit();",
+        "sendBeacon": "document.title = 'done ' + "
+        f"navigator.sendBeacon({json.dumps(target)}, {value});",
+    }
+    return (
+        "<!doctype html><html><head><title>sending</title></head><body>"
+        f'<form method="post" action="{target}"><input type="hidden" name="note"></form>'
+        f'<form method="post" enctype="multipart/form-data" action="{target}">'
+        '<input type="file" name="upload"></form>'
+        f"<script>{scripts[kind]}</script></body></html>"
+    ).encode()
+
+
+CHROMIUM_CASES = [
+    (kind, size)
+    for kind in ("fetch JSON", "form urlencoded", "form multipart file", "sendBeacon")
+    for size in (0, 41, 1_000, 65_536)
+]
+
+
+@pytest.mark.parametrize(
+    ("kind", "size"), CHROMIUM_CASES, ids=[f"{k}|{s}" for k, s in CHROMIUM_CASES]
+)
+async def test_chromium(tunnel_processes: Tunnel, browser: WebDriver, kind: str, size: int) -> None:
+    tunnel = tunnel_processes
+    slug = f"chromium-{kind.replace(' ', '-')}-{size}"
+    target = f"/length/{slug}?r=100"
+    tunnel.service.pages[slug] = _page(kind, target, make_body(size, text=True).decode())
+    views = []
+    titles = []
+    with trio.fail_after(40):
+        for port in (tunnel.service.port, tunnel.port):
+            await trio.to_thread.run_sync(browser.get, f"http://{HOST}:{port}/page/{slug}")
+            record = await trio.to_thread.run_sync(tunnel.service.take, target)
+            views.append(request_view(record, (tunnel.service.port, tunnel.port)))
+            if kind in ("fetch JSON", "sendBeacon"):
+                titles.append(
+                    await trio.to_thread.run_sync(
+                        lambda: WebDriverWait(browser, 20).until(
+                            lambda d: d.title if d.title.startswith("done") else None
+                        )
+                    )
+                )
+            else:
+                # The navigation shows the service's answer as the page.
+                titles.append(
+                    await trio.to_thread.run_sync(
+                        lambda: WebDriverWait(browser, 20).until(
+                            lambda d: (
+                                d.find_element(By.TAG_NAME, "body").text.split(" ")[:3] or None
+                            )
+                        )
+                    )
+                )
+    assert views[1] == views[0], f"{kind} {size}: what the service received differs"
+    assert titles[1] == titles[0], f"{kind} {size}: what the page got back differs"
+    assert titles[0] not in ("done false",), titles
+
+
+# -- Hypothesis: the same request, cut anywhere --------------------------------------------------
+
+SETTINGS = hypothesis.settings(
+    max_examples=FUZZ_EXAMPLES,
+    deadline=None,
+    suppress_health_check=list(hypothesis.HealthCheck),
+    print_blob=True,
+)
+
+
+async def _baseline(tunnel: Tunnel, request: Request, send: Client) -> tuple[object, object]:
+    answer = await send(request)
+    return request_view(tunnel.service.take(request.target)), answer_view(answer)
+
+
+@st.composite
+def cut_requests(draw: st.DrawFn) -> tuple[str, int, list[int], list[float]]:
+    method = draw(st.sampled_from(["POST", "PUT", "PATCH", "GET"]))
+    size = 0 if method == "GET" else draw(st.sampled_from([0, 1, 41, 1_000, 16_384]))
+    cuts = draw(st.lists(st.integers(0, size + 120), max_size=12))
+    pauses = draw(st.lists(st.sampled_from([0.0, 0.0, 0.001, 0.01]), min_size=13, max_size=13))
+    return method, size, sorted(set(cuts)), pauses
+
+
+async def test_hypothesis_request_bytes_cut_anywhere(tunnel_processes: Tunnel) -> None:
+    """However an HTTP/1.1 request's bytes are cut into segments, the same request arrives."""
+    tunnel = tunnel_processes
+    baselines: dict[tuple[str, int], tuple[object, object]] = {}
+    count = itertools.count()
+
+    async def one(method: str, size: int, cuts: list[int], pauses: list[float]) -> None:
+        body = make_body(size, text=False)
+        target = f"/length/cut-{method}-{size}?r=64"
+        if (method, size) not in baselines:
+            baselines[method, size] = await _baseline(
+                tunnel, Request(tunnel, True, method, target, body), raw("segment")
+            )
+
+        def pieces(data: bytes) -> list[tuple[bytes, float]]:
+            edges = [0, *(c for c in cuts if 0 < c < len(data)), len(data)]
+            return [(data[a:b], pauses[i]) for i, (a, b) in enumerate(itertools.pairwise(edges))]
+
+        with trio.fail_after(20):
+            request = Request(tunnel, False, method, target, body)
+            answer = await raw_send(request, pieces)
+            seen = request_view(tunnel.service.take(target)), answer_view(answer)
+        assert seen == baselines[method, size], (method, size, cuts, next(count))
+
+    @SETTINGS
+    @hypothesis.given(cut_requests())
+    def check(example: tuple[str, int, list[int], list[float]]) -> None:
+        trio.from_thread.run(one, *example)
+
+    with trio.fail_after(600):
+        await trio.to_thread.run_sync(check)
+
+
+@st.composite
+def batched_frames(draw: st.DrawFn) -> tuple[int, bool, list[int], list[int]]:
+    size = draw(st.sampled_from([0, 1, 41, 1_000, 16_000]))
+    length = draw(st.booleans())
+    # The body as DATA frames of these sizes, then the frames in these batches.
+    frames = draw(st.lists(st.integers(1, 4_000), max_size=8))
+    batches = draw(st.lists(st.integers(1, 6), max_size=8))
+    return size, length, frames, batches
+
+
+async def test_hypothesis_h2_frames_in_any_batches(tunnel_processes: Tunnel) -> None:
+    """However an HTTP/2 request's frames are batched into writes, the same request arrives."""
+    tunnel = tunnel_processes
+    baselines: dict[tuple[int, bool], tuple[object, object]] = {}
+
+    async def one(size: int, length: bool, frame_sizes: list[int], batch_sizes: list[int]) -> None:
+        body = make_body(size, text=False)
+        target = f"/length/batch-{size}-{length}?r=64"
+        if (size, length) not in baselines:
+            baselines[size, length] = await _baseline(
+                tunnel, Request(tunnel, True, "POST", target, body), h2lib(length=length)
+            )
+
+        def batches(frames: list[bytes]) -> list[bytes]:
+            out, at = [], 0
+            for n in [*batch_sizes, len(frames)]:
+                if at < len(frames):
+                    out.append(b"".join(frames[at : at + n]))
+                    at += n
+            return out
+
+        with trio.fail_after(20):
+            request = Request(tunnel, False, "POST", target, body)
+            answer = await h2_send(request, length, batches, frame_sizes)
+            seen = request_view(tunnel.service.take(target)), answer_view(answer)
+        assert seen == baselines[size, length], (size, length, frame_sizes, batch_sizes)
+
+    @SETTINGS
+    @hypothesis.given(batched_frames())
+    def check(example: tuple[int, bool, list[int], list[int]]) -> None:
+        trio.from_thread.run(one, *example)
+
+    with trio.fail_after(600):
+        await trio.to_thread.run_sync(check)
+
+
+# -- 1,000 curl POSTs in a row ---------------------------------------------------------------
+
+
+async def test_a_thousand_curl_posts(tunnel_processes: Tunnel) -> None:
+    """Issue 11's report a thousand times: curl -d with a small JSON body, each a 200, intact."""
+    tunnel = tunnel_processes
+    body = make_body(41, text=True).decode()
+    config = tunnel.files / "thousand.curlrc"
+    # One curl, many transfers (--next): curl's own way of writing each
+    # request (head and small body in one segment), without a thousand starts.
+    groups = [
+        f'url = "http://127.0.0.1:{tunnel.port}/length/thousand-{n}?r=0"\n'
+        'header = "Host: app.localhost"\n'
+        f"data = {json.dumps(body)}\n"
+        'write-out = "%{http_code}\\n"\n'
+        for n in range(1_000)
+    ]
+    config.write_text("next\n".join(groups))
+    with trio.fail_after(120):
+        result = await trio.run_process(
+            ["curl", "-sS", "--max-time", "60", "-K", str(config)],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+    lines = result.stdout.decode().splitlines()
+    digest = hashlib.sha256(body.encode()).hexdigest()
+    answers = [(lines[i], lines[i + 1]) for i in range(0, len(lines) - 1, 2)]
+    wrong = [
+        (n, answer)
+        for n, answer in enumerate(answers)
+        if answer != (f"POST /length/thousand-{n}?r=0 41 {digest}", "200")
+    ]
+    assert result.returncode == 0, result.stderr
+    assert len(answers) == 1_000, lines[-4:]
+    assert not wrong, f"{len(wrong)} of 1000 wrong, first: {wrong[:3]}"
+    received = tunnel.service.records("/length/thousand-")
+    assert len(received) == 1_000
+    assert all(r.body == body.encode() for r in received)
+    tunnel.service.clear()
