@@ -81,7 +81,10 @@ def soak(session: nox.Session) -> None:
     """Load the tunnel for 5 minutes while agents are killed, stopped and cut off.
 
     Prints requests sent, answered, 502s and lost (lost must be 0) and the
-    server's RSS and open descriptors; `-- --quick` runs for about 30 s.
+    server's RSS and open descriptors. Then a minute of small curl-style POSTs
+    (head and body in one segment), each of which must answer 200 with its
+    body. `-- --quick` runs for about 40 s; `-- --small-posts 60` runs only
+    the small POSTs.
     """
     # httpx is the load generator; the script imports the tests' helpers.
     session.install("-e", ".[test]")
