@@ -693,6 +693,17 @@ class Mux:
                 if flow:
                     self._conn.acknowledge_received_data(flow, event.stream_id)
                 return
+            if not event.data:
+                # An empty (or padding-only) frame carries no body: queued, it
+                # would read as the end of the body (receive_data's b"") when it
+                # happened to arrive alone. What padding took is given back now.
+                if flow:
+                    self._conn.acknowledge_received_data(flow, event.stream_id)
+                if event.stream_ended is not None:
+                    stream.remote_ended = True
+                    stream._notify()
+                    self._forget_if_done(stream)
+                return
             stream._chunks.append(event.data)
             stream._flow += flow
             if event.stream_ended is not None:
