@@ -22,7 +22,11 @@ import h11
 import trio
 
 from .._mux import Stream, StreamError
-from .._protocol.headers import local_request_headers, response_headers_from_local
+from .._protocol.headers import (
+    header_value,
+    local_request_headers,
+    response_headers_from_local,
+)
 from .._protocol.pages import PAGE_HEADERS, error_page
 
 if TYPE_CHECKING:
@@ -338,8 +342,16 @@ async def _receive_response(
 async def _send_body(
     stream: Stream, conn: LocalConnection, label: str, record: ExchangeObserver | None
 ) -> None:
+    assert stream.headers is not None
+    # A body announced with a length is whole once that many bytes went out,
+    # whenever END_STREAM follows: the server sends it apart when the visitor's
+    # end of message came in a receive of its own, and a local service that
+    # answered in between must keep its connection. (h2 refuses a body that
+    # runs past its content-length, so nothing can follow.)
+    length = header_value(stream.headers, b"content-length")
+    left = int(length) if length is not None and length.isdigit() else None
     try:
-        while True:
+        while left != 0:
             data = await stream.receive_data()
             if not data:
                 break
@@ -347,6 +359,8 @@ async def _send_body(
                 record.request_data(data)
             await conn.send(h11.Data(data=data))
             stream.acknowledge()
+            if left is not None:
+                left -= len(data)
         await conn.send(h11.EndOfMessage())
     except (OSError, trio.BrokenResourceError, h11.LocalProtocolError) as exc:
         # The local service stopped reading; what it answered (if anything)
