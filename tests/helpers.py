@@ -410,7 +410,7 @@ class RecordingService:
         with self._lock:
             return [r for r in self._records if r.target.startswith(target_prefix)]
 
-    def take(self, target: str, timeout: float = 20.0) -> Recorded:
+    def take(self, target: str, timeout: float = 5.0) -> Recorded:
         """Wait for the request for ``target``, and forget it."""
         deadline = time.monotonic() + timeout
         with self._lock:
@@ -618,14 +618,12 @@ class Processes:
         self._start(["agent", str(server_port), str(local_port), host, *options], "connected")
 
     def close(self) -> None:
-        for child in reversed(self.children):
-            child.terminate()
+        # Killed, not stopped: nothing is left to check, and a graceful stop
+        # waits for visitors' idle keep-alive connections.
         for child in self.children:
-            try:
-                child.wait(10)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
+            child.kill()
+        for child in self.children:
+            child.wait()
             if child.stdout is not None:
                 child.stdout.close()
         self.children.clear()

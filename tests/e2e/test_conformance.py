@@ -18,6 +18,7 @@ pairs that matter, not as a full product; the table is :data:`CASES`.
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import itertools
 import json
@@ -168,6 +169,20 @@ def tunnel_processes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tunne
     finally:
         processes.close()
         service.close()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _freeze_the_heap() -> Iterator[None]:
+    """Keep what exists before this module's tests out of each test's ``gc.collect()``.
+
+    conftest collects garbage after every test, which walks the whole heap; with
+    a couple of hundred short cases here that walk would take most of the
+    module's time. Objects a test creates are still collected after it.
+    """
+    gc.collect()
+    gc.freeze()
+    yield
+    gc.unfreeze()
 
 
 # -- the clients ----------------------------------------------------------------------
@@ -641,9 +656,13 @@ def _page(kind: str, target: str, body: str) -> bytes:
 
 
 CHROMIUM_CASES = [
-    (kind, size)
-    for kind in ("fetch JSON", "form urlencoded", "form multipart file", "sendBeacon")
-    for size in (0, 41, 1_000, 65_536)
+    *(
+        (kind, size)
+        for kind in ("fetch JSON", "form urlencoded", "form multipart file", "sendBeacon")
+        for size in (0, 41, 1_000)
+    ),
+    ("fetch JSON", 65_536),
+    ("form multipart file", 65_536),
 ]
 
 
@@ -660,7 +679,7 @@ async def test_chromium(tunnel_processes: Tunnel, browser: WebDriver, kind: str,
     with trio.fail_after(40):
         for port in (tunnel.service.port, tunnel.port):
             await trio.to_thread.run_sync(browser.get, f"http://{HOST}:{port}/page/{slug}")
-            record = await trio.to_thread.run_sync(tunnel.service.take, target)
+            record = await trio.to_thread.run_sync(tunnel.service.take, target, 20.0)
             views.append(request_view(record, (tunnel.service.port, tunnel.port)))
             if kind in ("fetch JSON", "sendBeacon"):
                 titles.append(
@@ -688,6 +707,9 @@ async def test_chromium(tunnel_processes: Tunnel, browser: WebDriver, kind: str,
 
 # -- Hypothesis: the same request, cut anywhere --------------------------------------------------
 
+#: Each example's request is sent this many times: a race that meets one request
+#: in four (issue 11's) must not hide behind a single lucky timing.
+REPEATS = 3
 SETTINGS = hypothesis.settings(
     max_examples=FUZZ_EXAMPLES,
     deadline=None,
@@ -706,7 +728,10 @@ def cut_requests(draw: st.DrawFn) -> tuple[str, int, list[int], list[float]]:
     method = draw(st.sampled_from(["POST", "PUT", "PATCH", "GET"]))
     size = 0 if method == "GET" else draw(st.sampled_from([0, 1, 41, 1_000, 16_384]))
     cuts = draw(st.lists(st.integers(0, size + 120), max_size=12))
-    pauses = draw(st.lists(st.sampled_from([0.0, 0.0, 0.001, 0.01]), min_size=13, max_size=13))
+    # Mostly no pause: pieces written back to back may still reach the server
+    # in one read, the case that hid issue 11 from every test before it.
+    pause = st.sampled_from([0.0, 0.0, 0.0, 0.0, 0.001, 0.01])
+    pauses = draw(st.lists(pause, min_size=13, max_size=13))
     return method, size, sorted(set(cuts)), pauses
 
 
@@ -714,7 +739,6 @@ async def test_hypothesis_request_bytes_cut_anywhere(tunnel_processes: Tunnel) -
     """However an HTTP/1.1 request's bytes are cut into segments, the same request arrives."""
     tunnel = tunnel_processes
     baselines: dict[tuple[str, int], tuple[object, object]] = {}
-    count = itertools.count()
 
     async def one(method: str, size: int, cuts: list[int], pauses: list[float]) -> None:
         body = make_body(size, text=False)
@@ -728,11 +752,12 @@ async def test_hypothesis_request_bytes_cut_anywhere(tunnel_processes: Tunnel) -
             edges = [0, *(c for c in cuts if 0 < c < len(data)), len(data)]
             return [(data[a:b], pauses[i]) for i, (a, b) in enumerate(itertools.pairwise(edges))]
 
-        with trio.fail_after(20):
-            request = Request(tunnel, False, method, target, body)
-            answer = await raw_send(request, pieces)
-            seen = request_view(tunnel.service.take(target)), answer_view(answer)
-        assert seen == baselines[method, size], (method, size, cuts, next(count))
+        for _ in range(REPEATS):
+            with trio.fail_after(20):
+                request = Request(tunnel, False, method, target, body)
+                answer = await raw_send(request, pieces)
+                seen = request_view(tunnel.service.take(target)), answer_view(answer)
+            assert seen == baselines[method, size], (method, size, cuts, pauses)
 
     @SETTINGS
     @hypothesis.given(cut_requests())
@@ -774,11 +799,12 @@ async def test_hypothesis_h2_frames_in_any_batches(tunnel_processes: Tunnel) -> 
                     at += n
             return out
 
-        with trio.fail_after(20):
-            request = Request(tunnel, False, "POST", target, body)
-            answer = await h2_send(request, length, batches, frame_sizes)
-            seen = request_view(tunnel.service.take(target)), answer_view(answer)
-        assert seen == baselines[size, length], (size, length, frame_sizes, batch_sizes)
+        for _ in range(REPEATS):
+            with trio.fail_after(20):
+                request = Request(tunnel, False, "POST", target, body)
+                answer = await h2_send(request, length, batches, frame_sizes)
+                seen = request_view(tunnel.service.take(target)), answer_view(answer)
+            assert seen == baselines[size, length], (size, length, frame_sizes, batch_sizes)
 
     @SETTINGS
     @hypothesis.given(batched_frames())
