@@ -395,6 +395,9 @@ class RecordingService:
 
     def close(self) -> None:
         self._closed = True
+        # Closing alone does not wake a thread blocked in accept(); shutting down does.
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)
         self._listener.close()
         with self._lock:
             for sock in list(self._sockets):

@@ -35,12 +35,18 @@ async def replay(exchange: Exchange, recorder: Recorder, pool: LocalPool) -> Exc
         down, invalid answer, too slow) is recorded in its ``error``.
 
     Raises:
-        ReplayRefused: The request body was larger than the recorder kept.
+        ReplayRefused: The request body was larger than the recorder kept, or
+            has not all arrived.
     """
     if exchange.request_body.truncated:
         raise ReplayRefused(
             f"the request body ({exchange.request_body.size} bytes) was larger than the "
             f"{exchange.request_body.cap} bytes recorded, so it cannot be sent again"
+        )
+    if not exchange.request_whole:
+        raise ReplayRefused(
+            f"the request body has not all arrived ({exchange.request_body.size} bytes so far), "
+            "so it cannot be sent again yet"
         )
     body = bytes(exchange.request_body.data)
     headers = [(k, v) for k, v in exchange.request_headers if k not in _FRAMING]
