@@ -29,6 +29,12 @@ Routes (any other path echoes the request as JSON):
     Waits until ``gather_target`` requests are inside at once, then echoes.
 ``/hold``
     Counts itself in ``holding`` and waits for ``release_hold``, then echoes.
+
+Also here, for tests that compare requests byte for byte (tests/e2e/test_conformance.py):
+:class:`RecordingService`, an HTTP/1.1 server on raw sockets that records each
+request as it read it and frames its answer however the path asks; and
+:class:`Processes`, tunnel servers and agents as processes of their own, started
+without an event loop so that module-scoped fixtures can share them.
 """
 
 from __future__ import annotations
