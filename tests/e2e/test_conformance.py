@@ -75,7 +75,7 @@ PROXY_REQUEST_HEADERS = frozenset(
 #: server frames the answer for its visitor: chunked where the service closed
 #: the connection, nothing of it in HTTP/2), and ``Date`` and ``Server``, which
 #: the public server adds as the origin of the visitor's connection.
-PROXY_RESPONSE_HEADERS = PROXY_REQUEST_HEADERS | {"date", "server", "trailer"}
+PROXY_RESPONSE_HEADERS = PROXY_REQUEST_HEADERS | {"date", "server"}
 
 
 # -- what is compared --------------------------------------------------------------
@@ -88,6 +88,8 @@ class Answer:
     status: int
     headers: tuple[tuple[str, str], ...]
     body: bytes
+    #: Only clients that ask for trailers (``TE: trailers``) and show them.
+    trailers: tuple[tuple[str, str], ...] = ()
 
 
 def request_view(record: Recorded, ports: tuple[int, int] | None = None) -> object:
@@ -121,11 +123,17 @@ def request_view(record: Recorded, ports: tuple[int, int] | None = None) -> obje
     )
 
 
-def answer_view(answer: Answer) -> object:
+def answer_view(answer: Answer) -> tuple[object, ...]:
     headers = sorted(
         (name, value) for name, value in answer.headers if name not in PROXY_RESPONSE_HEADERS
     )
-    return answer.status, headers, len(answer.body), hashlib.sha256(answer.body).hexdigest()
+    return (
+        answer.status,
+        headers,
+        len(answer.body),
+        hashlib.sha256(answer.body).hexdigest(),
+        answer.trailers,
+    )
 
 
 def _port(value: str, ports: tuple[int, int] | None) -> str:
@@ -229,7 +237,7 @@ def parse_head_block(raw: bytes) -> tuple[int, tuple[tuple[str, str], ...]]:
     return status, headers
 
 
-def curl(*options: str, text: bool = False, h2c: bool = False, tls: bool = False) -> Client:
+def curl(*options: str, h2c: bool = False, tls: bool = False) -> Client:
     async def send(request: Request) -> Answer:
         name = hashlib.sha256(f"{request}".encode()).hexdigest()[:16]
         files = request.tunnel.files
@@ -254,8 +262,7 @@ def curl(*options: str, text: bool = False, h2c: bool = False, tls: bool = False
             body_args = [arg.replace("FILE", str(body_file)) for arg in options]
             if body_args[:1] == ["-d"] and len(request.body) <= 1000:
                 body_args[1] = request.body.decode()  # as people type it
-            if request.body or "-T" in body_args:
-                args += body_args
+            args += body_args
             args += ["-X", request.method]
         result = await trio.run_process([*args, url], capture_stderr=True, check=False)
         assert result.returncode == 0, (args, result.stderr)
@@ -264,7 +271,6 @@ def curl(*options: str, text: bool = False, h2c: bool = False, tls: bool = False
         body = b"" if request.method == "HEAD" or not out.exists() else out.read_bytes()
         return Answer(status, headers, body)
 
-    send.text = text  # type: ignore[attr-defined]
     return send
 
 
@@ -296,7 +302,7 @@ def h11_request(request: Request, framing: str = "auto") -> bytes:
     if framing == "auto":
         framing = "length" if request.body or request.method in ("POST", "PUT", "PATCH") else "none"
     conn = h11.Connection(h11.CLIENT)
-    headers = [("Host", request.host), ("User-Agent", "raw-socket")]
+    headers = [("Host", request.host), ("User-Agent", "raw-socket"), ("TE", "trailers")]
     if framing == "length":
         headers.append(("Content-Length", str(len(request.body))))
     elif framing == "chunked":
@@ -323,7 +329,8 @@ async def read_h11_answer(sock: trio.SocketStream, method: str) -> Answer:
         elif isinstance(event, h11.Data):
             body += event.data
         elif isinstance(event, h11.EndOfMessage):
-            return Answer(status, headers, bytes(body))
+            trailers = tuple((k.decode(), v.decode()) for k, v in event.headers)
+            return Answer(status, headers, bytes(body), trailers)
         elif isinstance(event, h11.ConnectionClosed):
             raise AssertionError("connection closed before the answer ended")
 
@@ -371,6 +378,7 @@ def h2_frames(
         (":authority", request.host),
         (":path", request.target),
         ("user-agent", "raw-socket"),
+        ("te", "trailers"),
     ]
     if length:
         headers.append(("content-length", str(len(request.body))))
@@ -400,7 +408,7 @@ async def h2_send(
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         for batch in batches(frames):
             await sock.send_all(batch)
-        status, headers, body = 0, (), bytearray()
+        status, headers, body, trailers = 0, (), bytearray(), ()
         while True:
             data = await sock.receive_some(65536)
             assert data, "the server closed the connection before the answer ended"
@@ -412,8 +420,10 @@ async def h2_send(
                 elif isinstance(event, h2.events.DataReceived):
                     body += event.data or b""
                     conn.acknowledge_received_data(event.flow_controlled_length or 0, 1)
+                elif isinstance(event, h2.events.TrailersReceived):
+                    trailers = tuple((k.decode(), v.decode()) for k, v in event.headers)  # type: ignore[union-attr]
                 elif isinstance(event, h2.events.StreamEnded):
-                    return Answer(status, headers, bytes(body))
+                    return Answer(status, headers, bytes(body), trailers)
                 elif isinstance(event, h2.events.StreamReset):
                     raise AssertionError(f"stream reset: {event}")
             await sock.send_all(conn.data_to_send())
@@ -433,7 +443,7 @@ def h2lib(*, length: bool) -> Client:
 
 
 CLIENTS: dict[str, Client] = {
-    "curl -d": curl("-d", "@FILE", text=True),
+    "curl -d": curl("-d", "@FILE"),
     "curl --data-binary": curl("--data-binary", "@FILE"),
     "curl -T chunked": curl("-T", "FILE", "-H", "Transfer-Encoding: chunked"),
     "curl expect-100": curl("--data-binary", "@FILE", "-H", "Expect: 100-continue"),
@@ -534,27 +544,59 @@ def _cases() -> list[Case]:
 CASES = _cases()
 
 
-async def exchange(tunnel: Tunnel, case: Case) -> tuple[object, object, object, object]:
+async def exchange(
+    tunnel: Tunnel, case: Case
+) -> tuple[object, object, tuple[object, ...], tuple[object, ...]]:
     """Run ``case`` directly and through the tunnel: the four views to compare."""
     client = CLIENTS[case.client]
     body = make_body(case.size, text=case.client in TEXT_CLIENTS)
     target = case.target()
-    views = []
+    requests, answers = [], []
     for direct in (True, False):
         answer = await client(Request(tunnel, direct, case.method, target, body))
-        record = tunnel.service.take(target)
-        views += [request_view(record), answer_view(answer)]
-    return views[0], views[2], views[1], views[3]
+        requests.append(request_view(tunnel.service.take(target)))
+        answers.append(answer_view(answer))
+    return requests[0], requests[1], answers[0], answers[1]
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-async def test_conformance(tunnel_processes: Tunnel, case: Case) -> None:
+#: Hypercorn hands the ``http.response.trailers`` extension to HTTP/2 requests
+#: only, so the public server cannot send an HTTP/1.1 visitor the trailers it
+#: asked for (``TE: trailers``); of the HTTP/1.1 clients here only the raw ones
+#: show trailers at all.
+class TrailersDiffer(AssertionError):
+    """The visitor got other trailers than the service sent (and it asked for)."""
+
+
+TRAILERS_LOST = pytest.mark.xfail(
+    strict=True,
+    raises=TrailersDiffer,
+    reason="no trailers for HTTP/1.1 visitors (Hypercorn: HTTP/2 only)",
+)
+
+
+def _param(case: Case) -> object:
+    lost = case.framing == "trailers" and case.client.startswith("raw ") and case.method != "HEAD"
+    return pytest.param(case, id=case.id, marks=[TRAILERS_LOST] if lost else [])
+
+
+async def _capped_exchange(
+    tunnel: Tunnel, case: Case
+) -> tuple[object, object, tuple[object, ...], tuple[object, ...]]:
     with trio.fail_after(30):
-        direct_request, tunnel_request, direct_answer, tunnel_answer = await exchange(
-            tunnel_processes, case
-        )
+        return await exchange(tunnel, case)
+
+
+@pytest.mark.parametrize("case", [_param(case) for case in CASES])
+def test_conformance(tunnel_processes: Tunnel, case: Case) -> None:
+    # Its own event loop rather than pytest-trio's, whose nursery would wrap a
+    # failure in an exception group that xfail's ``raises`` cannot see.
+    direct_request, tunnel_request, direct_answer, tunnel_answer = trio.run(
+        _capped_exchange, tunnel_processes, case
+    )
     assert tunnel_request == direct_request, f"{case.id}: what the service received differs"
-    assert tunnel_answer == direct_answer, f"{case.id}: what the visitor received differs"
+    assert tunnel_answer[:-1] == direct_answer[:-1], f"{case.id}: what the visitor received differs"
+    if tunnel_answer[-1] != direct_answer[-1]:
+        raise TrailersDiffer(f"{case.id}: trailers {tunnel_answer[-1]} != {direct_answer[-1]}")
 
 
 # -- a fresh agent, then a reused local connection ----------------------------------------
