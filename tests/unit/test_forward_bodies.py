@@ -85,9 +85,9 @@ async def test_a_body_complete_by_its_length_keeps_the_local_connection() -> Non
     """
     body = json.dumps({"item": "socks", "qty": 2}).encode()
     service = RecordingService()
+    pool = LocalPool("127.0.0.1", service.port, max_idle=4, connect_timeout=5)
     try:
         with trio.fail_after(20):
-            pool = LocalPool("127.0.0.1", service.port, max_idle=4, connect_timeout=5)
             async with open_pair(functools.partial(forward, pool=pool)) as pair:
                 for n in range(3):
                     path = f"/length/early-{n}?r=10".encode()
@@ -99,9 +99,9 @@ async def test_a_body_complete_by_its_length_keeps_the_local_connection() -> Non
                     status, answer = await _read(stream)  # the whole answer, before END_STREAM
                     assert status == b"200", answer
                     stream.end()
-            await pool.aclose()
         records = service.records("/length/early-")
         assert [r.body for r in records] == [body] * 3
         assert [r.index for r in records] == [0, 1, 2], "the local connection was not kept"
     finally:
+        await pool.aclose()
         service.close()

@@ -61,6 +61,8 @@ async def test_a_request_cut_short_is_not_replayed() -> None:
     exchange.request_data(b"part of it")
     exchange.ended("the stream was reset: the visitor went away")
     pool = LocalPool("127.0.0.1", 9, max_idle=1, connect_timeout=1)
-    with trio.fail_after(5), pytest.raises(ReplayRefused, match="not all arrived"):
-        await replay(exchange, recorder, pool)
-    await pool.aclose()
+    try:
+        with trio.fail_after(5), pytest.raises(ReplayRefused, match="not all arrived"):
+            await replay(exchange, recorder, pool)
+    finally:
+        await pool.aclose()
