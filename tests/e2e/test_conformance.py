@@ -24,6 +24,7 @@ import itertools
 import json
 import os
 import random
+import re
 import shutil
 import socket
 from collections.abc import Awaitable, Callable, Iterator
@@ -871,7 +872,8 @@ async def test_a_thousand_curl_posts(tunnel_processes: Tunnel) -> None:
         f'url = "http://127.0.0.1:{tunnel.port}/length/thousand-{n}?r=0"\n'
         'header = "Host: app.localhost"\n'
         f"data = {json.dumps(body)}\n"
-        'write-out = "%{http_code}\\n"\n'
+        # The body line the service answers, then the status on a line of its own.
+        'write-out = "\\n@@ %{http_code}\\n"\n'
         for n in range(1_000)
     ]
     config.write_text("next\n".join(groups))
@@ -882,16 +884,16 @@ async def test_a_thousand_curl_posts(tunnel_processes: Tunnel) -> None:
             capture_stderr=True,
             check=False,
         )
-    lines = result.stdout.decode().splitlines()
     digest = hashlib.sha256(body.encode()).hexdigest()
-    answers = [(lines[i], lines[i + 1]) for i in range(0, len(lines) - 1, 2)]
+    # What each transfer printed: its answer's body, then "@@ <status>".
+    answers = re.findall(r"(.*?)\n@@ (\d{3})\n", result.stdout.decode(), re.DOTALL)
     wrong = [
-        (n, answer)
-        for n, answer in enumerate(answers)
-        if answer != (f"POST /length/thousand-{n}?r=0 41 {digest}", "200")
+        (n, status, answer[:80])
+        for n, (answer, status) in enumerate(answers)
+        if (answer, status) != (f"POST /length/thousand-{n}?r=0 41 {digest}\n", "200")
     ]
     assert result.returncode == 0, result.stderr
-    assert len(answers) == 1_000, lines[-4:]
+    assert len(answers) == 1_000
     assert not wrong, f"{len(wrong)} of 1000 wrong, first: {wrong[:3]}"
     received = tunnel.service.records("/length/thousand-")
     assert len(received) == 1_000
