@@ -95,11 +95,19 @@ def soak(session: nox.Session) -> None:
 def fuzz(session: nox.Session) -> None:
     """Fuzz the server with malicious agents' HTTP/2 frames, longer than CI does.
 
-    Runs the Hypothesis tests of tests/e2e/test_hostile.py with 2000 examples
-    each (``TUNNEL_FUZZ_EXAMPLES`` overrides) and shrinks what fails; pass
-    pytest arguments after ``--``.
+    Runs the Hypothesis tests of tests/e2e/test_hostile.py, and those of
+    tests/e2e/test_conformance.py that cut requests anywhere, with 2000
+    examples each (``TUNNEL_FUZZ_EXAMPLES`` overrides) and shrinks what fails;
+    pass pytest arguments after ``--``.
     """
     session.install("-e", ".[test]")
     session.env["TUNNEL_FUZZ_EXAMPLES"] = os.environ.get("TUNNEL_FUZZ_EXAMPLES", "2000")
     session.env["TUNNEL_FUZZ_SHRINK"] = "1"
-    session.run("pytest", "tests/e2e/test_hostile.py", "-k", "fuzz", *session.posargs)
+    session.run(
+        "pytest",
+        "tests/e2e/test_hostile.py",
+        "tests/e2e/test_conformance.py",
+        "-k",
+        "fuzz or hypothesis",
+        *session.posargs,
+    )
