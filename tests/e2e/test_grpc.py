@@ -1,0 +1,225 @@
+"""gRPC through the tunnel: real grpcio clients and a real grpcio server.
+
+The visitor is a synchronous grpcio channel in a worker thread (every call has
+its own gRPC deadline, and the thread is abandoned if the test's cap passes
+first); the local service is ``grpc.aio`` on its own loop in another thread
+(``tests/grpc_service.py``). The channel dials the tunnel server with HTTP/2
+prior knowledge (or TLS) and names ``app.localhost`` as ``:authority``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any, TypeVar
+
+import grpc
+import pytest
+import trio
+
+from grpc_service import GrpcService, call_options
+
+T = TypeVar("T")
+
+pytestmark = pytest.mark.filterwarnings(
+    # grpcio's C core starts threads of its own; nothing here should warn.
+    "error"
+)
+
+
+def _ident(data: bytes) -> bytes:
+    return data
+
+
+async def in_thread(fn: Callable[[], T]) -> T:
+    """Run a blocking grpcio call in a worker thread; a test's cap still ends the wait."""
+    return await trio.to_thread.run_sync(fn, abandon_on_cancel=True)
+
+
+@pytest.fixture
+async def grpc_service() -> AsyncIterator[GrpcService]:
+    service = GrpcService()
+    await trio.to_thread.run_sync(service.start)
+    try:
+        yield service
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(service.stop)
+
+
+class Calls:
+    """A grpcio channel to one address and its methods on ``/test.Echo/``."""
+
+    def __init__(self, channel: grpc.Channel) -> None:
+        self.channel = channel
+        self.unary = channel.unary_unary(
+            "/test.Echo/Unary", request_serializer=_ident, response_deserializer=_ident
+        )
+        self.fail = channel.unary_unary(
+            "/test.Echo/Fail", request_serializer=_ident, response_deserializer=_ident
+        )
+        self.sleep = channel.unary_unary(
+            "/test.Echo/Sleep", request_serializer=_ident, response_deserializer=_ident
+        )
+        self.server_stream = channel.unary_stream(
+            "/test.Echo/ServerStream", request_serializer=_ident, response_deserializer=_ident
+        )
+        self.client_stream = channel.stream_unary(
+            "/test.Echo/ClientStream", request_serializer=_ident, response_deserializer=_ident
+        )
+        self.bidi = channel.stream_stream(
+            "/test.Echo/Bidi", request_serializer=_ident, response_deserializer=_ident
+        )
+
+
+@pytest.fixture
+def channel() -> Iterator[Callable[..., Calls]]:
+    """``channel(port)``: an insecure (h2c prior knowledge) channel; closed after the test."""
+    opened: list[grpc.Channel] = []
+
+    def open_(port: int, *, credentials: grpc.ChannelCredentials | None = None, **kw: Any) -> Calls:
+        target = f"127.0.0.1:{port}"
+        options = call_options(**kw)
+        if credentials is None:
+            chan = grpc.insecure_channel(target, options=options)
+        else:
+            chan = grpc.secure_channel(target, credentials, options=options)
+        opened.append(chan)
+        return Calls(chan)
+
+    yield open_
+    for chan in opened:
+        chan.close()
+
+
+@pytest.fixture
+async def through(tunnel_server, grpc_service, open_agent, channel) -> AsyncIterator[Calls]:
+    """A channel through the tunnel to ``grpc_service``, the agent speaking h2c."""
+    async with open_agent(tunnel_server.port, grpc_service.port, local_protocol="h2c"):
+        yield channel(tunnel_server.port)
+
+
+async def test_unary_with_metadata_both_ways(through, grpc_service):
+    with trio.fail_after(10):
+
+        def call() -> tuple[bytes, Any, Any]:
+            response, rpc = through.unary.with_call(
+                b"hello", timeout=5, metadata=(("x-initial", "from-client"),)
+            )
+            return response, rpc.initial_metadata(), rpc.trailing_metadata()
+
+        response, initial, trailing = await in_thread(call)
+    assert response == b"hello"
+    assert ("x-initial", "from-client") in initial
+    assert ("x-trailing", "5") in trailing
+
+
+async def test_error_status_details_and_metadata_trailers_only(through):
+    with trio.fail_after(10):
+
+        def call() -> grpc.RpcError:
+            with pytest.raises(grpc.RpcError) as info:
+                through.fail(b"NOT_FOUND", timeout=5)
+            return info.value
+
+        error = await in_thread(call)
+    assert error.code() is grpc.StatusCode.NOT_FOUND
+    assert error.details() == "no such thing"
+    assert ("x-why", "testing") in error.trailing_metadata()
+
+
+async def test_server_streaming_arrives_as_produced(through, grpc_service):
+    with trio.fail_after(15):
+
+        def call() -> list[bytes]:
+            received = []
+            for message in through.server_stream(b"1000", timeout=10):
+                received.append(message)
+                # The service holds back its last message until this is set:
+                # the first one crossed the tunnel on its own.
+                grpc_service.first_seen.set()
+            return received
+
+        received = await in_thread(call)
+    assert received == [b"%d" % i for i in range(1000)]
+
+
+async def test_client_streaming(through):
+    with trio.fail_after(10):
+        messages = [b"x" * i for i in range(200)]
+        answer = await in_thread(lambda: through.client_stream(iter(messages), timeout=5))
+    assert answer == b"200,%d" % sum(range(200))
+
+
+async def test_bidi_ping_pong_on_one_call(through):
+    with trio.fail_after(15):
+
+        def call() -> list[bytes]:
+            import queue
+
+            outbox: queue.Queue[bytes | None] = queue.Queue(maxsize=1)
+
+            def requests() -> Iterator[bytes]:
+                while (message := outbox.get(timeout=5)) is not None:
+                    yield message
+
+            outbox.put(b"0")
+            answers = []
+            responses = through.bidi(requests(), timeout=10)
+            for answer in responses:
+                answers.append(answer)
+                # The next ping goes only once its pong came back: 100 round trips.
+                outbox.put(b"%d" % len(answers) if len(answers) < 100 else None)
+            return answers
+
+        answers = await in_thread(call)
+    assert answers == [b"pong %d" % i for i in range(100)]
+
+
+async def test_deadline_expires_and_the_handler_is_cancelled(through, grpc_service):
+    with trio.fail_after(10):
+
+        def call() -> tuple[grpc.RpcError, float]:
+            with pytest.raises(grpc.RpcError) as info:
+                through.sleep(b"30", timeout=0.5)
+            return info.value, time.monotonic()
+
+        error, failed_at = await in_thread(call)
+        assert error.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+        await in_thread(lambda: grpc_service.cancelled.wait(5))
+    assert grpc_service.cancelled.is_set()
+
+
+async def test_client_cancellation_reaches_the_handler_within_100ms(through, grpc_service):
+    with trio.fail_after(10):
+
+        def call() -> float:
+            future = through.sleep.future(b"30", timeout=20)
+            time.sleep(0.3)  # the call is in the handler by now
+            cancelled_at = time.monotonic()
+            future.cancel()
+            return cancelled_at
+
+        cancelled_at = await in_thread(call)
+        await in_thread(lambda: grpc_service.cancelled.wait(5))
+    assert grpc_service.cancelled_at is not None
+    assert grpc_service.cancelled_at - cancelled_at < 0.1
+
+
+async def test_sixteen_mib_messages_both_ways(through):
+    message = bytes(range(256)) * (1 << 16)  # 16 MiB
+    with trio.fail_after(30):
+        answer = await in_thread(lambda: through.unary(message, timeout=25))
+    assert answer == message
+
+
+async def test_hundred_concurrent_calls_on_one_channel(through, grpc_service):
+    with trio.fail_after(20):
+
+        def call() -> list[bytes]:
+            futures = [through.unary.future(b"call %d" % i, timeout=15) for i in range(100)]
+            return [future.result() for future in futures]
+
+        answers = await in_thread(call)
+    assert answers == [b"call %d" % i for i in range(100)]
+    assert grpc_service.calls == 100
