@@ -18,6 +18,7 @@ import pytest
 import trio
 
 from grpc_service import GrpcService, call_options
+from processes import start_agent
 
 T = TypeVar("T")
 
@@ -223,3 +224,44 @@ async def test_hundred_concurrent_calls_on_one_channel(through, grpc_service):
         answers = await in_thread(call)
     assert answers == [b"call %d" % i for i in range(100)]
     assert grpc_service.calls == 100
+
+
+async def test_agent_killed_mid_stream_ends_the_call_unavailable(tunnel_server, grpc_service, channel):
+    calls = channel(tunnel_server.port)
+    agent = await start_agent(
+        tunnel_server.port, grpc_service.port, "app.localhost", "--local-protocol", "h2c"
+    )
+    try:
+        with trio.fail_after(20):
+            await agent.wait_for_line("connected", 15)
+            got_first = trio.Event()
+            token = trio.lowlevel.current_trio_token()
+
+            def call() -> tuple[grpc.RpcError, float]:
+                responses = calls.server_stream(b"1000", timeout=15)
+                # The service holds its last message back (first_seen unset).
+                next(responses)
+                token.run_sync_soon(got_first.set)
+                with pytest.raises(grpc.RpcError) as info:
+                    for _ in responses:
+                        pass
+                return info.value, time.monotonic()
+
+            async with trio.open_nursery() as nursery:
+                outcome: list[tuple[grpc.RpcError, float]] = []
+
+                async def run_call() -> None:
+                    outcome.append(await in_thread(call))
+
+                nursery.start_soon(run_call)
+                await got_first.wait()
+                killed_at = time.monotonic()
+                await agent.kill()
+        error, failed_at = outcome[0]
+        assert error.code() is grpc.StatusCode.UNAVAILABLE, error
+        # The server said so itself, in the call's own trailers.
+        assert error.details().startswith("tunnel: the agent for app.localhost is unavailable")
+        assert failed_at - killed_at < 2
+    finally:
+        grpc_service.first_seen.set()
+        await agent.aclose()
