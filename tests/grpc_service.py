@@ -62,7 +62,9 @@ def call_options(authority: str | None = "app.localhost") -> list[tuple[str, Any
 class GrpcService:
     """The server; :meth:`start` and :meth:`stop` from any thread (tests: a worker thread)."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: tuple[bytes, bytes] | None = None) -> None:
+        #: (private key PEM, certificate chain PEM) to serve TLS with, or None.
+        self.tls = tls
         self.port = 0
         self.first_seen = threading.Event()
         self.cancelled = threading.Event()
@@ -104,7 +106,11 @@ class GrpcService:
             ]
         )
         server.add_generic_rpc_handlers((self._handlers(),))
-        self.port = server.add_insecure_port("127.0.0.1:0")
+        if self.tls is None:
+            self.port = server.add_insecure_port("127.0.0.1:0")
+        else:
+            credentials = grpc.ssl_server_credentials([self.tls])
+            self.port = server.add_secure_port("127.0.0.1:0", credentials)
         await server.start()
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import grpc
 import pytest
 import trio
+import trustme
 
 from grpc_service import GrpcService, call_options
 from processes import start_agent
@@ -265,3 +266,55 @@ async def test_agent_killed_mid_stream_ends_the_call_unavailable(tunnel_server, 
     finally:
         grpc_service.first_seen.set()
         await agent.aclose()
+
+
+@pytest.fixture
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+async def test_tls_channel_to_the_server_and_tls_to_the_local_service(
+    tmp_path, ca, start_tunnel_server, open_agent, channel
+):
+    # The public side: HTTPS with ALPN h2, a grpcio channel with TLS credentials.
+    cert = ca.issue_cert("app.localhost", "127.0.0.1")
+    cert_file, key_file, ca_file = tmp_path / "cert.pem", tmp_path / "key.pem", tmp_path / "ca.pem"
+    cert.private_key_pem.write_to_path(str(key_file))
+    for blob in cert.cert_chain_pems:
+        blob.write_to_path(str(cert_file), append=True)
+    ca.cert_pem.write_to_path(str(ca_file))
+    server = await start_tunnel_server(certificate=str(cert_file), key=str(key_file))
+    # The local side: a gRPC server with TLS, reached with HTTP/2 over TLS (ALPN).
+    local_cert = ca.issue_cert("127.0.0.1")
+    chain = b"".join(blob.bytes() for blob in local_cert.cert_chain_pems)
+    service = GrpcService(tls=(local_cert.private_key_pem.bytes(), chain))
+    await trio.to_thread.run_sync(service.start)
+    try:
+        with trio.fail_after(15):
+            async with open_agent(
+                server.port,
+                service.port,
+                address=f"wss://127.0.0.1:{server.port}",
+                ca_file=str(ca_file),
+                local_protocol="h2",
+                local_ca_file=str(ca_file),
+            ):
+                credentials = grpc.ssl_channel_credentials(root_certificates=ca.cert_pem.bytes())
+                calls = channel(server.port, credentials=credentials)
+                # TLS checks the name in the certificate against the authority.
+                answer = await in_thread(lambda: calls.unary(b"over tls", timeout=5))
+                assert answer == b"over tls"
+                error = await in_thread(lambda: _failure(calls, b"PERMISSION_DENIED"))
+                assert error.code() is grpc.StatusCode.PERMISSION_DENIED
+                assert error.details() == "no such thing"
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(service.stop)
+
+
+def _failure(calls: Calls, code: bytes) -> grpc.RpcError:
+    try:
+        calls.fail(code, timeout=5)
+    except grpc.RpcError as error:
+        return error
+    raise AssertionError("the call succeeded")
