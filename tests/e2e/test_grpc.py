@@ -9,11 +9,18 @@ prior knowledge (or TLS) and names ``app.localhost`` as ``:authority``.
 
 from __future__ import annotations
 
+import hashlib
+import os
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, TypeVar
 
 import grpc
+import h2.config
+import h2.connection
+import h2.events
+import hypercorn.config
+import hypercorn.trio
 import pytest
 import trio
 import trustme
@@ -318,3 +325,115 @@ def _failure(calls: Calls, code: bytes) -> grpc.RpcError:
     except grpc.RpcError as error:
         return error
     raise AssertionError("the call succeeded")
+
+
+# -- plain HTTP/2 to a local ASGI app under Hypercorn (local_protocol="h2c") ----
+
+
+async def _echo_with_trailers(scope: dict, receive: Any, send: Any) -> None:
+    """Echo each request chunk as it arrives; end with a trailer of the body's SHA-256."""
+    if scope["type"] == "lifespan":
+        while (message := await receive())["type"] != "lifespan.shutdown":
+            await send({"type": "lifespan.startup.complete"})
+        await send({"type": "lifespan.shutdown.complete"})
+        return
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"trailer", b"x-sha256"), (b"x-version", scope["http_version"].encode())],
+            "trailers": True,
+        }
+    )
+    digest = hashlib.sha256()
+    more = True
+    while more:
+        message = await receive()
+        body, more = message.get("body", b""), message.get("more_body", False)
+        digest.update(body)
+        if body:
+            await send({"type": "http.response.body", "body": body, "more_body": True})
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
+    await send(
+        {"type": "http.response.trailers", "headers": [(b"x-sha256", digest.hexdigest().encode())]}
+    )
+
+
+class H2Visitor:
+    """A bare HTTP/2 client (prior knowledge) that sees frames as they come, trailers too."""
+
+    def __init__(self, socket: trio.SocketStream) -> None:
+        self.socket = socket
+        self.conn = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=True, header_encoding=None)
+        )
+
+    async def flush(self) -> None:
+        await self.socket.send_all(self.conn.data_to_send())
+
+    async def events(self) -> list[h2.events.Event]:
+        data = await self.socket.receive_some(65536)
+        assert data, "the server closed the connection"
+        events = self.conn.receive_data(data)
+        for event in events:
+            if isinstance(event, h2.events.DataReceived):
+                self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+        await self.flush()
+        return events
+
+
+async def test_plain_http2_streams_both_ways_with_trailers(tunnel_server, open_agent, nursery):
+    config = hypercorn.config.Config()
+    config.bind = ["127.0.0.1:0"]
+    config.accesslog = None
+    config.graceful_timeout = 0.5
+    urls = await nursery.start(hypercorn.trio.serve, _echo_with_trailers, config)
+    local_port = int(urls[0].rsplit(":", 1)[1])
+    chunks = [os.urandom(1000 * (i + 1)) for i in range(5)]
+    with trio.fail_after(10):
+        async with open_agent(tunnel_server.port, local_port, local_protocol="h2c"):
+            visitor = H2Visitor(await trio.open_tcp_stream("127.0.0.1", tunnel_server.port))
+            async with visitor.socket:
+                visitor.conn.initiate_connection()
+                sid = visitor.conn.get_next_available_stream_id()
+                visitor.conn.send_headers(
+                    sid,
+                    [
+                        (b":method", b"POST"),
+                        (b":scheme", b"http"),
+                        (b":authority", b"app.localhost"),
+                        (b":path", b"/echo"),
+                        (b"te", b"trailers"),
+                    ],
+                )
+                await visitor.flush()
+                headers: list[tuple[bytes, bytes]] = []
+                trailers: list[tuple[bytes, bytes]] = []
+                echoed = b""
+                for chunk in chunks:
+                    # Each chunk comes back before the next one is sent: both
+                    # directions stream, nothing waits for the whole body.
+                    visitor.conn.send_data(sid, chunk)
+                    await visitor.flush()
+                    while not echoed.endswith(chunk):
+                        for event in await visitor.events():
+                            if isinstance(event, h2.events.ResponseReceived):
+                                headers = event.headers
+                            elif isinstance(event, h2.events.DataReceived):
+                                echoed += event.data
+                visitor.conn.end_stream(sid)
+                await visitor.flush()
+                ended = False
+                while not ended:
+                    for event in await visitor.events():
+                        if isinstance(event, h2.events.TrailersReceived):
+                            trailers = event.headers
+                        elif isinstance(event, h2.events.StreamEnded):
+                            ended = True
+                        elif isinstance(event, h2.events.StreamReset):
+                            raise AssertionError(f"reset: {event}")
+    assert (b":status", b"200") in headers
+    # The local service was spoken to over HTTP/2.
+    assert (b"x-version", b"2") in headers
+    assert echoed == b"".join(chunks)
+    assert trailers == [(b"x-sha256", hashlib.sha256(echoed).hexdigest().encode())]
