@@ -10,10 +10,12 @@ prior knowledge (or TLS) and names ``app.localhost`` as ``:authority``.
 from __future__ import annotations
 
 import hashlib
+import http.server
 import os
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import grpc
 import h2.config
@@ -24,7 +26,6 @@ import hypercorn.trio
 import pytest
 import trio
 import trustme
-
 from grpc_service import GrpcService, call_options
 from processes import start_agent
 
@@ -196,7 +197,8 @@ async def test_deadline_expires_and_the_handler_is_cancelled(through, grpc_servi
         error, failed_at = await in_thread(call)
         assert error.code() is grpc.StatusCode.DEADLINE_EXCEEDED
         await in_thread(lambda: grpc_service.cancelled.wait(5))
-    assert grpc_service.cancelled.is_set()
+    assert grpc_service.cancelled_at is not None
+    assert grpc_service.cancelled_at < failed_at + 0.1
 
 
 async def test_client_cancellation_reaches_the_handler_within_100ms(through, grpc_service):
@@ -234,7 +236,9 @@ async def test_hundred_concurrent_calls_on_one_channel(through, grpc_service):
     assert grpc_service.calls == 100
 
 
-async def test_agent_killed_mid_stream_ends_the_call_unavailable(tunnel_server, grpc_service, channel):
+async def test_agent_killed_mid_stream_ends_the_call_unavailable(
+    tunnel_server, grpc_service, channel
+):
     calls = channel(tunnel_server.port)
     agent = await start_agent(
         tunnel_server.port, grpc_service.port, "app.localhost", "--local-protocol", "h2c"
@@ -437,3 +441,59 @@ async def test_plain_http2_streams_both_ways_with_trailers(tunnel_server, open_a
     assert (b"x-version", b"2") in headers
     assert echoed == b"".join(chunks)
     assert trailers == [(b"x-sha256", hashlib.sha256(echoed).hexdigest().encode())]
+
+
+# -- local_protocol="auto" (the default) ---------------------------------------
+
+
+async def test_auto_sends_grpc_over_http2(tunnel_server, grpc_service, open_agent, channel):
+    with trio.fail_after(10):
+        async with open_agent(tunnel_server.port, grpc_service.port):
+            calls = channel(tunnel_server.port)
+            assert await in_thread(lambda: calls.unary(b"auto", timeout=5)) == b"auto"
+            error = await in_thread(lambda: _failure(calls, b"ALREADY_EXISTS"))
+            assert error.code() is grpc.StatusCode.ALREADY_EXISTS
+
+
+class _Http1Only(http.server.BaseHTTPRequestHandler):
+    """Python's own HTTP/1.1 server: no HTTP/2 at all."""
+
+    protocol_version = "HTTP/1.1"
+    first_lines: ClassVar[list[bytes]] = []
+
+    def parse_request(self) -> bool:
+        self.first_lines.append(self.raw_requestline.strip())
+        return super().parse_request()
+
+    def do_GET(self) -> None:
+        body = self.headers.get("te", "-").encode()
+        self.send_response(200)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+async def test_auto_falls_back_to_http1_and_asks_once(tunnel_server, open_agent, visitor):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Http1Only)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with trio.fail_after(10):
+            async with (
+                open_agent(tunnel_server.port, server.server_address[1]),
+                visitor(tunnel_server.port) as http_client,
+            ):
+                for _ in range(3):
+                    # TE: trailers asks for HTTP/2; the service has none to give.
+                    response = await http_client.get("/", headers={"te": "trailers"})
+                    assert response.status_code == 200
+    finally:
+        await trio.to_thread.run_sync(server.shutdown)
+        server.server_close()
+        thread.join(5)
+    # One HTTP/2 attempt (the preface), then plain HTTP/1.1 every time.
+    assert _Http1Only.first_lines.count(b"PRI * HTTP/2.0") == 1
+    assert _Http1Only.first_lines.count(b"GET / HTTP/1.1") == 3

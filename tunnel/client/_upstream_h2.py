@@ -216,16 +216,16 @@ class LocalH2:
                 if await mux.wait_peer_settings():
                     self.supported = True
                     task_status.started(mux)
-                    return
+                    return  # the nursery keeps the connection until it ends
             # An HTTP/1.1-only service answers the preface with an error (or
             # nothing): it does not speak HTTP/2, and ``auto`` remembers that.
             reason = mux.closed_reason or "no HTTP/2 SETTINGS in time"
             mux.close(reason, ABNORMAL_CLOSURE)
-            if self.supported is None:
-                self.supported = False
-            raise LocalFailure(
-                502, f"The local service at {self.label} does not speak HTTP/2 ({reason})."
-            )
+        if self.supported is None:
+            self.supported = False
+        raise LocalFailure(
+            502, f"The local service at {self.label} does not speak HTTP/2 ({reason})."
+        )
 
     async def _run_mux(self, mux: Mux) -> None:
         reason = await mux.run()
