@@ -62,9 +62,15 @@ def call_options(authority: str | None = "app.localhost") -> list[tuple[str, Any
 class GrpcService:
     """The server; :meth:`start` and :meth:`stop` from any thread (tests: a worker thread)."""
 
-    def __init__(self, tls: tuple[bytes, bytes] | None = None) -> None:
+    def __init__(
+        self,
+        tls: tuple[bytes, bytes] | None = None,
+        options: list[tuple[str, Any]] | None = None,
+    ) -> None:
         #: (private key PEM, certificate chain PEM) to serve TLS with, or None.
         self.tls = tls
+        #: More grpcio server options.
+        self.options = options or []
         self.port = 0
         self.first_seen = threading.Event()
         self.cancelled = threading.Event()
@@ -103,6 +109,7 @@ class GrpcService:
                 ("grpc.max_receive_message_length", MAX_MESSAGE),
                 ("grpc.max_send_message_length", MAX_MESSAGE),
                 ("grpc.so_reuseport", 0),
+                *self.options,
             ]
         )
         server.add_generic_rpc_handlers((self._handlers(),))

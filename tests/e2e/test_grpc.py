@@ -414,10 +414,13 @@ async def test_plain_http2_streams_both_ways_with_trailers(tunnel_server, open_a
                 headers: list[tuple[bytes, bytes]] = []
                 trailers: list[tuple[bytes, bytes]] = []
                 echoed = b""
+                pongs: list[bytes] = []
                 for chunk in chunks:
                     # Each chunk comes back before the next one is sent: both
                     # directions stream, nothing waits for the whole body.
                     visitor.conn.send_data(sid, chunk)
+                    # Keepalive PINGs are the server's to answer, mid-stream.
+                    visitor.conn.ping(b"%08d" % len(pongs))
                     await visitor.flush()
                     while not echoed.endswith(chunk):
                         for event in await visitor.events():
@@ -425,6 +428,8 @@ async def test_plain_http2_streams_both_ways_with_trailers(tunnel_server, open_a
                                 headers = event.headers
                             elif isinstance(event, h2.events.DataReceived):
                                 echoed += event.data
+                            elif isinstance(event, h2.events.PingAckReceived):
+                                pongs.append(event.ping_data)
                 visitor.conn.end_stream(sid)
                 await visitor.flush()
                 ended = False
@@ -434,12 +439,15 @@ async def test_plain_http2_streams_both_ways_with_trailers(tunnel_server, open_a
                             trailers = event.headers
                         elif isinstance(event, h2.events.StreamEnded):
                             ended = True
+                        elif isinstance(event, h2.events.PingAckReceived):
+                            pongs.append(event.ping_data)
                         elif isinstance(event, h2.events.StreamReset):
                             raise AssertionError(f"reset: {event}")
     assert (b":status", b"200") in headers
     # The local service was spoken to over HTTP/2.
     assert (b"x-version", b"2") in headers
     assert echoed == b"".join(chunks)
+    assert sorted(pongs) == [b"%08d" % i for i in range(len(chunks))]
     assert trailers == [(b"x-sha256", hashlib.sha256(echoed).hexdigest().encode())]
 
 

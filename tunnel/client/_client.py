@@ -158,8 +158,6 @@ class Client:
                     else None
                 ),
                 connect_timeout=config.local_connect_timeout,
-                keepalive_interval=config.keepalive_interval,
-                keepalive_timeout=config.keepalive_timeout,
             )
         self._observer: Observer | None
         self._observer, self._recorder = agent_observers(

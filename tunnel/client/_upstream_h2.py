@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import ssl
 from collections.abc import Sequence
@@ -112,8 +113,6 @@ class LocalH2:
             cleartext with prior knowledge (``h2c``).
         connect_timeout: Seconds a connection (TCP, TLS, the peer's SETTINGS)
             may take.
-        keepalive_interval: Seconds between PINGs on an idle connection.
-        keepalive_timeout: Seconds a PING's answer may take.
     """
 
     def __init__(
@@ -123,15 +122,11 @@ class LocalH2:
         *,
         ssl_context: ssl.SSLContext | None,
         connect_timeout: float,
-        keepalive_interval: float,
-        keepalive_timeout: float,
     ) -> None:
         self.host = host
         self.port = port
         self.ssl_context = ssl_context
         self.connect_timeout = connect_timeout
-        self.keepalive_interval = keepalive_interval
-        self.keepalive_timeout = keepalive_timeout
         #: Whether the local service speaks HTTP/2: None until a connection
         #: attempt got an answer either way (what ``auto`` remembers).
         self.supported: bool | None = None
@@ -206,8 +201,11 @@ class LocalH2:
         mux = Mux(
             client_side=True,
             transport=_SocketTransport(socket),
-            keepalive_interval=self.keepalive_interval,
-            keepalive_timeout=self.keepalive_timeout,
+            # No PINGs: gRPC servers count a PING more often than every five
+            # minutes as abuse and send GOAWAY (too_many_pings) after two, which
+            # would end long calls. A local service that dies closes its socket.
+            keepalive_interval=math.inf,
+            keepalive_timeout=math.inf,
             max_concurrent_streams=PEER_STREAMS,
         )
         async with trio.open_nursery() as nursery:
