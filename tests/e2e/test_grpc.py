@@ -20,12 +20,14 @@ from typing import Any, ClassVar, TypeVar
 import grpc
 import h2.config
 import h2.connection
+import h2.errors
 import h2.events
 import hypercorn.config
 import hypercorn.trio
 import pytest
 import trio
 import trustme
+from faultproxy import FaultProxy
 from grpc_service import GrpcService, call_options
 from processes import start_agent
 
@@ -505,3 +507,49 @@ async def test_auto_falls_back_to_http1_and_asks_once(tunnel_server, open_agent,
     # One HTTP/2 attempt (the preface), then plain HTTP/1.1 every time.
     assert _Http1Only.first_lines.count(b"PRI * HTTP/2.0") == 1
     assert _Http1Only.first_lines.count(b"GET / HTTP/1.1") == 3
+
+
+async def test_local_stream_lost_mid_response_resets_the_visitors(
+    tunnel_server, open_agent, nursery
+):
+    config = hypercorn.config.Config()
+    config.bind = ["127.0.0.1:0"]
+    config.accesslog = None
+    config.graceful_timeout = 0.5
+    urls = await nursery.start(hypercorn.trio.serve, _echo_with_trailers, config)
+    proxy = await nursery.start(FaultProxy(int(urls[0].rsplit(":", 1)[1])).run)
+    with trio.fail_after(10):
+        async with open_agent(tunnel_server.port, proxy.port, local_protocol="h2c"):
+            visitor = H2Visitor(await trio.open_tcp_stream("127.0.0.1", tunnel_server.port))
+            async with visitor.socket:
+                visitor.conn.initiate_connection()
+                sid = visitor.conn.get_next_available_stream_id()
+                visitor.conn.send_headers(sid, _post(b"/echo"))
+                visitor.conn.send_data(sid, b"first")
+                await visitor.flush()
+                echoed = b""
+                while echoed != b"first":
+                    for event in await visitor.events():
+                        if isinstance(event, h2.events.DataReceived):
+                            echoed += event.data
+                # The agent's connection to the local service dies mid-response.
+                proxy.cut()
+                with trio.fail_after(2):
+                    reset = None
+                    while reset is None:
+                        for event in await visitor.events():
+                            assert not isinstance(event, h2.events.StreamEnded)
+                            if isinstance(event, h2.events.StreamReset):
+                                reset = event
+    # Not a clean end (it wasn't one), and not a hang: a reset, as the agent's.
+    assert reset.error_code == h2.errors.ErrorCodes.INTERNAL_ERROR
+
+
+def _post(path: bytes) -> list[tuple[bytes, bytes]]:
+    return [
+        (b":method", b"POST"),
+        (b":scheme", b"http"),
+        (b":authority", b"app.localhost"),
+        (b":path", path),
+        (b"te", b"trailers"),
+    ]

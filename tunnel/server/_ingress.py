@@ -21,6 +21,7 @@ from .._protocol.grpc import is_grpc, split_trailers_only, status_for_reset, sta
 from .._protocol.headers import Headers, declares_trailers, header_value, tunnel_request_headers
 from ._hooks import RequestInfo
 from ._hypercorn_patches import NotifyingReceive
+from ._hypercorn_reset import RESET_CODE
 from ._limits import Pacer
 from ._pages import send_error_page
 from ._registry import AgentSession
@@ -413,8 +414,9 @@ class _Exchange:
                 await self._end_call(exc)
                 return
             # The status is sent already; the only honest signal left is to end
-            # the response without its final chunk, which Hypercorn does when we
-            # return.
+            # the response without its final chunk: Hypercorn closes an HTTP/1
+            # connection, and (fixed) resets an HTTP/2 stream with the agent's code.
+            self.scope[RESET_CODE] = exc.code
             return
         if trailers:
             await send(
