@@ -101,6 +101,20 @@ class _SocketTransport:
             await trio.aclose_forcefully(self._stream)
 
 
+class _LocalMux(Mux):
+    """The mux for the local service: a peer the agent's user runs, so trusted more.
+
+    gRPC servers send a PING to estimate bandwidth (BDP) after bursts of DATA,
+    which under load passes the flood limit meant for hostile peers; that
+    limit would drop every call on the connection.
+    """
+
+    __slots__ = ()
+
+    def _count_control_frame(self) -> None:
+        pass
+
+
 class LocalH2:
     """HTTP/2 to the local service: one shared connection, replaced when it goes away.
 
@@ -198,7 +212,7 @@ class LocalH2:
 
     async def _run_connection(self, task_status: trio.TaskStatus[Mux]) -> None:
         socket = await self._connect()
-        mux = Mux(
+        mux = _LocalMux(
             client_side=True,
             transport=_SocketTransport(socket),
             # No PINGs: gRPC servers count a PING more often than every five
