@@ -553,3 +553,15 @@ def _post(path: bytes) -> list[tuple[bytes, bytes]]:
         (b":path", path),
         (b"te", b"trailers"),
     ]
+
+
+async def test_a_call_may_outlast_the_servers_response_timeout(
+    start_tunnel_server, grpc_service, open_agent, channel
+):
+    # gRPC calls carry their own deadline; the server's wait for response
+    # headers (a 504 for plain HTTP) does not cut them short.
+    server = await start_tunnel_server(response_timeout=0.3)
+    with trio.fail_after(10):
+        async with open_agent(server.port, grpc_service.port, local_protocol="h2c"):
+            calls = channel(server.port)
+            assert await in_thread(lambda: calls.sleep(b"0.8", timeout=5)) == b"slept"

@@ -136,7 +136,7 @@ class Client:
                 local_ssl_context(
                     config.local_ca_file, config.local_insecure_skip_verify, ["http/1.1"]
                 )
-                if config.local_tls
+                if config.local_tls or config.local_protocol == "h2"
                 else None
             ),
         )

@@ -278,6 +278,11 @@ class _Exchange:
         # The clock for the response starts once the whole request is sent: a
         # long upload is no sign of a slow service.
         self.body_done = True
+        if self._grpc_call():
+            # A gRPC call carries its own deadline (grpc-timeout), which the
+            # client enforces by cancelling; a long call is no sign of a stuck
+            # service, and a 504 would reach the client as UNAVAILABLE.
+            return
         self.waiting.deadline = trio.current_time() + self.config.response_timeout
 
     def _trailers_allowed(self) -> bool:
