@@ -33,11 +33,6 @@ from processes import start_agent
 
 T = TypeVar("T")
 
-pytestmark = pytest.mark.filterwarnings(
-    # grpcio's C core starts threads of its own; nothing here should warn.
-    "error"
-)
-
 
 def _ident(data: bytes) -> bytes:
     return data
