@@ -560,3 +560,30 @@ async def test_a_call_may_outlast_the_servers_response_timeout(
         async with open_agent(server.port, grpc_service.port, local_protocol="h2c"):
             calls = channel(server.port)
             assert await in_thread(lambda: calls.sleep(b"0.8", timeout=5)) == b"slept"
+
+
+async def test_one_connection_within_the_services_stream_limit_replaced_when_lost(
+    tunnel_server, open_agent, channel, nursery
+):
+    # The service takes 4 streams at a time; the rest wait at the agent.
+    service = GrpcService(options=[("grpc.max_concurrent_streams", 4)])
+    await trio.to_thread.run_sync(service.start)
+    proxy = await nursery.start(FaultProxy(service.port).run)
+    try:
+        with trio.fail_after(15):
+            async with open_agent(tunnel_server.port, proxy.port, local_protocol="h2c"):
+                calls = channel(tunnel_server.port)
+
+                def twenty() -> list[bytes]:
+                    futures = [calls.sleep.future(b"0.1", timeout=10) for _ in range(20)]
+                    return [future.result() for future in futures]
+
+                assert await in_thread(twenty) == [b"slept"] * 20
+                assert proxy.statistics.accepted == 1
+                # The connection dies; the next call gets a new one.
+                proxy.cut()
+                assert await in_thread(lambda: calls.unary(b"again", timeout=5)) == b"again"
+                assert proxy.statistics.accepted == 2
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(service.stop)
