@@ -373,7 +373,7 @@ class H2Visitor:
         await self.socket.send_all(self.conn.data_to_send())
 
     async def events(self) -> list[h2.events.Event]:
-        data = await self.socket.receive_some(65536)
+        data = await self.socket.receive_some(1 << 20)
         assert data, "the server closed the connection"
         events = self.conn.receive_data(data)
         for event in events:
@@ -587,3 +587,68 @@ async def test_one_connection_within_the_services_stream_limit_replaced_when_los
     finally:
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(service.stop)
+
+
+class _BigDownload:
+    """An ASGI app that streams ``size`` bytes in 1 MiB chunks and counts what it got out."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.sent = 0
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        chunk = b"x" * (1 << 20)
+        while self.sent < self.size:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            self.sent += len(chunk)
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def test_a_visitor_that_does_not_read_holds_the_local_service_back(
+    tunnel_server, open_agent, nursery
+):
+    size = 64 << 20
+    app = _BigDownload(size)
+    config = hypercorn.config.Config()
+    config.bind = ["127.0.0.1:0"]
+    config.accesslog = None
+    config.graceful_timeout = 0.5
+    urls = await nursery.start(hypercorn.trio.serve, app, config)
+    local_port = int(urls[0].rsplit(":", 1)[1])
+    with trio.fail_after(40):
+        async with open_agent(tunnel_server.port, local_port, local_protocol="h2c"):
+            visitor = H2Visitor(await trio.open_tcp_stream("127.0.0.1", tunnel_server.port))
+            async with visitor.socket:
+                visitor.conn.initiate_connection()
+                sid = visitor.conn.get_next_available_stream_id()
+                get = [(k, v) for k, v in _post(b"/big") if k != b":method"]
+                visitor.conn.send_headers(sid, [(b":method", b"GET"), *get], end_stream=True)
+                await visitor.flush()
+                # The visitor reads nothing (its window is 64 KiB): the local
+                # service's sends stop once the windows on the way are full.
+                sent = -1
+                while sent != app.sent:
+                    sent = app.sent
+                    await trio.sleep(0.5)
+                # The agent's windows, the tunnel stream's, Hypercorn's buffers:
+                # some tens of MiB at most, never the whole response.
+                assert sent <= 40 << 20, sent >> 20
+                # Now it reads, with room to read fast: everything arrives.
+                visitor.conn.increment_flow_control_window(64 << 20)
+                visitor.conn.increment_flow_control_window(64 << 20, stream_id=sid)
+                await visitor.flush()
+                received = 0
+                ended = False
+                while not ended:
+                    for event in await visitor.events():
+                        if isinstance(event, h2.events.DataReceived):
+                            received += len(event.data)
+                        elif isinstance(event, h2.events.StreamEnded):
+                            ended = True
+    assert received == size

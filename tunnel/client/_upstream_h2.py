@@ -360,29 +360,35 @@ async def forward_h2(stream: Stream, local: LocalH2, observer: Observer | None =
 
 
 async def _exchange(stream: Stream, upstream: Stream, record: ExchangeObserver | None) -> None:
+    # The tunnel stream's own end (a reset by the server) comes out as itself,
+    # after the nursery, rather than wrapped in an exception group.
+    tunnel_reset: StreamError | None = None
     async with trio.open_nursery() as nursery:
         if not stream.headers_ended:
             nursery.start_soon(_send_request_body, stream, upstream, record)
         try:
             await _relay_response(stream, upstream, record)
         except StreamError as exc:
-            if upstream.reset is exc:
+            nursery.cancel_scope.cancel()
+            if upstream.reset is not exc:
+                tunnel_reset = exc
+            else:
                 # The local service reset its stream: reset ours with its code,
                 # so the visitor learns how it ended (CANCEL, REFUSED_STREAM, ...).
                 if not stream.done:
                     stream.cancel(exc.code)
                 if record is not None:
                     record.ended(f"the local service reset the stream: {exc.reason}")
+        else:
+            if not upstream.local_ended:
+                # Answered before the whole request was sent: the rest has no use
+                # (RFC 9113 section 8.1); tell both sides to stop sending it.
                 nursery.cancel_scope.cancel()
-                return
-            raise
-        if not upstream.local_ended:
-            # Answered before the whole request was sent: the rest has no use
-            # (RFC 9113 section 8.1); tell both sides to stop sending it.
-            nursery.cancel_scope.cancel()
-            upstream.cancel(h2.errors.ErrorCodes.NO_ERROR)
-            if not stream.done:
-                stream.cancel(h2.errors.ErrorCodes.NO_ERROR)
+                upstream.cancel(h2.errors.ErrorCodes.NO_ERROR)
+                if not stream.done:
+                    stream.cancel(h2.errors.ErrorCodes.NO_ERROR)
+    if tunnel_reset is not None:
+        raise tunnel_reset
 
 
 async def _relay_response(

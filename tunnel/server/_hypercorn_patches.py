@@ -54,7 +54,7 @@ from wsproto.connection import ConnectionState
 from wsproto.events import BytesMessage, CloseConnection, Message, Ping
 from wsproto.frame_protocol import CloseReason
 
-from ._hypercorn_reset import fix_unfinished_http2_responses
+from ._hypercorn_h2 import fix_http2_responses
 
 __all__ = ["NotifyingReceive", "apply_hypercorn_patches"]
 
@@ -86,7 +86,7 @@ def apply_hypercorn_patches() -> None:
     ws_stream.WebsocketBuffer = _JoiningBuffer  # type: ignore[misc]
     if version.startswith(_VERIFIED_SPAWN_APP):
         _notify_disconnect()
-    fix_unfinished_http2_responses()
+    fix_http2_responses()
 
 
 class NotifyingReceive:
