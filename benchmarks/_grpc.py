@@ -21,6 +21,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -123,9 +124,19 @@ def measure(target: str, authority: str, concurrency: int, seconds: float) -> di
 
 
 def run_phase(
-    tunnel_port: int, grpc_port: int, levels: list[int], seconds: float, repeat: int
+    tunnel_port: int,
+    grpc_port: int,
+    levels: list[int],
+    seconds: float,
+    repeat: int,
+    cpu: Callable[[], dict[str, float]],
 ) -> list[dict[str, Any]]:
-    """Calls per second directly and through the tunnel at each level (medians of rounds)."""
+    """Calls per second directly and through the tunnel at each level (medians of rounds).
+
+    ``cpu()`` gives the CPU seconds used so far by each process behind the
+    targets (the tunnel server, the gRPC agent, the gRPC service): what each
+    spent per call is the steadiest figure on a shared machine.
+    """
     rows = []
     targets = {
         "direct": (f"127.0.0.1:{grpc_port}", "-"),
@@ -134,14 +145,23 @@ def run_phase(
     for level in levels:
         row: dict[str, Any] = {"concurrency": level}
         for name, (target, authority) in targets.items():
+            before = cpu()
             runs = [measure(target, authority, level, seconds) for _ in range(repeat)]
+            after = cpu()
+            calls = sum(r["calls_per_s"] for r in runs) * seconds
             runs.sort(key=lambda r: r["calls_per_s"])
-            median = runs[(len(runs) - 1) // 2]
+            median = dict(runs[(len(runs) - 1) // 2])
+            # Includes each load process's connect and warm-up call: a bound.
+            median["cpu_us_per_call"] = {
+                process: round((after[process] - before[process]) / max(calls, 1) * 1e6, 1)
+                for process in after
+                if after[process] > before[process]
+            }
             row[name] = median
             print(
                 f"  grpc c{level:<4} {name:<8} {median['calls_per_s']:>8.0f} calls/s"
                 f"  p50 {median['p50_ms']:.3f} ms  p99 {median['p99_ms']:.3f} ms"
-                f"  errors {median['errors']}",
+                f"  errors {median['errors']}  CPU µs/call {median['cpu_us_per_call']}",
                 flush=True,
             )
         row["ratio"] = row["tunnel"]["calls_per_s"] / max(row["direct"]["calls_per_s"], 1e-9)

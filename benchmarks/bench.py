@@ -385,7 +385,15 @@ def grpc_phase(
     )
     _wait_for_line(agent, "connected", 20)
     try:
-        return _grpc.run_phase(bench.ports["tunnel"], port, levels, seconds, repeat)
+        watched = {"server": bench.processes["server"], "agent": agent, "grpc service": service}
+        return _grpc.run_phase(
+            bench.ports["tunnel"],
+            port,
+            levels,
+            seconds,
+            repeat,
+            lambda: {name: process.cpu_seconds() for name, process in watched.items()},
+        )
     finally:
         agent.stop()
         service.stop()
