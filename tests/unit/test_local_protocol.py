@@ -63,6 +63,8 @@ def test_which_requests_need_http2_under_auto() -> None:
     assert needs_h2([(b"content-type", b"application/grpc+proto")])
     assert needs_h2([(b"te", b"trailers")])
     assert not needs_h2([(b"content-type", b"application/json")])
+    # gRPC-Web is made for browsers over HTTP/1.1: its trailers are in the body.
+    assert not needs_h2([(b"content-type", b"application/grpc-web+proto")])
     assert not needs_h2([(b"te", b"gzip")])
 
 

@@ -38,9 +38,18 @@ class GrpcStatus(IntEnum):
 
 
 def is_grpc(headers: Iterable[tuple[bytes, bytes]]) -> bool:
-    """Whether a request or response is gRPC, by its ``Content-Type``."""
+    """Whether a request or response is gRPC, by its ``Content-Type``.
+
+    ``application/grpc``, ``application/grpc+proto``, ... but not gRPC-Web
+    (``application/grpc-web...``), which carries its trailers in the body for
+    browsers that cannot read HTTP trailers.
+    """
     content_type = header_value(headers, b"content-type")
-    return content_type is not None and content_type.startswith(b"application/grpc")
+    if content_type is None:
+        return False
+    return content_type == b"application/grpc" or content_type.startswith(
+        (b"application/grpc+", b"application/grpc;")
+    )
 
 
 #: Response headers that belong to the HTTP response itself, not to the call's

@@ -31,6 +31,7 @@ import h2.errors
 import trio
 
 from .._mux import Mux, Stream, StreamError
+from .._protocol.grpc import is_grpc
 from .._protocol.headers import Headers, header_value, strip_hop_by_hop
 from .._transport import ABNORMAL_CLOSURE, TransportClosed
 from ._upstream import LocalFailure, answer_error
@@ -55,8 +56,7 @@ def needs_h2(headers: Sequence[tuple[bytes, bytes]]) -> bool:
     gRPC needs it (its status travels in trailers), and so does any visitor that
     asked for trailers with ``TE: trailers``: over HTTP/1.1 few services send them.
     """
-    content_type = header_value(headers, b"content-type")
-    if content_type is not None and content_type.startswith(b"application/grpc"):
+    if is_grpc(headers):
         return True
     te = header_value(headers, b"te")
     return te is not None and te.strip().lower() == b"trailers"
