@@ -21,9 +21,10 @@ import trio
 from . import __version__
 from ._configfile import load_client_config, load_server_config
 from ._demo import run_demo
-from ._exceptions import ConfigError, RejectedError, TunnelError
+from ._exceptions import ConfigError, RejectedError, TunnelError, UntrustedCertificateError
 from ._malloc import keep_freed_buffers
 from ._panel import show_agent
+from ._settings import cli_messages
 from .client import Client, ClientState
 from .client._observe import Recorder
 from .server import serve
@@ -331,6 +332,12 @@ async def _run_agent(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``tunnel`` command; return the exit status."""
+    # Messages name settings by their flags here, not by their Python fields.
+    with cli_messages():
+        return _main(argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
     if args.command in ("server", "http", "tcp"):
         keep_freed_buffers()  # see _malloc.py: large buffers without page faults
@@ -350,7 +357,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"tunnel: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except RejectedError as exc:
+    except (RejectedError, UntrustedCertificateError) as exc:
         print(f"tunnel: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except TunnelError as exc:
@@ -364,7 +371,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if rest is None and interrupted is not None:
             return EXIT_INTERRUPTED
         single = rest.exceptions[0] if rest is not None and len(rest.exceptions) == 1 else None
-        if isinstance(single, ConfigError | RejectedError):
+        if isinstance(single, ConfigError | RejectedError | UntrustedCertificateError):
             print(f"tunnel: {single}", file=sys.stderr)
             return EXIT_USAGE
         if isinstance(single, TunnelError):

@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager
 import trio
 import trio_websocket
 
+from .. import _settings as settings
 from .._config import ClientConfig
 from .._exceptions import (
     ConnectionLostError,
@@ -22,6 +23,7 @@ from .._exceptions import (
     RejectedError,
     ServerUnreachableError,
     TunnelError,
+    UntrustedCertificateError,
     is_permanent,
     rejection_for_status,
 )
@@ -239,6 +241,9 @@ class Client:
             RejectedError: The server refused the agent for a reason retrying
                 cannot fix (bad token, host reserved, in use or outside the
                 domain, protocol version). Raised at once, never retried.
+            UntrustedCertificateError: The server's TLS certificate failed
+                verification (see ``config.ca_file``). Raised at once, never
+                retried; a server that is down or a broken connection is.
         """
         inspector = open_inspector(
             self.config.inspector_address, self._recorder, self._pool, self._inspector_status
@@ -308,8 +313,8 @@ class Client:
                 if duplicates == DUPLICATE_WARN_AFTER:
                     logger.warning(
                         "agent for %s: %s%d attempts in a row reached server workers it holds "
-                        "already; still trying (is ServerConfig.workers larger than the "
-                        "server's real number of processes?)",
+                        "already; still trying (is the server told of more worker processes "
+                        "than it runs?)",
                         self._host,
                         self._which(slot),
                         duplicates,
@@ -317,6 +322,14 @@ class Client:
                 continue
             except (ServerUnreachableError, ConnectionLostError) as exc:
                 logger.warning("agent for %s: %s%s", self._host, self._which(slot), exc)
+            except TunnelError:
+                raise  # a refusal, a bad certificate or setting: retrying cannot help
+            except Exception:
+                # A bug in a connection's handling must cost that connection,
+                # never the agent: report it with its traceback and reconnect.
+                logger.exception(
+                    "agent for %s: %sunexpected error; reconnecting", self._host, self._which(slot)
+                )
             duplicates = 0
             if self._uptime(slot) >= STABLE_AFTER:
                 failures = 0
@@ -596,11 +609,17 @@ class Client:
             return ServerUnreachableError(
                 f"no answer from {where} within {self.config.connect_timeout:g}s"
             )
-        if isinstance(exc, ssl.SSLError):
-            return ServerUnreachableError(
-                f"TLS with {where} failed: {exc.reason or exc}; "
-                "for a private certificate set ClientConfig.ca_file"
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            # The certificate itself is refused: every retry would be too.
+            detail = exc.verify_message or exc.reason or str(exc)
+            return UntrustedCertificateError(
+                f"the TLS certificate of {where} is not trusted ({detail}); "
+                f"if it comes from a private CA, give that CA's PEM file with "
+                f"{settings.client('ca_file')} (for tests only, "
+                f"{settings.client('insecure_skip_verify')} skips the check)"
             )
+        if isinstance(exc, ssl.SSLError):
+            return ServerUnreachableError(f"TLS with {where} failed: {exc.reason or exc}")
         if isinstance(exc, trio_websocket.HandshakeError | trio_websocket.ConnectionClosed):
             return ServerUnreachableError(f"the WebSocket handshake with {where} failed: {exc!r}")
         if isinstance(exc, OSError | trio.BrokenResourceError | trio.ClosedResourceError):
@@ -690,6 +709,8 @@ async def open_tunnel(config: ClientConfig) -> AsyncIterator[Client]:
 
     Raises:
         RejectedError: The server refused the agent (bad token, host taken…).
+        UntrustedCertificateError: The server's TLS certificate failed
+            verification.
 
     Example::
 
