@@ -19,7 +19,7 @@ from typing import NoReturn
 import trio
 
 from . import __version__
-from ._configfile import load_client_config, load_server_config
+from ._configfile import load_client_config, load_server_config, parse_port_range
 from ._demo import run_demo
 from ._exceptions import ConfigError, RejectedError, TunnelError, UntrustedCertificateError
 from ._malloc import keep_freed_buffers
@@ -229,10 +229,12 @@ def _reservation(text: str) -> tuple[str, str]:
 
 
 def _port_range(text: str) -> range:
-    first, _, last = text.partition("-")
-    if not first.isdigit() or not (last or first).isdigit():
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port range such as 20000-20099")
-    return range(int(first), int(last or first) + 1)
+    ports = parse_port_range(text)
+    if ports is None:
+        raise argparse.ArgumentTypeError(
+            f"'{text}' is not a range of ports from 1 to 65535 such as 20000-20099"
+        )
+    return ports
 
 
 def _rps(value: float | None) -> dict[str, float] | None:

@@ -16,7 +16,15 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Literal
 
-__all__ = ["CLIENT_FLAGS", "SERVER_FLAGS", "Setting", "cli_messages", "client", "server"]
+__all__ = [
+    "CLIENT_FLAGS",
+    "SERVER_FLAGS",
+    "Setting",
+    "cli_messages",
+    "client_setting",
+    "for_cli",
+    "server_setting",
+]
 
 #: Set in the environment of the ``tunnel`` command's own child processes
 #: (server workers), which format messages for the same user.
@@ -101,14 +109,19 @@ class Setting:
         return format(str(self), spec)
 
 
-def server(name: str) -> Setting:
+def server_setting(name: str) -> Setting:
     """The :class:`~tunnel.ServerConfig` setting ``name``."""
     return Setting("ServerConfig", name)
 
 
-def client(name: str) -> Setting:
+def client_setting(name: str) -> Setting:
     """The :class:`~tunnel.ClientConfig` setting ``name``."""
     return Setting("ClientConfig", name)
+
+
+def for_cli() -> bool:
+    """Whether messages formatted now are for a ``tunnel`` command's user."""
+    return _for_cli.get()
 
 
 @contextmanager

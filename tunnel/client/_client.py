@@ -15,7 +15,6 @@ from contextlib import asynccontextmanager
 import trio
 import trio_websocket
 
-from .. import _settings as settings
 from .._config import ClientConfig
 from .._exceptions import (
     ConnectionLostError,
@@ -42,6 +41,7 @@ from .._protocol.handshake import (
     WORKERS_HEADER,
 )
 from .._protocol.headers import header_value, is_websocket_connect
+from .._settings import client_setting
 from .._transport.websocket import HandshakeGuard, WebSocketTransport
 from ._inspector import open_inspector
 from ._keys import AgentKey
@@ -615,8 +615,8 @@ class Client:
             return UntrustedCertificateError(
                 f"the TLS certificate of {where} is not trusted ({detail}); "
                 f"if it comes from a private CA, give that CA's PEM file with "
-                f"{settings.client('ca_file')} (for tests only, "
-                f"{settings.client('insecure_skip_verify')} skips the check)"
+                f"{client_setting('ca_file')} (for tests only, "
+                f"{client_setting('insecure_skip_verify')} skips the check)"
             )
         if isinstance(exc, ssl.SSLError):
             return ServerUnreachableError(f"TLS with {where} failed: {exc.reason or exc}")
