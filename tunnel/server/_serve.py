@@ -29,7 +29,9 @@ def hypercorn_config(config: ServerConfig) -> hypercorn.config.Config:
     """The Hypercorn settings :func:`serve` uses for ``config``.
 
     Start from these when embedding :class:`TunnelApp` in your own Hypercorn
-    deployment: they lift the limits that hurt a busy tunnel.
+    deployment: they lift the limits that hurt a busy tunnel. (:func:`serve`
+    also turns Hypercorn's ``Date`` header off and dates the responses that
+    have none itself, so a tunnelled response carries only its origin's.)
     """
     host, port = parse_listen_address(config.address)
     hc = hypercorn.config.Config()
