@@ -77,7 +77,12 @@ def build(session: nox.Session) -> None:
                 "import tunnel, sys; sys.exit(not tunnel.__file__.startswith(sys.prefix))",
                 external=True,
             )
-            session.run(os.path.join(bin_dir, "tunnel"), "--version", external=True)
+            printed = session.run(
+                os.path.join(bin_dir, "tunnel"), "--version", external=True, silent=True
+            )
+            wheel_version = os.path.basename(wheel_path).split("-")[1]
+            if not isinstance(printed, str) or printed.strip() != f"tunnel {wheel_version}":
+                session.error(f"tunnel --version printed {printed!r}, not tunnel {wheel_version}")
             session.run(os.path.join(bin_dir, "tunnel"), "demo", "--once", external=True)
 
 
