@@ -98,11 +98,11 @@ def _parser() -> argparse.ArgumentParser:
         "--max-request-body", type=int, metavar="BYTES", help="largest request body (413 above)"
     )
     server.add_argument(
-        "--tunnel-rps", type=float, metavar="N", help="requests per second per tunnel (429 above)"
+        "--tunnel-rps", type=_rate, metavar="N", help="requests per second per tunnel (429 above)"
     )
     server.add_argument(
         "--visitor-rps",
-        type=float,
+        type=_rate,
         metavar="N",
         help="requests per second per visitor address (429 above)",
     )
@@ -235,6 +235,18 @@ def _port_range(text: str) -> range:
             f"'{text}' is not a range of ports from 1 to 65535 such as 20000-20099"
         )
     return ports
+
+
+def _rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(
+            f"give a positive number of requests per second, not '{text}'"
+        )
+    return value
 
 
 def _rps(value: float | None) -> dict[str, float] | None:

@@ -24,6 +24,7 @@ import dataclasses
 import os
 import tomllib
 from collections.abc import Callable, Mapping
+from functools import partial
 from typing import Any
 
 from ._config import ClientConfig, ServerConfig
@@ -66,20 +67,24 @@ def _port_range(value: Any) -> range:
     return ports
 
 
-def _rate_limit(value: Any) -> RateLimit:
+def _rate_limit(key: str, value: Any) -> RateLimit:
     if not isinstance(value, dict):
-        raise ConfigError("a rate limit is a table, such as { requests_per_second = 10 }")
+        raise ConfigError(f"{key} is a table, such as {{ requests_per_second = 10 }}")
+    for name, number in value.items():
+        if isinstance(number, bool) or not isinstance(number, int | float) or not number > 0:
+            raise ConfigError(f"{key}.{name} = {number!r}: give a positive number")
     try:
         return RateLimit(**value)
-    except TypeError as exc:
-        raise ConfigError(f"rate limit {value!r}: {exc}") from None
+    except TypeError:
+        names = ", ".join(field.name for field in dataclasses.fields(RateLimit))
+        raise ConfigError(f"{key} holds {', '.join(value)}; its settings are {names}") from None
 
 
 _CONVERT: dict[str, Callable[[Any], Any]] = {
     "tokens": frozenset,
     "tcp_ports": _port_range,
-    "tunnel_rate_limit": _rate_limit,
-    "visitor_rate_limit": _rate_limit,
+    "tunnel_rate_limit": partial(_rate_limit, "tunnel_rate_limit"),
+    "visitor_rate_limit": partial(_rate_limit, "visitor_rate_limit"),
     "allow_ips": tuple,
     "deny_ips": tuple,
 }

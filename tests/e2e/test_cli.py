@@ -60,6 +60,7 @@ AGENT = ["http", "8080", "--server", "x:1", "--token", "t"]
         (["server", "--max-tunnels", "0"], "--max-tunnels must be at least 1"),
         (["server", "--control-path", "x"], "--control-path 'x' must start with '/'"),
         (["server", "--admin-host", "not a host"], "--admin-host 'not a host' is not a valid"),
+        (["server", "--tunnel-rps", "0"], "--tunnel-rps: give a positive number of requests"),
     ],
 )
 async def test_bad_arguments_get_one_line_and_status_2(argv: list[str], message: str) -> None:

@@ -621,7 +621,9 @@ class Client:
         if isinstance(exc, ssl.SSLError):
             return ServerUnreachableError(f"TLS with {where} failed: {exc.reason or exc}")
         if isinstance(exc, trio_websocket.HandshakeError | trio_websocket.ConnectionClosed):
-            return ServerUnreachableError(f"the WebSocket handshake with {where} failed: {exc!r}")
+            return ServerUnreachableError(
+                f"the WebSocket handshake with {where} failed: {_websocket_failure(exc)}"
+            )
         if isinstance(exc, OSError | trio.BrokenResourceError | trio.ClosedResourceError):
             detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             return ServerUnreachableError(f"cannot reach {where}: {detail or type(exc).__name__}")
@@ -670,6 +672,19 @@ class Client:
         async with trio.open_nursery() as nursery:
             for mux in links:
                 nursery.start_soon(mux.drain, self.config.drain_timeout)
+
+
+def _websocket_failure(
+    exc: trio_websocket.HandshakeError | trio_websocket.ConnectionClosed,
+) -> str:
+    """What went wrong, in words rather than as an object's repr."""
+    if isinstance(exc, trio_websocket.ConnectionClosed):
+        reason = exc.reason
+        if reason is None:
+            return "the connection closed"
+        said = f": {reason.reason}" if reason.reason else ""
+        return f"the connection closed ({reason.code} {reason.name}{said})"
+    return str(exc) or "the server did not complete it"
 
 
 def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
