@@ -572,22 +572,23 @@ LOCAL_PROTOCOLS: Final = ("http1", "h2c", "h2", "auto")
 
 
 def _check_local_protocol(config: ClientConfig) -> None:
+    protocol = client_setting("local_protocol")
     if config.local_protocol not in LOCAL_PROTOCOLS:
         raise ConfigError(
-            f"ClientConfig.local_protocol {config.local_protocol!r}: give one of "
+            f"{protocol} {config.local_protocol!r}: give one of "
             + ", ".join(repr(name) for name in LOCAL_PROTOCOLS)
         )
     if config.local_protocol == "h2c" and config.local_tls:
         raise ConfigError(
-            "ClientConfig.local_protocol 'h2c' is HTTP/2 without TLS; for HTTP/2 over TLS "
-            "give local_protocol='h2'"
+            f"{protocol} 'h2c' is HTTP/2 without TLS, but {client_setting('local_tls')} is "
+            f"set; for HTTP/2 over TLS give {protocol} 'h2'"
         )
     if config.tcp and (config.local_tls or config.local_protocol in ("h2c", "h2")):
         raise ConfigError(
-            "ClientConfig.local_protocol and local_tls are for HTTP tunnels; a TCP tunnel "
+            f"{protocol} and {client_setting('local_tls')} are for HTTP tunnels; a TCP tunnel "
             "carries the local service's bytes as they are"
         )
     if config.local_ca_file is not None and not os.path.isfile(config.local_ca_file):
         raise ConfigError(
-            f"ClientConfig.local_ca_file: no file at {os.fspath(config.local_ca_file)!r}"
+            f"{client_setting('local_ca_file')}: no file at {os.fspath(config.local_ca_file)!r}"
         )

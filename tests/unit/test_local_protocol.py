@@ -34,7 +34,7 @@ def test_auto_is_the_default_and_every_protocol_is_accepted() -> None:
         ({"local_protocol": "http2"}, "give one of 'http1', 'h2c', 'h2', 'auto'"),
         (
             {"local_protocol": "h2c", "local_tls": True},
-            "for HTTP/2 over TLS give local_protocol='h2'",
+            "for HTTP/2 over TLS give ClientConfig.local_protocol 'h2'",
         ),
         ({"tcp": True, "local_tls": True}, "a TCP tunnel carries the local service's bytes"),
         ({"local_ca_file": "/nonexistent/ca.pem"}, "local_ca_file: no file"),
@@ -122,3 +122,12 @@ def test_status_messages_are_percent_encoded() -> None:
         (b"grpc-status", b"14"),
         (b"grpc-message", b"gone: 100%25 %E2%86%92 away"),
     ]
+
+
+def test_the_command_line_names_the_flags() -> None:
+    from tunnel._settings import cli_messages
+
+    with cli_messages(), pytest.raises(tunnel.ConfigError, match="--local-protocol 'h2'"):
+        tunnel.ClientConfig(
+            address=ADDRESS, token="t", port=1, local_protocol="h2c", local_tls=True
+        )

@@ -33,6 +33,7 @@ import trio
 from .._mux import Mux, Stream, StreamError
 from .._protocol.grpc import is_grpc
 from .._protocol.headers import Headers, header_value, strip_hop_by_hop
+from .._settings import client_setting
 from .._transport import ABNORMAL_CLOSURE, TransportClosed
 from ._upstream import LocalFailure, answer_error
 
@@ -274,7 +275,8 @@ class LocalH2:
             raise LocalFailure(
                 502,
                 f"The local service at {self.label} did not agree to HTTP/2 over TLS (ALPN); "
-                "use --local-protocol http1 with --local-tls for HTTP/1.1 over TLS.",
+                f"for HTTP/1.1 over TLS set {client_setting('local_protocol')} 'http1' "
+                f"and {client_setting('local_tls')}.",
             )
         return tls
 
