@@ -54,6 +54,8 @@ from wsproto.connection import ConnectionState
 from wsproto.events import BytesMessage, CloseConnection, Message, Ping
 from wsproto.frame_protocol import CloseReason
 
+from ._hypercorn_h2 import fix_http2_responses
+
 __all__ = ["NotifyingReceive", "apply_hypercorn_patches"]
 
 logger = logging.getLogger("tunnel.server")
@@ -84,6 +86,7 @@ def apply_hypercorn_patches() -> None:
     ws_stream.WebsocketBuffer = _JoiningBuffer  # type: ignore[misc]
     if version.startswith(_VERIFIED_SPAWN_APP):
         _notify_disconnect()
+    fix_http2_responses()
 
 
 class NotifyingReceive:
