@@ -475,6 +475,55 @@ async def test_agent_one_huge_message_of_pings_does_not_stall_the_server(
     no_server_errors(caplog)
 
 
+#: name: one frame that asks for no answer but costs the server work on each.
+FREE_FLOODS = {
+    # Each wakes every stream waiting to send.
+    "WINDOW_UPDATE on the connection": frame(WINDOW_UPDATE, 0, 0, (1).to_bytes(4, "big")),
+    "PRIORITY": frame(PRIORITY, 0, 1001, (0).to_bytes(4, "big") + b"\x0f"),
+    "unknown type": frame(0xFA, 0, 0, b"12345678"),
+}
+
+
+@pytest.mark.parametrize("name", list(FREE_FLOODS))
+async def test_agent_flood_of_free_frames_is_cut_off(
+    name: str,
+    server: Server,
+    good: RecordingService,
+    good_http: httpx.AsyncClient,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Frames a second by the ten thousand that need no answer, as PINGs would.
+
+    The server must count them as it counts PINGs and close the agent (1008,
+    policy violation) within the 5 s the flood lasts; the other tunnel answers
+    throughout.
+    """
+    burst = FREE_FLOODS[name] * (18_000 // len(FREE_FLOODS[name]))
+    since = connected_since(server)
+    closed: trio_websocket.CloseReason | None = None
+    sent = 0
+    with trio.fail_after(30):
+        async with (
+            open_evil_agent(server.port, EVIL) as evil,
+            witness_traffic(good_http, good, max_latency=3.0),
+        ):
+            with trio.move_on_after(5):
+                try:
+                    while True:
+                        await evil.send(burst)
+                        sent += len(burst)
+                        await trio.sleep(0.01)
+                except trio_websocket.ConnectionClosed as exc:
+                    closed = exc.reason
+    logging.getLogger("tests.hostile").warning(
+        "%s flood: %.1f MB sent, closed: %s", name, sent / 1e6, closed
+    )
+    assert closed is not None, f"{sent / 1e6:.1f} MB of {name} frames and the agent is still on"
+    assert closed.code == 1008, closed
+    assert connected_since(server) == since
+    no_server_errors(caplog)
+
+
 @pytest.mark.parametrize(
     "status", [b"abc", b"99999", b"2000", b"-1", b"", b"101", b"200 OK", b"\xff"]
 )
