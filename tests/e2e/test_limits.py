@@ -6,6 +6,7 @@ import pytest
 import trio
 
 import tunnel
+from hostile import start_server
 from tunnel._protocol.limits import RateLimit
 
 
@@ -176,3 +177,24 @@ async def test_huge_request_headers_give_431(
     assert response.status_code == 431
     assert normal.status_code == 200
     assert local_service.requests == [("GET", "/echo")]
+
+
+async def test_a_tunnels_rate_limit_is_forgotten_when_it_goes(
+    nursery: trio.Nursery, local_service, open_agent, visitor
+) -> None:
+    """The buckets kept per tunnel go with the tunnel: hosts come and go for as
+    long as the server runs, and each left its buckets behind for good.
+    """
+    server = await start_server(
+        nursery, tunnel_rate_limit=RateLimit(requests_per_second=100, burst=100)
+    )
+    hosts = [f"t{i}.localhost" for i in range(20)]
+    with trio.fail_after(20):
+        for host in hosts:
+            async with open_agent(server.port, local_service.port, host=host):
+                async with visitor(server.port, host) as http:
+                    assert (await http.get("/echo")).status_code == 200
+                assert host in server.app.limiter._tunnels
+            while server.hosts():
+                await trio.sleep(0.01)
+    assert len(server.app.limiter._tunnels) == 0, sorted(server.app.limiter._tunnels)
