@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import trio
+from hostile import start_server
 
 import tunnel
-from hostile import start_server
+from helpers import eventually
 from tunnel._protocol.limits import RateLimit
 
 
@@ -195,6 +196,5 @@ async def test_a_tunnels_rate_limit_is_forgotten_when_it_goes(
                 async with visitor(server.port, host) as http:
                     assert (await http.get("/echo")).status_code == 200
                 assert host in server.app.limiter._tunnels
-            while server.hosts():
-                await trio.sleep(0.01)
+            await eventually(lambda: not server.hosts())
     assert len(server.app.limiter._tunnels) == 0, sorted(server.app.limiter._tunnels)
