@@ -290,20 +290,22 @@ async def test_a_message_over_the_limit_closes_that_websocket_with_1009(
     _, local_port = ws_service
     limit = tunnel.ServerConfig().max_websocket_message
     with trio.fail_after(20):
-        async with tunnel.open_tunnel(agent(server_port, local_port)):
-            async with visit(server_port) as bystander:
-                async with visit(server_port) as ws:
-                    await ws.send_message(bytes(limit))
-                    assert await ws.get_message() == bytes(limit)
-                    await ws.send_message(bytes(limit + 1))
-                    with pytest.raises(trio_websocket.ConnectionClosed) as visitor_side:
-                        await ws.get_message()
-                async with visit(server_port) as ws:
-                    await ws.send_message(f"send:{limit + 1}")
-                    with pytest.raises(trio_websocket.ConnectionClosed) as service_side:
-                        await ws.get_message()
-                await bystander.send_message("still here")
-                assert await bystander.get_message() == "still here"
+        async with (
+            tunnel.open_tunnel(agent(server_port, local_port)),
+            visit(server_port) as bystander,
+        ):
+            async with visit(server_port) as ws:
+                await ws.send_message(bytes(limit))
+                assert await ws.get_message() == bytes(limit)
+                await ws.send_message(bytes(limit + 1))
+                with pytest.raises(trio_websocket.ConnectionClosed) as visitor_side:
+                    await ws.get_message()
+            async with visit(server_port) as ws:
+                await ws.send_message(f"send:{limit + 1}")
+                with pytest.raises(trio_websocket.ConnectionClosed) as service_side:
+                    await ws.get_message()
+            await bystander.send_message("still here")
+            assert await bystander.get_message() == "still here"
     assert visitor_side.value.reason.code == 1009
     assert service_side.value.reason.code == 1009
 
