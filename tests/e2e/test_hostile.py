@@ -1228,29 +1228,24 @@ async def test_visitor_with_content_length_and_chunked_does_not_knock_the_agent_
             assert dict(headers).get(b"content-length") in (None, b"5"), headers
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open: a body trickled a few bytes at a time keeps its connection; the idle "
-    "timeout restarts on every chunk and needs a minimum body rate",
-)
 async def test_visitor_slowloris_and_slow_bodies_are_cut_off(
     nursery: trio.Nursery, open_agent: Any, visitor: Any
 ) -> None:
     """Slow visitors, 10 of each kind, while the legitimate tunnel keeps answering.
 
-    * Headers a byte every 0.25 s: Hypercorn's keep_alive_timeout (5 s, left
-      at Hypercorn's default) runs from the connection's start until a request
-      is complete and cuts them off. Bound: 8 s.
+    * Headers a byte every 0.25 s: ``header_timeout`` (5 s here; Hypercorn's
+      keep_alive_timeout, which runs from the connection's start until a
+      request's head is complete) cuts them off. Bound: 8 s.
     * Half a body, then silence: ``request_idle_timeout`` (1 s here) answers
       408 and the connection ends. Bound: 3 s.
-    * A body a byte every 0.25 s: every byte restarts ``request_idle_timeout``
-      and Hypercorn has no read timeout (``read_timeout=None``), so nothing
-      ends it: each such visitor holds a connection (a descriptor, a task) for
-      as long as it likes at 4 bytes a second. Bound: 6 s, which takes a
-      minimum body rate (as Apache's mod_reqtimeout ``MinRate``) or a total
-      deadline for the body.
+    * A body a byte every 0.25 s: every byte would restart
+      ``request_idle_timeout``, and Hypercorn has no read timeout
+      (``read_timeout=None``); ``min_request_body_rate`` (500 bytes a second,
+      as Apache's mod_reqtimeout ``MinRate``) ends it. Bound: 6 s.
     """
-    server = await start_server(nursery, response_timeout=2.0, request_idle_timeout=1.0)
+    server = await start_server(
+        nursery, response_timeout=2.0, request_idle_timeout=1.0, header_timeout=5.0
+    )
     good = await start_service(nursery, "good")
     closed_after: dict[str, list[float]] = {"headers": [], "silent body": [], "body": []}
 
