@@ -42,6 +42,7 @@ async def _wait_for_line(stream: trio.abc.ReceiveStream, needle: bytes, limit: f
         (["server", "--certificate", "missing.pem"], "give both certificate and key"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
         (["server", "--workers", "0"], "ServerConfig.workers 0"),
+        (["server", "--max-websocket-buffer", "10"], "max_websocket_buffer 10 is smaller"),
         (["tcp", "22", "--server", "x:1", "--token", "t", "--pool"], "unrecognized arguments"),
     ],
 )
