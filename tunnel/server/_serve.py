@@ -50,9 +50,11 @@ def hypercorn_config(config: ServerConfig) -> hypercorn.config.Config:
     hc.include_server_header = False
     hc.accesslog = None
     hc.errorlog = logging.getLogger("tunnel.server")
-    # Agents' messages (MAX_MESSAGE) pass the same check as visitors'; the
-    # tunnel enforces the visitors' own limit itself (see _ingress_ws.py).
-    hc.websocket_max_message_size = max(config.max_websocket_message, MAX_MESSAGE)
+    # Agents' messages (at most MAX_MESSAGE) pass the same check as visitors',
+    # which the tunnel enforces itself (see _ingress_ws.py). The margin lets an
+    # agent's frame over HTTP/2's limit be refused by the mux, with that reason,
+    # rather than by Hypercorn with a bare 1009.
+    hc.websocket_max_message_size = max(config.max_websocket_message, 2 * MAX_MESSAGE)
     set_websocket_buffer(hc, config.max_websocket_buffer)
     # Hypercorn's idle timer runs from a connection's start, or the end of a
     # response, until the next request's headers are complete.
