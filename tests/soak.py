@@ -248,7 +248,7 @@ class Soak:
         async with self.visitor("steady.localhost") as http:
             for _ in range(300):
                 await http.get("/warm-up")
-        await trio.sleep(6)  # Hypercorn's keep-alive timeout closes the visitors
+        await trio.sleep(11)  # header_timeout (10 s, Hypercorn's keep-alive) closes the visitors
         rss_start, fds_start = rss_mib(server.pid), open_fds(server.pid)
 
         self.started = trio.current_time()
