@@ -375,7 +375,12 @@ class ServerConfig:
         count("max_tcp_connections", 1)
         _positive("ServerConfig.header_timeout", self.header_timeout)
         if self.min_request_body_rate is not None:
-            count("min_request_body_rate", 1)
+            rate = self.min_request_body_rate
+            if isinstance(rate, bool) or not isinstance(rate, int) or rate < 1:
+                raise ConfigError(
+                    f"ServerConfig.min_request_body_rate {rate!r}: give bytes per second, "
+                    "at least 1 (or None for no minimum)"
+                )
 
     def __reduce__(self) -> tuple[Any, tuple[()]]:
         # A copy for each server worker process; a mappingproxy cannot be

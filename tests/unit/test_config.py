@@ -81,7 +81,7 @@ def test_server_timeouts_must_be_positive(field: str, value: float) -> None:
             r"ServerConfig\.max_websocket_buffer 1048576 is smaller than max_websocket_message",
         ),
         ({"max_tcp_connections": 0}, r"ServerConfig\.max_tcp_connections 0: give a whole"),
-        ({"min_request_body_rate": 0}, r"ServerConfig\.min_request_body_rate 0: give a whole"),
+        ({"min_request_body_rate": 0}, r"ServerConfig\.min_request_body_rate 0: give bytes"),
     ],
 )
 def test_server_visitor_limits_name_the_field(settings: dict[str, Any], message: str) -> None:
