@@ -1570,3 +1570,20 @@ async def test_visitor_http2_connect_without_path_does_not_kill_the_server(
         await trio.sleep(0.2)
         answer = await good_http.get("/after-connect")
     assert answer.status_code == 200
+
+
+async def test_the_agent_takes_no_huge_message_from_its_server(
+    server: Server, good: RecordingService, good_http: httpx.AsyncClient
+) -> None:
+    """A server (or whatever sits in its place) sending an 8 MiB message.
+
+    A server sends messages of at most 1 MiB; the agent takes up to 4 MiB and
+    queues at most 4 of them, so it holds no more than 16 MiB unread, not the
+    32 MiB each of trio-websocket's default that it used to take. Beyond it,
+    the agent closes the connection with 1009 (and reconnects).
+    """
+    (session,) = [s for s in server.app.registry.sessions() if s.host == GOOD]
+    with trio.fail_after(10):
+        await session.mux._transport.send(bytes(8 * MiB))
+        await session.mux.wait_closed()
+    assert "1009" in (session.mux.closed_reason or ""), session.mux.closed_reason
