@@ -1,9 +1,17 @@
+import glob
 import os
+import shutil
+import tempfile
+import zipfile
 
 import nox
 
 # `nox` with no arguments runs these; `nox -s demo` has to be asked for.
-nox.options.sessions = ["lint", "typecheck", "docs", "tests"]
+nox.options.sessions = ["lint", "typecheck", "docs", "build", "tests"]
+
+#: Files the wheel must hold beyond the modules: the typing marker and the
+#: traffic inspector's page.
+PACKAGE_DATA = ("tunnel/py.typed", "tunnel/client/_inspector_static/")
 
 # No `python=` on the sessions: they use the interpreter nox itself runs
 # with, so a machine that has only one Python works.
@@ -34,6 +42,48 @@ def docs(session: nox.Session) -> None:
     session.run(
         "sphinx-build", "-n", "-W", "--keep-going", "-E", "-b", "html", "docs", "docs/_build/html"
     )
+
+
+@nox.session
+def build(session: nox.Session) -> None:
+    """Build the sdist and wheel into dist/, check them, and try the wheel alone.
+
+    The wheel (not the tree) goes into a fresh virtualenv outside the checkout,
+    where ``tunnel --version`` and ``tunnel demo --once`` must work.
+    """
+    session.install("build>=1", "twine>=5")
+    shutil.rmtree("dist", ignore_errors=True)
+    session.run("python", "-m", "build", "--outdir", "dist", ".")
+    wheels, sdists = glob.glob("dist/*.whl"), glob.glob("dist/*.tar.gz")
+    if len(wheels) != 1 or len(sdists) != 1:
+        session.error(f"expected one wheel and one sdist in dist/, found {wheels + sdists}")
+    session.run("twine", "check", "--strict", *wheels, *sdists)
+    with zipfile.ZipFile(wheels[0]) as wheel:
+        names = wheel.namelist()
+    for wanted in PACKAGE_DATA:
+        if not any(name.startswith(wanted) for name in names):
+            session.error(f"the wheel lacks {wanted}")
+    wheel_path = os.path.abspath(wheels[0])
+    with tempfile.TemporaryDirectory() as scratch:
+        venv = os.path.join(scratch, "venv")
+        bin_dir = os.path.join(venv, "bin")
+        session.run("python", "-m", "venv", venv)
+        session.run(os.path.join(bin_dir, "pip"), "install", "-q", wheel_path, external=True)
+        # Outside the checkout, so that nothing imports the tree's package.
+        with session.chdir(scratch):
+            session.run(
+                os.path.join(bin_dir, "python"),
+                "-c",
+                "import tunnel, sys; sys.exit(not tunnel.__file__.startswith(sys.prefix))",
+                external=True,
+            )
+            printed = session.run(
+                os.path.join(bin_dir, "tunnel"), "--version", external=True, silent=True
+            )
+            wheel_version = os.path.basename(wheel_path).split("-")[1]
+            if not isinstance(printed, str) or printed.strip() != f"tunnel {wheel_version}":
+                session.error(f"tunnel --version printed {printed!r}, not tunnel {wheel_version}")
+            session.run(os.path.join(bin_dir, "tunnel"), "demo", "--once", external=True)
 
 
 @nox.session

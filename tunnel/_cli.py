@@ -19,11 +19,12 @@ from typing import NoReturn
 import trio
 
 from . import __version__
-from ._configfile import load_client_config, load_server_config
+from ._configfile import load_client_config, load_server_config, parse_port_range
 from ._demo import run_demo
-from ._exceptions import ConfigError, RejectedError, TunnelError
+from ._exceptions import ConfigError, RejectedError, TunnelError, UntrustedCertificateError
 from ._malloc import keep_freed_buffers
 from ._panel import show_agent
+from ._settings import cli_messages
 from .client import Client, ClientState
 from .client._observe import Recorder
 from .server import serve
@@ -97,11 +98,11 @@ def _parser() -> argparse.ArgumentParser:
         "--max-request-body", type=int, metavar="BYTES", help="largest request body (413 above)"
     )
     server.add_argument(
-        "--tunnel-rps", type=float, metavar="N", help="requests per second per tunnel (429 above)"
+        "--tunnel-rps", type=_rate, metavar="N", help="requests per second per tunnel (429 above)"
     )
     server.add_argument(
         "--visitor-rps",
-        type=float,
+        type=_rate,
         metavar="N",
         help="requests per second per visitor address (429 above)",
     )
@@ -258,10 +259,24 @@ def _reservation(text: str) -> tuple[str, str]:
 
 
 def _port_range(text: str) -> range:
-    first, _, last = text.partition("-")
-    if not first.isdigit() or not (last or first).isdigit():
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port range such as 20000-20099")
-    return range(int(first), int(last or first) + 1)
+    ports = parse_port_range(text)
+    if ports is None:
+        raise argparse.ArgumentTypeError(
+            f"'{text}' is not a range of ports from 1 to 65535 such as 20000-20099"
+        )
+    return ports
+
+
+def _rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(
+            f"give a positive number of requests per second, not '{text}'"
+        )
+    return value
 
 
 def _rps(value: float | None) -> dict[str, float] | None:
@@ -366,6 +381,12 @@ async def _run_agent(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``tunnel`` command; return the exit status."""
+    # Messages name settings by their flags here, not by their Python fields.
+    with cli_messages():
+        return _main(argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
     if args.command in ("server", "http", "tcp"):
         keep_freed_buffers()  # see _malloc.py: large buffers without page faults
@@ -385,7 +406,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"tunnel: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except RejectedError as exc:
+    except (RejectedError, UntrustedCertificateError) as exc:
         print(f"tunnel: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except TunnelError as exc:
@@ -399,7 +420,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if rest is None and interrupted is not None:
             return EXIT_INTERRUPTED
         single = rest.exceptions[0] if rest is not None and len(rest.exceptions) == 1 else None
-        if isinstance(single, ConfigError | RejectedError):
+        if isinstance(single, ConfigError | RejectedError | UntrustedCertificateError):
             print(f"tunnel: {single}", file=sys.stderr)
             return EXIT_USAGE
         if isinstance(single, TunnelError):

@@ -180,9 +180,13 @@ async def test_same_token_takes_its_port_over(nursery, server_port) -> None:
 async def test_a_server_without_tcp_ports_refuses_tcp_agents(nursery) -> None:
     config = tunnel.ServerConfig(address="127.0.0.1:0", tokens=frozenset({TOKEN}))
     (url,) = await nursery.start(tunnel.serve, config)
-    with trio.fail_after(10), pytest.raises(tunnel.HostRejectedError, match="no TCP tunnels"):
+    with trio.fail_after(10), pytest.raises(tunnel.HostRejectedError, match="no TCP tunnels") as e:
         async with tunnel.open_tunnel(_agent(int(url.rsplit(":", 1)[1]), 22)):
             pass
+    # The agent's user reads this, not the server's operator: plain words,
+    # neither the operator's field nor flag.
+    assert "Config" not in str(e.value)
+    assert "range of public ports" in str(e.value)
 
 
 async def test_local_port_down_closes_the_visitor_and_the_tunnel_stays(

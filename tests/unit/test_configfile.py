@@ -85,7 +85,8 @@ def test_agent_file(tmp_path: Path) -> None:
         ("address = ", "not valid TOML"),
         ("tcp_ports = 'many'", "20000-20099"),
         ("auth = 'x'", r"unknown setting\(s\) auth"),
-        ("[tunnel_rate_limit]\nspeed = 1", "rate limit"),
+        ("[tunnel_rate_limit]\nspeed = 1", "tunnel_rate_limit holds speed; its settings are"),
+        ("[tunnel_rate_limit]\nburst = 0", r"tunnel_rate_limit\.burst = 0: give a positive"),
         ("keepalive_interval = -1", "keepalive_interval must be a positive number"),
     ],
 )

@@ -22,6 +22,7 @@ from .._exceptions import (
     RejectedError,
     ServerUnreachableError,
     TunnelError,
+    UntrustedCertificateError,
     is_permanent,
     rejection_for_status,
 )
@@ -40,6 +41,7 @@ from .._protocol.handshake import (
     WORKERS_HEADER,
 )
 from .._protocol.headers import header_value, is_websocket_connect
+from .._settings import client_setting
 from .._transport.websocket import HandshakeGuard, WebSocketTransport
 from ._inspector import open_inspector
 from ._keys import AgentKey
@@ -242,6 +244,9 @@ class Client:
             RejectedError: The server refused the agent for a reason retrying
                 cannot fix (bad token, host reserved, in use or outside the
                 domain, protocol version). Raised at once, never retried.
+            UntrustedCertificateError: The server's TLS certificate failed
+                verification (see ``config.ca_file``). Raised at once, never
+                retried; a server that is down or a broken connection is.
         """
         inspector = open_inspector(
             self.config.inspector_address, self._recorder, self._pool, self._inspector_status
@@ -311,8 +316,8 @@ class Client:
                 if duplicates == DUPLICATE_WARN_AFTER:
                     logger.warning(
                         "agent for %s: %s%d attempts in a row reached server workers it holds "
-                        "already; still trying (is ServerConfig.workers larger than the "
-                        "server's real number of processes?)",
+                        "already; still trying (is the server told of more worker processes "
+                        "than it runs?)",
                         self._host,
                         self._which(slot),
                         duplicates,
@@ -320,6 +325,14 @@ class Client:
                 continue
             except (ServerUnreachableError, ConnectionLostError) as exc:
                 logger.warning("agent for %s: %s%s", self._host, self._which(slot), exc)
+            except TunnelError:
+                raise  # a refusal, a bad certificate or setting: retrying cannot help
+            except Exception:
+                # A bug in a connection's handling must cost that connection,
+                # never the agent: report it with its traceback and reconnect.
+                logger.exception(
+                    "agent for %s: %sunexpected error; reconnecting", self._host, self._which(slot)
+                )
             duplicates = 0
             if self._uptime(slot) >= STABLE_AFTER:
                 failures = 0
@@ -599,13 +612,21 @@ class Client:
             return ServerUnreachableError(
                 f"no answer from {where} within {self.config.connect_timeout:g}s"
             )
-        if isinstance(exc, ssl.SSLError):
-            return ServerUnreachableError(
-                f"TLS with {where} failed: {exc.reason or exc}; "
-                "for a private certificate set ClientConfig.ca_file"
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            # The certificate itself is refused: every retry would be too.
+            detail = exc.verify_message or exc.reason or str(exc)
+            return UntrustedCertificateError(
+                f"the TLS certificate of {where} is not trusted ({detail}); "
+                f"if it comes from a private CA, give that CA's PEM file with "
+                f"{client_setting('ca_file')} (for tests only, "
+                f"{client_setting('insecure_skip_verify')} skips the check)"
             )
+        if isinstance(exc, ssl.SSLError):
+            return ServerUnreachableError(f"TLS with {where} failed: {exc.reason or exc}")
         if isinstance(exc, trio_websocket.HandshakeError | trio_websocket.ConnectionClosed):
-            return ServerUnreachableError(f"the WebSocket handshake with {where} failed: {exc!r}")
+            return ServerUnreachableError(
+                f"the WebSocket handshake with {where} failed: {_websocket_failure(exc)}"
+            )
         if isinstance(exc, OSError | trio.BrokenResourceError | trio.ClosedResourceError):
             detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             return ServerUnreachableError(f"cannot reach {where}: {detail or type(exc).__name__}")
@@ -656,6 +677,19 @@ class Client:
                 nursery.start_soon(mux.drain, self.config.drain_timeout)
 
 
+def _websocket_failure(
+    exc: trio_websocket.HandshakeError | trio_websocket.ConnectionClosed,
+) -> str:
+    """What went wrong, in words rather than as an object's repr."""
+    if isinstance(exc, trio_websocket.ConnectionClosed):
+        reason = exc.reason
+        if reason is None:
+            return "the connection closed"
+        said = f": {reason.reason}" if reason.reason else ""
+        return f"the connection closed ({reason.code} {reason.name}{said})"
+    return str(exc) or "the server did not complete it"
+
+
 def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
     """The most telling error in ``group``: a refusal beats a broken socket."""
     leaves: list[BaseException] = []
@@ -693,6 +727,8 @@ async def open_tunnel(config: ClientConfig) -> AsyncIterator[Client]:
 
     Raises:
         RejectedError: The server refused the agent (bad token, host taken…).
+        UntrustedCertificateError: The server's TLS certificate failed
+            verification.
 
     Example::
 

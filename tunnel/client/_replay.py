@@ -80,7 +80,9 @@ async def _exchange(pool: LocalPool, request: h11.Request, body: bytes, record: 
                 record.response_started(event.status_code, event.headers)
                 break
             if not isinstance(event, h11.InformationalResponse):
-                raise h11.RemoteProtocolError(f"the local service sent {event!r} first")
+                raise h11.RemoteProtocolError(
+                    "the local service sent something other than a response"
+                )
         while True:
             event = await conn.next_event()
             if isinstance(event, h11.Data):

@@ -326,7 +326,9 @@ async def _receive_response(
                 raise LocalFailure(
                     502, f"The local service at {label} closed the connection without answering."
                 )
-            raise LocalFailure(502, f"The local service at {label} sent {event!r} first.")
+            raise LocalFailure(
+                502, f"The local service at {label} sent something other than a response."
+            )
     except h11.RemoteProtocolError as exc:
         if reused and conn.h11.their_state is h11.SEND_RESPONSE:
             raise _Retry from None

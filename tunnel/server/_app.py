@@ -13,6 +13,7 @@ from .._config import ServerConfig
 from .._protocol.handshake import CHALLENGE_SUFFIX
 from .._protocol.headers import Headers, header_value
 from .._protocol.hosts import host_from_authority, in_domain
+from .._settings import for_cli, server_setting
 from .._transport.masking import use_fast_masking
 from ._access import AccessControl
 from ._admin import AdminAPI
@@ -82,9 +83,11 @@ class TunnelApp:
         # (or restarted) knows no agent yet, while its siblings serve them.
         self._started = time.monotonic()
         if self.access.open:
+            hook = "" if for_cli() else f", or an auth hook ({server_setting('auth')})"
             logger.warning(
                 "tunnel server has no tokens, keys or auth hook: ANYONE can open a tunnel; "
-                "set ServerConfig.tokens, tokens_file, authorized_keys_file or auth"
+                f"give tokens ({server_setting('tokens')} or {server_setting('tokens_file')}) "
+                f"or keys ({server_setting('authorized_keys_file')}){hook}"
             )
 
     def statistics(self) -> list[TunnelStatistics]:

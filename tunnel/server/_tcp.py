@@ -19,6 +19,7 @@ from .._mux import StreamError
 from .._pipe import pipe
 from .._protocol.handshake import REPLACED_CLOSE_CODE
 from .._protocol.headers import header_value
+from .._settings import server_setting
 from ._access import Denied
 from ._registry import AgentSession, HostInUse, Registry
 
@@ -141,9 +142,10 @@ async def _connection(
         log = logger.debug if slots.warned else logger.warning
         slots.warned = True
         log(
-            "TCP tunnel %s refuses connections beyond %d open at once (max_tcp_connections)",
+            "TCP tunnel %s refuses connections beyond %d open at once (%s)",
             session.key,
             slots.limiter.total_tokens,
+            server_setting("max_tcp_connections"),
         )
         await trio.aclose_forcefully(socket)
         return
