@@ -64,11 +64,13 @@ MAX_HEADER_BLOCK: Final = 256 << 10
 #: few a minute, and each costs us an answer to queue.
 MAX_CONTROL_FRAMES_PER_SECOND: Final = 100
 #: Frames that cost the peer nothing and ask for nothing, but cost us work:
-#: WINDOW_UPDATE on the connection (each wakes every stream waiting to send),
-#: PRIORITY and frames of unknown types. Our own peer sends a connection
-#: WINDOW_UPDATE per half window acknowledged (a few a second at full speed,
-#: more only when the window runs dry) and never the others.
+#: WINDOW_UPDATE on the connection that unblocks nothing, PRIORITY and frames
+#: of unknown types. An h2 peer sends such a WINDOW_UPDATE per half window it
+#: acknowledged (a few a second at full speed) and never the others.
 MAX_FREE_FRAMES_PER_SECOND: Final = 1000
+#: h2 never opens a window by less (it waits for 1 KiB acknowledged); an
+#: update of a few bytes only makes us wake every waiting stream to send them.
+MIN_USEFUL_WINDOW_UPDATE: Final = 1024
 #: The HPACK table our encoder keeps for the peer, whatever larger size it
 #: announces (SETTINGS_HEADER_TABLE_SIZE): HTTP/2's default. A larger table
 #: saves a few bytes per request and costs memory per connection; a peer
@@ -783,8 +785,16 @@ class Mux:
                 if stream is not None and stream._window is not None:
                     stream._window.set()
             else:
-                self._free_frames.count()
-                self._wake_all_senders()
+                # Only an update that opens the connection's window from
+                # nothing can unblock a sender, and an h2 peer sends those only
+                # once we sent all it allowed, so they cost it data. The rest
+                # (and slivers) only cost us: they count as free frames.
+                delta = event.delta or 0
+                opened = self._conn.outbound_flow_control_window - delta <= 0
+                if not opened or delta < MIN_USEFUL_WINDOW_UPDATE:
+                    self._free_frames.count()
+                if opened:
+                    self._wake_all_senders()
         elif isinstance(
             event,
             h2.events.PriorityUpdated
