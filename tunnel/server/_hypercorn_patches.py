@@ -35,6 +35,13 @@ Reading up to 256 KiB at once took an upload through the tunnel from 42 to
 ``websocket.disconnect`` with code 1006 whenever the client starts the closing
 handshake, whatever code the client sent. A tunnel must carry that code to the
 local service, so the fix passes the client's code and reason on instead.
+
+**A WebSocket's app may be sent 10 whole messages ahead.** Hypercorn 0.18
+queues up to ``max_app_queue_size`` messages of up to
+``websocket_max_message_size`` each for a WebSocket's app, hundreds of MiB per
+visitor towards a slow local service. The fix (the same ``spawn_app``) bounds
+the queue in bytes (``set_websocket_buffer``), counting the message the app
+holds until it asks for the next one.
 """
 
 from __future__ import annotations
