@@ -108,9 +108,9 @@ def bench(session: nox.Session) -> None:
     benchmarks/README.rst for what each number means.
     """
     # The benchmark needs the package's own dependencies (trio, Hypercorn) and
-    # matplotlib for its chart, which the package itself never imports; wrk is
-    # a system tool, not a Python package.
-    session.install("-e", ".", "matplotlib")
+    # matplotlib for its chart and grpcio for its gRPC phase, which the package
+    # itself never imports; wrk is a system tool, not a Python package.
+    session.install("-e", ".", "matplotlib", "grpcio")
     session.run("python", "benchmarks/bench.py", *session.posargs)
 
 

@@ -143,6 +143,7 @@ async def _agent(args: argparse.Namespace) -> None:
         connect_timeout=args.connect_timeout,
         backoff_initial=args.backoff,
         backoff_max=args.backoff_max,
+        local_protocol=args.local_protocol,
     )
     client = tunnel.Client(config)
     async with trio.open_nursery() as nursery:
@@ -175,6 +176,7 @@ def main() -> None:
     agent.add_argument("--connect-timeout", type=float, default=10.0)
     agent.add_argument("--backoff", type=float, default=0.05)
     agent.add_argument("--backoff-max", type=float, default=0.2)
+    agent.add_argument("--local-protocol", default="auto")
     args = parser.parse_args()
     with contextlib.suppress(KeyboardInterrupt):
         trio.run(_server if args.command == "server" else _agent, args)

@@ -187,6 +187,26 @@ def _parser() -> argparse.ArgumentParser:
         "(the server balances requests between them)",
     )
     http.add_argument(
+        "--local-protocol",
+        choices=["http1", "h2c", "h2", "auto"],
+        help="how to speak to the local service: HTTP/1.1, HTTP/2 in cleartext (h2c, as "
+        "gRPC servers listen), HTTP/2 over TLS (h2), or auto (default): HTTP/1.1, and "
+        "HTTP/2 for gRPC when the service speaks it",
+    )
+    http.add_argument(
+        "--local-tls",
+        action="store_true",
+        default=None,
+        help="speak TLS to the local service (implied by --local-protocol h2)",
+    )
+    http.add_argument("--local-ca-file", help="PEM file of CAs to trust for the local service")
+    http.add_argument(
+        "--local-insecure-skip-verify",
+        action="store_true",
+        default=None,
+        help="accept any TLS certificate from the local service",
+    )
+    http.add_argument(
         "--log-requests",
         action="store_true",
         help="when output is not a terminal, print a line per request too",
@@ -352,13 +372,19 @@ async def _run_agent(args: argparse.Namespace) -> int:
         inspector=None if tcp else args.inspector,
         observer=recorder,
         pool=None if tcp else args.pool,
+        local_protocol=None if tcp else args.local_protocol,
+        local_tls=None if tcp else args.local_tls,
+        local_ca_file=None if tcp else args.local_ca_file,
+        local_insecure_skip_verify=None if tcp else args.local_insecure_skip_verify,
     )
     if tcp or args.no_inspector:
         config = dataclasses.replace(config, inspector=None)
     elif config.inspector is None:
         config = dataclasses.replace(config, inspector=DEFAULT_INSPECTOR)
     client = Client(config)
-    target = f"{'tcp' if tcp else 'http'}://{config.local_host}:{config.port}"
+    tls = config.local_tls or config.local_protocol == "h2"
+    scheme = "tcp" if tcp else "https" if tls else "http"
+    target = f"{scheme}://{config.local_host}:{config.port}"
     async with trio.open_nursery() as nursery:
 
         async def report() -> None:

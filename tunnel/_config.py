@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, fields
 from functools import partial
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 from ._exceptions import ConfigError
 from ._protocol.hosts import normalize_host
@@ -471,6 +471,19 @@ class ClientConfig:
             key) and set ``pool`` too: the server sends each request to the
             least busy of them, and when one leaves the others take its share.
             Without it, a newer agent for the host replaces the older one.
+        local_protocol: How the agent speaks to the local service: ``"http1"``
+            (HTTP/1.1), ``"h2c"`` (HTTP/2 with prior knowledge over cleartext, as
+            gRPC servers listen), ``"h2"`` (HTTP/2 over TLS, agreed with ALPN) or
+            ``"auto"``: HTTP/1.1, except for requests that need HTTP/2 (gRPC, or
+            a visitor that asked for trailers with ``TE: trailers``) when the
+            local service speaks it (tried once with prior knowledge, then
+            remembered).
+        local_tls: Speak TLS to the local service (implied by ``"h2"``); with
+            ``"http1"`` or ``"auto"`` that is HTTP/1.1 over TLS.
+        local_ca_file: A PEM file of certificate authorities to trust for the
+            local service's certificate.
+        local_insecure_skip_verify: Accept any certificate from the local
+            service (a self-signed one on 127.0.0.1, say).
     """
 
     address: str
@@ -501,9 +514,14 @@ class ClientConfig:
     inspector: str | None = None
     observer: Observer | None = None
     pool: bool = False
+    local_protocol: Literal["http1", "h2c", "h2", "auto"] = "auto"
+    local_tls: bool = False
+    local_ca_file: str | os.PathLike[str] | None = None
+    local_insecure_skip_verify: bool = False
 
     def __post_init__(self) -> None:
         server = parse_server_address(self.address)
+        _check_local_protocol(self)
         if self.pool and self.tcp:
             raise ConfigError(
                 f"{client_setting('pool')} works for HTTP tunnels only: a TCP tunnel's "
@@ -598,3 +616,29 @@ class ClientConfig:
         """The host name this agent claims (``host``, or the server's name)."""
         assert self.host is not None  # set in __post_init__
         return self.host
+
+
+LOCAL_PROTOCOLS: Final = ("http1", "h2c", "h2", "auto")
+
+
+def _check_local_protocol(config: ClientConfig) -> None:
+    protocol = client_setting("local_protocol")
+    if config.local_protocol not in LOCAL_PROTOCOLS:
+        raise ConfigError(
+            f"{protocol} {config.local_protocol!r}: give one of "
+            + ", ".join(repr(name) for name in LOCAL_PROTOCOLS)
+        )
+    if config.local_protocol == "h2c" and config.local_tls:
+        raise ConfigError(
+            f"{protocol} 'h2c' is HTTP/2 without TLS, but {client_setting('local_tls')} is "
+            f"set; for HTTP/2 over TLS give {protocol} 'h2'"
+        )
+    if config.tcp and (config.local_tls or config.local_protocol in ("h2c", "h2")):
+        raise ConfigError(
+            f"{protocol} and {client_setting('local_tls')} are for HTTP tunnels; a TCP tunnel "
+            "carries the local service's bytes as they are"
+        )
+    if config.local_ca_file is not None and not os.path.isfile(config.local_ca_file):
+        raise ConfigError(
+            f"{client_setting('local_ca_file')}: no file at {os.fspath(config.local_ca_file)!r}"
+        )

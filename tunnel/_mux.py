@@ -792,7 +792,7 @@ class Mux:
                 delta = event.delta or 0
                 opened = self._conn.outbound_flow_control_window - delta <= 0
                 if not opened or delta < MIN_USEFUL_WINDOW_UPDATE:
-                    self._free_frames.count()
+                    self._count_free_frame()
                 if opened:
                     self._wake_all_senders()
         elif isinstance(
@@ -801,11 +801,11 @@ class Mux:
             | h2.events.UnknownFrameReceived
             | h2.events.AlternativeServiceAvailable,
         ):
-            self._free_frames.count()
+            self._count_free_frame()
         elif isinstance(event, h2.events.PingReceived):
-            self._control_frames.count()
+            self._count_control_frame()
         elif isinstance(event, h2.events.RemoteSettingsChanged):
-            self._control_frames.count()
+            self._count_control_frame()
             self._clamp_header_table()
             self._settings_received.set()
             self._wake_all_senders()
@@ -837,6 +837,12 @@ class Mux:
         unsent = len(getattr(self._conn, "_data_to_send", b"")) - self._queued
         if unsent > MAX_UNREAD_ANSWERS:
             raise _Abuse("the peer stopped reading while its frames kept asking for answers")
+
+    def _count_control_frame(self) -> None:
+        self._control_frames.count()
+
+    def _count_free_frame(self) -> None:
+        self._free_frames.count()
 
     def _clamp_header_table(self) -> None:
         # h2 has just sized our encoder's table to what the peer allows. Any

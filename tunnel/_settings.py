@@ -80,6 +80,10 @@ CLIENT_FLAGS: dict[str, str] = {
     "pool": "--pool",
     "remote_port": "--remote-port",
     "tcp": "'tunnel tcp'",
+    "local_protocol": "--local-protocol",
+    "local_tls": "--local-tls",
+    "local_ca_file": "--local-ca-file",
+    "local_insecure_skip_verify": "--local-insecure-skip-verify",
 }
 
 _FLAGS = {"ServerConfig": SERVER_FLAGS, "ClientConfig": CLIENT_FLAGS}

@@ -49,6 +49,7 @@ from ._observe import Observer, Recorder, agent_observers
 from ._progress import ReconnectWait
 from ._state import ClientState
 from ._upstream import LocalPool, answer_error, forward
+from ._upstream_h2 import LocalH2, forward_h2, local_ssl_context, needs_h2
 from ._upstream_raw import forward_tcp, forward_websocket
 
 __all__ = ["Client", "open_tunnel"]
@@ -136,7 +137,33 @@ class Client:
             config.port,
             max_idle=config.local_pool_size,
             connect_timeout=config.local_connect_timeout,
+            ssl_context=(
+                local_ssl_context(
+                    config.local_ca_file, config.local_insecure_skip_verify, ["http/1.1"]
+                )
+                if config.local_tls or config.local_protocol == "h2"
+                else None
+            ),
         )
+        #: HTTP/2 to the local service, unless it is only ever spoken HTTP/1.1 to.
+        self._local_h2: LocalH2 | None = None
+        if config.local_protocol != "http1" and not config.tcp:
+            tls = config.local_protocol == "h2" or config.local_tls
+            self._local_h2 = LocalH2(
+                config.local_host,
+                config.port,
+                ssl_context=(
+                    local_ssl_context(
+                        config.local_ca_file,
+                        config.local_insecure_skip_verify,
+                        # auto may land on HTTP/1.1 over the same TLS; h2 must not.
+                        ["h2"] if config.local_protocol == "h2" else ["h2", "http/1.1"],
+                    )
+                    if tls
+                    else None
+                ),
+                connect_timeout=config.local_connect_timeout,
+            )
         self._observer: Observer | None
         self._observer, self._recorder = agent_observers(
             config.observer, inspector=config.inspector is not None
@@ -272,6 +299,8 @@ class Client:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                if self._local_h2 is not None:
+                    await nursery.start(self._local_h2.serve)
                 await self._slot_loop(0)
                 # Slot 0 ends only when the agent does; the others go with it.
                 nursery.cancel_scope.cancel()
@@ -653,6 +682,11 @@ class Client:
                     await forward_tcp(stream, self._pool)
                 else:
                     await answer_error(stream, 405, "This tunnel does not proxy CONNECT requests.")
+            elif self._local_h2 is not None and (
+                self.config.local_protocol != "auto"
+                or (needs_h2(stream.headers) and await self._local_h2.probe())
+            ):
+                await forward_h2(stream, self._local_h2, self._observer)
             else:
                 await forward(stream, self._pool, self._observer)
         except Exception:

@@ -67,7 +67,7 @@ async def replay(exchange: Exchange, recorder: Recorder, pool: LocalPool) -> Exc
 
 
 async def _exchange(pool: LocalPool, request: h11.Request, body: bytes, record: Exchange) -> None:
-    conn = LocalConnection(await pool.connect())
+    conn = LocalConnection(await pool.open())
     try:
         await conn.send(request)
         if body:

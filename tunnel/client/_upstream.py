@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import select
+import ssl
 from collections import deque
 from typing import TYPE_CHECKING
 
@@ -40,7 +41,7 @@ class LocalConnection:
 
     __slots__ = ("h11", "reused", "socket")
 
-    def __init__(self, socket: trio.SocketStream) -> None:
+    def __init__(self, socket: trio.abc.Stream) -> None:
         self.socket = socket
         self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=64 * 1024)
         self.reused = False
@@ -59,28 +60,44 @@ class LocalConnection:
             if event is not h11.NEED_DATA:
                 return event  # type: ignore[return-value]
             data = await self.socket.receive_some(RECEIVE_SIZE)
-            self.h11.receive_data(data)
+            self.h11.receive_data(bytes(data))
 
     def stale(self) -> bool:
         """Whether an idle connection was closed (or spoke) while it sat in the pool."""
         # poll, not select: select cannot watch descriptors above 1023, which a
         # busy agent reaches.
         poller = select.poll()
+        raw = (
+            self.socket.transport_stream if isinstance(self.socket, trio.SSLStream) else self.socket
+        )
         try:
-            poller.register(self.socket.socket.fileno(), select.POLLIN)
+            assert isinstance(raw, trio.SocketStream)
+            poller.register(raw.socket.fileno(), select.POLLIN)
             return bool(poller.poll(0))
         except (OSError, ValueError):
             return True
 
 
 class LocalPool:
-    """Keep-alive connections to ``host:port``, at most ``max_idle`` kept idle."""
+    """Keep-alive connections to ``host:port``, at most ``max_idle`` kept idle.
 
-    def __init__(self, host: str, port: int, *, max_idle: int, connect_timeout: float) -> None:
+    With ``ssl_context`` the HTTP/1.1 connections speak TLS (``local_tls``).
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        max_idle: int,
+        connect_timeout: float,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
         self.host = host
         self.port = port
         self.max_idle = max_idle
         self.connect_timeout = connect_timeout
+        self.ssl_context = ssl_context
         self._idle: deque[LocalConnection] = deque()
 
     @property
@@ -96,7 +113,27 @@ class LocalPool:
                 conn.reused = True
                 return conn
             await conn.socket.aclose()
-        return LocalConnection(await self.connect())
+        return LocalConnection(await self.open())
+
+    async def open(self) -> trio.abc.Stream:
+        """A new connection for HTTP/1.1: TLS-wrapped when ``ssl_context`` is set.
+
+        Raises:
+            LocalFailure: As for :meth:`connect`, or the TLS handshake failed.
+        """
+        tcp = await self.connect()
+        if self.ssl_context is None:
+            return tcp
+        tls = trio.SSLStream(tcp, self.ssl_context, server_hostname=self.host)
+        try:
+            with trio.fail_after(self.connect_timeout):
+                await tls.do_handshake()
+        except (trio.TooSlowError, OSError, trio.BrokenResourceError) as exc:
+            await trio.aclose_forcefully(tcp)
+            raise LocalFailure(
+                502, f"TLS with the local service at {self.label} failed: {exc!s}."
+            ) from None
+        return tls
 
     async def connect(self) -> trio.SocketStream:
         """A new connection to the local service.

@@ -62,6 +62,8 @@ from wsproto.connection import ConnectionState
 from wsproto.events import BytesMessage, CloseConnection, Message, Ping
 from wsproto.frame_protocol import CloseReason
 
+from ._hypercorn_h2 import fix_http2_responses
+
 __all__ = [
     "DEFAULT_WEBSOCKET_BUFFER",
     "NotifyingReceive",
@@ -98,6 +100,7 @@ def apply_hypercorn_patches() -> None:
     if version.startswith(_VERIFIED_SPAWN_APP):
         _notify_disconnect()
         _bound_websocket_queues()
+    fix_http2_responses()
 
 
 class NotifyingReceive:

@@ -17,8 +17,10 @@ import trio
 
 from .._config import ServerConfig
 from .._mux import Stream, StreamError
+from .._protocol.grpc import is_grpc, split_trailers_only, status_for_reset, status_trailers
 from .._protocol.headers import Headers, declares_trailers, header_value, tunnel_request_headers
 from ._hooks import RequestInfo
+from ._hypercorn_h2 import RESET_CODE
 from ._hypercorn_patches import NotifyingReceive
 from ._limits import Pacer
 from ._pages import send_error_page
@@ -301,7 +303,45 @@ class _Exchange:
         # The clock for the response starts once the whole request is sent: a
         # long upload is no sign of a slow service.
         self.body_done = True
+        if self._grpc_call():
+            # A gRPC call carries its own deadline (grpc-timeout), which the
+            # client enforces by cancelling; a long call is no sign of a stuck
+            # service, and a 504 would reach the client as UNAVAILABLE.
+            return
         self.waiting.deadline = trio.current_time() + self.config.response_timeout
+
+    def _trailers_allowed(self) -> bool:
+        return (
+            "http.response.trailers" in self.scope.get("extensions", {})
+            and header_value(self.scope["headers"], b"te") == b"trailers"
+        )
+
+    def _grpc_call(self) -> bool:
+        return self._trailers_allowed() and is_grpc(self.scope["headers"])
+
+    async def _end_call(self, exc: StreamError, *, start: bool = False) -> None:
+        """End a gRPC call that the agent or the local service could not finish."""
+        lost = self.session.mux.closed_reason is not None
+        code = status_for_reset(exc.code, connection_lost=lost)
+        host = self.session.host
+        message = (
+            f"tunnel: the agent for {host} is unavailable: {exc.reason}"
+            if lost
+            else f"tunnel: the service behind {host} ended the call: {exc.reason}"
+        )
+        if start:
+            await self.send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [(b"content-type", b"application/grpc")],
+                    "trailers": True,
+                }
+            )
+        await self.send({"type": "http.response.body", "body": b"", "more_body": False})
+        await self.send(
+            {"type": "http.response.trailers", "headers": status_trailers(code, message)}
+        )
 
     def _unread(self) -> Headers:
         """``Connection: close`` when we answer before reading the whole body."""
@@ -329,6 +369,8 @@ class _Exchange:
         except StreamError as exc:
             if self.refusal is not None:
                 await send_error_page(send, *self.refusal, _closing(self.scope))
+            elif self._grpc_call():
+                await self._end_call(exc, start=True)
             else:
                 await send_error_page(
                     send,
@@ -355,11 +397,25 @@ class _Exchange:
                 send, 502, f"The agent for {session.host} sent an invalid response status."
             )
             return
-        trailers = (
-            "http.response.trailers" in self.scope.get("extensions", {})
-            and header_value(self.scope["headers"], b"te") == b"trailers"
-            and declares_trailers(response_headers)
-        )
+        # gRPC responses carry their status in trailers without announcing them
+        # with a Trailer header; Hypercorn sends trailers only over HTTP/2 (where
+        # the extension is offered) to a visitor that sent TE: trailers.
+        grpc = self._trailers_allowed() and is_grpc(response_headers)
+        trailers = grpc or (self._trailers_allowed() and declares_trailers(response_headers))
+        if grpc and stream.headers_ended:
+            # Trailers-only (a gRPC error): the status and metadata are trailers.
+            response_headers, trailing = split_trailers_only(response_headers)
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": status,
+                    "headers": response_headers,
+                    "trailers": True,
+                }
+            )
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            await send({"type": "http.response.trailers", "headers": trailing})
+            return
         await send(
             {
                 "type": "http.response.start",
@@ -381,10 +437,16 @@ class _Exchange:
                 await send({"type": "http.response.body", "body": data, "more_body": not finished})
                 stream.acknowledge()
         except StreamError as exc:
-            # The status is sent already; the only honest signal left is to end
-            # the response without its final chunk, which Hypercorn does when we
-            # return.
             logger.info("response from %s cut short: %s", session.host, exc.reason)
+            if grpc:
+                # A gRPC client reads the end of its call from the trailers:
+                # the status it would have derived from the reset or lost link.
+                await self._end_call(exc)
+                return
+            # The status is sent already; the only honest signal left is to end
+            # the response without its final chunk: Hypercorn closes an HTTP/1
+            # connection, and (fixed) resets an HTTP/2 stream with the agent's code.
+            self.scope[RESET_CODE] = exc.code
             return
         if trailers:
             await send(
