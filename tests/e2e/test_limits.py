@@ -226,10 +226,11 @@ async def test_a_body_slower_than_the_minimum_rate_gets_408(
                     if i:
                         await trio.sleep(0.5)  # 2000 bytes a second
                     await paced.send(b"y" * 1000)
-                # A pause of 1.5 s (within request_idle_timeout) that the pace
-                # has earned: 2 s of request_idle_timeout, plus 3 s for 3000
-                # bytes, minus the 1 s already spent waiting.
-                await trio.sleep(1.5)
+                # A pause of 1.2 s, within request_idle_timeout, that only the
+                # pace has earned: 2 s of request_idle_timeout, plus 3 s for
+                # 3000 bytes, minus the 1 s already spent waiting (without
+                # those 3 s, 1 s would be left).
+                await trio.sleep(1.2)
                 await paced.send(b"y" * 3000)
                 paced_status, _, _ = await paced.read_response()
     assert status == 408
