@@ -258,7 +258,8 @@ class Soak:
         async with self.visitor("steady.localhost") as http:
             for _ in range(300):
                 await http.get("/warm-up")
-        await trio.sleep(6)  # Hypercorn's keep-alive timeout closes the visitors
+        # Idle visitor connections last header_timeout (Hypercorn's keep-alive).
+        await trio.sleep(tunnel.ServerConfig().header_timeout + 1)
         rss_start, fds_start = rss_mib(server.pid), open_fds(server.pid)
 
         self.started = trio.current_time()

@@ -135,6 +135,36 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N",
         help="worker processes on the port, to use N cores (default 1); agents connect to each",
     )
+    server.add_argument(
+        "--max-websocket-message",
+        type=int,
+        metavar="BYTES",
+        help="largest WebSocket message relayed either way (default 1 MiB; 1009 above)",
+    )
+    server.add_argument(
+        "--max-websocket-buffer",
+        type=int,
+        metavar="BYTES",
+        help="bytes of a visitor's WebSocket messages held for a slower service (default 4 MiB)",
+    )
+    server.add_argument(
+        "--max-tcp-connections",
+        type=int,
+        metavar="N",
+        help="connections one TCP tunnel may have open at once (default 100)",
+    )
+    server.add_argument(
+        "--header-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="time a visitor has to send a request's headers (default 10)",
+    )
+    server.add_argument(
+        "--min-request-body-rate",
+        type=int,
+        metavar="BYTES",
+        help="slowest average bytes per second of a request body (default 500; 408 below)",
+    )
 
     http = commands.add_parser(
         "http",
@@ -300,6 +330,11 @@ async def _run_server(args: argparse.Namespace) -> int:
         metrics_address=args.metrics_address,
         access_log=args.access_log,
         workers=args.workers,
+        max_websocket_message=args.max_websocket_message,
+        max_websocket_buffer=args.max_websocket_buffer,
+        max_tcp_connections=args.max_tcp_connections,
+        header_timeout=args.header_timeout,
+        min_request_body_rate=args.min_request_body_rate,
     )
     await serve(config, shutdown_trigger=_terminated)
     return 0

@@ -217,6 +217,24 @@ class ServerConfig:
             worker, so each serves every tunnel; the handshake tells agents
             this number, so when you run :class:`~tunnel.TunnelApp` under your
             own Hypercorn, set it to Hypercorn's worker count.
+        max_websocket_message: The largest WebSocket message, in bytes, relayed
+            either way between a visitor and the local service; a larger one
+            closes that WebSocket with code 1009 (message too big).
+        max_websocket_buffer: The bytes of a visitor's WebSocket messages the
+            server holds while the local service (or the tunnel) is slower than
+            the visitor; the visitor is then read no faster. At least
+            ``max_websocket_message``.
+        max_tcp_connections: The public connections one TCP tunnel may have
+            open at once (per server process); more are closed at once.
+        header_timeout: Seconds a visitor's connection may take to send a
+            request's complete headers, from its opening or from the end of the
+            previous response (so also how long an idle keep-alive connection
+            is kept).
+        min_request_body_rate: The slowest average, in bytes per second, a
+            request body may arrive at: the body's deadline starts at
+            ``request_idle_timeout`` and grows by a second for each this many
+            bytes received, so a pause is fine once earned; a body behind it
+            is refused (408). ``None`` for no minimum.
     """
 
     address: str = "127.0.0.1:8000"
@@ -250,9 +268,15 @@ class ServerConfig:
     metrics_address: str | None = None
     access_log: bool = False
     workers: int = 1
+    max_websocket_message: int = 1 << 20
+    max_websocket_buffer: int = 4 << 20
+    max_tcp_connections: int = 100
+    header_timeout: float = 10.0
+    min_request_body_rate: int | None = 500
 
     def __post_init__(self) -> None:
         parse_listen_address(self.address)
+        self._check_visitor_limits()
         if (
             isinstance(self.workers, bool)
             or not isinstance(self.workers, int)
@@ -334,6 +358,32 @@ class ServerConfig:
             "graceful_timeout",
         ):
             _positive(server_setting(name), getattr(self, name))
+
+    def _check_visitor_limits(self) -> None:
+        def count(name: str, least: int) -> int:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ConfigError(
+                    f"{server_setting(name)} {value!r}: give a whole number, at least {least}"
+                )
+            return value
+
+        message = count("max_websocket_message", 1)
+        if count("max_websocket_buffer", 1) < message:
+            raise ConfigError(
+                f"{server_setting('max_websocket_buffer')} {self.max_websocket_buffer!r} is "
+                f"smaller than {server_setting('max_websocket_message')} {message!r}: the "
+                "buffer must hold at least one message; raise it or lower the message limit"
+            )
+        count("max_tcp_connections", 1)
+        _positive(server_setting("header_timeout"), self.header_timeout)
+        if self.min_request_body_rate is not None:
+            rate = self.min_request_body_rate
+            if isinstance(rate, bool) or not isinstance(rate, int) or rate < 1:
+                raise ConfigError(
+                    f"{server_setting('min_request_body_rate')} {rate!r}: give bytes per "
+                    "second, at least 1 (or None for no minimum)"
+                )
 
     def __reduce__(self) -> tuple[Any, tuple[()]]:
         # A copy for each server worker process; a mappingproxy cannot be

@@ -55,6 +55,11 @@ SERVER_FLAGS: dict[str, str] = {
     "metrics_address": "--metrics-address",
     "access_log": "--access-log",
     "workers": "--workers",
+    "max_websocket_message": "--max-websocket-message",
+    "max_websocket_buffer": "--max-websocket-buffer",
+    "max_tcp_connections": "--max-tcp-connections",
+    "header_timeout": "--header-timeout",
+    "min_request_body_rate": "--min-request-body-rate",
 }
 
 #: ``ClientConfig`` field → the ``tunnel http`` / ``tunnel tcp`` flag that sets it.

@@ -45,6 +45,7 @@ AGENT = ["http", "8080", "--server", "x:1", "--token", "t"]
         (["server", "--certificate", "missing.pem"], "give both --certificate and --key"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
         (["server", "--workers", "0"], "--workers 0: give a number of processes from 1"),
+        (["server", "--max-websocket-buffer", "10"], "--max-websocket-buffer 10 is smaller"),
         (["tcp", "22", "--server", "x:1", "--token", "t", "--pool"], "unrecognized arguments"),
         (
             ["server", "--tcp-ports", "70000-70001"],

@@ -61,6 +61,7 @@ def test_listen_address_bad(address: str) -> None:
         "keepalive_interval",
         "keepalive_timeout",
         "graceful_timeout",
+        "header_timeout",
     ],
 )
 @pytest.mark.parametrize("value", [0, -1.5, float("nan")])
@@ -68,6 +69,31 @@ def test_server_timeouts_must_be_positive(field: str, value: float) -> None:
     settings: dict[str, Any] = {field: value}
     with pytest.raises(tunnel.ConfigError, match=rf"ServerConfig\.{field} must be a positive"):
         tunnel.ServerConfig(**settings)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"max_websocket_message": 0}, r"ServerConfig\.max_websocket_message 0: give a whole"),
+        ({"max_websocket_message": 1.5}, r"ServerConfig\.max_websocket_message 1\.5: give"),
+        (
+            {"max_websocket_message": 2 << 20, "max_websocket_buffer": 1 << 20},
+            r"ServerConfig\.max_websocket_buffer 1048576 is smaller than "
+            r"ServerConfig\.max_websocket_message",
+        ),
+        ({"max_tcp_connections": 0}, r"ServerConfig\.max_tcp_connections 0: give a whole"),
+        ({"min_request_body_rate": 0}, r"ServerConfig\.min_request_body_rate 0: give bytes"),
+    ],
+)
+def test_server_visitor_limits_name_the_field(settings: dict[str, Any], message: str) -> None:
+    with pytest.raises(tunnel.ConfigError, match=message):
+        tunnel.ServerConfig(**settings)
+
+
+def test_server_visitor_limits_defaults() -> None:
+    config = tunnel.ServerConfig(min_request_body_rate=None)
+    assert config.min_request_body_rate is None
+    assert config.max_websocket_message <= config.max_websocket_buffer
 
 
 def test_certificate_needs_key(tmp_path: Path) -> None:

@@ -26,7 +26,7 @@ from .._exceptions import (
     is_permanent,
     rejection_for_status,
 )
-from .._mux import Mux, Stream
+from .._mux import MAX_MESSAGE, Mux, Stream
 from .._protocol.handshake import (
     AGENT_ID_HEADER,
     DISCONNECTED_CLOSE_CODE,
@@ -56,8 +56,11 @@ __all__ = ["Client", "open_tunnel"]
 
 logger = logging.getLogger("tunnel.client")
 
-#: Largest WebSocket message accepted from the server (it sends at most 1 MiB).
-MAX_MESSAGE_SIZE = 32 << 20
+#: Largest WebSocket message accepted from the server, which sends at most
+#: MAX_MESSAGE; the margin is for a server of another version. With the 4
+#: messages trio-websocket queues, what the agent holds unread stays near the
+#: HTTP/2 connection window instead of 160 MiB.
+MAX_MESSAGE_SIZE = 4 * MAX_MESSAGE
 #: trio-websocket's default of 4 KiB per read makes uploads crawl.
 RECEIVE_BUFFER_SIZE = 256 << 10
 #: How long closing the connection to the server may take.

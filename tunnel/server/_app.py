@@ -70,6 +70,7 @@ class TunnelApp:
         self.registry = Registry()
         self.access = AccessControl(self.config)
         self.limiter = Limiter(self.config)
+        self.registry.on_released = self.limiter.forget
         self._metrics = ServerMetrics(self.registry)
         self._telemetry = Telemetry(self.config, self._metrics)
         self._admin: AdminAPI | None = None

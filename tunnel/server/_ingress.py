@@ -44,6 +44,10 @@ class _TooLarge(Exception):
     """The visitor's body passed ``max_request_body``."""
 
 
+class _TooSlow(Exception):
+    """The visitor's body fell behind ``min_request_body_rate``."""
+
+
 async def forward_http(
     config: ServerConfig,
     session: AgentSession,
@@ -181,6 +185,13 @@ def _idle(config: ServerConfig) -> str:
     )
 
 
+def _too_slow(config: ServerConfig) -> str:
+    return (
+        f"The request body arrived slower than {config.min_request_body_rate} bytes per "
+        "second; the request was dropped."
+    )
+
+
 def _too_large(session: AgentSession, limit: int) -> str:
     return f"The request body is larger than the {limit} bytes that {session.host} accepts."
 
@@ -216,7 +227,12 @@ class _Exchange:
     ) -> None:
         """Send the visitor's body to the agent, then watch for the visitor leaving."""
         stream, limit, pacer = self.stream, self.config.max_request_body, self.pacer
+        idle, rate = self.config.request_idle_timeout, self.config.min_request_body_rate
         sent = 0
+        # Only the time spent waiting for the visitor counts against its rate:
+        # waits for the agent or the local service (backpressure) and for our
+        # own bandwidth limits are not the visitor's doing.
+        waited = 0.0
         try:
             while True:
                 if body or not more_body:
@@ -231,10 +247,18 @@ class _Exchange:
                         self._body_sent()
                 if not more_body:
                     break
-                with trio.move_on_after(self.config.request_idle_timeout) as waited:
+                timeout = idle
+                if rate is not None:
+                    # As mod_reqtimeout's MinRate: the body may take
+                    # request_idle_timeout, plus a second per ``rate`` bytes
+                    # it brought, so a pause is fine once it was earned.
+                    timeout = max(0.0, min(idle, idle + sent / rate - waited))
+                started = trio.current_time()
+                with trio.move_on_after(timeout) as stalled:
                     message = await self.receive()
-                if waited.cancelled_caught:
-                    raise trio.TooSlowError
+                waited += trio.current_time() - started
+                if stalled.cancelled_caught:
+                    raise _TooSlow if timeout < idle else trio.TooSlowError
                 if message["type"] == "http.disconnect":
                     raise _VisitorGone
                 body = message.get("body", b"")
@@ -244,13 +268,14 @@ class _Exchange:
             while (await self.receive())["type"] != "http.disconnect":
                 pass
             raise _VisitorGone
-        except (_TooLarge, trio.TooSlowError) as exc:
+        except (_TooLarge, _TooSlow, trio.TooSlowError) as exc:
             # The response side answers 413 or 408 if it has not started yet.
-            self.refusal = (
-                (413, _too_large(self.session, limit or 0))
-                if isinstance(exc, _TooLarge)
-                else (408, _idle(self.config))
-            )
+            if isinstance(exc, _TooLarge):
+                self.refusal = (413, _too_large(self.session, limit or 0))
+            elif isinstance(exc, _TooSlow):
+                self.refusal = (408, _too_slow(self.config))
+            else:
+                self.refusal = (408, _idle(self.config))
             if not stream.done:
                 stream.cancel(h2.errors.ErrorCodes.CANCEL)
         except StreamError:

@@ -16,8 +16,10 @@ from hypercorn.trio.run import worker_serve
 from hypercorn.utils import wrap_app
 
 from .._config import ServerConfig, parse_listen_address
+from .._mux import MAX_MESSAGE
 from ._app import ASGIApp, Message, Receive, Scope, Send, TunnelApp
 from ._hypercorn_guard import install_hypercorn_guard
+from ._hypercorn_patches import set_websocket_buffer
 from ._ledger import HostLedger
 from ._metrics import serve_metrics
 from ._workers import serve_workers
@@ -52,7 +54,15 @@ def hypercorn_config(config: ServerConfig) -> hypercorn.config.Config:
     hc.include_server_header = False
     hc.accesslog = None
     hc.errorlog = logging.getLogger("tunnel.server")
-    hc.websocket_max_message_size = 32 << 20
+    # Agents' messages (at most MAX_MESSAGE) pass the same check as visitors',
+    # which the tunnel enforces itself (see _ingress_ws.py). The margin lets an
+    # agent's frame over HTTP/2's limit be refused by the mux, with that reason,
+    # rather than by Hypercorn with a bare 1009.
+    hc.websocket_max_message_size = max(config.max_websocket_message, 2 * MAX_MESSAGE)
+    set_websocket_buffer(hc, config.max_websocket_buffer)
+    # Hypercorn's idle timer runs from a connection's start, or the end of a
+    # response, until the next request's headers are complete.
+    hc.keep_alive_timeout = config.header_timeout
     # Above our own header limit, so visitors get its clear 431 rather than
     # Hypercorn's bare 400.
     hc.h11_max_incomplete_size = max(64 << 10, 2 * config.max_header_bytes)
