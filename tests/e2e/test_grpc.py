@@ -9,6 +9,7 @@ prior knowledge (or TLS) and names ``app.localhost`` as ``:authority``.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import http.server
 import os
@@ -587,6 +588,78 @@ async def test_one_connection_within_the_services_stream_limit_replaced_when_los
     finally:
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(service.stop)
+
+
+class _RefusingService:
+    """A bare h2c service: refuses its first ``refuse`` streams once each whole
+    request arrived (as a busy gRPC server does), then echoes the body."""
+
+    def __init__(self, refuse: int) -> None:
+        self.refuse = refuse
+        self.bodies: list[bytes] = []
+
+    async def handle(self, socket: trio.SocketStream) -> None:
+        conn = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=False, header_encoding=None)
+        )
+        conn.initiate_connection()
+        await socket.send_all(conn.data_to_send())
+        bodies: dict[int, bytes] = {}
+        while data := await socket.receive_some(1 << 16):
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.RequestReceived):
+                    bodies[event.stream_id] = b""
+                elif isinstance(event, h2.events.DataReceived):
+                    bodies[event.stream_id] += event.data
+                    conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                elif isinstance(event, h2.events.StreamEnded):
+                    body = bodies.pop(event.stream_id)
+                    self.bodies.append(body)
+                    if len(self.bodies) <= self.refuse:
+                        conn.reset_stream(event.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+                    else:
+                        conn.send_headers(event.stream_id, [(b":status", b"200")])
+                        conn.send_data(event.stream_id, body, end_stream=True)
+            await socket.send_all(conn.data_to_send())
+
+
+@pytest.mark.parametrize("size", [0, 1000, 65536])
+async def test_a_refused_stream_is_sent_again_with_its_body(
+    tunnel_server, open_agent, visitor, nursery, size
+):
+    # REFUSED_STREAM means "never processed": the agent sends the request
+    # again, body included, and the visitor never learns of the refusal.
+    service = _RefusingService(refuse=2)
+    listeners = await nursery.start(functools.partial(trio.serve_tcp, service.handle, 0, host="127.0.0.1"))
+    port = listeners[0].socket.getsockname()[1]
+    body = os.urandom(size)
+    with trio.fail_after(10):
+        async with (
+            open_agent(tunnel_server.port, port, local_protocol="h2c"),
+            visitor(tunnel_server.port) as http_client,
+        ):
+            response = await http_client.post("/echo", content=body)
+    assert response.status_code == 200
+    assert response.content == body
+    assert service.bodies == [body] * 3
+
+
+async def test_a_refused_stream_with_a_body_too_big_to_keep_is_not_sent_again(
+    tunnel_server, open_agent, visitor, nursery
+):
+    service = _RefusingService(refuse=1)
+    listeners = await nursery.start(functools.partial(trio.serve_tcp, service.handle, 0, host="127.0.0.1"))
+    port = listeners[0].socket.getsockname()[1]
+    with trio.fail_after(10):
+        async with (
+            open_agent(tunnel_server.port, port, local_protocol="h2c"),
+            visitor(tunnel_server.port) as http_client,
+        ):
+            response = await http_client.post("/echo", content=os.urandom(65537))
+            assert response.status_code == 502
+            # The next request is served as usual.
+            assert (await http_client.post("/echo", content=b"next")).content == b"next"
+    assert len(service.bodies) == 2
 
 
 class _BigDownload:

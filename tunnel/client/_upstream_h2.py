@@ -15,6 +15,11 @@ hot path hold on this hop too:
 * The connection is opened on first use, shared until it goes away (GOAWAY,
   a lost socket), then replaced by the next request that needs one. New streams
   wait while the local service's ``MAX_CONCURRENT_STREAMS`` is reached.
+* A stream the local service refuses (``REFUSED_STREAM``, or above the last
+  stream id of its GOAWAY) was never processed, as HTTP/2 promises, so it is
+  sent again while its request body read so far is small enough to keep.
+  grpcio servers refuse a stream that comes right after one ended while they
+  still count that one against their ``MAX_CONCURRENT_STREAMS``.
 """
 
 from __future__ import annotations
@@ -49,6 +54,10 @@ RECEIVE_SIZE: Final = 256 << 10
 #: Streams the local service may open towards us: none (it is the server), but
 #: h2 needs a number, and 0 would be taken as "no streams at all" by some peers.
 PEER_STREAMS: Final = 100
+#: Times a request refused by the local service is sent in all.
+ATTEMPTS: Final = 4
+#: Request body kept for sending again after a refusal; past it, a refusal is final.
+REPLAY_LIMIT: Final = 64 << 10
 
 
 def needs_h2(headers: Sequence[tuple[bytes, bytes]]) -> bool:
@@ -340,15 +349,34 @@ async def forward_h2(stream: Stream, local: LocalH2, observer: Observer | None =
             header_value(headers, b":path") or b"/",
             [(k, v) for k, v in headers if not k.startswith(b":")],
         )
+    body = _RequestBody(ended=stream.headers_ended)
     upstream: Stream | None = None
     with stream.cancel_scope as scope:
         try:
-            upstream = await local.open_stream(headers, end_stream=stream.headers_ended)
-            await _exchange(stream, upstream, record)
+            for attempt in range(1, ATTEMPTS + 1):
+                upstream = await local.open_stream(headers, end_stream=body.empty)
+                try:
+                    await _exchange(stream, upstream, body, record)
+                    break
+                except _Refused:
+                    if attempt == ATTEMPTS:
+                        raise
+                    logger.debug(
+                        "the local service %s refused a stream; sending it again", local.label
+                    )
+                    # A refusal says "not now": give the stream it still counts
+                    # a moment to end, then try again (a fresh connection if
+                    # the old one is going away).
+                    await trio.sleep(0.01 * attempt)
         except LocalFailure as failure:
             if record is not None:
                 record.ended(failure.detail, status=failure.status)
             await answer_error(stream, failure.status, failure.detail)
+        except _Refused as refused:
+            if not stream.done:
+                stream.cancel(refused.error.code)
+            if record is not None:
+                record.ended(f"the local service reset the stream: {refused.error.reason}")
         except StreamError as exc:
             if record is not None:
                 record.ended(f"the stream was reset: {exc.reason}")
@@ -366,19 +394,68 @@ async def forward_h2(stream: Stream, local: LocalH2, observer: Observer | None =
         stream.cancel()
 
 
-async def _exchange(stream: Stream, upstream: Stream, record: ExchangeObserver | None) -> None:
+class _Refused(Exception):
+    """The local service refused the stream before any work began; it may be sent again."""
+
+    def __init__(self, error: StreamError) -> None:
+        super().__init__(error.reason)
+        self.error = error
+
+
+class _RequestBody:
+    """The request body read from the tunnel so far, kept while small for a second try."""
+
+    __slots__ = ("chunks", "ended", "replayable", "size", "trailers")
+
+    def __init__(self, *, ended: bool) -> None:
+        self.chunks: list[bytes] = []
+        self.size = 0
+        #: Whether ``chunks`` still hold everything read (nothing dropped).
+        self.replayable = True
+        #: Whether the tunnel stream's body has been read to its end.
+        self.ended = ended
+        self.trailers: Headers | None = None
+
+    @property
+    def empty(self) -> bool:
+        """Whether the request has nothing after its headers."""
+        return self.ended and not self.size and self.trailers is None
+
+    def keep(self, data: bytes) -> None:
+        if not self.replayable:
+            return
+        if self.size + len(data) > REPLAY_LIMIT:
+            self.replayable = False
+            self.chunks.clear()
+            return
+        self.chunks.append(data)
+        self.size += len(data)
+
+
+async def _exchange(
+    stream: Stream, upstream: Stream, body: _RequestBody, record: ExchangeObserver | None
+) -> None:
     # The tunnel stream's own end (a reset by the server) comes out as itself,
     # after the nursery, rather than wrapped in an exception group.
     tunnel_reset: StreamError | None = None
+    refused: _Refused | None = None
     async with trio.open_nursery() as nursery:
-        if not stream.headers_ended:
-            nursery.start_soon(_send_request_body, stream, upstream, record)
+        if not body.empty:
+            nursery.start_soon(_send_request_body, stream, upstream, body, record)
         try:
             await _relay_response(stream, upstream, record)
         except StreamError as exc:
             nursery.cancel_scope.cancel()
             if upstream.reset is not exc:
                 tunnel_reset = exc
+            elif (
+                exc.code == h2.errors.ErrorCodes.REFUSED_STREAM
+                and upstream.headers is None
+                and body.replayable
+            ):
+                # Never processed (RFC 9113 section 8.7), and everything sent
+                # is still here: the caller sends it again.
+                refused = _Refused(exc)
             else:
                 # The local service reset its stream: reset ours with its code,
                 # so the visitor learns how it ended (CANCEL, REFUSED_STREAM, ...).
@@ -396,6 +473,8 @@ async def _exchange(stream: Stream, upstream: Stream, record: ExchangeObserver |
                     stream.cancel(h2.errors.ErrorCodes.NO_ERROR)
     if tunnel_reset is not None:
         raise tunnel_reset
+    if refused is not None:
+        raise refused
 
 
 async def _relay_response(
@@ -423,19 +502,25 @@ async def _relay_response(
 
 
 async def _send_request_body(
-    stream: Stream, upstream: Stream, record: ExchangeObserver | None
+    stream: Stream, upstream: Stream, body: _RequestBody, record: ExchangeObserver | None
 ) -> None:
     try:
-        while True:
+        # A second try first sends again what the first one had read.
+        for chunk in body.chunks:
+            await upstream.send_data(chunk)
+        while not body.ended:
             data = await stream.receive_data()
             if not data:
+                body.ended = True
+                body.trailers = stream.trailers
                 break
             if record is not None:
                 record.request_data(data)
+            body.keep(data)
             await upstream.send_data(data)
             stream.acknowledge()
-        if stream.trailers is not None:
-            upstream.send_headers(strip_hop_by_hop(stream.trailers), end_stream=True)
+        if body.trailers is not None:
+            upstream.send_headers(strip_hop_by_hop(body.trailers), end_stream=True)
         else:
             upstream.end()
     except StreamError:
