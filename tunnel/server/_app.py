@@ -17,6 +17,7 @@ from .._transport.masking import use_fast_masking
 from ._access import AccessControl
 from ._admin import AdminAPI
 from ._control import serve_agent
+from ._hypercorn_guard import install_hypercorn_guard
 from ._hypercorn_patches import apply_hypercorn_patches
 from ._ingress import forward_http
 from ._ingress_ws import forward_websocket
@@ -61,6 +62,9 @@ class TunnelApp:
     """
 
     def __init__(self, config: ServerConfig | None = None, *, fallback: ASGIApp | None = None):
+        # Here, not only in serve(): under the ``hypercorn`` command the app is
+        # all of ours that runs, and it is imported before any connection.
+        install_hypercorn_guard()
         apply_hypercorn_patches()
         # Hypercorn unmasks every byte agents send through wsproto; see masking.py.
         use_fast_masking()

@@ -31,8 +31,19 @@ The guard: a ``TCPServer`` subclass whose ``protocol_send`` treats this
 ``send_lock`` held, the only other sender is ``send_eof``, so the error means
 the connection is closing and nothing has been written yet. The subclass
 replaces the name ``TCPServer`` in ``hypercorn.trio.run``, where
-``worker_serve`` looks it up for each call. It is installed when :func:`serve`
-starts, not at import time. Installing it a second time does nothing.
+``worker_serve`` looks it up for each call. It is installed when a
+:class:`~tunnel.TunnelApp` is created (before Hypercorn's ``worker_serve``
+runs, also under the ``hypercorn`` command, which imports the app first) and
+when :func:`serve` starts, not at import time. Installing it a second time
+does nothing.
+
+Any other exception out of one connection (Hypercorn's
+``TCPServer.run``) would end ``serve`` the same way: the late-DATA
+``KeyError`` and the PRIORITY ``TooManyStreamsError`` that
+``_hypercorn_patches.py`` fixes were two. So the subclass's ``run`` also
+logs such an error with its traceback and ends only that connection: one
+visitor's bad bytes must never stop every tunnel, even through a Hypercorn
+bug nobody has found yet.
 
 The version pin: the guard applies to ``0.17 <= version < 0.19``. The crash
 was reproduced on 0.17.3 and 0.18.0 (and on 0.16.0, below our minimum), and
@@ -46,6 +57,7 @@ release and passes with it.
 from __future__ import annotations
 
 import importlib.metadata
+import logging
 import re
 
 import hypercorn.trio.run
@@ -55,11 +67,26 @@ from hypercorn.trio.tcp_server import TCPServer
 
 __all__ = ["install_hypercorn_guard"]
 
+logger = logging.getLogger("tunnel.server")
+
 _AFFECTED = ((0, 17), (0, 19))  # [first affected, first not known to be affected)
 
 
 class _GuardedTCPServer(TCPServer):
     """Hypercorn's per-connection server, in which a send racing ``send_eof`` is a close."""
+
+    async def run(self) -> None:
+        try:
+            await super().run()
+        except* Exception as group:
+            # Hypercorn's own run() has already closed the connection (its
+            # ``finally``); cancellation, in a group with these or alone,
+            # goes on up as it must.
+            for exc in group.exceptions:
+                logger.error(
+                    "an HTTP connection failed inside Hypercorn; closed it, the server goes on",
+                    exc_info=exc,
+                )
 
     async def protocol_send(self, event: Event) -> None:
         try:
