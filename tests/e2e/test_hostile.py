@@ -1485,19 +1485,16 @@ async def test_control_path_on_a_tunnel_host_is_the_tunnels(
     assert server.hosts() == [GOOD]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="by design for now: agents dial their own tunnel host, so the server answers "
-    "<control_path>/challenge on every host; forwarding it needs an agent marker first",
-)
 async def test_challenge_path_on_a_tunnel_host_is_the_tunnels(
     server: Server, good: RecordingService, good_http: httpx.AsyncClient
 ) -> None:
     """``<control path>/challenge`` under a tunnel's host is also the tunnel's path.
 
-    The server answers it itself instead (a 404 "does not accept public
-    keys", or with keys on, a fresh nonce per request: any visitor can mint
-    them, and 10 000 evict a legitimate agent's pending challenge).
+    The server used to answer it itself (a 404 "does not accept public
+    keys", or with keys on, a fresh nonce per request: any visitor could mint
+    them, and 10 000 evict a legitimate agent's pending challenge). Only an
+    agent's request, which names the protocol in ``tunnel-challenge``, is the
+    server's.
     """
     with trio.fail_after(10):
         answer = await good_http.get("/_tunnel/challenge")
