@@ -36,6 +36,7 @@ import hyperframe.frame
 import trio
 from hyperframe.frame import DataFrame, Frame, RstStreamFrame
 
+from ._compat import H2_FRAME_READER, HYPERFRAME_REPR
 from ._h2settings import compact_header_tables, compact_settings
 from ._protocol.headers import Headers
 from ._transport import ABNORMAL_CLOSURE, MessageTransport, TransportClosed
@@ -220,7 +221,7 @@ def _raw_data_repr(data: bytes | None) -> str:
     return "<hex:" + shown + ("..." if len(data) > 10 else "") + ">"
 
 
-if hasattr(hyperframe.frame, "_raw_data_repr"):
+if hasattr(hyperframe.frame, "_raw_data_repr") and HYPERFRAME_REPR.on:
     hyperframe.frame._raw_data_repr = _raw_data_repr
 
 
@@ -249,7 +250,7 @@ class _FrameBuffer(h2.frame_buffer.FrameBuffer):
 
 
 #: The h2 versions whose ``_receive_frame`` the copy in ``_Connection`` follows.
-_H2_RECEIVE_FRAME_VERIFIED: Final = h2.__version__.startswith("4.")
+_H2_RECEIVE_FRAME_VERIFIED: Final = H2_FRAME_READER.on
 
 
 class _Connection(h2.connection.H2Connection):

@@ -20,7 +20,6 @@ The swap is pinned to the wsproto versions whose masker it was checked against
 
 from __future__ import annotations
 
-import importlib.metadata
 import logging
 import os
 import struct
@@ -29,6 +28,8 @@ from typing import Any, Final
 
 import wsproto.frame_protocol
 from wsproto.frame_protocol import FrameProtocol, Opcode
+
+from .._compat import WSPROTO_MASKING
 
 __all__ = ["FastMasker", "use_fast_masking"]
 
@@ -42,7 +43,7 @@ except ImportError:  # a platform without a wheel, built without the extension
     apply_mask = None
 
 #: wsproto versions whose ``XorMaskerSimple`` this replaces, checked by the tests.
-_VERIFIED: Final = ("1.2.", "1.3.")
+_VERIFIED: Final = WSPROTO_MASKING.verified
 _applied = False
 #: wsproto's own masker, kept for the tests to compare against.
 _ORIGINAL: Final = wsproto.frame_protocol.XorMaskerSimple
@@ -109,9 +110,9 @@ def use_fast_masking() -> bool:
         current: Any = wsproto.frame_protocol.XorMaskerSimple
         return current is FastMasker
     _applied = True
-    version = importlib.metadata.version("wsproto")
-    if apply_mask is None or not version.startswith(_VERIFIED):
-        logger.debug("wsproto %s: WebSocket masking stays in pure Python", version)
+    if apply_mask is None or not WSPROTO_MASKING.on:
+        # An unverified wsproto is warned of by warn_fixes_off().
+        logger.debug("WebSocket masking stays in pure Python")
         return False
     # wsproto looks the class up by name each time it makes a masker (one per
     # frame, sending and receiving), so replacing the name is enough.

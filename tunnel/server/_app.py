@@ -10,6 +10,7 @@ from urllib.parse import unquote
 
 from prometheus_client import CollectorRegistry
 
+from .._compat import warn_fixes_off
 from .._config import ServerConfig
 from .._protocol.handshake import CHALLENGE_HEADER, CHALLENGE_SUFFIX, SUBPROTOCOL
 from .._protocol.headers import Headers, header_value
@@ -70,6 +71,7 @@ class TunnelApp:
         # all of ours that runs, and it is imported before any connection.
         install_hypercorn_guard()
         apply_hypercorn_patches()
+        warn_fixes_off()
         # Hypercorn unmasks every byte agents send through wsproto; see masking.py.
         use_fast_masking()
         self.config = config if config is not None else ServerConfig()

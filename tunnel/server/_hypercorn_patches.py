@@ -58,7 +58,6 @@ local service, so the fix passes the client's code and reason on instead.
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import logging
 from typing import Any
 
@@ -76,16 +75,18 @@ from wsproto.connection import ConnectionState
 from wsproto.events import BytesMessage, CloseConnection, Message, Ping
 from wsproto.frame_protocol import CloseReason
 
+from .._compat import HYPERCORN_DISCONNECT_NOTICE, HYPERCORN_FIXES
+
 __all__ = ["NotifyingReceive", "apply_hypercorn_patches"]
 
 logger = logging.getLogger("tunnel.server")
 
 #: Versions whose code the fixes below were written against and tested on.
-_VERIFIED = ("0.17.", "0.18.")
+_VERIFIED = HYPERCORN_FIXES.verified
 #: What Hypercorn's trio worker reads from a connection at once (it reads 64 KiB).
 READ_SIZE = 256 << 10
 #: Those whose ``TaskGroup.spawn_app`` the disconnect notice replaces.
-_VERIFIED_SPAWN_APP = ("0.18.",)
+_VERIFIED_SPAWN_APP = HYPERCORN_DISCONNECT_NOTICE.verified
 _applied = False
 
 
@@ -95,9 +96,8 @@ def apply_hypercorn_patches() -> None:
     if _applied:
         return
     _applied = True
-    version = importlib.metadata.version("hypercorn")
-    if not version.startswith(_VERIFIED):
-        logger.debug("Hypercorn %s: WebSocket close-code fix not applied", version)
+    # Off on other versions; warn_fixes_off() says so.
+    if not HYPERCORN_FIXES.on:
         return
     _fix_websocket_close_code()
     _fix_pathless_http2_request()
@@ -106,7 +106,7 @@ def apply_hypercorn_patches() -> None:
     if getattr(tcp_server, "MAX_RECV", None) == 1 << 16:
         tcp_server.MAX_RECV = READ_SIZE
     ws_stream.WebsocketBuffer = _JoiningBuffer  # type: ignore[misc]
-    if version.startswith(_VERIFIED_SPAWN_APP):
+    if HYPERCORN_DISCONNECT_NOTICE.on:
         _notify_disconnect()
 
 
