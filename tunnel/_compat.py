@@ -80,7 +80,8 @@ HYPERCORN_DISCONNECT_NOTICE: Final = Fix(
     "the visitor-left notice that saves a task per request "
     "(tunnel/server/_hypercorn_patches.py, NotifyingReceive)",
     "hypercorn",
-    ("0.18.",),
+    # spawn_app and _handle are the same in 0.17.0 to 0.18.0 but for typing.
+    ("0.17.", "0.18."),
 )
 H2_FRAME_READER: Final = Fix(
     "the copy of h2's frame reader without its per-frame trace log (tunnel/_mux.py)",

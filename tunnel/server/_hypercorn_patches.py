@@ -14,7 +14,7 @@ The fix refuses such a stream with ``RST_STREAM(PROTOCOL_ERROR)`` first.
 ASGI reports a disconnect solely as ``http.disconnect`` from ``receive()``, so
 relaying a response needed a second task per request, whose start,
 cancellation and join were a tenth of the server's task switches. With the fix
-(Hypercorn 0.18's trio worker), an HTTP app's ``receive`` is a
+(Hypercorn 0.17 and 0.18's trio worker), an HTTP app's ``receive`` is a
 :class:`NotifyingReceive`, whose ``on_disconnect`` callback Hypercorn calls as
 it queues ``http.disconnect``; apps that don't look see the plain ``receive``.
 
