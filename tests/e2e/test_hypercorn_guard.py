@@ -240,3 +240,35 @@ async def test_server_survives_priority_for_streams_never_opened(
             response = await http.get("/")
         assert response.status_code == 404
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+async def test_a_failure_inside_hypercorn_ends_only_its_connection(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The guard's safety net, for Hypercorn bugs not yet found: an exception out
+    of one connection is logged and closes that connection, and nothing else.
+    """
+    from hypercorn.protocol.h11 import H11Protocol
+
+    original = H11Protocol.handle
+
+    async def handle(self: Any, event: Any) -> None:
+        if getattr(event, "data", b"").startswith(b"BOOM"):
+            raise RuntimeError("a bug in Hypercorn")
+        await original(self, event)
+
+    monkeypatch.setattr(H11Protocol, "handle", handle)
+    with trio.fail_after(10):
+        config = tunnel.ServerConfig(address="127.0.0.1:0", tokens=frozenset({"s3cret"}))
+        urls = await nursery.start(tunnel.serve, config)
+        port = int(urls[0].rsplit(":", 1)[1])
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            await stream.send_all(b"BOOM / HTTP/1.1\r\n\r\n")
+            assert await stream.receive_some() == b""  # closed, unanswered
+        async with httpx.AsyncClient(base_url=urls[0], headers={"host": "x.localhost"}) as http:
+            assert (await http.get("/")).status_code == 404
+    (record,) = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert record.getMessage().startswith("an HTTP connection failed inside Hypercorn")
+    assert record.exc_info is not None
+    assert str(record.exc_info[1]) == "a bug in Hypercorn"
