@@ -32,7 +32,7 @@ CHUNKS = 64  # 1 MiB per response: far more than a visitor reads before it leave
 STREAMS = 8  # concurrent responses on each visitor's connection
 VISITORS = 16  # visitors at once
 ROUNDS = 10  # without the guard the server is down within the first round or two
-EMBEDDED_ROUNDS = 4  # through a tunnel, each round costs far more
+EMBEDDED_ROUNDS = 3  # through a tunnel, each round costs far more
 
 
 async def streaming_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -189,7 +189,8 @@ async def test_the_readme_deployment_under_the_hypercorn_command_survives(
     async with run(command(line, server=port), "hypercorn", cwd=tmp_path) as server:
         await server.line("Running on")
         agent = agent_config(port, int(local_url.rsplit(":", 1)[1]), host="emb.localhost")
-        with trio.fail_after(30):
+        # Some 5 s a round on a quiet machine, through a real tunnel.
+        with trio.fail_after(60):
             async with tunnel.open_tunnel(agent):
                 for round_ in range(EMBEDDED_ROUNDS):
                     async with trio.open_nursery() as visitors:
