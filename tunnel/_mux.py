@@ -212,9 +212,10 @@ class Stream:
 
 
 def _raw_data_repr(data: bytes | None) -> str:
-    # hyperframe's own, but hexing only the 10 bytes it shows: h2 formats every
-    # received frame for a trace log whether or not anyone logs, and hexing a
-    # whole 1 MiB DATA payload for that cost ~2.6 s of CPU per GiB received.
+    # hyperframe's own (hyperframe/frame.py, _raw_data_repr), but hexing only
+    # the 10 bytes it shows: h2 formats every received frame for a trace log
+    # whether or not anyone logs, and hexing a whole 1 MiB DATA payload for
+    # that cost ~2.6 s of CPU per GiB received.
     if not data:
         return "None"
     shown = binascii.hexlify(data[:10]).decode("ascii")
@@ -293,9 +294,9 @@ class _Connection(h2.connection.H2Connection):
             self._mux._count_stray_data()
         if not _H2_RECEIVE_FRAME_VERIFIED:
             return super()._receive_frame(frame)
-        # h2 4's own, less its first line: a trace log of repr(frame), which
-        # formats every received frame whether or not anyone logs, 2-3 % of the
-        # server's CPU per request.
+        # h2 4's own (h2/connection.py, H2Connection._receive_frame), less its
+        # first line: a trace log of repr(frame), which formats every received
+        # frame whether or not anyone logs, 2-3 % of the server's CPU per request.
         events: list[h2.events.Event]
         try:
             assert _Connection._dispatch is not None

@@ -50,7 +50,7 @@ _ORIGINAL: Final = wsproto.frame_protocol.XorMaskerSimple
 
 
 class FastMasker:
-    """wsproto's ``XorMaskerSimple``, with the XOR done in C.
+    """wsproto's ``XorMaskerSimple`` (wsproto/frame_protocol.py), with the XOR done in C.
 
     Like the original it masks a frame's payload piece by piece as it arrives,
     so the key is rotated by each piece's length for the next one.
@@ -77,9 +77,10 @@ _original_serialize_frame = FrameProtocol._serialize_frame
 def _serialize_frame(
     self: FrameProtocol, opcode: Opcode, payload: bytes | bytearray = b"", fin: bool = True
 ) -> bytearray:
-    # wsproto 1.2/1.3's _serialize_frame without extensions (the agent's and
-    # the server's case, not a visitor's compressed WebSocket), with the frame
-    # built in one copy of the payload (two when masked).
+    # wsproto 1.2/1.3's FrameProtocol._serialize_frame (wsproto/frame_protocol.py)
+    # without extensions (the agent's and the server's case, not a visitor's
+    # compressed WebSocket), with the frame built in one copy of the payload
+    # (two when masked).
     if self.extensions:
         return _original_serialize_frame(self, opcode, payload, fin)
     first = (0x80 if fin else 0) | opcode

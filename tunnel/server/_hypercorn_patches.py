@@ -103,6 +103,7 @@ def apply_hypercorn_patches() -> None:
     _fix_pathless_http2_request()
     _fix_forgotten_streams()
     _fix_priority_of_unknown_streams()
+    # Upstream: hypercorn/trio/tcp_server.py, MAX_RECV.
     if getattr(tcp_server, "MAX_RECV", None) == 1 << 16:
         tcp_server.MAX_RECV = READ_SIZE
     ws_stream.WebsocketBuffer = _JoiningBuffer  # type: ignore[misc]
@@ -133,6 +134,7 @@ class NotifyingReceive:
 
 
 def _notify_disconnect() -> None:
+    # Upstream: hypercorn/trio/task_group.py, TaskGroup.spawn_app.
     original = task_group.TaskGroup.spawn_app
 
     async def spawn_app(self: Any, app: Any, config: Any, scope: Any, send: Any) -> Any:
@@ -160,7 +162,10 @@ def _notify_disconnect() -> None:
 
 
 class _JoiningBuffer(WebsocketBuffer):
-    """Hypercorn's buffer of one incoming WebSocket message, binary ones kept as pieces."""
+    """Hypercorn's buffer of one incoming WebSocket message, binary ones kept as pieces.
+
+    Upstream: hypercorn/protocol/ws_stream.py, WebsocketBuffer.
+    """
 
     def __init__(self, max_length: int) -> None:
         super().__init__(max_length)
@@ -189,6 +194,7 @@ class _JoiningBuffer(WebsocketBuffer):
 
 
 def _fix_pathless_http2_request() -> None:
+    # Upstream: hypercorn/protocol/h2.py, H2Protocol._create_stream.
     original = H2Protocol._create_stream
 
     async def _create_stream(self: Any, request: Any) -> None:
@@ -239,8 +245,9 @@ class _Streams(dict[int, Any]):
 
 
 def _fix_forgotten_streams() -> None:
-    # Replaces the dict that Hypercorn 0.17/0.18's H2Protocol.__init__ sets up
-    # (``self.streams = {}``), leaving _handle_events itself as it is.
+    # Upstream: hypercorn/protocol/h2.py, H2Protocol._handle_events (its
+    # DataReceived branch). This replaces the dict that H2Protocol.__init__
+    # sets up (``self.streams = {}``), leaving _handle_events as it is.
     original_init = H2Protocol.__init__
 
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
@@ -252,10 +259,10 @@ def _fix_forgotten_streams() -> None:
 
 def _fix_priority_of_unknown_streams() -> None:
     async def _priority_updated(self: Any, event: h2.events.PriorityUpdated) -> None:
-        # Hypercorn 0.18's H2Protocol._priority_updated, but for streams it is
-        # not sending on: those it inserted into the tree (without bound, and
-        # never removed), and this ignores. The tree holds exactly the streams
-        # of ``stream_buffers``.
+        # Hypercorn 0.18's H2Protocol._priority_updated (hypercorn/protocol/
+        # h2.py), but for streams it is not sending on: those it inserted into
+        # the tree (without bound, and never removed), and this ignores. The
+        # tree holds exactly the streams of ``stream_buffers``.
         if event.stream_id not in self.stream_buffers:
             return
         depends_on = event.depends_on if event.depends_on in self.stream_buffers else None
@@ -274,6 +281,7 @@ def _fix_priority_of_unknown_streams() -> None:
 
 
 def _fix_websocket_close_code() -> None:
+    # Upstream: hypercorn/protocol/ws_stream.py, WSStream._handle_events and handle.
     original_handle = WSStream.handle
 
     async def _handle_events(self: Any) -> None:
