@@ -1,12 +1,20 @@
+import glob
 import os
 import re
+import shutil
+import tempfile
 import tomllib
+import zipfile
 from pathlib import Path
 
 import nox
 
 # `nox` with no arguments runs these; `nox -s demo` has to be asked for.
-nox.options.sessions = ["lint", "typecheck", "docs", "tests"]
+nox.options.sessions = ["lint", "typecheck", "docs", "build", "tests"]
+
+#: Files the wheel must hold beyond the modules: the typing marker and the
+#: traffic inspector's page.
+PACKAGE_DATA = ("tunnel/py.typed", "tunnel/client/_inspector_static/")
 
 # No `python=` on the sessions: they use the interpreter nox itself runs
 # with, so a machine that has only one Python works.
@@ -37,6 +45,48 @@ def docs(session: nox.Session) -> None:
     session.run(
         "sphinx-build", "-n", "-W", "--keep-going", "-E", "-b", "html", "docs", "docs/_build/html"
     )
+
+
+@nox.session
+def build(session: nox.Session) -> None:
+    """Build the sdist and wheel into dist/, check them, and try the wheel alone.
+
+    The wheel (not the tree) goes into a fresh virtualenv outside the checkout,
+    where ``tunnel --version`` and ``tunnel demo --once`` must work.
+    """
+    session.install("build>=1", "twine>=5")
+    shutil.rmtree("dist", ignore_errors=True)
+    session.run("python", "-m", "build", "--outdir", "dist", ".")
+    wheels, sdists = glob.glob("dist/*.whl"), glob.glob("dist/*.tar.gz")
+    if len(wheels) != 1 or len(sdists) != 1:
+        session.error(f"expected one wheel and one sdist in dist/, found {wheels + sdists}")
+    session.run("twine", "check", "--strict", *wheels, *sdists)
+    with zipfile.ZipFile(wheels[0]) as wheel:
+        names = wheel.namelist()
+    for wanted in PACKAGE_DATA:
+        if not any(name.startswith(wanted) for name in names):
+            session.error(f"the wheel lacks {wanted}")
+    wheel_path = os.path.abspath(wheels[0])
+    with tempfile.TemporaryDirectory() as scratch:
+        venv = os.path.join(scratch, "venv")
+        bin_dir = os.path.join(venv, "bin")
+        session.run("python", "-m", "venv", venv)
+        session.run(os.path.join(bin_dir, "pip"), "install", "-q", wheel_path, external=True)
+        # Outside the checkout, so that nothing imports the tree's package.
+        with session.chdir(scratch):
+            session.run(
+                os.path.join(bin_dir, "python"),
+                "-c",
+                "import tunnel, sys; sys.exit(not tunnel.__file__.startswith(sys.prefix))",
+                external=True,
+            )
+            printed = session.run(
+                os.path.join(bin_dir, "tunnel"), "--version", external=True, silent=True
+            )
+            wheel_version = os.path.basename(wheel_path).split("-")[1]
+            if not isinstance(printed, str) or printed.strip() != f"tunnel {wheel_version}":
+                session.error(f"tunnel --version printed {printed!r}, not tunnel {wheel_version}")
+            session.run(os.path.join(bin_dir, "tunnel"), "demo", "--once", external=True)
 
 
 @nox.session
@@ -90,9 +140,9 @@ def bench(session: nox.Session) -> None:
     benchmarks/README.rst for what each number means.
     """
     # The benchmark needs the package's own dependencies (trio, Hypercorn) and
-    # matplotlib for its chart, which the package itself never imports; wrk is
-    # a system tool, not a Python package.
-    session.install("-e", ".", "matplotlib")
+    # matplotlib for its chart and grpcio for its gRPC phase, which the package
+    # itself never imports; wrk is a system tool, not a Python package.
+    session.install("-e", ".", "matplotlib", "grpcio")
     session.run("python", "benchmarks/bench.py", *session.posargs)
 
 
@@ -113,7 +163,10 @@ def soak(session: nox.Session) -> None:
     """Load the tunnel for 5 minutes while agents are killed, stopped and cut off.
 
     Prints requests sent, answered, 502s and lost (lost must be 0) and the
-    server's RSS and open descriptors; `-- --quick` runs for about 30 s.
+    server's RSS and open descriptors. Then a minute of small curl-style POSTs
+    (head and body in one segment), each of which must answer 200 with its
+    body. `-- --quick` runs for about 40 s; `-- --small-posts 60` runs only
+    the small POSTs.
     """
     # httpx is the load generator; the script imports the tests' helpers.
     session.install("-e", ".[test]")
@@ -124,11 +177,19 @@ def soak(session: nox.Session) -> None:
 def fuzz(session: nox.Session) -> None:
     """Fuzz the server with malicious agents' and visitors' HTTP/2 frames, longer than CI does.
 
-    Runs the Hypothesis tests of tests/e2e/test_hostile.py with 2000 examples
-    each (``TUNNEL_FUZZ_EXAMPLES`` overrides) and shrinks what fails; pass
-    pytest arguments after ``--``.
+    Runs the Hypothesis tests of tests/e2e/test_hostile.py, and those of
+    tests/e2e/test_conformance.py that cut requests anywhere, with 2000
+    examples each (``TUNNEL_FUZZ_EXAMPLES`` overrides) and shrinks what fails;
+    pass pytest arguments after ``--``.
     """
     session.install("-e", ".[test]")
     session.env["TUNNEL_FUZZ_EXAMPLES"] = os.environ.get("TUNNEL_FUZZ_EXAMPLES", "2000")
     session.env["TUNNEL_FUZZ_SHRINK"] = "1"
-    session.run("pytest", "tests/e2e/test_hostile.py", "-k", "fuzz", *session.posargs)
+    session.run(
+        "pytest",
+        "tests/e2e/test_hostile.py",
+        "tests/e2e/test_conformance.py",
+        "-k",
+        "fuzz or hypothesis",
+        *session.posargs,
+    )

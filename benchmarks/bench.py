@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import _chart
+import _grpc
 import _idle
 import _inflight
 import _load
@@ -74,6 +75,11 @@ def _parser() -> argparse.ArgumentParser:
         default=1500,
         help="how long the local service holds the in-flight requests once all "
         "arrived (default 1500)",
+    )
+    parser.add_argument(
+        "--grpc-levels",
+        help="concurrency levels of the gRPC phase, comma-separated "
+        "(default 1,10,50; --quick 1,20; 0 skips; needs grpcio)",
     )
     parser.add_argument(
         "--idle-agents",
@@ -359,6 +365,38 @@ def _wait_for_line(process: _procs.Process, text: str, timeout: float) -> None:
         if time.monotonic() > deadline:
             raise RuntimeError(f"{process.name}: no {text!r} after {timeout:g} s")
         time.sleep(0.1)
+
+
+def grpc_phase(
+    procs: _procs.Processes, bench: Bench, levels: list[int], seconds: int, repeat: int
+) -> list[dict]:
+    """A grpcio server behind a second agent (h2c), loaded directly and through the tunnel."""
+    (port,) = _procs.free_ports(1)
+    python = sys.executable
+    service = procs.start("grpc", [python, str(HERE / "_grpc.py"), "serve", str(port)])
+    _wait_for_line(service, "serving", 20)
+    agent = procs.start(
+        "grpc-agent",
+        [
+            *(python, "-m", "tunnel", "http", str(port), "--local-protocol", "h2c"),
+            *("--server", f"127.0.0.1:{bench.ports['tunnel']}", "--token", TOKEN),
+            *("--host", _grpc.GRPC_HOST, "--no-inspector"),
+        ],
+    )
+    _wait_for_line(agent, "connected", 20)
+    try:
+        watched = {"server": bench.processes["server"], "agent": agent, "grpc service": service}
+        return _grpc.run_phase(
+            bench.ports["tunnel"],
+            port,
+            levels,
+            seconds,
+            repeat,
+            lambda: {name: process.cpu_seconds() for name, process in watched.items()},
+        )
+    finally:
+        agent.stop()
+        service.stop()
 
 
 def idle_agents(procs: _procs.Processes, local_port: int, count: int) -> dict:
@@ -673,6 +711,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         int(n) for n in (args.inflight or ("200" if quick else "1000,10000")).split(",") if int(n)
     ]
     idle_count = args.idle_agents if args.idle_agents is not None else (20 if quick else 1000)
+    grpc_levels = [
+        int(n) for n in (args.grpc_levels or ("1,20" if quick else "1,10,50")).split(",") if int(n)
+    ]
+    if grpc_levels and not _grpc.available():
+        print("note: grpcio is not installed; the gRPC phase is skipped", flush=True)
+        grpc_levels = []
     worker_counts = _worker_counts(args.server_workers)
     generator = args.generator
     if generator == "auto":
@@ -770,6 +814,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 f" {result['complete_s']:.2f} s after the last (hold {result['hold_s']:g} s)",
                 flush=True,
             )
+        grpc_rows = grpc_phase(procs, bench, grpc_levels, seconds, repeat) if grpc_levels else None
         idle = None
         if idle_count >= 2:
             idle = idle_agents(procs, bench.ports["direct"], idle_count)
@@ -789,6 +834,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     _report.print_transfers(transfers, size)
     _report.print_inflight(inflight)
     _report.print_idle(idle)
+    if grpc_rows:
+        _grpc.print_phase(grpc_rows)
     if workers:
         _report.print_workers(workers)
     _report.print_targets(targets)
@@ -817,6 +864,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "transfers": list(transfers.values()),
         "inflight": inflight,
         "idle_agents": idle,
+        "grpc_unary": grpc_rows,
         "server_workers": workers,
         "targets": targets,
     }

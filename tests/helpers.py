@@ -29,14 +29,30 @@ Routes (any other path echoes the request as JSON):
     Waits until ``gather_target`` requests are inside at once, then echoes.
 ``/hold``
     Counts itself in ``holding`` and waits for ``release_hold``, then echoes.
+
+Also here, for tests that compare requests byte for byte (tests/e2e/test_conformance.py):
+:class:`RecordingService`, an HTTP/1.1 server on raw sockets that records each
+request as it read it and frames its answer however the path asks; and
+:class:`Processes`, tunnel servers and agents as processes of their own, started
+without an event loop so that module-scoped fixtures can share them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import itertools
 import json
+import os
+import select
 import socket
+import subprocess
+import sys
+import threading
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -45,11 +61,16 @@ import hypercorn.trio
 import trio
 
 __all__ = [
+    "FRAMINGS",
     "STREAM_CHUNK_1",
     "STREAM_CHUNK_2",
     "LocalService",
+    "Processes",
+    "Recorded",
+    "RecordingService",
     "eventually",
     "free_port",
+    "response_body",
     "serve_local",
     "visitor",
 ]
@@ -319,3 +340,299 @@ def visitor(
         trust_env=False,
         **kwargs,
     )
+
+
+# -- a recording local service, written on raw sockets --------------------------
+
+#: The ways the recording service frames its answer, chosen by the first segment
+#: of the request's path (``/<framing>/...``).
+FRAMINGS = ("length", "chunked", "trailers", "close", "204", "304", "1xx")
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """One request as the recording service read it off its socket."""
+
+    method: str
+    target: str
+    #: Names lower-cased (HTTP/2 carries them so), values as sent, in order.
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+    trailers: tuple[tuple[str, str], ...]
+    #: Which accepted connection carried it, and how many requests came before
+    #: it on that connection (0: a fresh connection).
+    connection: int
+    index: int
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.body).hexdigest()
+
+
+def response_body(method: str, target: str, body: bytes, size: int) -> bytes:
+    """What the recording service answers: a line naming the request, padded to ``size``."""
+    line = f"{method} {target} {len(body)} {hashlib.sha256(body).hexdigest()}\n".encode()
+    return line + b"r" * max(0, size - len(line))
+
+
+class RecordingService:
+    """An HTTP/1.1 server on raw sockets, in threads, that records every request.
+
+    Nothing in it parses with a library: the request is read byte by byte as a
+    proxy must have written it, and the answer is framed exactly as its path
+    asks (see :data:`FRAMINGS`), so a test controls response framing to the
+    byte. The query parameter ``r`` sets the answer's body size. Threads, not
+    trio, so that one service can outlive many tests (module-scoped fixtures)
+    and keep answering while a test's own trio loop blocks in a browser.
+    """
+
+    def __init__(self) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self._listener.getsockname()[1]
+        self._lock = threading.Condition()
+        self._records: list[Recorded] = []
+        self._connections = 0
+        self._sockets: set[socket.socket] = set()
+        self._closed = False
+        #: ``/page/<name>`` answers ``pages[name]`` as HTML (for a browser to run).
+        self.pages: dict[str, bytes] = {}
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._closed = True
+        # Closing alone does not wake a thread blocked in accept(); shutting down does.
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)
+        self._listener.close()
+        with self._lock:
+            for sock in list(self._sockets):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+        self._thread.join(5)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._records.clear()
+
+    def records(self, target_prefix: str = "/") -> list[Recorded]:
+        with self._lock:
+            return [r for r in self._records if r.target.startswith(target_prefix)]
+
+    def take(self, target: str, timeout: float = 5.0) -> Recorded:
+        """Wait for the request for ``target``, and forget it."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            while True:
+                for i, record in enumerate(self._records):
+                    if record.target == target:
+                        del self._records[i]
+                        return record
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    seen = [r.target for r in self._records]
+                    raise AssertionError(f"no request for {target} reached the service: {seen}")
+                self._lock.wait(left)
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                sock, _ = self._listener.accept()
+            except OSError:
+                return
+            with self._lock:
+                number = self._connections
+                self._connections += 1
+                self._sockets.add(sock)
+            threading.Thread(target=self._serve, args=(sock, number), daemon=True).start()
+
+    def _serve(self, sock: socket.socket, number: int) -> None:
+        reader = _Reader(sock)
+        try:
+            for index in itertools.count():
+                head = reader.until(b"\r\n\r\n")
+                if head is None:
+                    return
+                if not self._answer(sock, reader, head, number, index):
+                    return
+        except (OSError, ValueError):
+            return
+        finally:
+            with self._lock:
+                self._sockets.discard(sock)
+            sock.close()
+
+    def _answer(
+        self, sock: socket.socket, reader: _Reader, head: bytes, number: int, index: int
+    ) -> bool:
+        request_line, *lines = head[:-4].decode("latin-1").split("\r\n")
+        method, target, _version = request_line.split(" ")
+        headers = tuple(
+            (name.strip().lower(), value.strip())
+            for name, value in (line.split(":", 1) for line in lines)
+        )
+        fields = dict(headers)
+        if fields.get("expect", "").lower() == "100-continue":
+            sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+        trailers: tuple[tuple[str, str], ...] = ()
+        if "chunked" in fields.get("transfer-encoding", "").lower():
+            body, trailers = _read_chunked(reader)
+        else:
+            body = reader.exactly(int(fields.get("content-length", "0")))
+        with self._lock:
+            self._records.append(Recorded(method, target, headers, body, trailers, number, index))
+            self._lock.notify_all()
+        framing = target.split("/")[1] if target.count("/") > 1 else "length"
+        query = dict(
+            part.split("=", 1) for part in target.partition("?")[2].split("&") if "=" in part
+        )
+        if framing == "page":
+            page = self.pages.get(target.split("/")[2], b"")
+            sock.sendall(
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nCache-Control: no-store\r\n"
+                + f"Content-Length: {len(page)}\r\n\r\n".encode()
+                + page
+            )
+            return True
+        payload = response_body(method, target, body, int(query.get("r", "0")))
+        sock.sendall(_frame(framing, method, payload))
+        return framing != "close" and fields.get("connection", "").lower() != "close"
+
+
+class _Reader:
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buffer = b""
+
+    def _fill(self) -> bool:
+        data = self.sock.recv(65536)
+        self.buffer += data
+        return bool(data)
+
+    def until(self, marker: bytes) -> bytes | None:
+        while marker not in self.buffer:
+            if not self._fill():
+                if self.buffer:
+                    raise ValueError("connection closed mid-request")
+                return None
+        part, _, self.buffer = self.buffer.partition(marker)
+        return part + marker
+
+    def exactly(self, n: int) -> bytes:
+        while len(self.buffer) < n:
+            if not self._fill():
+                raise ValueError("connection closed mid-body")
+        part, self.buffer = self.buffer[:n], self.buffer[n:]
+        return part
+
+
+def _read_chunked(reader: _Reader) -> tuple[bytes, tuple[tuple[str, str], ...]]:
+    body = bytearray()
+    while True:
+        size_line = reader.until(b"\r\n")
+        if size_line is None:
+            raise ValueError("connection closed mid-body")
+        size = int(size_line.split(b";")[0].strip(), 16)
+        if size == 0:
+            break
+        body += reader.exactly(size)
+        reader.exactly(2)
+    trailers = []
+    while (line := reader.until(b"\r\n")) not in (b"\r\n", None):
+        name, _, value = line.decode("latin-1").partition(":")
+        trailers.append((name.strip().lower(), value.strip()))
+    return bytes(body), tuple(trailers)
+
+
+def _frame(framing: str, method: str, payload: bytes) -> bytes:
+    """The whole answer, framed as ``framing`` says (a HEAD answer has no body)."""
+    body = b"" if method == "HEAD" else payload
+    common = b"Content-Type: text/plain\r\nX-Recorded: yes\r\n"
+    if framing == "204":
+        return b"HTTP/1.1 204 No Content\r\nX-Recorded: yes\r\n\r\n"
+    if framing == "304":
+        return b'HTTP/1.1 304 Not Modified\r\nETag: "v1"\r\nX-Recorded: yes\r\n\r\n'
+    if framing == "close":
+        # HTTP/1.0 style: no length, the end of the body is the end of the connection.
+        return b"HTTP/1.0 200 OK\r\n" + common + b"\r\n" + body
+    if framing in ("chunked", "trailers"):
+        head = b"HTTP/1.1 200 OK\r\n" + common + b"Transfer-Encoding: chunked\r\n"
+        if framing == "trailers":
+            head += b"Trailer: X-Checksum\r\n"
+        out = head + b"\r\n"
+        if method != "HEAD":
+            for start in range(0, len(body), 4000):
+                piece = body[start : start + 4000]
+                out += f"{len(piece):x}\r\n".encode() + piece + b"\r\n"
+            out += b"0\r\n"
+            if framing == "trailers":
+                out += f"X-Checksum: {hashlib.sha256(body).hexdigest()}\r\n".encode()
+            out += b"\r\n"
+        return out
+    early = b""
+    if framing == "1xx":
+        early = b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n"
+    length = f"Content-Length: {len(payload)}\r\n".encode()
+    return early + b"HTTP/1.1 200 OK\r\n" + common + length + b"\r\n" + body
+
+
+# -- tunnel servers and agents as processes, for module-scoped fixtures ---------
+
+
+class Processes:
+    """Tunnel server and agent processes (``tests/processes.py``), started synchronously.
+
+    For fixtures that outlive one test: pytest-trio runs each test in its own
+    event loop, so what is shared between tests cannot live in one. The agent
+    runs in a process of its own, as in a real deployment: only then do the
+    server's writes and the agent's reads interleave as they do in production
+    (one process hides races between them).
+    """
+
+    def __init__(self) -> None:
+        self.children: list[subprocess.Popen[bytes]] = []
+
+    def _start(self, args: list[str], ready: str) -> subprocess.Popen[bytes]:
+        script = str(Path(__file__).resolve().parent / "processes.py")
+        root = str(Path(__file__).resolve().parents[1])
+        child = subprocess.Popen(
+            [sys.executable, script, *args],
+            stdout=subprocess.PIPE,
+            env={**os.environ, "PYTHONPATH": root},
+        )
+        self.children.append(child)
+        assert child.stdout is not None
+        deadline = time.monotonic() + 30
+        lines: list[bytes] = []
+        while True:
+            left = deadline - time.monotonic()
+            ready_to_read, _, _ = select.select([child.stdout], [], [], max(left, 0))
+            if not ready_to_read:
+                raise AssertionError(f"{args[0]} never printed {ready!r}: {lines}")
+            line = child.stdout.readline()
+            if not line:
+                raise AssertionError(f"{args[0]} ended before printing {ready!r}: {lines}")
+            lines.append(line.strip())
+            if line.strip() == ready.encode():
+                return child
+
+    def server(self, *options: str) -> int:
+        """A server on a free port, once it listens; returns the port."""
+        port = free_port()
+        self._start(["server", str(port), *options], "listening")
+        return port
+
+    def agent(self, server_port: int, local_port: int, host: str, *options: str) -> None:
+        """An agent for ``host``, once connected."""
+        self._start(["agent", str(server_port), str(local_port), host, *options], "connected")
+
+    def close(self) -> None:
+        # Killed, not stopped: nothing is left to check, and a graceful stop
+        # waits for visitors' idle keep-alive connections.
+        for child in self.children:
+            child.kill()
+        for child in self.children:
+            child.wait()
+            if child.stdout is not None:
+                child.stdout.close()
+        self.children.clear()

@@ -3,7 +3,8 @@
 Run as a script, it is one of them, with timings the CLI does not expose::
 
     python tests/processes.py server PORT [--keepalive S] [--grace S] [--graceful S]
-    python tests/processes.py agent SERVER_PORT LOCAL_PORT HOST [--keepalive S] ...
+        [--certificate PEM --key PEM]
+    python tests/processes.py agent SERVER_PORT LOCAL_PORT HOST [--keepalive S] [--ca-file PEM] ...
 
 The server prints ``listening`` once it accepts connections and stops gracefully
 on SIGTERM; the agent prints each state change (``connecting``, ``connected``,
@@ -115,6 +116,8 @@ async def _server(args: argparse.Namespace) -> None:
         keepalive_timeout=args.keepalive,
         grace_period=args.grace,
         graceful_timeout=args.graceful,
+        certificate=args.certificate,
+        key=args.key,
     )
 
     async def terminated() -> None:
@@ -133,7 +136,8 @@ async def _agent(args: argparse.Namespace) -> None:
 
     send, receive = trio.open_memory_channel[tunnel.ClientState](64)
     config = tunnel.ClientConfig(
-        address=f"127.0.0.1:{args.server_port}",
+        address=f"{'wss://' if args.ca_file else ''}127.0.0.1:{args.server_port}",
+        ca_file=args.ca_file,
         token=TOKEN,
         port=args.local_port,
         host=args.host,
@@ -143,6 +147,7 @@ async def _agent(args: argparse.Namespace) -> None:
         connect_timeout=args.connect_timeout,
         backoff_initial=args.backoff,
         backoff_max=args.backoff_max,
+        local_protocol=args.local_protocol,
     )
     client = tunnel.Client(config)
     async with trio.open_nursery() as nursery:
@@ -167,6 +172,8 @@ def main() -> None:
     server.add_argument("--keepalive", type=float, default=15.0)
     server.add_argument("--grace", type=float, default=5.0)
     server.add_argument("--graceful", type=float, default=10.0)
+    server.add_argument("--certificate", help="PEM chain: serve HTTPS and wss")
+    server.add_argument("--key")
     agent = commands.add_parser("agent")
     agent.add_argument("server_port", type=int)
     agent.add_argument("local_port", type=int)
@@ -175,6 +182,8 @@ def main() -> None:
     agent.add_argument("--connect-timeout", type=float, default=10.0)
     agent.add_argument("--backoff", type=float, default=0.05)
     agent.add_argument("--backoff-max", type=float, default=0.2)
+    agent.add_argument("--ca-file", help="dial wss://, trusting this CA")
+    agent.add_argument("--local-protocol", default="auto")
     args = parser.parse_args()
     with contextlib.suppress(KeyboardInterrupt):
         trio.run(_server if args.command == "server" else _agent, args)

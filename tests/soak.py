@@ -1,7 +1,7 @@
 """Soak: steady load through a tunnel server while agents are killed, stopped and cut off.
 
-Run with ``nox -s soak`` (5 minutes) or ``nox -s soak -- --quick`` (about 30 s);
-directly: ``python tests/soak.py [--duration SECONDS] [--quick]``.
+Run with ``nox -s soak`` (6 minutes) or ``nox -s soak -- --quick`` (about 40 s);
+directly: ``python tests/soak.py [--duration SECONDS] [--quick] [--small-posts SECONDS]``.
 
 What runs, all on loopback:
 
@@ -17,6 +17,13 @@ What runs, all on loopback:
 * visitors: keep-alive HTTP clients sending requests to every host as fast as
   the answers come.
 
+Then a *small-posts* phase (issue 11): a fresh server and agent (each its own
+process, as deployed) and visitors on raw sockets writing curl-style POSTs,
+head and small JSON body in one segment, on keep-alive connections as fast as
+the answers come, for a minute (10 s with ``--quick``). Every answer must be a
+200 whose body names the SHA-256 of the body sent. ``--small-posts SECONDS``
+runs that phase alone.
+
 Every request must get an HTTP answer: 200, or 502 when its agent was offline
 for longer than the grace period. A request with no answer at all (an error or
 a timeout) is *lost*; the soak fails if any is lost, if a steady request was
@@ -27,6 +34,8 @@ more than 10 MiB or its descriptors by any.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
 import random
 import signal
@@ -35,6 +44,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from functools import partial
 
+import h11
 import httpx
 import trio
 from faultproxy import FaultProxy
@@ -248,7 +258,8 @@ class Soak:
         async with self.visitor("steady.localhost") as http:
             for _ in range(300):
                 await http.get("/warm-up")
-        await trio.sleep(6)  # Hypercorn's keep-alive timeout closes the visitors
+        # Idle visitor connections last header_timeout (Hypercorn's keep-alive).
+        await trio.sleep(tunnel.ServerConfig().header_timeout + 1)
         rss_start, fds_start = rss_mib(server.pid), open_fds(server.pid)
 
         self.started = trio.current_time()
@@ -340,13 +351,146 @@ class Soak:
         return not failures
 
 
+# -- small posts, curl-style (issue 11) ------------------------------------------
+
+
+@dataclass
+class SmallPosts:
+    """Outcomes of the small-posts phase."""
+
+    sent: int = 0
+    ok: int = 0
+    #: Status -> count, for every answer that was not a 200.
+    statuses: Counter[int] = field(default_factory=Counter)
+    #: 200s whose body did not name what was sent (a body lost or changed).
+    wrong_body: int = 0
+    #: Requests with no answer at all.
+    errors: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def failed(self) -> int:
+        return self.sent - self.ok
+
+
+async def _post_loop(port: int, worker: int, posts: SmallPosts, until: float) -> None:
+    sock = await trio.open_tcp_stream("127.0.0.1", port)
+    conn = h11.Connection(h11.CLIENT)
+    n = 0
+    async with sock:
+        while trio.current_time() < until:
+            body = json.dumps({"item": "socks", "qty": 2, "worker": worker, "n": n}).encode()
+            n += 1
+            head = (
+                "POST /sha HTTP/1.1\r\nHost: posts.localhost\r\nUser-Agent: curl/7.88.1\r\n"
+                "Accept: */*\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n"
+            ).encode()
+            # h11 only keeps count of the exchange; the bytes go out as curl's
+            # do, head and body in one segment.
+            conn.send(
+                h11.Request(
+                    method="POST",
+                    target="/sha",
+                    headers=[("Host", "posts.localhost"), ("Content-Length", str(len(body)))],
+                )
+            )
+            conn.send(h11.Data(data=body))
+            conn.send(h11.EndOfMessage())
+            posts.sent += 1
+            try:
+                with trio.fail_after(REQUEST_TIMEOUT):
+                    await sock.send_all(head + body)
+                    status, answer = await _read_answer(sock, conn)
+            except (OSError, trio.BrokenResourceError, h11.ProtocolError, trio.TooSlowError) as exc:
+                posts.errors[type(exc).__name__] += 1
+                return
+            expected = {"sha256": hashlib.sha256(body).hexdigest(), "length": len(body)}
+            if status != 200:
+                posts.statuses[status] += 1
+            elif json.loads(answer) != expected:
+                posts.wrong_body += 1
+            else:
+                posts.ok += 1
+            if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
+                return
+            conn.start_next_cycle()
+
+
+async def _read_answer(sock: trio.SocketStream, conn: h11.Connection) -> tuple[int, bytes]:
+    status, body = 0, bytearray()
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            conn.receive_data(await sock.receive_some(65536))
+        elif isinstance(event, h11.Response):
+            status = event.status_code
+        elif isinstance(event, h11.Data):
+            body += event.data
+        elif isinstance(event, h11.EndOfMessage):
+            return status, bytes(body)
+        elif isinstance(event, h11.ConnectionClosed):
+            raise trio.BrokenResourceError("closed before the answer ended")
+
+
+async def small_posts(duration: float, workers: int = 8) -> SmallPosts:
+    """Small curl-style POSTs through a server and agent of their own for ``duration`` s."""
+    posts = SmallPosts()
+    port = free_port()
+    server = await start_server(port, "--graceful", "1")
+    try:
+        async with trio.open_nursery() as nursery:
+            service = LocalService("posts")
+            await nursery.start(partial(serve_local, service))
+            agent = await start_agent(port, service.port, "posts.localhost")
+            try:
+                await agent.wait_for_line("connected", 20)
+                until = trio.current_time() + duration
+                async with trio.open_nursery() as load:
+                    for worker in range(workers):
+                        # A worker whose connection ended starts another.
+                        async def loop(worker: int = worker) -> None:
+                            while trio.current_time() < until:
+                                await _post_loop(port, worker, posts, until)
+
+                        load.start_soon(loop)
+            finally:
+                await agent.aclose()
+            nursery.cancel_scope.cancel()
+    finally:
+        await server.aclose()
+    return posts
+
+
+async def run_small_posts(duration: float) -> bool:
+    posts = await small_posts(duration)
+    print(
+        f"small posts: {posts.sent} sent in {duration:g} s, {posts.ok} 200s with their body, "
+        f"other statuses {dict(posts.statuses)}, wrong bodies {posts.wrong_body}, "
+        f"no answer {dict(posts.errors)}"
+    )
+    if posts.failed:
+        print(f"FAILED: {posts.failed} small posts were not a 200 with their body")
+        return False
+    print("OK: every small post answered 200 with its body")
+    return True
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="about 30 s instead of 5 minutes")
+    parser.add_argument("--quick", action="store_true", help="about 40 s instead of 6 minutes")
     parser.add_argument("--duration", type=float, help="seconds of load and faults")
+    parser.add_argument(
+        "--small-posts",
+        type=float,
+        metavar="SECONDS",
+        help="run only the small-posts phase, for this long",
+    )
     args = parser.parse_args()
+    if args.small_posts is not None:
+        sys.exit(0 if trio.run(run_small_posts, args.small_posts) else 1)
     duration = args.duration or (30.0 if args.quick else 300.0)
     ok = trio.run(Soak(duration, args.quick).run)
+    ok = trio.run(run_small_posts, 10.0 if args.quick else 60.0) and ok
     sys.exit(0 if ok else 1)
 
 

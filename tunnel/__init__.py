@@ -20,6 +20,7 @@ from ._exceptions import ProtocolVersionError as ProtocolVersionError
 from ._exceptions import RejectedError as RejectedError
 from ._exceptions import ServerUnreachableError as ServerUnreachableError
 from ._exceptions import TunnelError as TunnelError
+from ._exceptions import UntrustedCertificateError as UntrustedCertificateError
 from ._protocol.limits import RateLimit as RateLimit
 from .client import Client as Client
 from .client import ClientState as ClientState
@@ -68,6 +69,7 @@ __all__ = [
     "TunnelError",
     "TunnelInfo",
     "TunnelStatistics",
+    "UntrustedCertificateError",
     "__version__",
     "hypercorn_config",
     "load_client_config",

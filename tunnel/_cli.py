@@ -19,11 +19,12 @@ from typing import NoReturn
 import trio
 
 from . import __version__
-from ._configfile import load_client_config, load_server_config
+from ._configfile import load_client_config, load_server_config, parse_port_range
 from ._demo import run_demo
-from ._exceptions import ConfigError, RejectedError, TunnelError
+from ._exceptions import ConfigError, RejectedError, TunnelError, UntrustedCertificateError
 from ._malloc import keep_freed_buffers
 from ._panel import show_agent
+from ._settings import cli_messages
 from .client import Client, ClientState
 from .client._observe import Recorder
 from .server import serve
@@ -97,11 +98,11 @@ def _parser() -> argparse.ArgumentParser:
         "--max-request-body", type=int, metavar="BYTES", help="largest request body (413 above)"
     )
     server.add_argument(
-        "--tunnel-rps", type=float, metavar="N", help="requests per second per tunnel (429 above)"
+        "--tunnel-rps", type=_rate, metavar="N", help="requests per second per tunnel (429 above)"
     )
     server.add_argument(
         "--visitor-rps",
-        type=float,
+        type=_rate,
         metavar="N",
         help="requests per second per visitor address (429 above)",
     )
@@ -134,6 +135,36 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N",
         help="worker processes on the port, to use N cores (default 1); agents connect to each",
     )
+    server.add_argument(
+        "--max-websocket-message",
+        type=int,
+        metavar="BYTES",
+        help="largest WebSocket message relayed either way (default 1 MiB; 1009 above)",
+    )
+    server.add_argument(
+        "--max-websocket-buffer",
+        type=int,
+        metavar="BYTES",
+        help="bytes of a visitor's WebSocket messages held for a slower service (default 4 MiB)",
+    )
+    server.add_argument(
+        "--max-tcp-connections",
+        type=int,
+        metavar="N",
+        help="connections one TCP tunnel may have open at once (default 100)",
+    )
+    server.add_argument(
+        "--header-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="time a visitor has to send a request's headers (default 10)",
+    )
+    server.add_argument(
+        "--min-request-body-rate",
+        type=int,
+        metavar="BYTES",
+        help="slowest average bytes per second of a request body (default 500; 408 below)",
+    )
 
     http = commands.add_parser(
         "http",
@@ -154,6 +185,26 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="share the host with other agents of this token that pass --pool too "
         "(the server balances requests between them)",
+    )
+    http.add_argument(
+        "--local-protocol",
+        choices=["http1", "h2c", "h2", "auto"],
+        help="how to speak to the local service: HTTP/1.1, HTTP/2 in cleartext (h2c, as "
+        "gRPC servers listen), HTTP/2 over TLS (h2), or auto (default): HTTP/1.1, and "
+        "HTTP/2 for gRPC when the service speaks it",
+    )
+    http.add_argument(
+        "--local-tls",
+        action="store_true",
+        default=None,
+        help="speak TLS to the local service (implied by --local-protocol h2)",
+    )
+    http.add_argument("--local-ca-file", help="PEM file of CAs to trust for the local service")
+    http.add_argument(
+        "--local-insecure-skip-verify",
+        action="store_true",
+        default=None,
+        help="accept any TLS certificate from the local service",
     )
     http.add_argument(
         "--log-requests",
@@ -228,10 +279,24 @@ def _reservation(text: str) -> tuple[str, str]:
 
 
 def _port_range(text: str) -> range:
-    first, _, last = text.partition("-")
-    if not first.isdigit() or not (last or first).isdigit():
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port range such as 20000-20099")
-    return range(int(first), int(last or first) + 1)
+    ports = parse_port_range(text)
+    if ports is None:
+        raise argparse.ArgumentTypeError(
+            f"'{text}' is not a range of ports from 1 to 65535 such as 20000-20099"
+        )
+    return ports
+
+
+def _rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(
+            f"give a positive number of requests per second, not '{text}'"
+        )
+    return value
 
 
 def _rps(value: float | None) -> dict[str, float] | None:
@@ -265,6 +330,11 @@ async def _run_server(args: argparse.Namespace) -> int:
         metrics_address=args.metrics_address,
         access_log=args.access_log,
         workers=args.workers,
+        max_websocket_message=args.max_websocket_message,
+        max_websocket_buffer=args.max_websocket_buffer,
+        max_tcp_connections=args.max_tcp_connections,
+        header_timeout=args.header_timeout,
+        min_request_body_rate=args.min_request_body_rate,
     )
     await serve(config, shutdown_trigger=_terminated)
     return 0
@@ -302,13 +372,19 @@ async def _run_agent(args: argparse.Namespace) -> int:
         inspector=None if tcp else args.inspector,
         observer=recorder,
         pool=None if tcp else args.pool,
+        local_protocol=None if tcp else args.local_protocol,
+        local_tls=None if tcp else args.local_tls,
+        local_ca_file=None if tcp else args.local_ca_file,
+        local_insecure_skip_verify=None if tcp else args.local_insecure_skip_verify,
     )
     if tcp or args.no_inspector:
         config = dataclasses.replace(config, inspector=None)
     elif config.inspector is None:
         config = dataclasses.replace(config, inspector=DEFAULT_INSPECTOR)
     client = Client(config)
-    target = f"{'tcp' if tcp else 'http'}://{config.local_host}:{config.port}"
+    tls = config.local_tls or config.local_protocol == "h2"
+    scheme = "tcp" if tcp else "https" if tls else "http"
+    target = f"{scheme}://{config.local_host}:{config.port}"
     async with trio.open_nursery() as nursery:
 
         async def report() -> None:
@@ -331,6 +407,12 @@ async def _run_agent(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``tunnel`` command; return the exit status."""
+    # Messages name settings by their flags here, not by their Python fields.
+    with cli_messages():
+        return _main(argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
     if args.command in ("server", "http", "tcp"):
         keep_freed_buffers()  # see _malloc.py: large buffers without page faults
@@ -350,7 +432,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"tunnel: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except RejectedError as exc:
+    except (RejectedError, UntrustedCertificateError) as exc:
         print(f"tunnel: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except TunnelError as exc:
@@ -364,7 +446,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if rest is None and interrupted is not None:
             return EXIT_INTERRUPTED
         single = rest.exceptions[0] if rest is not None and len(rest.exceptions) == 1 else None
-        if isinstance(single, ConfigError | RejectedError):
+        if isinstance(single, ConfigError | RejectedError | UntrustedCertificateError):
             print(f"tunnel: {single}", file=sys.stderr)
             return EXIT_USAGE
         if isinstance(single, TunnelError):

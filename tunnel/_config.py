@@ -11,12 +11,13 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, fields
 from functools import partial
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 from ._exceptions import ConfigError
 from ._protocol.hosts import normalize_host
 from ._protocol.limits import RateLimit
 from ._protocol.policy import VisitorPolicy
+from ._settings import Setting, client_setting, server_setting
 
 if TYPE_CHECKING:
     import trio
@@ -33,9 +34,9 @@ AuthHook = Callable[["ConnectRequest"], "Awaitable[None] | None"]
 MAX_WORKERS = 64
 
 
-def _positive(name: str, value: float) -> None:
+def _positive(setting: Setting, value: float) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ConfigError(f"{name} must be a positive number of seconds, got {value!r}")
+        raise ConfigError(f"{setting} must be a positive number of seconds, got {value!r}")
 
 
 def _split_host_port(text: str, *, what: str) -> tuple[str, int | None]:
@@ -65,10 +66,11 @@ def parse_listen_address(address: str) -> tuple[str, int]:
         >>> parse_listen_address(":8000")
         ('0.0.0.0', 8000)
     """
-    host, port = _split_host_port(address.strip(), what="ServerConfig.address")
+    what = server_setting("address")
+    host, port = _split_host_port(address.strip(), what=f"{what}")
     if port is None:
         raise ConfigError(
-            f"ServerConfig.address {address!r} has no port; write it as 'host:port', "
+            f"{what} {address!r} has no port; write it as 'host:port', "
             "for example '127.0.0.1:8000', or ':8000' for every interface"
         )
     return host or "0.0.0.0", port
@@ -95,6 +97,7 @@ def parse_server_address(address: str) -> ServerAddress:
     library this API comes from (``sub.example.com:443``).
     """
     text = address.strip()
+    what = client_setting("address")
     scheme: Literal["ws", "wss"] | None = None
     if "://" in text:
         given, text = text.split("://", 1)
@@ -106,28 +109,27 @@ def parse_server_address(address: str) -> ServerAddress:
         }
         if given.lower() not in schemes:
             raise ConfigError(
-                f"ClientConfig.address {address!r}: unknown scheme {given!r}; "
-                "use http, https, ws or wss"
+                f"{what} {address!r}: unknown scheme {given!r}; use http, https, ws or wss"
             )
         scheme = schemes[given.lower()]
         text = text.split("/", 1)[0]
     if "@" in text:
         raise ConfigError(
-            f"ClientConfig.address {address!r}: credentials do not belong in the address; "
-            "pass the secret as ClientConfig.token"
+            f"{what} {address!r}: credentials do not belong in the address; "
+            f"pass the secret as {client_setting('token')}"
         )
-    host, port = _split_host_port(text, what="ClientConfig.address")
+    host, port = _split_host_port(text, what=f"{what}")
     if not host:
-        raise ConfigError(f"ClientConfig.address {address!r} has no host name")
+        raise ConfigError(f"{what} {address!r} has no host name")
     if port is None:
         if scheme is None:
             raise ConfigError(
-                f"ClientConfig.address {address!r} has no port; write 'host:port' "
+                f"{what} {address!r} has no port; write 'host:port' "
                 "or a URL such as 'https://tunnel.example.com'"
             )
         port = 443 if scheme == "wss" else 80
     if port == 0:
-        raise ConfigError(f"ClientConfig.address {address!r}: port 0 cannot be dialled")
+        raise ConfigError(f"{what} {address!r}: port 0 cannot be dialled")
     if scheme is None:
         scheme = "wss" if port == 443 else "ws"
     return ServerAddress(scheme, host.lower(), port)
@@ -215,6 +217,24 @@ class ServerConfig:
             worker, so each serves every tunnel; the handshake tells agents
             this number, so when you run :class:`~tunnel.TunnelApp` under your
             own Hypercorn, set it to Hypercorn's worker count.
+        max_websocket_message: The largest WebSocket message, in bytes, relayed
+            either way between a visitor and the local service; a larger one
+            closes that WebSocket with code 1009 (message too big).
+        max_websocket_buffer: The bytes of a visitor's WebSocket messages the
+            server holds while the local service (or the tunnel) is slower than
+            the visitor; the visitor is then read no faster. At least
+            ``max_websocket_message``.
+        max_tcp_connections: The public connections one TCP tunnel may have
+            open at once (per server process); more are closed at once.
+        header_timeout: Seconds a visitor's connection may take to send a
+            request's complete headers, from its opening or from the end of the
+            previous response (so also how long an idle keep-alive connection
+            is kept).
+        min_request_body_rate: The slowest average, in bytes per second, a
+            request body may arrive at: the body's deadline starts at
+            ``request_idle_timeout`` and grows by a second for each this many
+            bytes received, so a pause is fine once earned; a body behind it
+            is refused (408). ``None`` for no minimum.
     """
 
     address: str = "127.0.0.1:8000"
@@ -248,17 +268,23 @@ class ServerConfig:
     metrics_address: str | None = None
     access_log: bool = False
     workers: int = 1
+    max_websocket_message: int = 1 << 20
+    max_websocket_buffer: int = 4 << 20
+    max_tcp_connections: int = 100
+    header_timeout: float = 10.0
+    min_request_body_rate: int | None = 500
 
     def __post_init__(self) -> None:
         parse_listen_address(self.address)
+        self._check_visitor_limits()
         if (
             isinstance(self.workers, bool)
             or not isinstance(self.workers, int)
             or not 1 <= self.workers <= MAX_WORKERS
         ):
             raise ConfigError(
-                f"ServerConfig.workers {self.workers!r}: give a number of processes from 1 to "
-                f"{MAX_WORKERS} (one per core is a good start)"
+                f"{server_setting('workers')} {self.workers!r}: give a number of processes "
+                f"from 1 to {MAX_WORKERS} (one per core is a good start)"
             )
         if self.admin_token is not None and (
             not isinstance(self.admin_token, str)
@@ -266,24 +292,23 @@ class ServerConfig:
             or any(c.isspace() for c in self.admin_token)
         ):
             raise ConfigError(
-                "ServerConfig.admin_token must be a non-empty string without spaces (or None)"
+                f"{server_setting('admin_token')} must be a non-empty string without spaces"
             )
         if self.admin_host is not None:
-            host = normalize_host(self.admin_host, what="ServerConfig.admin_host")
+            host = normalize_host(self.admin_host, what=f"{server_setting('admin_host')}")
             object.__setattr__(self, "admin_host", host)
         if self.metrics_address is not None:
-            _, port = _split_host_port(
-                self.metrics_address.strip(), what="ServerConfig.metrics_address"
-            )
+            what = server_setting("metrics_address")
+            _, port = _split_host_port(self.metrics_address.strip(), what=f"{what}")
             if port is None:
                 raise ConfigError(
-                    f"ServerConfig.metrics_address {self.metrics_address!r} has no port; "
+                    f"{what} {self.metrics_address!r} has no port; "
                     "write it as 'host:port', for example '127.0.0.1:9100'"
                 )
         if self.max_request_body is not None and self.max_request_body < 0:
-            raise ConfigError("ServerConfig.max_request_body must be 0 or more bytes (or None)")
+            raise ConfigError(f"{server_setting('max_request_body')} must be 0 or more bytes")
         if self.max_header_bytes < 1024:
-            raise ConfigError("ServerConfig.max_header_bytes must be at least 1024")
+            raise ConfigError(f"{server_setting('max_header_bytes')} must be at least 1024")
         if self.tcp_ports is not None and (
             not isinstance(self.tcp_ports, range)
             or not self.tcp_ports
@@ -291,34 +316,36 @@ class ServerConfig:
             or self.tcp_ports.stop > 65536
         ):
             raise ConfigError(
-                f"ServerConfig.tcp_ports {self.tcp_ports!r} must be a non-empty range of "
+                f"{server_setting('tcp_ports')} {self.tcp_ports!r} must be a non-empty range of "
                 "ports from 1 to 65535, such as range(20000, 20100)"
             )
         if (self.certificate is None) != (self.key is None):
             raise ConfigError(
-                "ServerConfig: give both certificate and key for HTTPS, or neither for HTTP"
+                f"give both {server_setting('certificate')} and {server_setting('key')} "
+                "for HTTPS, or neither for HTTP"
             )
         for path_field in ("certificate", "key", "tokens_file", "authorized_keys_file"):
             path = getattr(self, path_field)
             if path is not None and not os.path.isfile(path):
-                raise ConfigError(f"ServerConfig.{path_field}: no file at {os.fspath(path)!r}")
+                raise ConfigError(f"{server_setting(path_field)}: no file at {os.fspath(path)!r}")
         if self.tokens is not None:
             tokens = frozenset(self.tokens)
             if any(not isinstance(t, str) or not t for t in tokens):
-                raise ConfigError("ServerConfig.tokens must hold non-empty strings")
+                raise ConfigError(f"{server_setting('tokens')}: a token cannot be empty")
             object.__setattr__(self, "tokens", tokens)
         if self.domain is not None:
-            object.__setattr__(self, "domain", normalize_host(self.domain, what="domain"))
+            domain = normalize_host(self.domain, what=f"{server_setting('domain')}")
+            object.__setattr__(self, "domain", domain)
         reserved = {
-            normalize_host(host, what="ServerConfig.reserved_hosts key"): owner
+            normalize_host(host, what=f"{server_setting('reserved_hosts')} host"): owner
             for host, owner in dict(self.reserved_hosts).items()
         }
         object.__setattr__(self, "reserved_hosts", MappingProxyType(reserved))
         if self.max_tunnels_per_identity is not None and self.max_tunnels_per_identity < 1:
-            raise ConfigError("ServerConfig.max_tunnels_per_identity must be at least 1 (or None)")
+            raise ConfigError(f"{server_setting('max_tunnels_per_identity')} must be at least 1")
         if not self.control_path.startswith("/") or self.control_path == "/":
             raise ConfigError(
-                f"ServerConfig.control_path {self.control_path!r} must start with '/' "
+                f"{server_setting('control_path')} {self.control_path!r} must start with '/' "
                 "and name a path, such as '/_tunnel'"
             )
         for name in (
@@ -330,7 +357,33 @@ class ServerConfig:
             "keepalive_timeout",
             "graceful_timeout",
         ):
-            _positive(f"ServerConfig.{name}", getattr(self, name))
+            _positive(server_setting(name), getattr(self, name))
+
+    def _check_visitor_limits(self) -> None:
+        def count(name: str, least: int) -> int:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ConfigError(
+                    f"{server_setting(name)} {value!r}: give a whole number, at least {least}"
+                )
+            return value
+
+        message = count("max_websocket_message", 1)
+        if count("max_websocket_buffer", 1) < message:
+            raise ConfigError(
+                f"{server_setting('max_websocket_buffer')} {self.max_websocket_buffer!r} is "
+                f"smaller than {server_setting('max_websocket_message')} {message!r}: the "
+                "buffer must hold at least one message; raise it or lower the message limit"
+            )
+        count("max_tcp_connections", 1)
+        _positive(server_setting("header_timeout"), self.header_timeout)
+        if self.min_request_body_rate is not None:
+            rate = self.min_request_body_rate
+            if isinstance(rate, bool) or not isinstance(rate, int) or rate < 1:
+                raise ConfigError(
+                    f"{server_setting('min_request_body_rate')} {rate!r}: give bytes per "
+                    "second, at least 1 (or None for no minimum)"
+                )
 
     def __reduce__(self) -> tuple[Any, tuple[()]]:
         # A copy for each server worker process; a mappingproxy cannot be
@@ -418,6 +471,19 @@ class ClientConfig:
             key) and set ``pool`` too: the server sends each request to the
             least busy of them, and when one leaves the others take its share.
             Without it, a newer agent for the host replaces the older one.
+        local_protocol: How the agent speaks to the local service: ``"http1"``
+            (HTTP/1.1), ``"h2c"`` (HTTP/2 with prior knowledge over cleartext, as
+            gRPC servers listen), ``"h2"`` (HTTP/2 over TLS, agreed with ALPN) or
+            ``"auto"``: HTTP/1.1, except for requests that need HTTP/2 (gRPC, or
+            a visitor that asked for trailers with ``TE: trailers``) when the
+            local service speaks it (tried once with prior knowledge, then
+            remembered).
+        local_tls: Speak TLS to the local service (implied by ``"h2"``); with
+            ``"http1"`` or ``"auto"`` that is HTTP/1.1 over TLS.
+        local_ca_file: A PEM file of certificate authorities to trust for the
+            local service's certificate.
+        local_insecure_skip_verify: Accept any certificate from the local
+            service (a self-signed one on 127.0.0.1, say).
     """
 
     address: str
@@ -448,13 +514,19 @@ class ClientConfig:
     inspector: str | None = None
     observer: Observer | None = None
     pool: bool = False
+    local_protocol: Literal["http1", "h2c", "h2", "auto"] = "auto"
+    local_tls: bool = False
+    local_ca_file: str | os.PathLike[str] | None = None
+    local_insecure_skip_verify: bool = False
 
     def __post_init__(self) -> None:
         server = parse_server_address(self.address)
+        _check_local_protocol(self)
         if self.pool and self.tcp:
             raise ConfigError(
-                "ClientConfig.pool works for HTTP tunnels only: a TCP tunnel's public port "
-                "has one agent; drop pool or tcp"
+                f"{client_setting('pool')} works for HTTP tunnels only: a TCP tunnel's "
+                f"public port has one agent; drop {client_setting('pool')} or "
+                f"{client_setting('tcp')}"
             )
         object.__setattr__(self, "allow_ips", tuple(self.allow_ips))
         object.__setattr__(self, "deny_ips", tuple(self.deny_ips))
@@ -466,32 +538,38 @@ class ClientConfig:
             or not 0 < self.remote_port <= 65535
         ):
             raise ConfigError(
-                f"ClientConfig.remote_port {self.remote_port!r}: give a port from 1 to 65535, "
-                "and set tcp=True (only TCP tunnels have ports of their own)"
+                f"{client_setting('remote_port')} {self.remote_port!r}: give a port from 1 "
+                f"to 65535, for a TCP tunnel ({client_setting('tcp')}): only those have "
+                "ports of their own"
             )
         if self.key_file is None and (not isinstance(self.token, str) or not self.token):
             raise ConfigError(
-                "ClientConfig.token must be a non-empty string (or give key_file to "
-                "authenticate with a key)"
+                f"give a token with {client_setting('token')} (or a key to authenticate "
+                f"with, with {client_setting('key_file')})"
             )
         if self.key_file is not None and not os.path.isfile(self.key_file):
-            raise ConfigError(f"ClientConfig.key_file: no file at {os.fspath(self.key_file)!r}")
+            raise ConfigError(
+                f"{client_setting('key_file')}: no file at {os.fspath(self.key_file)!r}"
+            )
         port: int | str = self.port
         if isinstance(port, str) and port.isdigit():
             port = int(port)
         if isinstance(port, bool) or not isinstance(port, int) or not 0 < port <= 65535:
             raise ConfigError(
-                f"ClientConfig.port {self.port!r}: give the local service's port, 1 to 65535"
+                f"{client_setting('port')} {self.port!r}: give the local service's port, 1 to 65535"
             )
         object.__setattr__(self, "port", port)
         host = self.host if self.host is not None else server.host
-        object.__setattr__(self, "host", normalize_host(host, what="ClientConfig.host"))
+        host = normalize_host(host, what=f"{client_setting('host')}")
+        object.__setattr__(self, "host", host)
         if not self.control_path.startswith("/"):
             raise ConfigError(
-                f"ClientConfig.control_path {self.control_path!r} must start with '/'"
+                f"{client_setting('control_path')} {self.control_path!r} must start with '/'"
             )
         if self.ca_file is not None and not os.path.isfile(self.ca_file):
-            raise ConfigError(f"ClientConfig.ca_file: no file at {os.fspath(self.ca_file)!r}")
+            raise ConfigError(
+                f"{client_setting('ca_file')}: no file at {os.fspath(self.ca_file)!r}"
+            )
         for name in (
             "connect_timeout",
             "backoff_initial",
@@ -501,11 +579,11 @@ class ClientConfig:
             "local_connect_timeout",
             "drain_timeout",
         ):
-            _positive(f"ClientConfig.{name}", getattr(self, name))
+            _positive(client_setting(name), getattr(self, name))
         if self.max_concurrent_streams < 1:
-            raise ConfigError("ClientConfig.max_concurrent_streams must be at least 1")
+            raise ConfigError(f"{client_setting('max_concurrent_streams')} must be at least 1")
         if self.local_pool_size < 0:
-            raise ConfigError("ClientConfig.local_pool_size must be 0 or more")
+            raise ConfigError(f"{client_setting('local_pool_size')} must be 0 or more")
         if self.inspector is not None:
             self.inspector_address  # noqa: B018 - validates it
 
@@ -524,10 +602,11 @@ class ClientConfig:
         """Where to serve the inspector, parsed from ``inspector``; None for nowhere."""
         if self.inspector is None:
             return None
-        host, port = _split_host_port(self.inspector.strip(), what="ClientConfig.inspector")
+        what = client_setting("inspector")
+        host, port = _split_host_port(self.inspector.strip(), what=f"{what}")
         if port is None:
             raise ConfigError(
-                f"ClientConfig.inspector {self.inspector!r} has no port; write it as "
+                f"{what} {self.inspector!r} has no port; write it as "
                 "'host:port', for example '127.0.0.1:4040'"
             )
         return host or "127.0.0.1", port
@@ -537,3 +616,29 @@ class ClientConfig:
         """The host name this agent claims (``host``, or the server's name)."""
         assert self.host is not None  # set in __post_init__
         return self.host
+
+
+LOCAL_PROTOCOLS: Final = ("http1", "h2c", "h2", "auto")
+
+
+def _check_local_protocol(config: ClientConfig) -> None:
+    protocol = client_setting("local_protocol")
+    if config.local_protocol not in LOCAL_PROTOCOLS:
+        raise ConfigError(
+            f"{protocol} {config.local_protocol!r}: give one of "
+            + ", ".join(repr(name) for name in LOCAL_PROTOCOLS)
+        )
+    if config.local_protocol == "h2c" and config.local_tls:
+        raise ConfigError(
+            f"{protocol} 'h2c' is HTTP/2 without TLS, but {client_setting('local_tls')} is "
+            f"set; for HTTP/2 over TLS give {protocol} 'h2'"
+        )
+    if config.tcp and (config.local_tls or config.local_protocol in ("h2c", "h2")):
+        raise ConfigError(
+            f"{protocol} and {client_setting('local_tls')} are for HTTP tunnels; a TCP tunnel "
+            "carries the local service's bytes as they are"
+        )
+    if config.local_ca_file is not None and not os.path.isfile(config.local_ca_file):
+        raise ConfigError(
+            f"{client_setting('local_ca_file')}: no file at {os.fspath(config.local_ca_file)!r}"
+        )

@@ -24,45 +24,67 @@ import dataclasses
 import os
 import tomllib
 from collections.abc import Callable, Mapping
+from functools import partial
 from typing import Any
 
 from ._config import ClientConfig, ServerConfig
 from ._exceptions import ConfigError
 from ._protocol.limits import RateLimit
+from ._settings import client_setting
 
-__all__ = ["load_client_config", "load_server_config"]
+__all__ = ["load_client_config", "load_server_config", "parse_port_range"]
 
 # Fields that hold code (hooks, channels), which a file cannot express.
 _CODE_ONLY = frozenset({"auth", "callbacks", "observer", "state"})
+
+
+def parse_port_range(text: str) -> range | None:
+    """``"FIRST-LAST"`` (or one port) as a range; None unless ports from 1 to 65535."""
+    first, _, last = text.partition("-")
+    first, last = first.strip(), (last or first).strip()
+    if not first.isdigit() or not last.isdigit():
+        return None
+    return _checked_ports(int(first), int(last))
+
+
+def _checked_ports(first: int, last: int) -> range | None:
+    return range(first, last + 1) if 1 <= first <= last <= 65535 else None
 
 
 def _port_range(value: Any) -> range:
     # Overrides (the command line's --tcp-ports, a caller's keyword) are ranges already.
     if isinstance(value, range):
         return value
+    ports = None
     if isinstance(value, str):
-        first, _, last = value.partition("-")
-        if first.strip().isdigit() and (last or first).strip().isdigit():
-            return range(int(first), int(last or first) + 1)
+        ports = parse_port_range(value)
     elif isinstance(value, list) and len(value) == 2 and all(isinstance(v, int) for v in value):
-        return range(value[0], value[1] + 1)
-    raise ConfigError(f'tcp_ports = {value!r}: write "20000-20099" or [20000, 20099]')
+        ports = _checked_ports(value[0], value[1])
+    if ports is None:
+        raise ConfigError(
+            f'tcp_ports = {value!r}: write ports from 1 to 65535 as "20000-20099" or [20000, 20099]'
+        )
+    return ports
 
 
-def _rate_limit(value: Any) -> RateLimit:
+def _rate_limit(key: str, value: Any) -> RateLimit:
     if not isinstance(value, dict):
-        raise ConfigError("a rate limit is a table, such as { requests_per_second = 10 }")
+        raise ConfigError(f"{key} is a table, such as {{ requests_per_second = 10 }}")
+    for name, number in value.items():
+        if isinstance(number, bool) or not isinstance(number, int | float) or not number > 0:
+            raise ConfigError(f"{key}.{name} = {number!r}: give a positive number")
     try:
         return RateLimit(**value)
-    except TypeError as exc:
-        raise ConfigError(f"rate limit {value!r}: {exc}") from None
+    except TypeError:
+        names = ", ".join(field.name for field in dataclasses.fields(RateLimit))
+        raise ConfigError(f"{key} holds {', '.join(value)}; its settings are {names}") from None
 
 
 _CONVERT: dict[str, Callable[[Any], Any]] = {
     "tokens": frozenset,
     "tcp_ports": _port_range,
-    "tunnel_rate_limit": _rate_limit,
-    "visitor_rate_limit": _rate_limit,
+    "tunnel_rate_limit": partial(_rate_limit, "tunnel_rate_limit"),
+    "visitor_rate_limit": partial(_rate_limit, "visitor_rate_limit"),
     "allow_ips": tuple,
     "deny_ips": tuple,
 }
@@ -87,7 +109,7 @@ def _load(
     if unknown:
         raise ConfigError(
             f"{os.fspath(path or '')!r}: unknown setting(s) {', '.join(unknown)}; "
-            f"{cls.__name__} has {', '.join(sorted(fields))}"
+            f"the settings are {', '.join(sorted(fields))}"
         )
     settings.update({key: value for key, value in overrides.items() if value is not None})
     for key, convert in _CONVERT.items():
@@ -124,9 +146,10 @@ def load_client_config(
     settings = _load(ClientConfig, path, overrides)
     missing = [name for name in ("address", "port") if name not in settings]
     if missing:
+        given = " and ".join(str(client_setting(name)) for name in missing)
+        keys = " and ".join(f"'{name}'" for name in missing)
         raise ConfigError(
-            f"the agent needs {' and '.join(missing)}: give --server and PORT, "
-            "or 'address' and 'port' in the config file"
+            f"the agent needs {' and '.join(missing)}: give {given}, or {keys} in the config file"
         )
     try:
         return ClientConfig(**settings)

@@ -16,6 +16,7 @@ __all__ = [
     "RejectedError",
     "ServerUnreachableError",
     "TunnelError",
+    "UntrustedCertificateError",
 ]
 
 
@@ -32,6 +33,14 @@ class ServerUnreachableError(TunnelError):
 
     The agent retries these on its own; :func:`tunnel.open_tunnel` raises it only
     when the first connection cannot be made within its deadline.
+    """
+
+
+class UntrustedCertificateError(TunnelError):
+    """The server's TLS certificate failed verification; retrying cannot help.
+
+    Its certificate authority is not trusted (give ``ca_file``), or it names
+    another host. Raised at once, never retried, like a refused token.
     """
 
 

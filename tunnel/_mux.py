@@ -64,6 +64,19 @@ MAX_HEADER_BLOCK: Final = 256 << 10
 #: PINGs and SETTINGS a peer may send per second; a legitimate one sends a
 #: few a minute, and each costs us an answer to queue.
 MAX_CONTROL_FRAMES_PER_SECOND: Final = 100
+#: Frames that cost the peer nothing and ask for nothing, but cost us work:
+#: WINDOW_UPDATE on the connection that unblocks nothing, PRIORITY and frames
+#: of unknown types. An h2 peer sends such a WINDOW_UPDATE per half window it
+#: acknowledged (a few a second at full speed) and never the others.
+MAX_FREE_FRAMES_PER_SECOND: Final = 1000
+#: h2 never opens a window by less (it waits for 1 KiB acknowledged); an
+#: update of a few bytes only makes us wake every waiting stream to send them.
+MIN_USEFUL_WINDOW_UPDATE: Final = 1024
+#: The HPACK table our encoder keeps for the peer, whatever larger size it
+#: announces (SETTINGS_HEADER_TABLE_SIZE): HTTP/2's default. A larger table
+#: saves a few bytes per request and costs memory per connection; a peer
+#: announcing a gigabyte would make us keep every header we ever sent.
+MAX_HEADER_TABLE: Final = 4096
 #: DATA frames for finished streams a peer may send per second (some follow
 #: every reset; thousands a second only follow a peer gone bad).
 MAX_STRAY_DATA_PER_SECOND: Final = 5000
@@ -236,6 +249,26 @@ def _reset_reason(code: int) -> str:
     return f"the other side ended the request ({name})"
 
 
+class _Rate:
+    """Counts one kind of frame per second; too many in one second is abuse."""
+
+    __slots__ = ("_count", "_limit", "_start", "_what")
+
+    def __init__(self, limit: int, what: str) -> None:
+        self._limit = limit
+        self._what = what
+        self._count = 0
+        self._start = 0.0
+
+    def count(self) -> None:
+        now = trio.current_time()
+        if now - self._start >= 1.0:
+            self._start, self._count = now, 0
+        self._count += 1
+        if self._count > self._limit:
+            raise _Abuse(f"the peer flooded the connection with {self._what}")
+
+
 class _FrameBuffer(h2.frame_buffer.FrameBuffer):
     """h2's frame buffer, with a cap on the bytes of one header block."""
 
@@ -291,7 +324,7 @@ class _Connection(h2.connection.H2Connection):
         # (RST_STREAM) without telling us. Some arrive after any reset; a
         # flood of them is a peer making us queue answers it never reads.
         if isinstance(frame, DataFrame) and frame.stream_id not in self._mux_streams:
-            self._mux._count_stray_data()
+            self._mux._stray_frames.count()
         if not _H2_RECEIVE_FRAME_VERIFIED:
             return super()._receive_frame(frame)
         # h2 4's own (h2/connection.py, H2Connection._receive_frame), less its
@@ -353,9 +386,9 @@ class Mux:
         "_closing",
         "_conn",
         "_control_frames",
-        "_control_window_start",
         "_drained",
         "_ended",
+        "_free_frames",
         "_goaway_received",
         "_goaway_sent",
         "_keepalive_interval",
@@ -367,7 +400,6 @@ class Mux:
         "_send_wanted",
         "_settings_received",
         "_stray_frames",
-        "_stray_window_start",
         "_streams",
         "_transport",
         "_writing",
@@ -435,10 +467,13 @@ class Mux:
         self._settings_received = trio.Event()
         self._ended = trio.Event()
         self._goaway_sent = False
-        self._control_frames = 0
-        self._control_window_start = 0.0
-        self._stray_frames = 0
-        self._stray_window_start = 0.0
+        # Each PING or SETTINGS makes h2 queue an answer; a peer sending them
+        # endlessly (and not reading) would fill our memory.
+        self._control_frames = _Rate(MAX_CONTROL_FRAMES_PER_SECOND, "PING or SETTINGS frames")
+        self._free_frames = _Rate(
+            MAX_FREE_FRAMES_PER_SECOND, "WINDOW_UPDATE, PRIORITY or unknown frames"
+        )
+        self._stray_frames = _Rate(MAX_STRAY_DATA_PER_SECOND, "DATA for finished streams")
         self.closed_reason: str | None = None
         #: The WebSocket close code the peer ended the connection with, if any.
         self.peer_close_code: int | None = None
@@ -691,9 +726,20 @@ class Mux:
                 # Nobody will consume it; give the window back at once. A few
                 # such frames are in flight after a reset; a stream of them is
                 # a peer gone bad.
-                self._count_stray_data()
+                self._stray_frames.count()
                 if flow:
                     self._conn.acknowledge_received_data(flow, event.stream_id)
+                return
+            if not event.data:
+                # An empty (or padding-only) frame carries no body: queued, it
+                # would read as the end of the body (receive_data's b"") when it
+                # happened to arrive alone. What padding took is given back now.
+                if flow:
+                    self._conn.acknowledge_received_data(flow, event.stream_id)
+                if event.stream_ended is not None:
+                    stream.remote_ended = True
+                    stream._notify()
+                    self._forget_if_done(stream)
                 return
             stream._chunks.append(event.data)
             stream._flow += flow
@@ -752,11 +798,28 @@ class Mux:
                 if stream is not None and stream._window is not None:
                     stream._window.set()
             else:
-                self._wake_all_senders()
+                # Only an update that opens the connection's window from
+                # nothing can unblock a sender, and an h2 peer sends those only
+                # once we sent all it allowed, so they cost it data. The rest
+                # (and slivers) only cost us: they count as free frames.
+                delta = event.delta or 0
+                opened = self._conn.outbound_flow_control_window - delta <= 0
+                if not opened or delta < MIN_USEFUL_WINDOW_UPDATE:
+                    self._count_free_frame()
+                if opened:
+                    self._wake_all_senders()
+        elif isinstance(
+            event,
+            h2.events.PriorityUpdated
+            | h2.events.UnknownFrameReceived
+            | h2.events.AlternativeServiceAvailable,
+        ):
+            self._count_free_frame()
         elif isinstance(event, h2.events.PingReceived):
             self._count_control_frame()
         elif isinstance(event, h2.events.RemoteSettingsChanged):
             self._count_control_frame()
+            self._clamp_header_table()
             self._settings_received.set()
             self._wake_all_senders()
             if self._capacity is not None:
@@ -788,23 +851,23 @@ class Mux:
         if unsent > MAX_UNREAD_ANSWERS:
             raise _Abuse("the peer stopped reading while its frames kept asking for answers")
 
-    def _count_stray_data(self) -> None:
-        now = trio.current_time()
-        if now - self._stray_window_start >= 1.0:
-            self._stray_window_start, self._stray_frames = now, 0
-        self._stray_frames += 1
-        if self._stray_frames > MAX_STRAY_DATA_PER_SECOND:
-            raise _Abuse("the peer flooded the connection with DATA for finished streams")
-
     def _count_control_frame(self) -> None:
-        now = trio.current_time()
-        if now - self._control_window_start >= 1.0:
-            self._control_window_start, self._control_frames = now, 0
-        self._control_frames += 1
-        if self._control_frames > MAX_CONTROL_FRAMES_PER_SECOND:
-            # Each PING or SETTINGS makes h2 queue an answer; a peer sending
-            # them endlessly (and not reading) would fill our memory.
-            raise _Abuse("the peer flooded the connection with PING or SETTINGS frames")
+        self._control_frames.count()
+
+    def _count_free_frame(self) -> None:
+        self._free_frames.count()
+
+    def _clamp_header_table(self) -> None:
+        # h2 has just sized our encoder's table to what the peer allows. Any
+        # size up to that is ours to choose (RFC 7541 section 4.2); the peer
+        # learns of it from the size update the next header block starts with,
+        # so the one it would have heard of first is dropped.
+        encoder = self._conn.encoder
+        if encoder.header_table_size > MAX_HEADER_TABLE:
+            encoder.header_table_size = MAX_HEADER_TABLE
+            encoder.table_size_changes = [
+                size for size in encoder.table_size_changes if size <= MAX_HEADER_TABLE
+            ]
 
     def _wake_all_senders(self) -> None:
         for stream in self._streams.values():

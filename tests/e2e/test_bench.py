@@ -27,7 +27,7 @@ async def _stop_politely(process: trio.Process) -> None:
 async def test_quick_benchmark_runs_and_writes_every_section(tmp_path: Path) -> None:
     output = tmp_path / "latest.json"
     # --quick with 1 s phases: c1 and c50, 16 MiB transfers, 200 requests in
-    # flight, 20 idle agents.
+    # flight, 20 idle agents, gRPC at c1 and c20.
     argv = [sys.executable, str(SCRIPT), "--quick", "--duration", "1", "--output", str(output)]
     with trio.fail_after(150):
         result = await trio.run_process(
@@ -58,6 +58,12 @@ async def test_quick_benchmark_runs_and_writes_every_section(tmp_path: Path) -> 
     assert idle["agents"] == 20
     assert set(idle["server_rss_kib"]) == {"0", "1", "20"}
     assert isinstance(idle["kib_per_extra_agent"], float)
+    # The gRPC phase: both targets at --quick's two levels, and their ratio.
+    assert [row["concurrency"] for row in results["grpc_unary"]] == [1, 20]
+    for row in results["grpc_unary"]:
+        assert row["tunnel"]["calls_per_s"] > 0
+        assert row["ratio"] == row["tunnel"]["calls_per_s"] / row["direct"]["calls_per_s"]
+    assert "gRPC unary calls per second" in out
     measured = {target["target"]: target["measured"] for target in results["targets"]}
     assert len(measured) == 6
     assert all(value is not None for value in measured.values()), measured

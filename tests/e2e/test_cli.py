@@ -31,18 +31,37 @@ async def _wait_for_line(stream: trio.abc.ReceiveStream, needle: bytes, limit: f
     return seen
 
 
+AGENT = ["http", "8080", "--server", "x:1", "--token", "t"]
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
         (["http", "abc", "--server", "x:1", "--token", "t"], "invalid int value: 'abc'"),
-        (["http", "8080", "--token", "t"], "give --server and PORT"),
+        (["http", "8080", "--token", "t"], "give --server, or 'address' in the config file"),
         (["http", "8080", "--server", "ftp://x", "--token", "t"], "unknown scheme 'ftp'"),
-        (["http", "70000", "--server", "x:1", "--token", "t"], "ClientConfig.port 70000"),
-        (["server", "--address", "nowhere"], "has no port"),
-        (["server", "--certificate", "missing.pem"], "give both certificate and key"),
+        (["http", "70000", "--server", "x:1", "--token", "t"], "PORT 70000: give the local"),
+        (["server", "--address", "nowhere"], "--address 'nowhere' has no port"),
+        (["server", "--certificate", "missing.pem"], "give both --certificate and --key"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
-        (["server", "--workers", "0"], "ServerConfig.workers 0"),
+        (["server", "--workers", "0"], "--workers 0: give a number of processes from 1"),
+        (["server", "--max-websocket-buffer", "10"], "--max-websocket-buffer 10 is smaller"),
         (["tcp", "22", "--server", "x:1", "--token", "t", "--pool"], "unrecognized arguments"),
+        (
+            ["server", "--tcp-ports", "70000-70001"],
+            "'70000-70001' is not a range of ports from 1 to 65535",
+        ),
+        ([*AGENT, "--ca-file", "missing.pem"], "--ca-file: no file at 'missing.pem'"),
+        (["http", "8080", "--server", "x:1", "--key", "missing"], "--key: no file at 'missing'"),
+        ([*AGENT, "--basic-auth", "nopass"], "--basic-auth must be 'user:password'"),
+        ([*AGENT, "--allow-ip", "nonsense"], "--allow-ip: 'nonsense' is not an IP network"),
+        ([*AGENT, "--host", "my_app"], "--host 'my_app' is not a valid host name"),
+        ([*AGENT, "--inspector", "127.0.0.1"], "--inspector '127.0.0.1' has no port"),
+        (["http", "8080", "--server", "x:1"], "give a token with --token (or a key"),
+        (["server", "--max-tunnels", "0"], "--max-tunnels must be at least 1"),
+        (["server", "--control-path", "x"], "--control-path 'x' must start with '/'"),
+        (["server", "--admin-host", "not a host"], "--admin-host 'not a host' is not a valid"),
+        (["server", "--tunnel-rps", "0"], "--tunnel-rps: give a positive number of requests"),
     ],
 )
 async def test_bad_arguments_get_one_line_and_status_2(argv: list[str], message: str) -> None:
@@ -54,6 +73,44 @@ async def test_bad_arguments_get_one_line_and_status_2(argv: list[str], message:
     err = result.stderr.decode()
     assert err.count("\n") == 1, err
     assert message in err
+    # The user typed flags: the message names flags, never Python objects.
+    assert "Config" not in err, err
+    assert "range(" not in err, err
+
+
+async def test_a_setting_without_a_flag_is_named_as_in_the_config_file(tmp_path: Path) -> None:
+    config = tmp_path / "server.toml"
+    config.write_text("keepalive_interval = -1\n")
+    with trio.fail_after(20):
+        result = await trio.run_process(
+            [*TUNNEL, "server", "--config", str(config)],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+    assert result.returncode == 2
+    assert result.stderr.decode() == (
+        "tunnel: keepalive_interval (in the --config file) must be a positive number of "
+        "seconds, got -1\n"
+    )
+
+
+async def test_the_open_server_warning_names_the_flags() -> None:
+    port = free_port()
+    server = await trio.lowlevel.open_process(
+        [*TUNNEL, "server", "--address", f"127.0.0.1:{port}"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert server.stderr is not None
+        printed = await _wait_for_line(server.stderr, b"Running on", 20)
+    finally:
+        server.kill()
+        await server.wait()
+    (warning,) = [line for line in printed.decode().splitlines() if "ANYONE" in line]
+    assert "give tokens (--token or --tokens-file) or keys (--authorized-keys)" in warning
+    assert "Config" not in warning
 
 
 async def test_server_and_http_commands_make_a_working_tunnel(nursery: trio.Nursery) -> None:

@@ -460,3 +460,41 @@ async def test_connect_disconnect_cycles_and_requests_leak_nothing(
         await eventually(lambda: _open_fds() <= fds and _count_tasks() == tasks)
         assert app.registry.sessions() == []
         assert app.registry._arrivals == {}
+
+
+@pytest.mark.parametrize(
+    "where",
+    [
+        "_note_worker",  # while shaking hands, before the link is up
+        "_report_started",  # once the link is up and registered
+    ],
+)
+async def test_an_unexpected_error_costs_one_connection_not_the_agent(
+    where, monkeypatch, tunnel_server, local_service, open_agent, visitor, caplog
+):
+    # A bug anywhere in a connection's handling (here: a function of the
+    # agent's that raises something nobody expects, once) must be reported
+    # with its traceback and repaired like a lost connection.
+    original = getattr(tunnel.Client, where)
+    raised: list[BaseException] = []
+
+    def faulty(self: tunnel.Client, *args: Any) -> Any:
+        if not raised:
+            raised.append(KeyError("injected fault"))
+            raise raised[0]
+        return original(self, *args)
+
+    monkeypatch.setattr(tunnel.Client, where, faulty)
+    with trio.fail_after(10):
+        async with (
+            open_agent(tunnel_server.port, local_service.port) as agent,
+            visitor(tunnel_server.port) as http,
+        ):
+            response = await http.get("/after-the-fault")
+            assert response.status_code == 200, response.text
+            assert agent.state is CONNECTED
+    assert len(raised) == 1
+    # Reported once, with its traceback, by the agent; by nothing else.
+    reports = [r for r in caplog.records if r.exc_info and r.exc_info[1] is raised[0]]
+    assert [r.name for r in reports] == ["tunnel.client"], [r.getMessage() for r in reports]
+    assert "reconnecting" in reports[0].getMessage()

@@ -346,7 +346,9 @@ async def test_agent_continuation_flood_is_bounded(
     """
     start = frame(HEADERS, 0, 1, hpack_block([(b":status", b"200")]))
     block = frame(CONTINUATION, 0, 1, b"\x00" * (MiB - 64))
-    messages = [start] + [block * 4] * 17  # 68 frames: past h2's limit of 64
+    # 68 frames, past h2's limit of 64, in messages of 2 MiB: the largest the
+    # server takes from an agent (Hypercorn closes its WebSocket beyond).
+    messages = [start] + [block * 2] * 34
     since = connected_since(server)
     with trio.fail_after(30), watch_memory("CONTINUATION flood") as memory:
         async with witness_traffic(good_http, good):
@@ -457,15 +459,16 @@ async def test_agent_one_huge_message_of_pings_does_not_stall_the_server(
     good_http: httpx.AsyncClient,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """One 4 MiB WebSocket message of PINGs (a quarter million frames).
+    """One 2 MiB WebSocket message of PINGs (an eighth of a million frames), the
+    largest message the server takes from an agent.
 
     The server may spend CPU on it, but not all at once: other tunnels must
     keep answering. Bound: no request through the legitimate tunnel waits more
     than 1 s; 16 MiB of peak RSS.
     """
-    message = frame(PING, 0, 0, b"12345678") * ((4 * MiB) // 17)
+    message = frame(PING, 0, 0, b"12345678") * ((2 * MiB) // 17)
     since = connected_since(server)
-    with trio.fail_after(40), watch_memory("4 MiB of PINGs in one message") as memory:
+    with trio.fail_after(40), watch_memory("2 MiB of PINGs in one message") as memory:
         async with (
             open_evil_agent(server.port, EVIL) as evil,
             witness_traffic(good_http, good, max_latency=1.0),
@@ -475,6 +478,55 @@ async def test_agent_one_huge_message_of_pings_does_not_stall_the_server(
                 await evil.alive()
     assert connected_since(server) == since
     assert memory.peak_rss < 16 * MiB
+    no_server_errors(caplog)
+
+
+#: name: one frame that asks for no answer but costs the server work on each.
+FREE_FLOODS = {
+    # Each wakes every stream waiting to send.
+    "WINDOW_UPDATE on the connection": frame(WINDOW_UPDATE, 0, 0, (1).to_bytes(4, "big")),
+    "PRIORITY": frame(PRIORITY, 0, 1001, (0).to_bytes(4, "big") + b"\x0f"),
+    "unknown type": frame(0xFA, 0, 0, b"12345678"),
+}
+
+
+@pytest.mark.parametrize("name", list(FREE_FLOODS))
+async def test_agent_flood_of_free_frames_is_cut_off(
+    name: str,
+    server: Server,
+    good: RecordingService,
+    good_http: httpx.AsyncClient,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Frames a second by the ten thousand that need no answer, as PINGs would.
+
+    The server must count them as it counts PINGs and close the agent (1008,
+    policy violation) within the 5 s the flood lasts; the other tunnel answers
+    throughout.
+    """
+    burst = FREE_FLOODS[name] * (18_000 // len(FREE_FLOODS[name]))
+    since = connected_since(server)
+    closed: trio_websocket.CloseReason | None = None
+    sent = 0
+    with trio.fail_after(30):
+        async with (
+            open_evil_agent(server.port, EVIL) as evil,
+            witness_traffic(good_http, good, max_latency=3.0),
+        ):
+            with trio.move_on_after(5):
+                try:
+                    while True:
+                        await evil.send(burst)
+                        sent += len(burst)
+                        await trio.sleep(0.01)
+                except trio_websocket.ConnectionClosed as exc:
+                    closed = exc.reason
+    logging.getLogger("tests.hostile").warning(
+        "%s flood: %.1f MB sent, closed: %s", name, sent / 1e6, closed
+    )
+    assert closed is not None, f"{sent / 1e6:.1f} MB of {name} frames and the agent is still on"
+    assert closed.code == 1008, closed
+    assert connected_since(server) == since
     no_server_errors(caplog)
 
 
@@ -1182,29 +1234,24 @@ async def test_visitor_with_content_length_and_chunked_does_not_knock_the_agent_
             assert dict(headers).get(b"content-length") in (None, b"5"), headers
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open: a body trickled a few bytes at a time keeps its connection; the idle "
-    "timeout restarts on every chunk and needs a minimum body rate",
-)
 async def test_visitor_slowloris_and_slow_bodies_are_cut_off(
     nursery: trio.Nursery, open_agent: Any, visitor: Any
 ) -> None:
     """Slow visitors, 10 of each kind, while the legitimate tunnel keeps answering.
 
-    * Headers a byte every 0.25 s: Hypercorn's keep_alive_timeout (5 s, left
-      at Hypercorn's default) runs from the connection's start until a request
-      is complete and cuts them off. Bound: 8 s.
+    * Headers a byte every 0.25 s: ``header_timeout`` (5 s here; Hypercorn's
+      keep_alive_timeout, which runs from the connection's start until a
+      request's head is complete) cuts them off. Bound: 8 s.
     * Half a body, then silence: ``request_idle_timeout`` (1 s here) answers
       408 and the connection ends. Bound: 3 s.
-    * A body a byte every 0.25 s: every byte restarts ``request_idle_timeout``
-      and Hypercorn has no read timeout (``read_timeout=None``), so nothing
-      ends it: each such visitor holds a connection (a descriptor, a task) for
-      as long as it likes at 4 bytes a second. Bound: 6 s, which takes a
-      minimum body rate (as Apache's mod_reqtimeout ``MinRate``) or a total
-      deadline for the body.
+    * A body a byte every 0.25 s: every byte would restart
+      ``request_idle_timeout``, and Hypercorn has no read timeout
+      (``read_timeout=None``); ``min_request_body_rate`` (500 bytes a second,
+      as Apache's mod_reqtimeout ``MinRate``) ends it. Bound: 6 s.
     """
-    server = await start_server(nursery, response_timeout=2.0, request_idle_timeout=1.0)
+    server = await start_server(
+        nursery, response_timeout=2.0, request_idle_timeout=1.0, header_timeout=5.0
+    )
     good = await start_service(nursery, "good")
     closed_after: dict[str, list[float]] = {"headers": [], "silent body": [], "body": []}
 
@@ -1523,6 +1570,23 @@ async def test_visitor_http2_connect_without_path_does_not_kill_the_server(
         await trio.sleep(0.2)
         answer = await good_http.get("/after-connect")
     assert answer.status_code == 200
+
+
+async def test_the_agent_takes_no_huge_message_from_its_server(
+    server: Server, good: RecordingService, good_http: httpx.AsyncClient
+) -> None:
+    """A server (or whatever sits in its place) sending an 8 MiB message.
+
+    A server sends messages of at most 1 MiB; the agent takes up to 4 MiB and
+    queues at most 4 of them, so it holds no more than 16 MiB unread, not the
+    32 MiB each of trio-websocket's default that it used to take. Beyond it,
+    the agent closes the connection with 1009 (and reconnects).
+    """
+    (session,) = [s for s in server.app.registry.sessions() if s.host == GOOD]
+    with trio.fail_after(10):
+        await session.mux._transport.send(bytes(8 * MiB))
+        await session.mux.wait_closed()
+    assert "1009" in (session.mux.closed_reason or ""), session.mux.closed_reason
 
 
 # -- a malicious visitor: fuzzing HTTP/2 -------------------------------------------

@@ -8,6 +8,7 @@ import json
 import os
 import socket
 from contextlib import aclosing
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -320,3 +321,63 @@ async def test_visitor_leaving_mid_stream_reaches_the_local_service(
                 assert not local_service.disconnected.is_set()
             with trio.fail_after(2):
                 await local_service.disconnected.wait()
+
+
+#: A Date no clock would give now: proof that the one a visitor sees is the origin's.
+ORIGIN_DATE = b"Tue, 01 Jan 2030 00:00:00 GMT"
+
+
+async def _raw_origin(stream: trio.SocketStream) -> None:
+    """A local service that dates its answers (``/dated``) or not (any other path)."""
+    request = b""
+    while b"\r\n\r\n" not in request:
+        chunk = await stream.receive_some(4096)
+        if not chunk:
+            return
+        request += chunk
+    dated = request.startswith(b"GET /dated ")
+    await stream.send_all(
+        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n"
+        + (b"Date: " + ORIGIN_DATE + b"\r\n" if dated else b"")
+        + b"connection: close\r\n\r\nok"
+    )
+    await stream.aclose()
+
+
+async def _raw_head(port: int, host: str, path: str) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+    """The status line and header fields of ``GET path``, read off a plain socket."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(
+            f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()
+        )
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = await stream.receive_some(4096)
+            assert chunk, data
+            data += chunk
+    status, *lines = data.split(b"\r\n\r\n", 1)[0].split(b"\r\n")
+    fields = [tuple(part.strip() for part in line.split(b":", 1)) for line in lines]
+    return status, [(name.lower(), value) for name, value in fields]
+
+
+async def test_each_response_carries_exactly_one_date(nursery, tunnel_server, open_agent):
+    listeners = await nursery.start(partial(trio.serve_tcp, _raw_origin, 0, host="127.0.0.1"))
+    origin_port = listeners[0].socket.getsockname()[1]
+    with trio.fail_after(10):
+        async with open_agent(tunnel_server.port, origin_port):
+            # The origin's own Date passes through, alone.
+            status, fields = await _raw_head(tunnel_server.port, "app.localhost", "/dated")
+            assert status.startswith(b"HTTP/1.1 200"), status
+            assert [v for n, v in fields if n == b"date"] == [ORIGIN_DATE], fields
+            # An origin without a clock gets one Date, the server's.
+            status, fields = await _raw_head(tunnel_server.port, "app.localhost", "/undated")
+            assert status.startswith(b"HTTP/1.1 200"), status
+            dates = [v for n, v in fields if n == b"date"]
+            assert len(dates) == 1, fields
+            assert dates[0].endswith(b" GMT")
+            assert dates[0] != ORIGIN_DATE
+        # A page the server answers itself keeps its Date.
+        status, fields = await _raw_head(tunnel_server.port, "nobody.localhost", "/")
+        assert status.startswith(b"HTTP/1.1 404")
+        assert len([v for n, v in fields if n == b"date"]) == 1, fields

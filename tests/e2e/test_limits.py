@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import trio
+from hostile import RawVisitor, start_server
 
 import tunnel
+from helpers import eventually
 from tunnel._protocol.limits import RateLimit
 
 
@@ -176,3 +180,76 @@ async def test_huge_request_headers_give_431(
     assert response.status_code == 431
     assert normal.status_code == 200
     assert local_service.requests == [("GET", "/echo")]
+
+
+async def test_a_tunnels_rate_limit_is_forgotten_when_it_goes(
+    nursery: trio.Nursery, local_service, open_agent, visitor
+) -> None:
+    """The buckets kept per tunnel go with the tunnel: hosts come and go for as
+    long as the server runs, and each left its buckets behind for good.
+    """
+    server = await start_server(
+        nursery, tunnel_rate_limit=RateLimit(requests_per_second=100, burst=100)
+    )
+    hosts = [f"t{i}.localhost" for i in range(20)]
+    with trio.fail_after(20):
+        for host in hosts:
+            async with open_agent(server.port, local_service.port, host=host):
+                async with visitor(server.port, host) as http:
+                    assert (await http.get("/echo")).status_code == 200
+                assert host in server.app.limiter._tunnels
+            await eventually(lambda: not server.hosts())
+    assert len(server.app.limiter._tunnels) == 0, sorted(server.app.limiter._tunnels)
+
+
+async def test_a_body_slower_than_the_minimum_rate_gets_408(
+    start_tunnel_server, local_service, open_agent
+) -> None:
+    """A body that keeps coming, a few bytes at a time, still falls behind
+    ``min_request_body_rate``; one at a good pace, even with a pause, is served."""
+    server = await start_tunnel_server(request_idle_timeout=2.0, min_request_body_rate=1000)
+    head = b"POST /echo HTTP/1.1\r\nHost: app.localhost\r\nContent-Length: %d\r\n\r\n"
+    with trio.fail_after(20):
+        async with open_agent(server.port, local_service.port):
+            async with RawVisitor.connect(server.port) as slow:
+                await slow.send(head % 100_000)
+                started = trio.current_time()
+                with contextlib.suppress(trio.BrokenResourceError):
+                    while trio.current_time() - started < 5:
+                        await slow.send(b"x" * 20)  # 200 bytes a second
+                        await trio.sleep(0.1)
+                status, _, page = await slow.read_response()
+                slow_after = trio.current_time() - started
+            async with RawVisitor.connect(server.port) as paced:
+                await paced.send(head % 6000)
+                for i in range(3):
+                    if i:
+                        await trio.sleep(0.5)  # 2000 bytes a second
+                    await paced.send(b"y" * 1000)
+                # A pause of 1.2 s, within request_idle_timeout, that only the
+                # pace has earned: 2 s of request_idle_timeout, plus 3 s for
+                # 3000 bytes, minus the 1 s already spent waiting (without
+                # those 3 s, 1 s would be left).
+                await trio.sleep(1.2)
+                await paced.send(b"y" * 3000)
+                paced_status, _, _ = await paced.read_response()
+    assert status == 408
+    assert b"slower than 1000 bytes per second" in page
+    # At 200 bytes a second the 2 s allowance is spent after 2.5 s.
+    assert slow_after < 4.0
+    assert paced_status == 200
+
+
+async def test_headers_must_be_complete_within_the_header_timeout(start_tunnel_server) -> None:
+    """A request head sent a byte at a time is cut off at ``header_timeout``."""
+    server = await start_tunnel_server(header_timeout=1.0)
+    with trio.fail_after(10):
+        async with RawVisitor.connect(server.port) as slow:
+            started = trio.current_time()
+            with contextlib.suppress(trio.BrokenResourceError):
+                for byte in b"GET / HTTP/1.1\r\nHost: myapp.localhost\r\nX-Slow: " + b"a" * 100:
+                    await slow.send(bytes([byte]))
+                    await trio.sleep(0.05)
+            await slow.read_until_closed()
+            closed_after = trio.current_time() - started
+    assert closed_after < 2.0

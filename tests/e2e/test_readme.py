@@ -11,7 +11,8 @@ Only these changes are made to an example before it runs (:data:`SUBSTITUTIONS`)
 * the public names and ports (``tunnel.example.com``, ``:8000``, port 20000) become
   the test's servers on 127.0.0.1, bound to free ports, and without TLS; other names
   under ``tunnel.example.com`` become names under ``tunnel.localhost``;
-* the local services (8080, 22) become the test's own, on free ports;
+* the local services (8080, 22, the gRPC server's 50051) become the test's own, on
+  free ports;
 * ``/etc/tunnel/`` becomes a temporary directory;
 * ``await trio.sleep_forever()``, and in the TCP example ``print(t.url)``, also wait
   for the test to say it is done (with a deadline), so that the test can send real
@@ -72,6 +73,7 @@ SUBSTITUTIONS = [
     (":8000", "127.0.0.1:{server}"),
     ("20000-20099", "{tcp}-{tcp}"),
     ("8080", "{local}"),
+    ("50051", "{grpc}"),
     ("tcp 22 ", "tcp {echo} "),
     ("port=22,", "port={echo},"),
     ("127.0.0.1:22", "127.0.0.1:{echo}"),
@@ -86,6 +88,8 @@ PYTHON_EXAMPLES = {
     "websocket visitor": "trio_websocket.open_websocket_url(",
     "tcp agent": "tcp=True",
     "embedding": "app = tunnel.TunnelApp(",
+    "grpc server": "async def hello(request: bytes",
+    "grpc client": 'channel.unary_unary("/demo.Greeter/Hello")',
 }
 
 #: Each ``::`` block of README.rst, by a line that only it contains, and which test
@@ -110,6 +114,7 @@ LITERAL_EXAMPLES = {
     "event=agent_connected": "not run: sample log lines; tests/unit/test_telemetry.py checks them",
     "event=request client=": "not run: a sample log line; tests/e2e/test_access.py checks it",
     "hypercorn --worker-class trio": "test_the_embedding_example_under_the_hypercorn_command",
+    "--local-protocol h2c": "test_the_grpc_example",
 }
 
 
@@ -541,6 +546,26 @@ async def test_the_command_line_quick_start(local_service: Any) -> None:
             response = await get(port, "myapp.tunnel.localhost", "/quick/start")
             assert response.status_code == 200
             assert response.json()["path"] == "/quick/start"
+
+
+async def test_the_grpc_example() -> None:
+    values = {"server": free_port(), "grpc": free_port()}
+    (serve,) = commands(example("literal", "tunnel server --address :8000 --domain"))
+    (expose,) = commands(example("literal", "--local-protocol h2c"))
+    greeter = program(example("python", PYTHON_EXAMPLES["grpc server"]), **values)
+    client = example("python", PYTHON_EXAMPLES["grpc client"])
+    (shown,) = re.findall(r"# (b'.*')", client.code)
+    async with (
+        run(command(serve, **values), "tunnel server") as server,
+        run_python(greeter, "the gRPC server example"),
+    ):
+        await server.line("Running on")
+        await wait_listening(values["grpc"])
+        async with run(command(expose, **values), "tunnel http") as agent:
+            await agent.line("connected")
+            async with run_python(program(client, **values), "the gRPC client example") as call:
+                assert await call.line() == shown
+                await call.ended()
 
 
 async def test_pooled_agents(start_local_service: Any) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import hashlib
 import os
@@ -179,9 +180,13 @@ async def test_same_token_takes_its_port_over(nursery, server_port) -> None:
 async def test_a_server_without_tcp_ports_refuses_tcp_agents(nursery) -> None:
     config = tunnel.ServerConfig(address="127.0.0.1:0", tokens=frozenset({TOKEN}))
     (url,) = await nursery.start(tunnel.serve, config)
-    with trio.fail_after(10), pytest.raises(tunnel.HostRejectedError, match="no TCP tunnels"):
+    with trio.fail_after(10), pytest.raises(tunnel.HostRejectedError, match="no TCP tunnels") as e:
         async with tunnel.open_tunnel(_agent(int(url.rsplit(":", 1)[1]), 22)):
             pass
+    # The agent's user reads this, not the server's operator: plain words,
+    # neither the operator's field nor flag.
+    assert "Config" not in str(e.value)
+    assert "range of public ports" in str(e.value)
 
 
 async def test_local_port_down_closes_the_visitor_and_the_tunnel_stays(
@@ -258,3 +263,43 @@ async def test_real_ssh_through_a_tcp_tunnel(nursery, server_port, sshd) -> None
     finally:
         process.kill()
         await process.wait()
+
+
+async def test_connections_beyond_the_tunnels_limit_are_closed_at_once(
+    nursery, tcp_ports, caplog
+) -> None:
+    """``max_tcp_connections`` open at once work; the next is closed at once, and
+    a slot freed is a slot taken again."""
+    config = tunnel.ServerConfig(
+        address="127.0.0.1:0",
+        tokens=frozenset({TOKEN}),
+        tcp_ports=tcp_ports,
+        max_tcp_connections=3,
+    )
+    (url,) = await nursery.start(tunnel.serve, config)
+    local = await _serve(nursery, _echo_server)
+    with trio.fail_after(20):
+        async with tunnel.open_tunnel(_agent(int(url.rsplit(":", 1)[1]), local)) as agent:
+            port = _public_port(agent)
+            held = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(3)]
+            for visitor in held:
+                await visitor.send_all(b"ping")
+                assert await visitor.receive_some(100) == b"ping"
+            async with await trio.open_tcp_stream("127.0.0.1", port) as refused:
+                with trio.fail_after(2):
+                    with contextlib.suppress(trio.BrokenResourceError):
+                        await refused.send_all(b"ping")
+                        assert await _read_all(refused) == b"", "a 4th connection was served"
+            await held.pop().aclose()
+            with trio.fail_after(2):
+                while True:
+                    # The freed slot is the server's once it saw the close.
+                    async with await trio.open_tcp_stream("127.0.0.1", port) as again:
+                        with contextlib.suppress(trio.BrokenResourceError):
+                            await again.send_all(b"again")
+                            if await again.receive_some(100) == b"again":
+                                break
+                    await trio.sleep(0.05)
+            for visitor in held:
+                await visitor.aclose()
+    assert "max_tcp_connections" in caplog.text

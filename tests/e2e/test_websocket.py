@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import logging
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
 import hypercorn.config
@@ -12,6 +16,7 @@ import hypercorn.trio
 import pytest
 import trio
 import trio_websocket
+from hostile import MiB, watch_memory
 
 import tunnel
 from helpers import free_port
@@ -50,6 +55,9 @@ class WebSocketService:
             return
         offered = scope.get("subprotocols") or []
         await send({"type": "websocket.accept", "subprotocol": offered[-1] if offered else None})
+        if scope["path"] == "/stall":
+            # Reads nothing: what visitors send piles up on the way.
+            await trio.sleep_forever()
         while True:
             message = await receive()
             if message["type"] == "websocket.disconnect":
@@ -57,6 +65,9 @@ class WebSocketService:
                 self.disconnected.set()
                 return
             text = message.get("text")
+            if text is not None and text.startswith("send:"):
+                await send({"type": "websocket.send", "bytes": bytes(int(text[5:]))})
+                continue
             if text is not None and text.startswith("close:"):
                 _, code, reason = text.split(":", 2)
                 await send({"type": "websocket.close", "code": int(code), "reason": reason})
@@ -121,9 +132,18 @@ async def visit(
         await stream.aclose()
 
 
-async def test_text_binary_and_16_mib_messages_both_ways(ws_service, server_port) -> None:
+async def test_text_binary_and_16_mib_messages_both_ways(nursery, ws_service) -> None:
+    """Messages as large as the operator allows (``max_websocket_message``) pass."""
     _, local_port = ws_service
     big = os.urandom(BIG)
+    config = tunnel.ServerConfig(
+        address="127.0.0.1:0",
+        tokens=frozenset({TOKEN}),
+        max_websocket_message=BIG,
+        max_websocket_buffer=2 * BIG,
+    )
+    (url,) = await nursery.start(tunnel.serve, config)
+    server_port = int(url.rsplit(":", 1)[1])
     with trio.fail_after(30):
         async with tunnel.open_tunnel(agent(server_port, local_port)), visit(server_port) as ws:
             await ws.send_message("héllo")
@@ -260,6 +280,97 @@ async def test_agent_dying_closes_visitor_websockets_with_1011(
                 await ws.get_message()
     assert closed.value.reason is not None
     assert closed.value.reason.code in (1011, 1001)
+
+
+async def test_a_message_over_the_limit_closes_that_websocket_with_1009(
+    ws_service, server_port
+) -> None:
+    """Over ``max_websocket_message`` (1 MiB by default), either way: that WebSocket
+    closes with 1009, and nothing else does."""
+    _, local_port = ws_service
+    limit = tunnel.ServerConfig().max_websocket_message
+    with trio.fail_after(20):
+        async with (
+            tunnel.open_tunnel(agent(server_port, local_port)),
+            visit(server_port) as bystander,
+        ):
+            async with visit(server_port) as ws:
+                await ws.send_message(bytes(limit))
+                assert await ws.get_message() == bytes(limit)
+                await ws.send_message(bytes(limit + 1))
+                with pytest.raises(trio_websocket.ConnectionClosed) as visitor_side:
+                    await ws.get_message()
+            async with visit(server_port) as ws:
+                await ws.send_message(f"send:{limit + 1}")
+                with pytest.raises(trio_websocket.ConnectionClosed) as service_side:
+                    await ws.get_message()
+            await bystander.send_message("still here")
+            assert await bystander.get_message() == "still here"
+    assert visitor_side.value.reason.code == 1009
+    assert service_side.value.reason.code == 1009
+
+
+async def _stalled_websocket_service(stream: trio.SocketStream) -> None:
+    """Accepts a WebSocket upgrade, then reads nothing more (nothing piles up here)."""
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += await stream.receive_some(4096)
+    key = next(
+        line.split(b":", 1)[1].strip()
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"sec-websocket-key:")
+    )
+    accept = base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+    await stream.send_all(
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n"
+    )
+    await trio.sleep_forever()
+
+
+async def test_a_stalled_service_holds_little_of_what_visitors_send(
+    nursery: trio.Nursery, server_port: int
+) -> None:
+    """Visitors send 1 MiB messages as fast as they can to a service that reads nothing.
+
+    What piles up in the server is bounded per WebSocket: ``max_websocket_buffer``
+    (4 MiB), the message Hypercorn is reading and the one being framed for the
+    agent, not the 10 whole messages (of up to 32 MiB each) Hypercorn queues by
+    default. The agent holds at most its HTTP/2 connection window (16 MiB) of
+    them, and each visitor a message or two of its own. Bound: 128 MiB of peak
+    RSS for 8 visitors, tunnel, agent and visitors together, which Hypercorn's
+    own queue of 10 messages per WebSocket goes well past.
+    """
+    listeners = await nursery.start(
+        partial(trio.serve_tcp, _stalled_websocket_service, 0, host="127.0.0.1")
+    )
+    local_port = listeners[0].socket.getsockname()[1]
+    message = os.urandom(1 << 20)
+    sent: list[int] = []
+
+    async def flood() -> None:
+        count = 0
+        with trio.CancelScope() as scope:
+            async with visit(server_port, "/stall") as ws:
+                # Until the server stops taking them (none for a second).
+                while True:
+                    with trio.move_on_after(1) as stalled:
+                        await ws.send_message(message)
+                        count += 1
+                    if stalled.cancelled_caught:
+                        break
+                # No closing handshake gets through a stalled WebSocket.
+                scope.deadline = trio.current_time() + 0.5
+        sent.append(count)
+
+    with trio.fail_after(60):
+        async with tunnel.open_tunnel(agent(server_port, local_port)):
+            with watch_memory("8 WebSockets towards a stalled service") as memory:
+                async with trio.open_nursery() as visitors:
+                    for _ in range(8):
+                        visitors.start_soon(flood)
+    logging.getLogger("tests.hostile").warning("1 MiB messages taken per WebSocket: %s", sent)
+    assert memory.peak_rss < 128 * MiB, memory
 
 
 async def _run_until(

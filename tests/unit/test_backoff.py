@@ -101,3 +101,25 @@ async def test_backoff_draws_from_zero(
     times = await connecting_times(5)
     assert times == [0, 0, 0, 0, 0]
     assert drawn[:4] == [(0, 0.5), (0, 1.0), (0, 2.0), (0, 3.0)]
+
+
+async def test_unexpected_errors_back_off_like_lost_connections(
+    autojump_clock: trio.testing.MockClock,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A bug that strikes every attempt (here: opening the connection raises
+    # something no one expects) must neither end the agent nor spin: each
+    # attempt is reported with its traceback, then waits its backoff.
+    monkeypatch.setattr(random, "uniform", lambda low, high: high)
+    raised: list[BaseException] = []
+
+    async def broken(self: tunnel.Client) -> None:
+        raised.append(ZeroDivisionError("injected"))
+        raise raised[-1]
+
+    monkeypatch.setattr(tunnel.Client, "_open_stream", broken)
+    times = await connecting_times(6)
+    assert times == [0, 0.5, 1.5, 3.5, 6.5, 9.5]
+    reports = [r for r in caplog.records if r.exc_info and r.exc_info[1] in raised]
+    assert len(reports) == len(raised) >= 5

@@ -61,6 +61,7 @@ def test_listen_address_bad(address: str) -> None:
         "keepalive_interval",
         "keepalive_timeout",
         "graceful_timeout",
+        "header_timeout",
     ],
 )
 @pytest.mark.parametrize("value", [0, -1.5, float("nan")])
@@ -70,12 +71,38 @@ def test_server_timeouts_must_be_positive(field: str, value: float) -> None:
         tunnel.ServerConfig(**settings)
 
 
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"max_websocket_message": 0}, r"ServerConfig\.max_websocket_message 0: give a whole"),
+        ({"max_websocket_message": 1.5}, r"ServerConfig\.max_websocket_message 1\.5: give"),
+        (
+            {"max_websocket_message": 2 << 20, "max_websocket_buffer": 1 << 20},
+            r"ServerConfig\.max_websocket_buffer 1048576 is smaller than "
+            r"ServerConfig\.max_websocket_message",
+        ),
+        ({"max_tcp_connections": 0}, r"ServerConfig\.max_tcp_connections 0: give a whole"),
+        ({"min_request_body_rate": 0}, r"ServerConfig\.min_request_body_rate 0: give bytes"),
+    ],
+)
+def test_server_visitor_limits_name_the_field(settings: dict[str, Any], message: str) -> None:
+    with pytest.raises(tunnel.ConfigError, match=message):
+        tunnel.ServerConfig(**settings)
+
+
+def test_server_visitor_limits_defaults() -> None:
+    config = tunnel.ServerConfig(min_request_body_rate=None)
+    assert config.min_request_body_rate is None
+    assert config.max_websocket_message <= config.max_websocket_buffer
+
+
 def test_certificate_needs_key(tmp_path: Path) -> None:
     pem = tmp_path / "cert.pem"
     pem.write_text("not checked here")
-    with pytest.raises(tunnel.ConfigError, match="both certificate and key"):
+    both = r"both ServerConfig\.certificate and ServerConfig\.key"
+    with pytest.raises(tunnel.ConfigError, match=both):
         tunnel.ServerConfig(certificate=pem)
-    with pytest.raises(tunnel.ConfigError, match="both certificate and key"):
+    with pytest.raises(tunnel.ConfigError, match=both):
         tunnel.ServerConfig(key=pem)
     with pytest.raises(tunnel.ConfigError, match=r"ServerConfig\.key: no file at"):
         tunnel.ServerConfig(certificate=pem, key=tmp_path / "missing.pem")
@@ -148,7 +175,7 @@ def test_client_port_bad(port: object) -> None:
 
 @pytest.mark.parametrize("token", ["", None])
 def test_client_token_required(token: object) -> None:
-    with pytest.raises(tunnel.ConfigError, match=r"ClientConfig\.token must be a non-empty"):
+    with pytest.raises(tunnel.ConfigError, match=r"give a token with ClientConfig\.token"):
         client_config(token=token)
 
 
@@ -223,3 +250,62 @@ def test_config_is_frozen() -> None:
 )
 def test_client_url(overrides: dict[str, Any], url: str) -> None:
     assert tunnel.Client(client_config(**overrides)).url == url
+
+
+# The same mistakes as tests/e2e/test_cli.py's, made by a program: the message
+# names the field (and says how to fix it), never a command-line flag.
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: client_config(port=70000), "ClientConfig.port 70000: give the local"),
+        (lambda: tunnel.ServerConfig(workers=0), "ServerConfig.workers 0: give a number"),
+        (
+            lambda: tunnel.ServerConfig(certificate="missing.pem"),
+            "give both ServerConfig.certificate and ServerConfig.key",
+        ),
+        (lambda: client_config(ca_file="missing.pem"), "ClientConfig.ca_file: no file at"),
+        (lambda: client_config(basic_auth="nopass"), "ClientConfig.basic_auth must be"),
+        (lambda: client_config(allow_ips=["nonsense"]), "ClientConfig.allow_ips: 'nonsense'"),
+        (lambda: client_config(token=None), "give a token with ClientConfig.token (or a key"),
+        (lambda: tunnel.ServerConfig(address="nowhere"), "ServerConfig.address 'nowhere' has"),
+        (lambda: tunnel.ServerConfig(keepalive_interval=-1), "ServerConfig.keepalive_interval"),
+        (
+            lambda: tunnel.load_client_config(port=8080, token="t"),
+            "give ClientConfig.address, or 'address' in the config file",
+        ),
+        (
+            lambda: tunnel.load_server_config(tcp_ports="70000-70001"),
+            "write ports from 1 to 65535",
+        ),
+    ],
+)
+def test_a_program_is_told_the_field_and_the_fix(make: Any, message: str) -> None:
+    with pytest.raises(tunnel.ConfigError) as caught:
+        make()
+    assert message in str(caught.value)
+    assert "--" not in str(caught.value)
+
+
+def test_every_flag_of_the_settings_table_is_a_field_and_a_flag() -> None:
+    import dataclasses
+
+    from tunnel._cli import _parser
+    from tunnel._settings import CLIENT_FLAGS, SERVER_FLAGS
+
+    commands = next(action for action in _parser()._actions if action.dest == "command").choices  # type: ignore[union-attr]
+    for config, table, command in (
+        (tunnel.ServerConfig, SERVER_FLAGS, "server"),
+        (
+            tunnel.ClientConfig,
+            {k: v for k, v in CLIENT_FLAGS.items() if k != "remote_port"},
+            "http",
+        ),
+        (tunnel.ClientConfig, {"remote_port": CLIENT_FLAGS["remote_port"]}, "tcp"),
+    ):
+        fields = {field.name for field in dataclasses.fields(config)}
+        assert set(table) <= fields, set(table) - fields
+        options = {
+            option for action in commands[command]._actions for option in action.option_strings
+        }
+        flags = {flag for flag in table.values() if flag.startswith("--")}
+        assert flags <= options, flags - options

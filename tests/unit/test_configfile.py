@@ -24,6 +24,11 @@ def test_server_file_maps_every_kind_of_setting(tmp_path: Path) -> None:
         tcp_ports = "20000-20009"
         max_request_body = 1000
         reserved_hosts = {{ "shop.tunnel.example.com" = "a" }}
+        max_websocket_message = 65536
+        max_websocket_buffer = 262144
+        max_tcp_connections = 10
+        header_timeout = 30
+        min_request_body_rate = 100
 
         [visitor_rate_limit]
         requests_per_second = 5
@@ -37,6 +42,9 @@ def test_server_file_maps_every_kind_of_setting(tmp_path: Path) -> None:
     assert config.tcp_ports == range(20000, 20010)
     assert config.max_request_body == 1000
     assert dict(config.reserved_hosts) == {"shop.tunnel.example.com": "a"}
+    assert (config.max_websocket_message, config.max_websocket_buffer) == (65536, 262144)
+    assert (config.max_tcp_connections, config.header_timeout) == (10, 30)
+    assert config.min_request_body_rate == 100
     assert config.visitor_rate_limit == RateLimit(requests_per_second=5, burst=7)
 
 
@@ -77,7 +85,8 @@ def test_agent_file(tmp_path: Path) -> None:
         ("address = ", "not valid TOML"),
         ("tcp_ports = 'many'", "20000-20099"),
         ("auth = 'x'", r"unknown setting\(s\) auth"),
-        ("[tunnel_rate_limit]\nspeed = 1", "rate limit"),
+        ("[tunnel_rate_limit]\nspeed = 1", "tunnel_rate_limit holds speed; its settings are"),
+        ("[tunnel_rate_limit]\nburst = 0", r"tunnel_rate_limit\.burst = 0: give a positive"),
         ("keepalive_interval = -1", "keepalive_interval must be a positive number"),
     ],
 )

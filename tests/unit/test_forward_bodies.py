@@ -20,7 +20,7 @@ import pytest
 import trio
 from test_mux import open_pair
 
-from helpers import LocalService, serve_local
+from helpers import LocalService, RecordingService, serve_local
 from tunnel._mux import Stream
 from tunnel.client._upstream import LocalPool, forward
 
@@ -71,3 +71,37 @@ async def test_body_that_arrived_with_its_head_reaches_the_local_service(length:
                     }
             await pool.aclose()
             nursery.cancel_scope.cancel()
+
+
+async def test_a_body_complete_by_its_length_keeps_the_local_connection() -> None:
+    """The local service answers once it has the announced bytes: END_STREAM may come later.
+
+    The server sends a request's last DATA and its END_STREAM apart when the
+    visitor's end of message comes in a receive of its own (an HTTP/1.1 body
+    with a Content-Length, as Hypercorn hands it over). A local service that has
+    read the announced length answers at once; if the agent took the request as
+    unfinished until END_STREAM, it closed that keep-alive connection and reset
+    the stream, whenever the answer won the race with END_STREAM.
+    """
+    body = json.dumps({"item": "socks", "qty": 2}).encode()
+    service = RecordingService()
+    pool = LocalPool("127.0.0.1", service.port, max_idle=4, connect_timeout=5)
+    try:
+        with trio.fail_after(20):
+            async with open_pair(functools.partial(forward, pool=pool)) as pair:
+                for n in range(3):
+                    path = f"/length/early-{n}?r=10".encode()
+                    stream = pair.client.open_stream_nowait(
+                        _post(path, body, length=True), end_stream=False
+                    )
+                    assert stream is not None
+                    await stream.send_data(body)
+                    status, answer = await _read(stream)  # the whole answer, before END_STREAM
+                    assert status == b"200", answer
+                    stream.end()
+        records = service.records("/length/early-")
+        assert [r.body for r in records] == [body] * 3
+        assert [r.index for r in records] == [0, 1, 2], "the local connection was not kept"
+    finally:
+        await pool.aclose()
+        service.close()

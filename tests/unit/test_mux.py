@@ -15,6 +15,7 @@ import h2.config
 import h2.connection
 import h2.errors
 import h2.events
+import h2.settings
 import pytest
 import trio
 import trio.testing
@@ -620,3 +621,53 @@ async def test_a_reset_before_the_handler_starts_stops_it_at_once(
             await trio.testing.wait_all_tasks_blocked()
             assert pair.server.open_streams == 0
             assert seen == ["entered", "stopped"]
+
+
+async def test_a_peers_huge_header_table_is_not_honoured(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A peer announcing SETTINGS_HEADER_TABLE_SIZE = 1 GiB gets a 4 KiB table.
+
+    h2 would size our HPACK encoder's table to whatever the peer allows, so it
+    would keep every header it ever sent (each insert shifting them all). The
+    peer (plain h2) must still decode every header block right.
+    """
+    a, b = transport_pair()
+    mux = Mux(client_side=True, transport=a, keepalive_interval=15.0, keepalive_timeout=15.0)
+    peer = h2.connection.H2Connection(
+        h2.config.H2Configuration(client_side=False, header_encoding=None)
+    )
+    peer.initiate_connection()
+    peer.update_settings(
+        {
+            h2.settings.SettingCodes.HEADER_TABLE_SIZE: 1 << 30,
+            h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 10_000,
+        }
+    )
+    paths: list[bytes] = []
+
+    async def serve_peer() -> None:
+        await b.send(peer.data_to_send())
+        while True:
+            for event in peer.receive_data(await b.receive()):
+                if isinstance(event, h2.events.RequestReceived):
+                    assert event.stream_id is not None
+                    paths.append(dict(event.headers or [])[b":path"])
+                    peer.send_headers(event.stream_id, [(b":status", b"204")], end_stream=True)
+            if data := peer.data_to_send():
+                await b.send(data)
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve_peer)
+            await nursery.start(mux.run)
+            assert await mux.wait_peer_settings()
+            sent = [f"/item/{i}".encode() for i in range(2000)]
+            for path in sent:
+                stream = await mux.open_stream(request(path), end_stream=True)
+                await stream.receive_headers()
+            table = mux._conn.encoder.header_table
+            assert len(table.dynamic_entries) <= 4096 // 32, len(table.dynamic_entries)
+            assert table.maxsize == 4096
+            assert paths == sent
+            nursery.cancel_scope.cancel()

@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from .._exceptions import ConfigError
+from .._settings import client_setting
 
 __all__ = ["ALLOW_HEADER", "BASIC_AUTH_HEADER", "DENY_HEADER", "VisitorPolicy", "parse_networks"]
 
@@ -72,12 +73,12 @@ class VisitorPolicy:
         if basic_auth is not None:
             user, sep, password = basic_auth.partition(":")
             if not sep or not user or not password:
-                raise ConfigError("ClientConfig.basic_auth must be 'user:password'")
+                raise ConfigError(f"{client_setting('basic_auth')} must be 'user:password'")
         return cls(
             user,
             _password_digest(password) if user else b"",
-            parse_networks(allow, what="ClientConfig.allow_ips"),
-            parse_networks(deny, what="ClientConfig.deny_ips"),
+            parse_networks(allow, what=f"{client_setting('allow_ips')}"),
+            parse_networks(deny, what=f"{client_setting('deny_ips')}"),
         )
 
     def handshake_headers(self) -> list[tuple[bytes, bytes]]:

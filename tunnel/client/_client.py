@@ -23,10 +23,11 @@ from .._exceptions import (
     RejectedError,
     ServerUnreachableError,
     TunnelError,
+    UntrustedCertificateError,
     is_permanent,
     rejection_for_status,
 )
-from .._mux import Mux, Stream
+from .._mux import MAX_MESSAGE, Mux, Stream
 from .._protocol.handshake import (
     AGENT_ID_HEADER,
     DISCONNECTED_CLOSE_CODE,
@@ -41,6 +42,7 @@ from .._protocol.handshake import (
     WORKERS_HEADER,
 )
 from .._protocol.headers import header_value, is_websocket_connect
+from .._settings import client_setting
 from .._transport.websocket import HandshakeGuard, WebSocketTransport
 from ._inspector import open_inspector
 from ._keys import AgentKey
@@ -48,14 +50,18 @@ from ._observe import Observer, Recorder, agent_observers
 from ._progress import ReconnectWait
 from ._state import ClientState
 from ._upstream import LocalPool, answer_error, forward
+from ._upstream_h2 import LocalH2, forward_h2, local_ssl_context, needs_h2
 from ._upstream_raw import forward_tcp, forward_websocket
 
 __all__ = ["Client", "open_tunnel"]
 
 logger = logging.getLogger("tunnel.client")
 
-#: Largest WebSocket message accepted from the server (it sends at most 1 MiB).
-MAX_MESSAGE_SIZE = 32 << 20
+#: Largest WebSocket message accepted from the server, which sends at most
+#: MAX_MESSAGE; the margin is for a server of another version. With the 4
+#: messages trio-websocket queues, what the agent holds unread stays near the
+#: HTTP/2 connection window instead of 160 MiB.
+MAX_MESSAGE_SIZE = 4 * MAX_MESSAGE
 #: trio-websocket's default of 4 KiB per read makes uploads crawl.
 RECEIVE_BUFFER_SIZE = 256 << 10
 #: How long closing the connection to the server may take.
@@ -133,7 +139,33 @@ class Client:
             config.port,
             max_idle=config.local_pool_size,
             connect_timeout=config.local_connect_timeout,
+            ssl_context=(
+                local_ssl_context(
+                    config.local_ca_file, config.local_insecure_skip_verify, ["http/1.1"]
+                )
+                if config.local_tls or config.local_protocol == "h2"
+                else None
+            ),
         )
+        #: HTTP/2 to the local service, unless it is only ever spoken HTTP/1.1 to.
+        self._local_h2: LocalH2 | None = None
+        if config.local_protocol != "http1" and not config.tcp:
+            tls = config.local_protocol == "h2" or config.local_tls
+            self._local_h2 = LocalH2(
+                config.local_host,
+                config.port,
+                ssl_context=(
+                    local_ssl_context(
+                        config.local_ca_file,
+                        config.local_insecure_skip_verify,
+                        # auto may land on HTTP/1.1 over the same TLS; h2 must not.
+                        ["h2"] if config.local_protocol == "h2" else ["h2", "http/1.1"],
+                    )
+                    if tls
+                    else None
+                ),
+                connect_timeout=config.local_connect_timeout,
+            )
         self._observer: Observer | None
         self._observer, self._recorder = agent_observers(
             config.observer, inspector=config.inspector is not None
@@ -241,6 +273,9 @@ class Client:
             RejectedError: The server refused the agent for a reason retrying
                 cannot fix (bad token, host reserved, in use or outside the
                 domain, protocol version). Raised at once, never retried.
+            UntrustedCertificateError: The server's TLS certificate failed
+                verification (see ``config.ca_file``). Raised at once, never
+                retried; a server that is down or a broken connection is.
         """
         inspector = open_inspector(
             self.config.inspector_address, self._recorder, self._pool, self._inspector_status
@@ -266,6 +301,8 @@ class Client:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                if self._local_h2 is not None:
+                    await nursery.start(self._local_h2.serve)
                 await self._slot_loop(0)
                 # Slot 0 ends only when the agent does; the others go with it.
                 nursery.cancel_scope.cancel()
@@ -310,8 +347,8 @@ class Client:
                 if duplicates == DUPLICATE_WARN_AFTER:
                     logger.warning(
                         "agent for %s: %s%d attempts in a row reached server workers it holds "
-                        "already; still trying (is ServerConfig.workers larger than the "
-                        "server's real number of processes?)",
+                        "already; still trying (is the server told of more worker processes "
+                        "than it runs?)",
                         self._host,
                         self._which(slot),
                         duplicates,
@@ -319,6 +356,14 @@ class Client:
                 continue
             except (ServerUnreachableError, ConnectionLostError) as exc:
                 logger.warning("agent for %s: %s%s", self._host, self._which(slot), exc)
+            except TunnelError:
+                raise  # a refusal, a bad certificate or setting: retrying cannot help
+            except Exception:
+                # A bug in a connection's handling must cost that connection,
+                # never the agent: report it with its traceback and reconnect.
+                logger.exception(
+                    "agent for %s: %sunexpected error; reconnecting", self._host, self._which(slot)
+                )
             duplicates = 0
             if self._uptime(slot) >= STABLE_AFTER:
                 failures = 0
@@ -598,13 +643,21 @@ class Client:
             return ServerUnreachableError(
                 f"no answer from {where} within {self.config.connect_timeout:g}s"
             )
-        if isinstance(exc, ssl.SSLError):
-            return ServerUnreachableError(
-                f"TLS with {where} failed: {exc.reason or exc}; "
-                "for a private certificate set ClientConfig.ca_file"
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            # The certificate itself is refused: every retry would be too.
+            detail = exc.verify_message or exc.reason or str(exc)
+            return UntrustedCertificateError(
+                f"the TLS certificate of {where} is not trusted ({detail}); "
+                f"if it comes from a private CA, give that CA's PEM file with "
+                f"{client_setting('ca_file')} (for tests only, "
+                f"{client_setting('insecure_skip_verify')} skips the check)"
             )
+        if isinstance(exc, ssl.SSLError):
+            return ServerUnreachableError(f"TLS with {where} failed: {exc.reason or exc}")
         if isinstance(exc, trio_websocket.HandshakeError | trio_websocket.ConnectionClosed):
-            return ServerUnreachableError(f"the WebSocket handshake with {where} failed: {exc!r}")
+            return ServerUnreachableError(
+                f"the WebSocket handshake with {where} failed: {_websocket_failure(exc)}"
+            )
         if isinstance(exc, OSError | trio.BrokenResourceError | trio.ClosedResourceError):
             detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             return ServerUnreachableError(f"cannot reach {where}: {detail or type(exc).__name__}")
@@ -631,6 +684,11 @@ class Client:
                     await forward_tcp(stream, self._pool)
                 else:
                     await answer_error(stream, 405, "This tunnel does not proxy CONNECT requests.")
+            elif self._local_h2 is not None and (
+                self.config.local_protocol != "auto"
+                or (needs_h2(stream.headers) and await self._local_h2.probe())
+            ):
+                await forward_h2(stream, self._local_h2, self._observer)
             else:
                 await forward(stream, self._pool, self._observer)
         except Exception:
@@ -653,6 +711,19 @@ class Client:
         async with trio.open_nursery() as nursery:
             for mux in links:
                 nursery.start_soon(mux.drain, self.config.drain_timeout)
+
+
+def _websocket_failure(
+    exc: trio_websocket.HandshakeError | trio_websocket.ConnectionClosed,
+) -> str:
+    """What went wrong, in words rather than as an object's repr."""
+    if isinstance(exc, trio_websocket.ConnectionClosed):
+        reason = exc.reason
+        if reason is None:
+            return "the connection closed"
+        said = f": {reason.reason}" if reason.reason else ""
+        return f"the connection closed ({reason.code} {reason.name}{said})"
+    return str(exc) or "the server did not complete it"
 
 
 def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
@@ -692,6 +763,8 @@ async def open_tunnel(config: ClientConfig) -> AsyncIterator[Client]:
 
     Raises:
         RejectedError: The server refused the agent (bad token, host taken…).
+        UntrustedCertificateError: The server's TLS certificate failed
+            verification.
 
     Example::
 

@@ -80,7 +80,7 @@ def exchange_detail(exchange: Exchange) -> dict[str, Any]:
         "headers": _headers(exchange.response_headers),
         "body": render_body(exchange.response_body, exchange.response_headers),
     }
-    detail["replayable"] = not exchange.request_body.truncated
+    detail["replayable"] = not exchange.request_body.truncated and exchange.request_whole
     return detail
 
 

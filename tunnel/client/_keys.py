@@ -20,6 +20,7 @@ from .._protocol.handshake import (
     SUBPROTOCOL,
     signed_challenge,
 )
+from .._settings import client_setting
 
 __all__ = ["AgentKey"]
 
@@ -36,7 +37,7 @@ class AgentKey:
     """
 
     def __init__(self, path: str | os.PathLike[str], passphrase: str | None = None) -> None:
-        where = f"ClientConfig.key_file {os.fspath(path)!r}"
+        where = f"{client_setting('key_file')} {os.fspath(path)!r}"
         try:
             with open(path, "rb") as file:
                 key = serialization.load_ssh_private_key(
@@ -45,7 +46,9 @@ class AgentKey:
         except OSError as exc:
             raise ConfigError(f"{where}: {exc.strerror or exc}") from None
         except TypeError:
-            raise ConfigError(f"{where} is encrypted: give ClientConfig.key_passphrase") from None
+            raise ConfigError(
+                f"{where} is encrypted: give its passphrase ({client_setting('key_passphrase')})"
+            ) from None
         except ValueError as exc:
             raise ConfigError(
                 f"{where} is not a usable OpenSSH private key ({exc}); "

@@ -184,6 +184,23 @@ class Exchange:
         """Whether the exchange has ended."""
         return self.duration is not None
 
+    @property
+    def request_whole(self) -> bool:
+        """Whether the request body recorded so far is all of it (so it can be sent again).
+
+        Decided by what the request announced, not by what has arrived: while
+        the body is on its way, what arrived is a shorter request. A chunked
+        body announces no length, so it is whole only once the exchange ended
+        well.
+        """
+        fields = dict(self.request_headers)
+        length = fields.get(b"content-length")
+        if length is not None and length.isdigit():
+            return self.request_body.size >= int(length)
+        if b"transfer-encoding" in fields:
+            return self.done and self.error is None
+        return True
+
     # -- ExchangeObserver ------------------------------------------------------
 
     def request_data(self, data: bytes) -> None:

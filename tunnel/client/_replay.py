@@ -35,12 +35,18 @@ async def replay(exchange: Exchange, recorder: Recorder, pool: LocalPool) -> Exc
         down, invalid answer, too slow) is recorded in its ``error``.
 
     Raises:
-        ReplayRefused: The request body was larger than the recorder kept.
+        ReplayRefused: The request body was larger than the recorder kept, or
+            has not all arrived.
     """
     if exchange.request_body.truncated:
         raise ReplayRefused(
             f"the request body ({exchange.request_body.size} bytes) was larger than the "
             f"{exchange.request_body.cap} bytes recorded, so it cannot be sent again"
+        )
+    if not exchange.request_whole:
+        raise ReplayRefused(
+            f"the request body has not all arrived ({exchange.request_body.size} bytes so far), "
+            "so it cannot be sent again yet"
         )
     body = bytes(exchange.request_body.data)
     headers = [(k, v) for k, v in exchange.request_headers if k not in _FRAMING]
@@ -67,7 +73,7 @@ async def replay(exchange: Exchange, recorder: Recorder, pool: LocalPool) -> Exc
 
 
 async def _exchange(pool: LocalPool, request: h11.Request, body: bytes, record: Exchange) -> None:
-    conn = LocalConnection(await pool.connect())
+    conn = LocalConnection(await pool.open())
     try:
         await conn.send(request)
         if body:
@@ -80,7 +86,9 @@ async def _exchange(pool: LocalPool, request: h11.Request, body: bytes, record: 
                 record.response_started(event.status_code, event.headers)
                 break
             if not isinstance(event, h11.InformationalResponse):
-                raise h11.RemoteProtocolError(f"the local service sent {event!r} first")
+                raise h11.RemoteProtocolError(
+                    "the local service sent something other than a response"
+                )
         while True:
             event = await conn.next_event()
             if isinstance(event, h11.Data):

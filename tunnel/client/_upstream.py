@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import select
+import ssl
 from collections import deque
 from typing import TYPE_CHECKING
 
@@ -22,7 +23,11 @@ import h11
 import trio
 
 from .._mux import Stream, StreamError
-from .._protocol.headers import local_request_headers, response_headers_from_local
+from .._protocol.headers import (
+    header_value,
+    local_request_headers,
+    response_headers_from_local,
+)
 from .._protocol.pages import PAGE_HEADERS, error_page
 
 if TYPE_CHECKING:
@@ -40,7 +45,7 @@ class LocalConnection:
 
     __slots__ = ("h11", "reused", "socket")
 
-    def __init__(self, socket: trio.SocketStream) -> None:
+    def __init__(self, socket: trio.abc.Stream) -> None:
         self.socket = socket
         self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=64 * 1024)
         self.reused = False
@@ -59,28 +64,44 @@ class LocalConnection:
             if event is not h11.NEED_DATA:
                 return event  # type: ignore[return-value]
             data = await self.socket.receive_some(RECEIVE_SIZE)
-            self.h11.receive_data(data)
+            self.h11.receive_data(bytes(data))
 
     def stale(self) -> bool:
         """Whether an idle connection was closed (or spoke) while it sat in the pool."""
         # poll, not select: select cannot watch descriptors above 1023, which a
         # busy agent reaches.
         poller = select.poll()
+        raw = (
+            self.socket.transport_stream if isinstance(self.socket, trio.SSLStream) else self.socket
+        )
         try:
-            poller.register(self.socket.socket.fileno(), select.POLLIN)
+            assert isinstance(raw, trio.SocketStream)
+            poller.register(raw.socket.fileno(), select.POLLIN)
             return bool(poller.poll(0))
         except (OSError, ValueError):
             return True
 
 
 class LocalPool:
-    """Keep-alive connections to ``host:port``, at most ``max_idle`` kept idle."""
+    """Keep-alive connections to ``host:port``, at most ``max_idle`` kept idle.
 
-    def __init__(self, host: str, port: int, *, max_idle: int, connect_timeout: float) -> None:
+    With ``ssl_context`` the HTTP/1.1 connections speak TLS (``local_tls``).
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        max_idle: int,
+        connect_timeout: float,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
         self.host = host
         self.port = port
         self.max_idle = max_idle
         self.connect_timeout = connect_timeout
+        self.ssl_context = ssl_context
         self._idle: deque[LocalConnection] = deque()
 
     @property
@@ -96,7 +117,27 @@ class LocalPool:
                 conn.reused = True
                 return conn
             await conn.socket.aclose()
-        return LocalConnection(await self.connect())
+        return LocalConnection(await self.open())
+
+    async def open(self) -> trio.abc.Stream:
+        """A new connection for HTTP/1.1: TLS-wrapped when ``ssl_context`` is set.
+
+        Raises:
+            LocalFailure: As for :meth:`connect`, or the TLS handshake failed.
+        """
+        tcp = await self.connect()
+        if self.ssl_context is None:
+            return tcp
+        tls = trio.SSLStream(tcp, self.ssl_context, server_hostname=self.host)
+        try:
+            with trio.fail_after(self.connect_timeout):
+                await tls.do_handshake()
+        except (trio.TooSlowError, OSError, trio.BrokenResourceError) as exc:
+            await trio.aclose_forcefully(tcp)
+            raise LocalFailure(
+                502, f"TLS with the local service at {self.label} failed: {exc!s}."
+            ) from None
+        return tls
 
     async def connect(self) -> trio.SocketStream:
         """A new connection to the local service.
@@ -326,7 +367,9 @@ async def _receive_response(
                 raise LocalFailure(
                     502, f"The local service at {label} closed the connection without answering."
                 )
-            raise LocalFailure(502, f"The local service at {label} sent {event!r} first.")
+            raise LocalFailure(
+                502, f"The local service at {label} sent something other than a response."
+            )
     except h11.RemoteProtocolError as exc:
         if reused and conn.h11.their_state is h11.SEND_RESPONSE:
             raise _Retry from None
@@ -338,8 +381,16 @@ async def _receive_response(
 async def _send_body(
     stream: Stream, conn: LocalConnection, label: str, record: ExchangeObserver | None
 ) -> None:
+    assert stream.headers is not None
+    # A body announced with a length is whole once that many bytes went out,
+    # whenever END_STREAM follows: the server sends it apart when the visitor's
+    # end of message came in a receive of its own, and a local service that
+    # answered in between must keep its connection. (h2 refuses a body that
+    # runs past its content-length, so nothing can follow.)
+    length = header_value(stream.headers, b"content-length")
+    left = int(length) if length is not None and length.isdigit() else None
     try:
-        while True:
+        while left != 0:
             data = await stream.receive_data()
             if not data:
                 break
@@ -347,6 +398,8 @@ async def _send_body(
                 record.request_data(data)
             await conn.send(h11.Data(data=data))
             stream.acknowledge()
+            if left is not None:
+                left -= len(data)
         await conn.send(h11.EndOfMessage())
     except (OSError, trio.BrokenResourceError, h11.LocalProtocolError) as exc:
         # The local service stopped reading; what it answered (if anything)

@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from .._config import ServerConfig
 from .._exceptions import ConfigError
 from .._protocol.handshake import signed_challenge
+from .._settings import server_setting
 
 __all__ = ["AccessControl", "Denied", "Identity", "key_digest", "token_digest"]
 
@@ -148,7 +149,7 @@ class AccessControl:
         self._file_tokens: frozenset[bytes] = frozenset()
         self._keys: dict[bytes, str] = {}
         self._reserved = {
-            host: _identity_of(owner, where=f"ServerConfig.reserved_hosts[{host!r}]")
+            host: _identity_of(owner, where=f"{server_setting('reserved_hosts')} {host!r}")
             for host, owner in config.reserved_hosts.items()
         }
         self._challenges: OrderedDict[str, float] = OrderedDict()

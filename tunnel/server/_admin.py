@@ -45,6 +45,7 @@ from .._config import ServerConfig
 from .._protocol.handshake import DISCONNECTED_CLOSE_CODE, bearer_token
 from .._protocol.headers import Headers, header_value
 from .._protocol.hosts import host_from_authority
+from .._settings import server_setting
 from ._metrics import ServerMetrics, render
 from ._registry import AgentSession, Registry, TunnelStatistics
 from ._telemetry import log_event, peer_text
@@ -82,7 +83,7 @@ class AdminAPI:
 
     def __init__(self, config: ServerConfig, registry: Registry, metrics: ServerMetrics) -> None:
         if config.admin_token is None:
-            raise ValueError("the admin API needs ServerConfig.admin_token")
+            raise ValueError(f"the admin API needs {server_setting('admin_token')}")
         self._digest = _digest(config.admin_token)
         self.registry = registry
         self.metrics = metrics

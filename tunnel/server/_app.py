@@ -15,6 +15,7 @@ from .._config import ServerConfig
 from .._protocol.handshake import CHALLENGE_HEADER, CHALLENGE_SUFFIX, SUBPROTOCOL
 from .._protocol.headers import Headers, header_value
 from .._protocol.hosts import TargetError, host_from_authority, in_domain, origin_form
+from .._settings import for_cli, server_setting
 from .._transport.masking import use_fast_masking
 from ._access import AccessControl
 from ._admin import AdminAPI
@@ -79,6 +80,7 @@ class TunnelApp:
         self.registry = Registry()
         self.access = AccessControl(self.config)
         self.limiter = Limiter(self.config)
+        self.registry.on_released = self.limiter.forget
         self._metrics = ServerMetrics(self.registry)
         self._telemetry = Telemetry(self.config, self._metrics)
         self._admin: AdminAPI | None = None
@@ -91,9 +93,11 @@ class TunnelApp:
         # (or restarted) knows no agent yet, while its siblings serve them.
         self._started = time.monotonic()
         if self.access.open:
+            hook = "" if for_cli() else f", or an auth hook ({server_setting('auth')})"
             logger.warning(
                 "tunnel server has no tokens, keys or auth hook: ANYONE can open a tunnel; "
-                "set ServerConfig.tokens, tokens_file, authorized_keys_file or auth"
+                f"give tokens ({server_setting('tokens')} or {server_setting('tokens_file')}) "
+                f"or keys ({server_setting('authorized_keys_file')}){hook}"
             )
 
     def statistics(self) -> list[TunnelStatistics]:

@@ -279,7 +279,7 @@ async def _check(
         raise Denied(
             426,
             f"this server runs {config.workers} worker processes and needs an agent that "
-            "connects to each: upgrade the agent (pip install --upgrade tunnel)",
+            "connects to each: upgrade the agent (pip install --upgrade trio-tunnel)",
         )
     held = values.get(HAVE_WORKERS_HEADER, "")
     if held and worker_id() in {part.strip() for part in held.split(",")}:
@@ -296,7 +296,9 @@ async def _check(
             raise Denied(400, f"invalid {TCP_PORT_HEADER} {text!r}: give a port number")
         if config.tcp_ports is None:
             raise Denied(
-                403, "this server offers no TCP tunnels (its operator sets ServerConfig.tcp_ports)"
+                403,
+                "this server offers no TCP tunnels: its operator has not given it a range of "
+                "public ports for them",
             )
         tcp_port = int(text)
     pool = values.get(POOL_HEADER, "").strip() == "1"

@@ -17,8 +17,10 @@ import trio
 
 from .._config import ServerConfig
 from .._mux import Stream, StreamError
+from .._protocol.grpc import is_grpc, split_trailers_only, status_for_reset, status_trailers
 from .._protocol.headers import Headers, declares_trailers, header_value, tunnel_request_headers
 from ._hooks import RequestInfo
+from ._hypercorn_h2 import RESET_CODE
 from ._hypercorn_patches import NotifyingReceive
 from ._limits import Pacer
 from ._pages import send_error_page
@@ -40,6 +42,10 @@ class _VisitorGone(Exception):
 
 class _TooLarge(Exception):
     """The visitor's body passed ``max_request_body``."""
+
+
+class _TooSlow(Exception):
+    """The visitor's body fell behind ``min_request_body_rate``."""
 
 
 async def forward_http(
@@ -179,6 +185,13 @@ def _idle(config: ServerConfig) -> str:
     )
 
 
+def _too_slow(config: ServerConfig) -> str:
+    return (
+        f"The request body arrived slower than {config.min_request_body_rate} bytes per "
+        "second; the request was dropped."
+    )
+
+
 def _too_large(session: AgentSession, limit: int) -> str:
     return f"The request body is larger than the {limit} bytes that {session.host} accepts."
 
@@ -214,7 +227,12 @@ class _Exchange:
     ) -> None:
         """Send the visitor's body to the agent, then watch for the visitor leaving."""
         stream, limit, pacer = self.stream, self.config.max_request_body, self.pacer
+        idle, rate = self.config.request_idle_timeout, self.config.min_request_body_rate
         sent = 0
+        # Only the time spent waiting for the visitor counts against its rate:
+        # waits for the agent or the local service (backpressure) and for our
+        # own bandwidth limits are not the visitor's doing.
+        waited = 0.0
         try:
             while True:
                 if body or not more_body:
@@ -229,10 +247,18 @@ class _Exchange:
                         self._body_sent()
                 if not more_body:
                     break
-                with trio.move_on_after(self.config.request_idle_timeout) as waited:
+                timeout = idle
+                if rate is not None:
+                    # As mod_reqtimeout's MinRate: the body may take
+                    # request_idle_timeout, plus a second per ``rate`` bytes
+                    # it brought, so a pause is fine once it was earned.
+                    timeout = max(0.0, min(idle, idle + sent / rate - waited))
+                started = trio.current_time()
+                with trio.move_on_after(timeout) as stalled:
                     message = await self.receive()
-                if waited.cancelled_caught:
-                    raise trio.TooSlowError
+                waited += trio.current_time() - started
+                if stalled.cancelled_caught:
+                    raise _TooSlow if timeout < idle else trio.TooSlowError
                 if message["type"] == "http.disconnect":
                     raise _VisitorGone
                 body = message.get("body", b"")
@@ -242,13 +268,14 @@ class _Exchange:
             while (await self.receive())["type"] != "http.disconnect":
                 pass
             raise _VisitorGone
-        except (_TooLarge, trio.TooSlowError) as exc:
+        except (_TooLarge, _TooSlow, trio.TooSlowError) as exc:
             # The response side answers 413 or 408 if it has not started yet.
-            self.refusal = (
-                (413, _too_large(self.session, limit or 0))
-                if isinstance(exc, _TooLarge)
-                else (408, _idle(self.config))
-            )
+            if isinstance(exc, _TooLarge):
+                self.refusal = (413, _too_large(self.session, limit or 0))
+            elif isinstance(exc, _TooSlow):
+                self.refusal = (408, _too_slow(self.config))
+            else:
+                self.refusal = (408, _idle(self.config))
             if not stream.done:
                 stream.cancel(h2.errors.ErrorCodes.CANCEL)
         except StreamError:
@@ -276,7 +303,45 @@ class _Exchange:
         # The clock for the response starts once the whole request is sent: a
         # long upload is no sign of a slow service.
         self.body_done = True
+        if self._grpc_call():
+            # A gRPC call carries its own deadline (grpc-timeout), which the
+            # client enforces by cancelling; a long call is no sign of a stuck
+            # service, and a 504 would reach the client as UNAVAILABLE.
+            return
         self.waiting.deadline = trio.current_time() + self.config.response_timeout
+
+    def _trailers_allowed(self) -> bool:
+        return (
+            "http.response.trailers" in self.scope.get("extensions", {})
+            and header_value(self.scope["headers"], b"te") == b"trailers"
+        )
+
+    def _grpc_call(self) -> bool:
+        return self._trailers_allowed() and is_grpc(self.scope["headers"])
+
+    async def _end_call(self, exc: StreamError, *, start: bool = False) -> None:
+        """End a gRPC call that the agent or the local service could not finish."""
+        lost = self.session.mux.closed_reason is not None
+        code = status_for_reset(exc.code, connection_lost=lost)
+        host = self.session.host
+        message = (
+            f"tunnel: the agent for {host} is unavailable: {exc.reason}"
+            if lost
+            else f"tunnel: the service behind {host} ended the call: {exc.reason}"
+        )
+        if start:
+            await self.send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [(b"content-type", b"application/grpc")],
+                    "trailers": True,
+                }
+            )
+        await self.send({"type": "http.response.body", "body": b"", "more_body": False})
+        await self.send(
+            {"type": "http.response.trailers", "headers": status_trailers(code, message)}
+        )
 
     def _unread(self) -> Headers:
         """``Connection: close`` when we answer before reading the whole body."""
@@ -304,6 +369,8 @@ class _Exchange:
         except StreamError as exc:
             if self.refusal is not None:
                 await send_error_page(send, *self.refusal, _closing(self.scope))
+            elif self._grpc_call():
+                await self._end_call(exc, start=True)
             else:
                 await send_error_page(
                     send,
@@ -330,11 +397,25 @@ class _Exchange:
                 send, 502, f"The agent for {session.host} sent an invalid response status."
             )
             return
-        trailers = (
-            "http.response.trailers" in self.scope.get("extensions", {})
-            and header_value(self.scope["headers"], b"te") == b"trailers"
-            and declares_trailers(response_headers)
-        )
+        # gRPC responses carry their status in trailers without announcing them
+        # with a Trailer header; Hypercorn sends trailers only over HTTP/2 (where
+        # the extension is offered) to a visitor that sent TE: trailers.
+        grpc = self._trailers_allowed() and is_grpc(response_headers)
+        trailers = grpc or (self._trailers_allowed() and declares_trailers(response_headers))
+        if grpc and stream.headers_ended:
+            # Trailers-only (a gRPC error): the status and metadata are trailers.
+            response_headers, trailing = split_trailers_only(response_headers)
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": status,
+                    "headers": response_headers,
+                    "trailers": True,
+                }
+            )
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            await send({"type": "http.response.trailers", "headers": trailing})
+            return
         await send(
             {
                 "type": "http.response.start",
@@ -356,10 +437,16 @@ class _Exchange:
                 await send({"type": "http.response.body", "body": data, "more_body": not finished})
                 stream.acknowledge()
         except StreamError as exc:
-            # The status is sent already; the only honest signal left is to end
-            # the response without its final chunk, which Hypercorn does when we
-            # return.
             logger.info("response from %s cut short: %s", session.host, exc.reason)
+            if grpc:
+                # A gRPC client reads the end of its call from the trailers:
+                # the status it would have derived from the reset or lost link.
+                await self._end_call(exc)
+                return
+            # The status is sent already; the only honest signal left is to end
+            # the response without its final chunk: Hypercorn closes an HTTP/1
+            # connection, and (fixed) resets an HTTP/2 stream with the agent's code.
+            self.scope[RESET_CODE] = exc.code
             return
         if trailers:
             await send(

@@ -24,7 +24,7 @@ from .._protocol.headers import header_value, tunnel_request_headers, websocket_
 from ._pages import refuse_websocket
 from ._registry import AgentSession
 
-__all__ = ["MAX_WEBSOCKET_MESSAGE", "forward_websocket"]
+__all__ = ["forward_websocket"]
 
 logger = logging.getLogger("tunnel.server")
 
@@ -33,8 +33,8 @@ ASGIMessage = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[ASGIMessage]]
 Send = Callable[[ASGIMessage], Awaitable[None]]
 
-#: Largest WebSocket message relayed either way (Hypercorn's limit is set alike).
-MAX_WEBSOCKET_MESSAGE: Final = 32 << 20
+#: The close reason of a message over ``ServerConfig.max_websocket_message``.
+TOO_BIG: Final = "message too big for the tunnel"
 #: How much of a refusal's body from the local service is shown to the visitor.
 MAX_REFUSAL_BODY: Final = 64 << 10
 #: How long the other side gets to answer a close before the stream is reset.
@@ -106,7 +106,7 @@ async def forward_websocket(
             "subprotocol": subprotocol.decode("ascii") if subprotocol else None,
         }
     )
-    relay = _Relay(stream, receive, send)
+    relay = _Relay(stream, receive, send, config.max_websocket_message)
     try:
         await relay.run()
     finally:
@@ -131,10 +131,12 @@ async def _read_refusal(stream: Stream) -> str:
 class _Relay:
     """Messages both ways between the visitor (ASGI) and the stream (wsproto frames)."""
 
-    def __init__(self, stream: Stream, receive: Receive, send: Send) -> None:
+    def __init__(self, stream: Stream, receive: Receive, send: Send, max_message: int) -> None:
         self.stream = stream
         self.receive = receive
         self.send = send
+        #: Larger messages close the WebSocket (1009) whichever way they go.
+        self.max_message = max_message
         # Towards the local service this side is the WebSocket client: its
         # frames are masked, as a server expects.
         self.ws = Connection(ConnectionType.CLIENT)
@@ -169,8 +171,8 @@ class _Relay:
             for event in ws.events():
                 if isinstance(event, Message):
                     size += len(event.data)
-                    if size > MAX_WEBSOCKET_MESSAGE:
-                        await self._fail(1009, "message too big for the tunnel")
+                    if size > self.max_message:
+                        await self._fail(1009, TOO_BIG)
                         return
                     parts.append(event.data)
                     if event.message_finished:
@@ -212,6 +214,11 @@ class _Relay:
                         if text is not None
                         else BytesMessage(data=message.get("bytes") or b"")
                     )
+                    if len(event.data) > self.max_message:
+                        # Hypercorn's own limit is at least the agents' messages'.
+                        await self._fail(1009, TOO_BIG)
+                        cancel_scope.cancel()
+                        return
                     if ws.state is not ConnectionState.OPEN:
                         continue  # the local side is closing; the message has nowhere to go
                     await stream.send_data(ws.send(event))

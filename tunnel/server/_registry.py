@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import trio
@@ -135,6 +135,9 @@ class Registry:
         #: Who holds which host on the other worker processes, if there are any.
         self.ledger: HostLedger | None = None
         self._shutdown_scopes: set[trio.CancelScope] = set()
+        #: Called with a key when its last session is released (the server
+        #: drops what it kept for that tunnel, such as its rate limits).
+        self.on_released: Callable[[str], None] | None = None
 
     def begin_shutdown(self) -> None:
         """Set :attr:`shutting_down` and cancel every :meth:`cancelled_on_shutdown` scope."""
@@ -268,6 +271,8 @@ class Registry:
         del self._sessions[session.key]
         if self.ledger is not None:
             self.ledger.release(session.key)
+        if self.on_released is not None:
+            self.on_released(session.key)
         self._gone[session.key] = time.time()
         self._gone.move_to_end(session.key)
         while len(self._gone) > MAX_REMEMBERED_HOSTS:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable
+from wsgiref.handlers import format_date_time
 
 import hypercorn.config
 import hypercorn.trio
@@ -14,8 +16,10 @@ from hypercorn.trio.run import worker_serve
 from hypercorn.utils import wrap_app
 
 from .._config import ServerConfig, parse_listen_address
-from ._app import ASGIApp, TunnelApp
+from .._mux import MAX_MESSAGE
+from ._app import ASGIApp, Message, Receive, Scope, Send, TunnelApp
 from ._hypercorn_guard import install_hypercorn_guard
+from ._hypercorn_patches import set_websocket_buffer
 from ._ledger import HostLedger
 from ._metrics import serve_metrics
 from ._workers import serve_workers
@@ -27,7 +31,9 @@ def hypercorn_config(config: ServerConfig) -> hypercorn.config.Config:
     """The Hypercorn settings :func:`serve` uses for ``config``.
 
     Start from these when embedding :class:`TunnelApp` in your own Hypercorn
-    deployment: they lift the limits that hurt a busy tunnel.
+    deployment: they lift the limits that hurt a busy tunnel. (:func:`serve`
+    also turns Hypercorn's ``Date`` header off and dates the responses that
+    have none itself, so a tunnelled response carries only its origin's.)
     """
     host, port = parse_listen_address(config.address)
     hc = hypercorn.config.Config()
@@ -48,7 +54,15 @@ def hypercorn_config(config: ServerConfig) -> hypercorn.config.Config:
     hc.include_server_header = False
     hc.accesslog = None
     hc.errorlog = logging.getLogger("tunnel.server")
-    hc.websocket_max_message_size = 32 << 20
+    # Agents' messages (at most MAX_MESSAGE) pass the same check as visitors',
+    # which the tunnel enforces itself (see _ingress_ws.py). The margin lets an
+    # agent's frame over HTTP/2's limit be refused by the mux, with that reason,
+    # rather than by Hypercorn with a bare 1009.
+    hc.websocket_max_message_size = max(config.max_websocket_message, 2 * MAX_MESSAGE)
+    set_websocket_buffer(hc, config.max_websocket_buffer)
+    # Hypercorn's idle timer runs from a connection's start, or the end of a
+    # response, until the next request's headers are complete.
+    hc.keep_alive_timeout = config.header_timeout
     # Above our own header limit, so visitors get its clear 431 rather than
     # Hypercorn's bare 400.
     hc.h11_max_incomplete_size = max(64 << 10, 2 * config.max_header_bytes)
@@ -113,6 +127,12 @@ async def serve_sockets(
     """
     install_hypercorn_guard()
     app = TunnelApp(config, fallback=fallback)
+    served = _dated(app)
+    hc = hypercorn_config(config)
+    # Hypercorn appends a Date of its own after the app's headers: a tunnelled
+    # response, which carries its origin's, would carry two. The app's
+    # wrapper dates what has no Date instead.
+    hc.include_date_header = False
     app.registry.ledger = ledger
     trigger = None
     if shutdown_trigger is not None:
@@ -127,8 +147,8 @@ async def serve_sockets(
     async def run(*, task_status: trio.TaskStatus[list[str]]) -> None:
         if sockets is None:
             await hypercorn.trio.serve(
-                app,  # type: ignore[arg-type]  # Hypercorn's scope TypedDicts vs. plain ASGI mappings
-                hypercorn_config(config),
+                served,  # type: ignore[arg-type]  # Hypercorn's scope TypedDicts vs. plain ASGI mappings
+                hc,
                 shutdown_trigger=trigger,
                 task_status=task_status,
             )
@@ -136,8 +156,8 @@ async def serve_sockets(
         # The public serve() binds sockets of its own; a worker serves the
         # parent's, through the function that serve() wraps.
         await worker_serve(
-            wrap_app(app, 0, "asgi"),  # type: ignore[arg-type]  # as above
-            hypercorn_config(config),
+            wrap_app(served, 0, "asgi"),  # type: ignore[arg-type]  # as above
+            hc,
             sockets=sockets,
             shutdown_trigger=trigger,
             task_status=task_status,
@@ -163,3 +183,44 @@ async def serve_sockets(
         if len(group.exceptions) == 1:
             raise group.exceptions[0] from None
         raise
+
+
+#: The ASGI messages that begin an HTTP response.
+_RESPONSE_STARTS = frozenset({"http.response.start", "websocket.http.response.start"})
+
+
+def _dated(app: ASGIApp) -> ASGIApp:
+    """``app``, with a ``Date`` header on each response that has none.
+
+    A tunnelled response keeps its origin's ``Date`` (the only one it then
+    carries); the pages the server answers itself, and a response whose origin
+    sent none, are dated here, as RFC 9110 §6.6.1 asks of a proxy.
+    """
+
+    async def dated(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" and scope["type"] != "websocket":
+            await app(scope, receive, send)
+            return
+
+        async def send_dated(message: Message) -> None:
+            if message["type"] in _RESPONSE_STARTS:
+                headers = message.get("headers") or []
+                if not any(name.lower() == b"date" for name, _ in headers):
+                    message = {**message, "headers": [*headers, (b"date", _http_date())]}
+            await send(message)
+
+        await app(scope, receive, send_dated)
+
+    return dated
+
+
+_last_date: tuple[int, bytes] = (0, b"")
+
+
+def _http_date() -> bytes:
+    """Now, as an HTTP date (formatted once a second)."""
+    global _last_date
+    now = int(time.time())
+    if _last_date[0] != now:
+        _last_date = (now, format_date_time(now).encode("ascii"))
+    return _last_date[1]

@@ -19,6 +19,7 @@ from .._mux import StreamError
 from .._pipe import pipe
 from .._protocol.handshake import REPLACED_CLOSE_CODE
 from .._protocol.headers import header_value
+from .._settings import server_setting
 from ._access import Denied
 from ._registry import AgentSession, HostInUse, Registry
 
@@ -84,6 +85,16 @@ async def _listen(config: ServerConfig, port: int) -> list[trio.SocketListener] 
         raise
 
 
+class _Slots:
+    """The connections one TCP tunnel may have open at once."""
+
+    __slots__ = ("limiter", "warned")
+
+    def __init__(self, limit: int) -> None:
+        self.limiter = trio.CapacityLimiter(limit)
+        self.warned = False
+
+
 async def serve_tcp(
     config: ServerConfig,
     session: AgentSession,
@@ -92,12 +103,15 @@ async def serve_tcp(
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Accept connections on ``listeners`` for ``session`` until cancelled."""
+    # Each open connection holds a stream on the agent, two tasks and a
+    # descriptor here; a visitor may open them by the thousand.
+    slots = _Slots(config.max_tcp_connections)
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(
                 partial(
                     trio.serve_listeners,
-                    partial(_connection, config, session),
+                    partial(_connection, config, session, slots),
                     listeners,
                     handler_nursery=nursery,
                 )
@@ -111,12 +125,37 @@ async def serve_tcp(
 
 
 async def _connection(
-    config: ServerConfig, session: AgentSession, socket: trio.SocketStream
+    config: ServerConfig,
+    session: AgentSession,
+    slots: _Slots,
+    socket: trio.SocketStream,
 ) -> None:
     if session.policy.address_refusal(socket.socket.getpeername()[0]) is not None:
         # All a TCP client can be told is a closed connection.
         await trio.aclose_forcefully(socket)
         return
+    try:
+        slots.limiter.acquire_nowait()
+    except trio.WouldBlock:
+        # Once per tunnel: a visitor opening connections in a loop would
+        # otherwise fill the log.
+        log = logger.debug if slots.warned else logger.warning
+        slots.warned = True
+        log(
+            "TCP tunnel %s refuses connections beyond %d open at once (%s)",
+            session.key,
+            slots.limiter.total_tokens,
+            server_setting("max_tcp_connections"),
+        )
+        await trio.aclose_forcefully(socket)
+        return
+    try:
+        await _relay(config, session, socket)
+    finally:
+        slots.limiter.release()
+
+
+async def _relay(config: ServerConfig, session: AgentSession, socket: trio.SocketStream) -> None:
     try:
         try:
             with trio.fail_after(config.grace_period):

@@ -202,7 +202,8 @@ function renderDetail(detail) {
   replay.disabled = !detail.replayable;
   replay.title = detail.replayable
     ? "Send this request to the local service again"
-    : "The request body was larger than what was recorded, so it cannot be sent again";
+    : "The request body is not all recorded (larger than the cap, or still arriving), " +
+      "so it cannot be sent again";
   headerTable($("req-headers"), detail.request.headers);
   bodyView($("req-body"), detail.request.body, "request");
   headerTable($("res-headers"), detail.response.headers);
