@@ -36,6 +36,7 @@ import hyperframe.frame
 import trio
 from hyperframe.frame import DataFrame, Frame, RstStreamFrame
 
+from ._compat import H2_FRAME_READER, HYPERFRAME_REPR
 from ._h2settings import compact_header_tables, compact_settings
 from ._protocol.headers import Headers
 from ._transport import ABNORMAL_CLOSURE, MessageTransport, TransportClosed
@@ -224,16 +225,17 @@ class Stream:
 
 
 def _raw_data_repr(data: bytes | None) -> str:
-    # hyperframe's own, but hexing only the 10 bytes it shows: h2 formats every
-    # received frame for a trace log whether or not anyone logs, and hexing a
-    # whole 1 MiB DATA payload for that cost ~2.6 s of CPU per GiB received.
+    # hyperframe's own (hyperframe/frame.py, _raw_data_repr), but hexing only
+    # the 10 bytes it shows: h2 formats every received frame for a trace log
+    # whether or not anyone logs, and hexing a whole 1 MiB DATA payload for
+    # that cost ~2.6 s of CPU per GiB received.
     if not data:
         return "None"
     shown = binascii.hexlify(data[:10]).decode("ascii")
     return "<hex:" + shown + ("..." if len(data) > 10 else "") + ">"
 
 
-if hasattr(hyperframe.frame, "_raw_data_repr"):
+if hasattr(hyperframe.frame, "_raw_data_repr") and HYPERFRAME_REPR.on:
     hyperframe.frame._raw_data_repr = _raw_data_repr
 
 
@@ -282,7 +284,7 @@ class _FrameBuffer(h2.frame_buffer.FrameBuffer):
 
 
 #: The h2 versions whose ``_receive_frame`` the copy in ``_Connection`` follows.
-_H2_RECEIVE_FRAME_VERIFIED: Final = h2.__version__.startswith("4.")
+_H2_RECEIVE_FRAME_VERIFIED: Final = H2_FRAME_READER.on
 
 
 class _Connection(h2.connection.H2Connection):
@@ -325,9 +327,9 @@ class _Connection(h2.connection.H2Connection):
             self._mux._stray_frames.count()
         if not _H2_RECEIVE_FRAME_VERIFIED:
             return super()._receive_frame(frame)
-        # h2 4's own, less its first line: a trace log of repr(frame), which
-        # formats every received frame whether or not anyone logs, 2-3 % of the
-        # server's CPU per request.
+        # h2 4's own (h2/connection.py, H2Connection._receive_frame), less its
+        # first line: a trace log of repr(frame), which formats every received
+        # frame whether or not anyone logs, 2-3 % of the server's CPU per request.
         events: list[h2.events.Event]
         try:
             assert _Connection._dispatch is not None

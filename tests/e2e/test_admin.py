@@ -3,6 +3,7 @@ listing tunnels, disconnecting one, its errors, and the Host it answers on."""
 
 from __future__ import annotations
 
+import json
 import logging
 import subprocess
 import sys
@@ -320,3 +321,57 @@ async def test_server_command_flags(local_service: Any) -> None:
     finally:
         server.kill()
         await server.wait()
+
+
+async def raw_request(port: int, head: str) -> tuple[int, bytes]:
+    """Send ``head`` (a request without a body) as it is; the status and body of the answer."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        request = head + "Connection: close\n\n"
+        await stream.send_all(request.replace("\n", "\r\n").encode())
+        answer = b""
+        while chunk := await stream.receive_some():
+            answer += chunk
+    head_bytes, _, body = answer.partition(b"\r\n\r\n")
+    return int(head_bytes.split(b" ", 2)[1]), body
+
+
+async def test_absolute_form_targets_cannot_slip_past_the_path_checks(
+    start_tunnel_server, local_service, open_agent
+):
+    """``GET http://localhost/_tunnel/admin/tunnels`` with a tunnel's Host used to skip the
+    admin API's path check (it looks for a path that starts with the prefix) and
+    reach that tunnel's agent verbatim, admin token and all.
+    """
+    server = await start_tunnel_server(admin_token=ADMIN)
+    port = server.port
+    auth = f"Authorization: Bearer {ADMIN}"
+    with trio.fail_after(10):
+        async with open_agent(port, local_service.port, host="app.localhost"):
+            # The target names another host than Host: refused, with a page saying so.
+            status, page = await raw_request(
+                port,
+                f"GET http://localhost{PREFIX}/tunnels HTTP/1.1\nHost: app.localhost\n{auth}\n",
+            )
+            assert status == 400
+            assert b"target names localhost but its Host header app.localhost" in page
+            # Naming the admin host both times is the admin API, as the path alone is.
+            status, listing = await raw_request(
+                port,
+                f"GET http://localhost:{port}{PREFIX}/tunnels HTTP/1.1\nHost: localhost\n{auth}\n",
+            )
+            assert status == 200
+            assert b'"app.localhost"' in listing
+            # A tunnel's own absolute-form target reaches its agent in origin-form.
+            status, echo = await raw_request(
+                port, "GET HTTP://App.localhost/x/y?q=1 HTTP/1.1\nHost: app.localhost\n"
+            )
+            assert status == 200
+            assert json.loads(echo)["path"] == "/x/y"
+            assert json.loads(echo)["query"] == "q=1"
+            # Anything else that is not a path is refused too.
+            status, _ = await raw_request(
+                port, "GET app.localhost:80 HTTP/1.1\nHost: app.localhost\n"
+            )
+            assert status == 400
+    assert local_service.requests == [("GET", "/x/y")]

@@ -257,3 +257,22 @@ async def test_another_token_cannot_take_the_host_from_a_restarted_worker(
             assert attempts >= 1
             assert alice.state is tunnel.ClientState.CONNECTED
             assert await fresh_visits(port, 10) == {200: 10}
+
+
+async def test_http2_visitors_cannot_stop_a_worker(workers_server):
+    """The late-DATA visitor of test_hypercorn_guard.py against each worker process:
+    a worker it stopped would be restarted (so visitors would hardly notice), but
+    every tunnel on it would have dropped. Both workers must be the ones started.
+    """
+    from test_hypercorn_guard import send_data_after_the_answer
+
+    with trio.fail_after(40):
+        await eventually(lambda: len(worker_pids()) == 2, limit=30)
+        before = worker_pids()
+        # New connections are spread over the workers by the kernel: enough
+        # of them reach both.
+        for _ in range(12):
+            assert await send_data_after_the_answer(workers_server) == 404
+        await trio.sleep(0.5)  # A worker's exit takes a moment to show.
+        assert worker_pids() == before
+        assert await fresh_visits(workers_server, 4, "nobody.localhost") == {404: 4}

@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 
 import tunnel
-from tunnel._protocol.hosts import host_from_authority, in_domain, is_valid_host, normalize_host
+from tunnel._protocol.hosts import (
+    TargetError,
+    host_from_authority,
+    in_domain,
+    is_valid_host,
+    normalize_host,
+    origin_form,
+)
 
 
 @pytest.mark.parametrize(
@@ -112,3 +119,37 @@ def test_host_from_authority_garbage_is_not_routable(garbage: str) -> None:
 )
 def test_in_domain(host: str, domain: str, inside: bool) -> None:
     assert in_domain(host, domain) is inside
+
+
+@pytest.mark.parametrize(
+    ("target", "method", "host", "path"),
+    [
+        (b"/a/b", "GET", "app.localhost", b"/a/b"),
+        (b"http://app.localhost/a", "GET", "app.localhost", b"/a"),
+        (b"HTTPS://App.Localhost:8443", "POST", "app.localhost:8443", b"/"),
+        (b"ws://app.localhost/socket", "GET", "APP.localhost", b"/socket"),
+        (b"http://[::1]:80/x", "GET", "[::1]", b"/x"),
+        (b"*", "OPTIONS", "app.localhost", b"*"),
+    ],
+)
+def test_origin_form(target: bytes, method: str, host: str, path: bytes) -> None:
+    assert origin_form(target, method, host) == path
+
+
+@pytest.mark.parametrize(
+    ("target", "method", "host"),
+    [
+        # Another host than Host: the admin API's own, say.
+        (b"http://localhost/_tunnel/admin/tunnels", "GET", "app.localhost"),
+        (b"http://app.localhost@localhost/", "GET", "app.localhost"),
+        (b"http://app.localhost/", "GET", ""),
+        (b"app.localhost:443", "CONNECT", "app.localhost"),
+        (b"*", "GET", "app.localhost"),
+        (b"ftp://app.localhost/", "GET", "app.localhost"),
+        (b"", "GET", "app.localhost"),
+        (b"x", "GET", "app.localhost"),
+    ],
+)
+def test_origin_form_refuses_other_targets(target: bytes, method: str, host: str) -> None:
+    with pytest.raises(TargetError):
+        origin_form(target, method, host)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 __all__ = [
     "AGENT_ID_HEADER",
+    "CHALLENGE_HEADER",
     "CHALLENGE_SUFFIX",
     "DISCONNECTED_CLOSE_CODE",
     "DUPLICATE_STATUS",
@@ -75,6 +76,11 @@ POOL_HEADER = "tunnel-pool"
 # protocol version), so a captured handshake can be replayed neither later nor
 # for another host.
 CHALLENGE_SUFFIX = "/challenge"
+#: Request: the protocol (:data:`SUBPROTOCOL`) of an agent asking for a
+#: challenge. Agents dial their own tunnel's host, so the path alone cannot
+#: tell an agent from a visitor of that tunnel, whose path it is: without this
+#: header the request is the tunnel's, and visitors cannot mint nonces.
+CHALLENGE_HEADER = "tunnel-challenge"
 KEY_HEADER = "tunnel-key"
 NONCE_HEADER = "tunnel-nonce"
 SIGNATURE_HEADER = "tunnel-signature"

@@ -12,7 +12,14 @@ import re
 
 from .._exceptions import ConfigError
 
-__all__ = ["host_from_authority", "in_domain", "is_valid_host", "normalize_host"]
+__all__ = [
+    "TargetError",
+    "host_from_authority",
+    "in_domain",
+    "is_valid_host",
+    "normalize_host",
+    "origin_form",
+]
 
 _LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 
@@ -69,3 +76,41 @@ def host_from_authority(authority: str) -> str:
 def in_domain(host: str, domain: str) -> bool:
     """Whether ``host`` is ``domain`` or a name under it."""
     return host == domain or host.endswith("." + domain)
+
+
+class TargetError(ValueError):
+    """A request target the server refuses (400); the message is for the visitor."""
+
+
+_SCHEMES = (b"http", b"https", b"ws", b"wss")
+
+
+def origin_form(target: bytes, method: str, host: str) -> bytes:
+    """The origin-form (``/path``) of a request's target, without its query.
+
+    Every path check (the admin API, the challenge, the control path) and the
+    agent see only this form: an absolute-form target
+    (``http://localhost/_tunnel/admin``, RFC 9112 section 3.2.2) would slip
+    past a check of the path's start and reach an agent as it was sent. Its
+    authority must name the host of the ``Host`` header (``host``), whose
+    tunnel the request goes to.
+
+    Raises:
+        TargetError: Any other form, or an authority other than ``host``.
+    """
+    if target.startswith(b"/"):
+        return target
+    if target == b"*" and method == "OPTIONS":
+        # Asterisk-form names no path, so no path check can be dodged with it.
+        return target
+    scheme, separator, rest = target.partition(b"://")
+    if not separator or scheme.lower() not in _SCHEMES:
+        raise TargetError("The request's target must be a path that starts with '/'.")
+    authority, _, path = rest.partition(b"/")
+    named = host_from_authority(authority.decode("latin-1"))
+    if not named or named != host_from_authority(host):
+        raise TargetError(
+            f"The request's target names {authority.decode('latin-1')} "
+            f"but its Host header {host or '(none)'}: send them alike, or a path alone."
+        )
+    return b"/" + path

@@ -20,7 +20,6 @@ The swap is pinned to the wsproto versions whose masker it was checked against
 
 from __future__ import annotations
 
-import importlib.metadata
 import logging
 import os
 import struct
@@ -29,6 +28,8 @@ from typing import Any, Final
 
 import wsproto.frame_protocol
 from wsproto.frame_protocol import FrameProtocol, Opcode
+
+from .._compat import WSPROTO_MASKING
 
 __all__ = ["FastMasker", "use_fast_masking"]
 
@@ -42,14 +43,14 @@ except ImportError:  # a platform without a wheel, built without the extension
     apply_mask = None
 
 #: wsproto versions whose ``XorMaskerSimple`` this replaces, checked by the tests.
-_VERIFIED: Final = ("1.2.", "1.3.")
+_VERIFIED: Final = WSPROTO_MASKING.verified
 _applied = False
 #: wsproto's own masker, kept for the tests to compare against.
 _ORIGINAL: Final = wsproto.frame_protocol.XorMaskerSimple
 
 
 class FastMasker:
-    """wsproto's ``XorMaskerSimple``, with the XOR done in C.
+    """wsproto's ``XorMaskerSimple`` (wsproto/frame_protocol.py), with the XOR done in C.
 
     Like the original it masks a frame's payload piece by piece as it arrives,
     so the key is rotated by each piece's length for the next one.
@@ -76,9 +77,10 @@ _original_serialize_frame = FrameProtocol._serialize_frame
 def _serialize_frame(
     self: FrameProtocol, opcode: Opcode, payload: bytes | bytearray = b"", fin: bool = True
 ) -> bytearray:
-    # wsproto 1.2/1.3's _serialize_frame without extensions (the agent's and
-    # the server's case, not a visitor's compressed WebSocket), with the frame
-    # built in one copy of the payload (two when masked).
+    # wsproto 1.2/1.3's FrameProtocol._serialize_frame (wsproto/frame_protocol.py)
+    # without extensions (the agent's and the server's case, not a visitor's
+    # compressed WebSocket), with the frame built in one copy of the payload
+    # (two when masked).
     if self.extensions:
         return _original_serialize_frame(self, opcode, payload, fin)
     first = (0x80 if fin else 0) | opcode
@@ -109,9 +111,9 @@ def use_fast_masking() -> bool:
         current: Any = wsproto.frame_protocol.XorMaskerSimple
         return current is FastMasker
     _applied = True
-    version = importlib.metadata.version("wsproto")
-    if apply_mask is None or not version.startswith(_VERIFIED):
-        logger.debug("wsproto %s: WebSocket masking stays in pure Python", version)
+    if apply_mask is None or not WSPROTO_MASKING.on:
+        # An unverified wsproto is warned of by warn_fixes_off().
+        logger.debug("WebSocket masking stays in pure Python")
         return False
     # wsproto looks the class up by name each time it makes a masker (one per
     # frame, sending and receiving), so replacing the name is enough.

@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager
 import trio
 import trio_websocket
 
+from .._compat import warn_fixes_off
 from .._config import ClientConfig
 from .._exceptions import (
     ConnectionLostError,
@@ -98,6 +99,7 @@ class Client:
     """
 
     def __init__(self, config: ClientConfig) -> None:
+        warn_fixes_off()
         self.config = config
         self._state = ClientState.DISCONNECTED
         self._host = config.claimed_host

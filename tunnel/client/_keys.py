@@ -12,10 +12,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from .._exceptions import AuthenticationError, ConfigError, ServerUnreachableError
 from .._protocol.handshake import (
+    CHALLENGE_HEADER,
     CHALLENGE_SUFFIX,
     KEY_HEADER,
     NONCE_HEADER,
     SIGNATURE_HEADER,
+    SUBPROTOCOL,
     signed_challenge,
 )
 from .._settings import client_setting
@@ -81,7 +83,9 @@ class AgentKey:
 
 async def _fetch_challenge(stream: trio.abc.Stream, authority: str, path: str) -> str:
     conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_CHALLENGE)
-    request = h11.Request(method="GET", target=path, headers=[("Host", authority)])
+    request = h11.Request(
+        method="GET", target=path, headers=[("Host", authority), (CHALLENGE_HEADER, SUBPROTOCOL)]
+    )
     await stream.send_all(conn.send(request) + conn.send(h11.EndOfMessage()))
     status, body = 0, bytearray()
     try:

@@ -6,18 +6,21 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
+from urllib.parse import unquote
 
 from prometheus_client import CollectorRegistry
 
+from .._compat import warn_fixes_off
 from .._config import ServerConfig
-from .._protocol.handshake import CHALLENGE_SUFFIX
+from .._protocol.handshake import CHALLENGE_HEADER, CHALLENGE_SUFFIX, SUBPROTOCOL
 from .._protocol.headers import Headers, header_value
-from .._protocol.hosts import host_from_authority, in_domain
+from .._protocol.hosts import TargetError, host_from_authority, in_domain, origin_form
 from .._settings import for_cli, server_setting
 from .._transport.masking import use_fast_masking
 from ._access import AccessControl
 from ._admin import AdminAPI
 from ._control import serve_agent
+from ._hypercorn_guard import install_hypercorn_guard
 from ._hypercorn_patches import apply_hypercorn_patches
 from ._ingress import forward_http
 from ._ingress_ws import forward_websocket
@@ -36,6 +39,9 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+_CHALLENGE_HEADER = CHALLENGE_HEADER.encode()
+_AGENT_PROTOCOL = SUBPROTOCOL.encode()
 
 
 class TunnelApp:
@@ -62,7 +68,11 @@ class TunnelApp:
     """
 
     def __init__(self, config: ServerConfig | None = None, *, fallback: ASGIApp | None = None):
+        # Here, not only in serve(): under the ``hypercorn`` command the app is
+        # all of ours that runs, and it is imported before any connection.
+        install_hypercorn_guard()
         apply_hypercorn_patches()
+        warn_fixes_off()
         # Hypercorn unmasks every byte agents send through wsproto; see masking.py.
         use_fast_masking()
         self.config = config if config is not None else ServerConfig()
@@ -122,6 +132,15 @@ class TunnelApp:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
+        if kind != "lifespan" and not scope["path"].startswith("/"):
+            refusal = _to_origin_form(scope)
+            if refusal is not None:
+                if kind == "http":
+                    await send_error_page(send, 400, refusal)
+                else:
+                    await receive()  # websocket.connect
+                    await refuse_websocket(scope, send, 400, refusal)
+                return
         if kind == "http":
             if self._admin is not None and self._admin.claims(scope):
                 # Before any routing: the admin token never reaches an agent.
@@ -205,7 +224,9 @@ class TunnelApp:
         return None, None
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["path"] == self._challenge_path:
+        if scope["path"] == self._challenge_path and (
+            header_value(scope["headers"], _CHALLENGE_HEADER) == _AGENT_PROTOCOL
+        ):
             await self._challenge(send)
             return
         # Counted as HTTP/2 counts a header list (32 bytes per field on top),
@@ -283,6 +304,20 @@ class TunnelApp:
                 self.begin_shutdown()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+
+def _to_origin_form(scope: Scope) -> str | None:
+    """Rewrite ``scope``'s target to origin-form, before any routing; else why not."""
+    host = (header_value(scope["headers"], b"host") or b"").decode("latin-1")
+    try:
+        target = scope.get("raw_path") or scope["path"].encode("latin-1")
+        raw_path = origin_form(target, scope.get("method", "GET"), host)
+    except TargetError as exc:
+        return str(exc)
+    scope["raw_path"] = raw_path
+    # As Hypercorn derives ``path`` from the target (http_stream.py).
+    scope["path"] = unquote(raw_path.decode("ascii"))
+    return None
 
 
 def _host_of(scope: Scope) -> str:

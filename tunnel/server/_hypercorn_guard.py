@@ -31,10 +31,22 @@ The guard: a ``TCPServer`` subclass whose ``protocol_send`` treats this
 ``send_lock`` held, the only other sender is ``send_eof``, so the error means
 the connection is closing and nothing has been written yet. The subclass
 replaces the name ``TCPServer`` in ``hypercorn.trio.run``, where
-``worker_serve`` looks it up for each call. It is installed when :func:`serve`
-starts, not at import time. Installing it a second time does nothing.
+``worker_serve`` looks it up for each call. It is installed when a
+:class:`~tunnel.TunnelApp` is created (before Hypercorn's ``worker_serve``
+runs, also under the ``hypercorn`` command, which imports the app first) and
+when :func:`serve` starts, not at import time. Installing it a second time
+does nothing.
 
-The version pin: the guard applies to ``0.17 <= version < 0.19``. The crash
+Any other exception out of one connection (Hypercorn's
+``TCPServer.run``) would end ``serve`` the same way: the late-DATA
+``KeyError`` and the PRIORITY ``TooManyStreamsError`` that
+``_hypercorn_patches.py`` fixes were two. So the subclass's ``run`` also
+logs such an error with its traceback and ends only that connection: one
+visitor's bad bytes must never stop every tunnel, even through a Hypercorn
+bug nobody has found yet.
+
+The version pin (``HYPERCORN_GUARD`` in ``tunnel/_compat.py``, which warns
+when it is off): the guard applies to 0.17 and 0.18. The crash
 was reproduced on 0.17.3 and 0.18.0 (and on 0.16.0, below our minimum), and
 ``protocol_send`` and ``_close`` have the same source in every release from
 0.17.0 to 0.18.0, the latest at the time of writing. A later release is left
@@ -45,21 +57,35 @@ release and passes with it.
 
 from __future__ import annotations
 
-import importlib.metadata
-import re
+import logging
 
 import hypercorn.trio.run
 import trio
 from hypercorn.events import Closed, Event, RawData
 from hypercorn.trio.tcp_server import TCPServer
 
+from .._compat import HYPERCORN_GUARD
+
 __all__ = ["install_hypercorn_guard"]
 
-_AFFECTED = ((0, 17), (0, 19))  # [first affected, first not known to be affected)
+logger = logging.getLogger("tunnel.server")
 
 
 class _GuardedTCPServer(TCPServer):
     """Hypercorn's per-connection server, in which a send racing ``send_eof`` is a close."""
+
+    async def run(self) -> None:
+        try:
+            await super().run()
+        except* Exception as group:
+            # Hypercorn's own run() has already closed the connection (its
+            # ``finally``); cancellation, in a group with these or alone,
+            # goes on up as it must.
+            for exc in group.exceptions:
+                logger.error(
+                    "an HTTP connection failed inside Hypercorn; closed it, the server goes on",
+                    exc_info=exc,
+                )
 
     async def protocol_send(self, event: Event) -> None:
         try:
@@ -71,25 +97,12 @@ class _GuardedTCPServer(TCPServer):
             await self.protocol.handle(Closed())
 
 
-def _is_affected(version: str) -> bool:
-    match = re.match(r"(\d+)\.(\d+)", version)
-    if match is None:
-        return False
-    major_minor = (int(match[1]), int(match[2]))
-    return _AFFECTED[0] <= major_minor < _AFFECTED[1]
-
-
 def install_hypercorn_guard() -> None:
     """Install the guard if the running Hypercorn has the bug; safe to call repeatedly."""
     # ``worker_serve`` reads ``TCPServer`` from its module's globals on each call.
     run_globals = vars(hypercorn.trio.run)
     if run_globals["TCPServer"] is _GuardedTCPServer:
         return
-    try:
-        version = importlib.metadata.version("hypercorn")
-    except importlib.metadata.PackageNotFoundError:
-        # No way to know which source we would be patching.
-        return
     # Someone else's replacement is left alone rather than silently discarded.
-    if _is_affected(version) and run_globals["TCPServer"] is TCPServer:
+    if HYPERCORN_GUARD.on and run_globals["TCPServer"] is TCPServer:
         run_globals["TCPServer"] = _GuardedTCPServer

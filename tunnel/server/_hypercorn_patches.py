@@ -14,7 +14,7 @@ The fix refuses such a stream with ``RST_STREAM(PROTOCOL_ERROR)`` first.
 ASGI reports a disconnect solely as ``http.disconnect`` from ``receive()``, so
 relaying a response needed a second task per request, whose start,
 cancellation and join were a tenth of the server's task switches. With the fix
-(Hypercorn 0.18's trio worker), an HTTP app's ``receive`` is a
+(Hypercorn 0.17 and 0.18's trio worker), an HTTP app's ``receive`` is a
 :class:`NotifyingReceive`, whose ``on_disconnect`` callback Hypercorn calls as
 it queues ``http.disconnect``; apps that don't look see the plain ``receive``.
 
@@ -31,6 +31,24 @@ message per 64 KiB of an upload, 16 WebSocket reads per MiB an agent sends.
 Reading up to 256 KiB at once took an upload through the tunnel from 42 to
 117 MiB/s and cut the server's CPU per MiB of a download by a quarter.
 
+**An HTTP/2 frame for a stream Hypercorn has forgotten stops the server.**
+Hypercorn 0.17 and 0.18 (``protocol/h2.py``, ``H2Protocol._handle_events``)
+look a DATA frame's stream up with ``self.streams[event.stream_id]``. Once a
+stream is answered Hypercorn forgets it, while the client may still be
+sending its body (it may: RFC 9113 section 8.1), so the next DATA frame
+raises ``KeyError`` out of the connection and ``serve`` ends. The fix makes
+``H2Protocol.streams`` answer a lookup of a forgotten stream with a stand-in
+that tells the client to stop sending (``RST_STREAM(NO_ERROR)``, as section
+8.1 has it); Hypercorn then returns the flow-control credit as it would.
+
+**A thousand PRIORITY frames stop the server.** Hypercorn 0.17 and 0.18
+(``H2Protocol._priority_updated``) insert every stream a PRIORITY frame names
+into their priority tree, known or not, and never take the unknown ones out;
+the 1001st raises ``priority.TooManyStreamsError`` out of the connection. The
+fix ignores priority for streams Hypercorn is not sending on (RFC 9113
+deprecates these signals; section 5.3.2 lets a server ignore them) and puts a
+stream whose named parent is unknown at the root.
+
 **A visitor's WebSocket close code is lost.** Hypercorn 0.17 and 0.18 tell the app
 ``websocket.disconnect`` with code 1006 whenever the client starts the closing
 handshake, whatever code the client sent. A tunnel must carry that code to the
@@ -46,11 +64,13 @@ holds until it asks for the next one.
 
 from __future__ import annotations
 
-import importlib.metadata
+import contextlib
 import logging
 from collections import deque
 from typing import Any
 
+import h2.events
+import h2.exceptions
 import trio
 from h2.errors import ErrorCodes
 from hypercorn.protocol import ws_stream
@@ -58,10 +78,12 @@ from hypercorn.protocol.events import StreamClosed
 from hypercorn.protocol.h2 import H2Protocol
 from hypercorn.protocol.ws_stream import FrameTooLargeError, WebsocketBuffer, WSStream
 from hypercorn.trio import task_group, tcp_server
+from priority.priority import PriorityError
 from wsproto.connection import ConnectionState
 from wsproto.events import BytesMessage, CloseConnection, Message, Ping
 from wsproto.frame_protocol import CloseReason
 
+from .._compat import HYPERCORN_DISCONNECT_NOTICE, HYPERCORN_FIXES
 from ._hypercorn_h2 import fix_http2_responses
 
 __all__ = [
@@ -74,11 +96,11 @@ __all__ = [
 logger = logging.getLogger("tunnel.server")
 
 #: Versions whose code the fixes below were written against and tested on.
-_VERIFIED = ("0.17.", "0.18.")
+_VERIFIED = HYPERCORN_FIXES.verified
 #: What Hypercorn's trio worker reads from a connection at once (it reads 64 KiB).
 READ_SIZE = 256 << 10
 #: Those whose ``TaskGroup.spawn_app`` the disconnect notice replaces.
-_VERIFIED_SPAWN_APP = ("0.18.",)
+_VERIFIED_SPAWN_APP = HYPERCORN_DISCONNECT_NOTICE.verified
 _applied = False
 
 
@@ -88,16 +110,18 @@ def apply_hypercorn_patches() -> None:
     if _applied:
         return
     _applied = True
-    version = importlib.metadata.version("hypercorn")
-    if not version.startswith(_VERIFIED):
-        logger.debug("Hypercorn %s: WebSocket close-code fix not applied", version)
+    # Off on other versions; warn_fixes_off() says so.
+    if not HYPERCORN_FIXES.on:
         return
     _fix_websocket_close_code()
     _fix_pathless_http2_request()
+    _fix_forgotten_streams()
+    _fix_priority_of_unknown_streams()
+    # Upstream: hypercorn/trio/tcp_server.py, MAX_RECV.
     if getattr(tcp_server, "MAX_RECV", None) == 1 << 16:
         tcp_server.MAX_RECV = READ_SIZE
     ws_stream.WebsocketBuffer = _JoiningBuffer  # type: ignore[misc]
-    if version.startswith(_VERIFIED_SPAWN_APP):
+    if HYPERCORN_DISCONNECT_NOTICE.on:
         _notify_disconnect()
         _bound_websocket_queues()
     fix_http2_responses()
@@ -126,6 +150,7 @@ class NotifyingReceive:
 
 
 def _notify_disconnect() -> None:
+    # Upstream: hypercorn/trio/task_group.py, TaskGroup.spawn_app.
     original = task_group.TaskGroup.spawn_app
 
     async def spawn_app(self: Any, app: Any, config: Any, scope: Any, send: Any) -> Any:
@@ -153,7 +178,10 @@ def _notify_disconnect() -> None:
 
 
 class _JoiningBuffer(WebsocketBuffer):
-    """Hypercorn's buffer of one incoming WebSocket message, binary ones kept as pieces."""
+    """Hypercorn's buffer of one incoming WebSocket message, binary ones kept as pieces.
+
+    Upstream: hypercorn/protocol/ws_stream.py, WebsocketBuffer.
+    """
 
     def __init__(self, max_length: int) -> None:
         super().__init__(max_length)
@@ -182,6 +210,7 @@ class _JoiningBuffer(WebsocketBuffer):
 
 
 def _fix_pathless_http2_request() -> None:
+    # Upstream: hypercorn/protocol/h2.py, H2Protocol._create_stream.
     original = H2Protocol._create_stream
 
     async def _create_stream(self: Any, request: Any) -> None:
@@ -195,7 +224,80 @@ def _fix_pathless_http2_request() -> None:
     H2Protocol._create_stream = _create_stream  # type: ignore[method-assign]
 
 
+class _ForgottenStream:
+    """What Hypercorn's ``H2Protocol`` finds for a stream it no longer knows."""
+
+    __slots__ = ("_connection", "_stream_id")
+
+    def __init__(self, connection: Any, stream_id: int) -> None:
+        self._connection = connection
+        self._stream_id = stream_id
+
+    async def handle(self, event: Any) -> None:
+        # Only DATA (and END_STREAM) reach here: the stream was answered and
+        # Hypercorn forgot it while the client still sends. NO_ERROR asks it
+        # to stop without failing the answer it has (RFC 9113 section 8.1);
+        # Hypercorn's caller flushes the frame. A stream h2 has closed needs
+        # no answer.
+        with contextlib.suppress(h2.exceptions.H2Error):
+            self._connection.reset_stream(self._stream_id, ErrorCodes.NO_ERROR)
+
+
+class _Streams(dict[int, Any]):
+    """``H2Protocol.streams``, where a stream Hypercorn forgot is a :class:`_ForgottenStream`.
+
+    ``__missing__`` runs only for a lookup that would have raised ``KeyError``,
+    so Hypercorn's own lookups of live streams cost what they did.
+    """
+
+    __slots__ = ("_protocol",)
+
+    def __init__(self, protocol: H2Protocol) -> None:
+        super().__init__()
+        self._protocol = protocol
+
+    def __missing__(self, stream_id: int) -> _ForgottenStream:
+        return _ForgottenStream(self._protocol.connection, stream_id)
+
+
+def _fix_forgotten_streams() -> None:
+    # Upstream: hypercorn/protocol/h2.py, H2Protocol._handle_events (its
+    # DataReceived branch). This replaces the dict that H2Protocol.__init__
+    # sets up (``self.streams = {}``), leaving _handle_events as it is.
+    original_init = H2Protocol.__init__
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        original_init(self, *args, **kwargs)
+        self.streams = _Streams(self)
+
+    H2Protocol.__init__ = __init__  # type: ignore[method-assign]
+
+
+def _fix_priority_of_unknown_streams() -> None:
+    async def _priority_updated(self: Any, event: h2.events.PriorityUpdated) -> None:
+        # Hypercorn 0.18's H2Protocol._priority_updated (hypercorn/protocol/
+        # h2.py), but for streams it is not sending on: those it inserted into
+        # the tree (without bound, and never removed), and this ignores. The
+        # tree holds exactly the streams of ``stream_buffers``.
+        if event.stream_id not in self.stream_buffers:
+            return
+        depends_on = event.depends_on if event.depends_on in self.stream_buffers else None
+        try:
+            self.priority.reprioritize(
+                stream_id=event.stream_id,
+                depends_on=depends_on,
+                weight=event.weight,
+                exclusive=event.exclusive,
+            )
+        except PriorityError:
+            return
+        await self.has_data.set()
+
+    H2Protocol._priority_updated = _priority_updated  # type: ignore[method-assign]
+
+
 def _fix_websocket_close_code() -> None:
+    # Upstream: hypercorn/protocol/ws_stream.py, WSStream._handle_events and handle.
     original_handle = WSStream.handle
 
     async def _handle_events(self: Any) -> None:
