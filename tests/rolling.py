@@ -27,6 +27,7 @@ Used by ``tests/soak.py`` (its rolling phase) and ``tests/e2e/test_rolling.py``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -146,11 +147,12 @@ class _Process:
 
 
 def _children(pid: int) -> set[int]:
-    path = Path(f"/proc/{pid}/task/{pid}/children")
-    try:
-        return {int(child) for child in path.read_text().split()}
-    except FileNotFoundError:
-        return set()
+    # Per thread: trio starts processes from worker threads.
+    children: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):
+            children.update(int(child) for child in (task / "children").read_text().split())
+    return children
 
 
 async def _visit(http: httpx.AsyncClient, restarts: Restarts, path: str) -> None:
@@ -178,15 +180,20 @@ async def rolling_restarts(
     rounds: int | None = None,
     visitors: int = 4,
     log: Callable[[str], None] = lambda _: None,
+    pool: bool = True,
+    worker_restarts: int = 2,
 ) -> Restarts:
     """Restart agents and server workers in turn under GET load.
 
     Goes round until ``duration`` seconds have passed (or ``rounds`` rounds
-    are done, whichever first), always finishing the round it is in.
+    are done, whichever first), always finishing the round it is in, and
+    always at least one round. Without
+    ``pool`` only the lone agent runs; ``worker_restarts`` per round.
     """
     restarts = Restarts()
     port = free_port()
-    hosts = {"pool.localhost": ["--pool"], "single.localhost": []}
+    hosts = {"pool.localhost": ["--pool"]} if pool else {}
+    hosts["single.localhost"] = []
     config = trio.Path(f"/tmp/tunnel-rolling-{os.getpid()}-{port}.toml")
     await config.write_text(f"grace_period = {GRACE}\n")
     try:
@@ -233,7 +240,9 @@ async def rolling_restarts(
                             work.start_soon(load, host, n)
                     started = trio.current_time()
                     done = 0
-                    while trio.current_time() - started < duration and rounds != done:
+                    while done == 0 or (
+                        trio.current_time() - started < duration and rounds != done
+                    ):
                         for index, (host, options, agent) in enumerate(agents):
                             restarts.step = agent.name
                             await agent.stop(restarts)
@@ -245,9 +254,9 @@ async def rolling_restarts(
                             await _linked(server, host, mark)
                             restarts.agent_restarts += 1
                             log(f"{trio.current_time() - started:5.1f} s: {fresh.name} restarted")
-                        for _ in range(2):
+                        for _ in range(worker_restarts):
                             restarts.step = "a server worker"
-                            await _restart_a_worker(server, restarts)
+                            await _restart_a_worker(server, restarts, hosts)
                             log(f"{trio.current_time() - started:5.1f} s: a worker restarted")
                         done += 1
                         log(f"  {restarts.summary()}")
@@ -285,7 +294,9 @@ async def _linked(server: _Process, host: str, mark: int, count: int = 2) -> Non
             await server.wait_for(needle, len(server.output))
 
 
-async def _restart_a_worker(server: _Process, restarts: Restarts) -> None:
+async def _restart_a_worker(
+    server: _Process, restarts: Restarts, hosts: dict[str, list[str]]
+) -> None:
     """SIGTERM the oldest worker; wait until its successor serves and agents joined it."""
     workers = _children(server.process.pid)
     oldest = min(workers)
@@ -295,6 +306,6 @@ async def _restart_a_worker(server: _Process, restarts: Restarts) -> None:
     await server.wait_for(b"exited with code", mark)
     await server.wait_for(b"Running on", mark)
     # The new worker is up once every agent has connected to it.
-    for host, count in (("pool.localhost", 2), ("single.localhost", 1)):
-        await _linked(server, host, mark, count)
+    for host, options in hosts.items():
+        await _linked(server, host, mark, 2 if options else 1)
     restarts.worker_restarts += 1
