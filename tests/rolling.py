@@ -36,6 +36,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import trio
@@ -53,6 +54,16 @@ REQUEST_TIMEOUT = 60.0
 GRACE = 15.0
 #: How long one process may take to start, stop, or connect.
 STEP_TIMEOUT = 60.0
+#: Seconds the local service takes per GET, so that every drain has requests
+#: in flight, and some cross the agent's refusal of new ones.
+SERVICE_TIME = 0.05
+
+
+class _SlowService(LocalService):
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            await trio.sleep(SERVICE_TIME)
+        await super().__call__(scope, receive, send)
 
 
 @dataclass
@@ -198,7 +209,7 @@ async def rolling_restarts(
     await config.write_text(f"grace_period = {GRACE}\n")
     try:
         async with trio.open_nursery() as nursery:
-            service = LocalService("rolling")
+            service = _SlowService("rolling")
             await nursery.start(serve_local, service)
             argv = [*TUNNEL, "server", "--address", f"127.0.0.1:{port}", "--token", TOKEN]
             argv += ["--workers", "2", "--config", str(config)]
