@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -54,15 +55,23 @@ REQUEST_TIMEOUT = 60.0
 GRACE = 15.0
 #: How long one process may take to start, stop, or connect.
 STEP_TIMEOUT = 60.0
-#: Seconds the local service takes per GET, so that every drain has requests
-#: in flight, and some cross the agent's refusal of new ones.
-SERVICE_TIME = 0.05
 
 
 class _SlowService(LocalService):
+    """Takes from 0 to twice ``service_time`` seconds per request.
+
+    So every drain has requests in flight, of unequal lengths (one of an
+    agent's connections drains before another), and some cross the agent's
+    refusal of new ones.
+    """
+
+    def __init__(self, service_time: float) -> None:
+        super().__init__("rolling")
+        self.service_time = service_time
+
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "http":
-            await trio.sleep(SERVICE_TIME)
+            await trio.sleep(random.uniform(0, 2 * self.service_time))
         await super().__call__(scope, receive, send)
 
 
@@ -193,13 +202,15 @@ async def rolling_restarts(
     log: Callable[[str], None] = lambda _: None,
     pool: bool = True,
     worker_restarts: int = 2,
+    service_time: float = 0.05,
 ) -> Restarts:
     """Restart agents and server workers in turn under GET load.
 
     Goes round until ``duration`` seconds have passed (or ``rounds`` rounds
     are done, whichever first), always finishing the round it is in, and
     always at least one round. Without
-    ``pool`` only the lone agent runs; ``worker_restarts`` per round.
+    ``pool`` only the lone agent runs; ``worker_restarts`` per round; the
+    local service takes ``service_time`` per GET on average.
     """
     restarts = Restarts()
     port = free_port()
@@ -209,7 +220,7 @@ async def rolling_restarts(
     await config.write_text(f"grace_period = {GRACE}\n")
     try:
         async with trio.open_nursery() as nursery:
-            service = _SlowService("rolling")
+            service = _SlowService(service_time)
             await nursery.start(serve_local, service)
             argv = [*TUNNEL, "server", "--address", f"127.0.0.1:{port}", "--token", TOKEN]
             argv += ["--workers", "2", "--config", str(config)]
