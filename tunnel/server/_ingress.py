@@ -179,7 +179,10 @@ async def _forward_once(
     session.requests_served += 1
 
     exchange = _Exchange(config, session, scope, stream, receive, send, pacer)
+    # The first piece is in hand whatever its size; later ones count to
+    # REPLAY_LIMIT. The last attempt keeps nothing: it answers a refusal itself.
     exchange.kept = None if last else [body]
+    exchange._kept_size = len(body)
     exchange.more_body = more_body
     if end_stream and isinstance(receive, NotifyingReceive):
         # The whole request is sent, so the only thing left to watch on the
