@@ -18,7 +18,8 @@ lost nor answered 502: a request an agent or a worker refuses while going away
 was never processed, and is sent elsewhere.
 
 One allowance, counted apart: a worker going away closes its visitors' idle
-keep-alive connections, and a GET sent on one just then gets no answer at all.
+keep-alive connections, and a GET sent on one just then gets no answer at all
+(the connection closes, or is reset).
 HTTP/1.1 lets a client retry an idempotent request in that case (RFC 9112
 section 9.3.1), browsers do, and so do these visitors, once.
 
@@ -181,7 +182,9 @@ async def _visit(http: httpx.AsyncClient, restarts: Restarts, path: str) -> None
         with trio.fail_after(REQUEST_TIMEOUT):
             try:
                 response = await http.get(path)
-            except httpx.RemoteProtocolError:
+            except (httpx.RemoteProtocolError, httpx.ReadError):
+                # Closed (or reset) with no answer: the case RFC 9112 lets a
+                # client retry a GET in, once.
                 restarts.client_retries += 1
                 response = await http.get(path)
         restarts.statuses[response.status_code] += 1
