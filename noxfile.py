@@ -165,8 +165,10 @@ def soak(session: nox.Session) -> None:
     Prints requests sent, answered, 502s and lost (lost must be 0) and the
     server's RSS and open descriptors. Then a minute of small curl-style POSTs
     (head and body in one segment), each of which must answer 200 with its
-    body. `-- --quick` runs for about 40 s; `-- --small-posts 60` runs only
-    the small POSTs.
+    body; then 2 minutes of graceful rolling restarts of agents and server
+    workers (0 lost, 0 502s for GETs). `-- --quick` runs for about 40 s and
+    one round of restarts; `-- --small-posts 60` runs only the small POSTs,
+    `-- --phases rolling` only the restarts.
     """
     # httpx is the load generator; the script imports the tests' helpers.
     session.install("-e", ".[test]")

@@ -24,8 +24,15 @@ the answers come, for a minute (10 s with ``--quick``). Every answer must be a
 200 whose body names the SHA-256 of the body sent. ``--small-posts SECONDS``
 runs that phase alone.
 
-Every request must get an HTTP answer: 200, or 502 when its agent was offline
-for longer than the grace period. A request with no answer at all (an error or
+Then a *rolling restarts* phase (``tests/rolling.py``): ``tunnel server
+--workers 2`` and ``tunnel http`` agents (two in a pool, one alone) are
+restarted gracefully one by one (SIGTERM, then a fresh process) under GET
+load, for 2 minutes (one round with ``--quick``); there no GET may be lost or
+answered 502, and every process must exit 0 with no traceback. ``--phases
+rolling`` runs that phase alone.
+
+Every request of the first phase must get an HTTP answer: 200, or 502 when its
+agent was offline for longer than the grace period. A request with no answer at all (an error or
 a timeout) is *lost*; the soak fails if any is lost, if a steady request was
 not a 200, if a chaos agent did not come back, or if the server's RSS grew by
 more than 10 MiB or its descriptors by any.
@@ -49,6 +56,7 @@ import httpx
 import trio
 from faultproxy import FaultProxy
 from processes import TOKEN, Child, start_agent, start_server
+from rolling import rolling_restarts
 
 import tunnel
 from helpers import LocalService, free_port, serve_local
@@ -485,13 +493,49 @@ def main() -> None:
         metavar="SECONDS",
         help="run only the small-posts phase, for this long",
     )
+    parser.add_argument(
+        "--phases",
+        default="chaos,small-posts,rolling",
+        help="which phases to run (default chaos,small-posts,rolling)",
+    )
     args = parser.parse_args()
     if args.small_posts is not None:
         sys.exit(0 if trio.run(run_small_posts, args.small_posts) else 1)
-    duration = args.duration or (30.0 if args.quick else 300.0)
-    ok = trio.run(Soak(duration, args.quick).run)
-    ok = trio.run(run_small_posts, 10.0 if args.quick else 60.0) and ok
+    phases = set(args.phases.split(","))
+    ok = True
+    if "chaos" in phases:
+        duration = args.duration or (30.0 if args.quick else 300.0)
+        ok = trio.run(Soak(duration, args.quick).run)
+    if "small-posts" in phases:
+        ok = trio.run(run_small_posts, 10.0 if args.quick else 60.0) and ok
+    if "rolling" in phases:
+        ok = rolling_phase(args.quick) and ok
     sys.exit(0 if ok else 1)
+
+
+def rolling_phase(quick: bool) -> bool:
+    print()
+    print("rolling restarts: SIGTERM, then a fresh process, of agents and server workers")
+    restarts = trio.run(
+        partial(
+            rolling_restarts,
+            0.0 if quick else 120.0,
+            log=lambda line: print(f"  {line}", flush=True),
+        )
+    )
+    print(restarts.summary())
+    failures = []
+    if restarts.lost:
+        failures.append(f"{restarts.lost} GETs lost: {dict(restarts.errors)}")
+    if restarts.bad_gateway:
+        failures.append(f"{restarts.bad_gateway} GETs answered 502")
+    if restarts.unclean:
+        failures.append(f"processes that did not stop cleanly: {restarts.unclean}")
+    for failure in failures:
+        print(f"FAILED: {failure}")
+    if not failures:
+        print("OK: every GET answered, none 502, every process stopped cleanly")
+    return not failures
 
 
 if __name__ == "__main__":

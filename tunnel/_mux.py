@@ -13,12 +13,17 @@ HTTP/2 server. The rules that keep it correct and fast:
   calls :meth:`Stream.acknowledge`, after it passed the bytes on. A slow
   consumer therefore slows its sender, end to end, and what waits in memory is
   bounded by the flow-control windows, not by a queue length.
+* The connection's life is one :class:`_Phase`, which only moves forward, and
+  whether h2 may still send is one predicate, ``Mux._can_send()``: h2 refuses
+  every frame but GOAWAY once it has sent a GOAWAY, and asking it anyway raised
+  its ``ProtocolError`` from whichever task happened to send next.
 """
 
 from __future__ import annotations
 
 import binascii
 import contextlib
+import enum
 import logging
 import os
 from collections import deque
@@ -34,7 +39,7 @@ import h2.frame_buffer
 import h2.settings
 import hyperframe.frame
 import trio
-from hyperframe.frame import DataFrame, Frame, RstStreamFrame
+from hyperframe.frame import DataFrame, Frame, GoAwayFrame, RstStreamFrame
 
 from ._compat import H2_FRAME_READER, HYPERFRAME_REPR
 from ._h2settings import compact_header_tables, compact_settings
@@ -94,6 +99,24 @@ POLICY_VIOLATION_CLOSE: Final = 1008
 
 class _Abuse(TransportClosed):
     """The peer misbehaved; the connection is closed on our initiative."""
+
+
+class _Phase(enum.IntEnum):
+    """Where a connection is in its life; it only ever moves forward."""
+
+    #: Streams open and flow both ways.
+    OPEN = 0
+    #: We take no new streams (the agent told the peer so with
+    #: SETTINGS_MAX_CONCURRENT_STREAMS = 0); open ones finish.
+    DRAINING = 1
+    #: The peer's GOAWAY arrived: no new streams. Ours up to its last stream
+    #: ID finish, and h2 still sends for them (see ``_Connection``).
+    GOAWAY_RECEIVED = 2
+    #: We sent GOAWAY: h2 sends nothing more but another GOAWAY, and what the
+    #: peer still sends is dropped unread.
+    GOAWAY_SENT = 3
+    #: The connection has ended; ``closed_reason`` says why.
+    CLOSED = 4
 
 
 class StreamError(Exception):
@@ -320,17 +343,28 @@ class _Connection(h2.connection.H2Connection):
             del self._frame_dispatch_table
 
     def _receive_frame(self, frame: Frame) -> list[h2.events.Event]:
+        mux = self._mux
+        if mux._phase >= _Phase.GOAWAY_SENT and not isinstance(frame, GoAwayFrame):
+            # h2 refuses every frame but GOAWAY once it sent one (python-hyper/h2
+            # issue 1181), and its ProtocolError would drop the events of the
+            # frames before this one in the same read. What the peer sends now
+            # (WINDOW_UPDATEs, PINGs crossing our GOAWAY) is for streams we gave
+            # up on: drop it, and keep reading until the peer closes.
+            return []
         # DATA for a stream the mux does not know makes h2 queue an answer
         # (RST_STREAM) without telling us. Some arrive after any reset; a
         # flood of them is a peer making us queue answers it never reads.
         if isinstance(frame, DataFrame) and frame.stream_id not in self._mux_streams:
             self._mux._stray_frames.count()
+        events: list[h2.events.Event]
         if not _H2_RECEIVE_FRAME_VERIFIED:
-            return super()._receive_frame(frame)
+            events = super()._receive_frame(frame)
+            if isinstance(frame, GoAwayFrame) and mux._phase < _Phase.GOAWAY_SENT:
+                mux._peer_goaway_closed_h2()
+            return events
         # h2 4's own (h2/connection.py, H2Connection._receive_frame), less its
         # first line: a trace log of repr(frame), which formats every received
         # frame whether or not anyone logs, 2-3 % of the server's CPU per request.
-        events: list[h2.events.Event]
         try:
             assert _Connection._dispatch is not None
             frames, events = _Connection._dispatch[frame.__class__](self, frame)
@@ -354,6 +388,24 @@ class _Connection(h2.connection.H2Connection):
         else:
             self._prepare_for_sending(frames)
         return events
+
+    def _receive_goaway_frame(
+        self, frame: GoAwayFrame
+    ) -> tuple[list[Frame], list[h2.events.Event]]:
+        # h2 4's own, less two things. It closes its state machine, so the
+        # streams the peer promised to finish (up to last_stream_id, RFC 9113
+        # section 6.8) could neither receive nor acknowledge another frame; and
+        # it drops what we queued and not yet wrote, the end of a response
+        # among it. The mux refuses new streams from here on by its phase.
+        if not _H2_RECEIVE_FRAME_VERIFIED:
+            return super()._receive_goaway_frame(frame)
+        event = h2.events.ConnectionTerminated()
+        event.error_code = h2.errors._error_code_from_int(frame.error_code)
+        event.last_stream_id = frame.last_stream_id
+        event.additional_data = frame.additional_data or None
+        if self._mux._phase < _Phase.GOAWAY_RECEIVED:
+            self._mux._phase = _Phase.GOAWAY_RECEIVED
+        return [], [event]
 
     def _open_streams(self, remainder: int) -> int:
         # All of one side's streams are opened by the same peer (the server
@@ -383,18 +435,18 @@ class Mux:
         "_capacity",
         "_client_side",
         "_close_code",
-        "_closing",
         "_conn",
         "_control_frames",
+        "_drain_done",
         "_drained",
         "_ended",
+        "_final_reason",
         "_free_frames",
-        "_goaway_received",
-        "_goaway_sent",
         "_keepalive_interval",
         "_keepalive_timeout",
         "_nursery",
         "_on_stream",
+        "_phase",
         "_pings",
         "_queued",
         "_send_wanted",
@@ -461,12 +513,14 @@ class Mux:
         self._pings: dict[bytes, trio.Event] = {}
         self._queued = 0
         self._nursery: trio.Nursery | None = None
-        self._goaway_received = False
-        self._closing = False
+        self._phase = _Phase.OPEN
+        #: Set once the first drain() is over; a second one waits for it.
+        self._drain_done: trio.Event | None = None
+        #: Why the connection ends once the writer has sent what is queued.
+        self._final_reason: str | None = None
         self._writing = False
         self._settings_received = trio.Event()
         self._ended = trio.Event()
-        self._goaway_sent = False
         # Each PING or SETTINGS makes h2 queue an answer; a peer sending them
         # endlessly (and not reading) would fill our memory.
         self._control_frames = _Rate(MAX_CONTROL_FRAMES_PER_SECOND, "PING or SETTINGS frames")
@@ -530,8 +584,11 @@ class Mux:
         if self.closed_reason is None:
             # After our GOAWAY, the peer closing the transport is the plan.
             self.closed_reason = (
-                "the connection was drained and closed" if self._goaway_sent else reason
+                "the connection was drained and closed"
+                if self._phase == _Phase.GOAWAY_SENT
+                else reason
             )
+        self._phase = _Phase.CLOSED
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
         lost = StreamError(self.closed_reason, h2.errors.ErrorCodes.INTERNAL_ERROR)
@@ -570,32 +627,87 @@ class Mux:
         self._end(reason)
 
     async def drain(self, grace: float) -> None:
-        """Stop new streams, let open streams finish (up to ``grace`` seconds), then close."""
+        """Stop new streams, let open streams finish (up to ``grace`` seconds), then close.
+
+        Safe to call at any point of the connection's life, and more than once:
+        a second call waits for the first one to be over.
+        """
+        if self._drain_done is not None:
+            await self._drain_done.wait()
+            return
+        self._drain_done = trio.Event()
+        try:
+            await self._drain(grace)
+        finally:
+            self._drain_done.set()
+
+    async def _drain(self, grace: float) -> None:
         if self.closed_reason is not None:
             return
-        self._closing = True
-        # h2 treats a GOAWAY as the end of all traffic, so new streams are
-        # stopped with SETTINGS_MAX_CONCURRENT_STREAMS = 0 and GOAWAY comes last.
-        self._conn.update_settings({h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 0})
-        self._kick()
+        if self._phase < _Phase.DRAINING:
+            self._phase = _Phase.DRAINING
+        if not self._client_side and self._can_send():
+            # h2 lets nothing but GOAWAY through once a GOAWAY is sent, so the
+            # agent stops new streams with SETTINGS_MAX_CONCURRENT_STREAMS = 0
+            # and keeps GOAWAY for last. The server never receives streams: its
+            # drain is GOAWAY alone.
+            self._conn.update_settings({h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: 0})
+            self._kick()
+        self._wake_capacity_waiters()  # they fail now: no new streams
         with trio.move_on_after(grace):
             while self._streams and self.closed_reason is None:
                 if self._capacity is None:
                     self._capacity = trio.Event()
                 await self._capacity.wait()
-        if self.closed_reason is None:
-            self._goaway_sent = True
+        if self._ended.is_set():
+            return
+        abandoned = bool(self._streams)
+        if self._phase < _Phase.GOAWAY_SENT:
+            self._phase = _Phase.GOAWAY_SENT
             self._conn.close_connection()
             self._kick()
+            # h2 will send nothing more for them: they fail now, not at close.
+            self._fail_streams("the connection closed before the request finished")
         with trio.move_on_after(min(grace, 1.0)):
             while (self._send_wanted.is_set() or self._writing) and self.closed_reason is None:
                 if self._drained is None:
                     self._drained = trio.Event()
                 await self._drained.wait()
-            # The peer closes the transport once it has read the GOAWAY; that is
-            # the clean end, and closing first ourselves would race it.
-            await self._ended.wait()
+            if not abandoned:
+                # The peer closes the transport once it has read the GOAWAY;
+                # that is the clean end, and closing first ourselves would race
+                # it. Not after abandoning streams: then the peer still waits
+                # for them, and only our close tells it they are lost.
+                await self._ended.wait()
         self._end("the connection was drained and closed")
+
+    def _can_send(self) -> bool:
+        """Whether h2 may still send frames other than GOAWAY."""
+        return self._phase < _Phase.GOAWAY_SENT
+
+    def _fail_streams(self, reason: str, code: int = h2.errors.ErrorCodes.INTERNAL_ERROR) -> None:
+        for stream in list(self._streams.values()):
+            if stream.reset is None:
+                stream.reset = StreamError(reason, code)
+            self._forget(stream)
+
+    def _wake_capacity_waiters(self) -> None:
+        if self._capacity is not None:
+            self._capacity.set()
+            self._capacity = None
+
+    def _peer_goaway_closed_h2(self) -> None:
+        # An h2 this module was not verified with closed its state machine on
+        # the peer's GOAWAY, as h2 4 does unpatched. Nothing but GOAWAY can be
+        # sent now, so say it too: that is the truth the phase must tell.
+        self._phase = _Phase.GOAWAY_SENT
+        self._conn.close_connection()
+        self._kick()
+
+    def _finish_when_flushed(self, reason: str) -> None:
+        """End the connection once the writer has sent everything queued."""
+        self._final_reason = reason
+        self._kick()
 
     @property
     def open_streams(self) -> int:
@@ -609,13 +721,8 @@ class Mux:
 
     @property
     def accepting(self) -> bool:
-        """Whether new streams may be opened (not closing, no GOAWAY received)."""
-        return (
-            self.closed_reason is None
-            and not self._goaway_received
-            and not self._closing
-            and self._conn.remote_settings.max_concurrent_streams > 0
-        )
+        """Whether new streams may be opened (not draining, no GOAWAY either way)."""
+        return self._phase == _Phase.OPEN and self._conn.remote_settings.max_concurrent_streams > 0
 
     # -- tasks -----------------------------------------------------------------
 
@@ -648,6 +755,8 @@ class Mux:
             if self._drained is not None:
                 self._drained.set()
                 self._drained = None
+            if self._final_reason is not None and not self._send_wanted.is_set():
+                raise TransportClosed(self._final_reason)
 
     async def _reader(self) -> None:
         conn = self._conn
@@ -664,15 +773,7 @@ class Mux:
                     if len(message) > RECEIVE_SLICE
                     else message
                 )
-                try:
-                    events = conn.receive_data(data)
-                except h2.exceptions.ProtocolError:
-                    if self._goaway_sent:
-                        # h2 refuses every frame once it sent GOAWAY (python-hyper
-                        # /h2 issue 1181); what still arrives is the peer's last
-                        # words before it closes the transport.
-                        break
-                    raise
+                events = conn.receive_data(data)
                 for event in events:
                     self._dispatch(event)
                 self._check_answers_read()
@@ -681,6 +782,10 @@ class Mux:
     async def _keepalive(self) -> None:
         while True:
             await trio.sleep(self._keepalive_interval)
+            if not self._can_send():
+                # After our GOAWAY, h2 can send no PING, and the drain bounds
+                # how long the connection still lives.
+                return
             opaque = os.urandom(8)
             answered = self._pings[opaque] = trio.Event()
             sent_at = trio.current_time()
@@ -702,6 +807,8 @@ class Mux:
                     await answered.wait()
             del self._pings[opaque]
             if not answered.is_set():
+                if not self._can_send():
+                    return  # our GOAWAY went out meanwhile, and the answer was dropped
                 # A peer that stopped answering PINGs will not answer a close
                 # handshake either; waiting for it would only delay the reconnect.
                 self._close_code = ABNORMAL_CLOSURE
@@ -754,7 +861,8 @@ class Mux:
             stream.remote_ended = stream.headers_ended = event.stream_ended is not None
             self._streams[event.stream_id] = stream
             self.streams_opened += 1
-            if self._on_stream is None or self._nursery is None or self._closing:
+            if self._on_stream is None or self._nursery is None or self._phase != _Phase.OPEN:
+                # Refused, so the peer knows no work began and may retry it.
                 self._reset_stream(stream, h2.errors.ErrorCodes.REFUSED_STREAM)
             else:
                 self._nursery.start_soon(self._on_stream, stream)
@@ -830,18 +938,32 @@ class Mux:
             if answered is not None:
                 answered.set()
         elif isinstance(event, h2.events.ConnectionTerminated):
-            self._goaway_received = True
-            last = event.last_stream_id or 0
             if event.error_code:
                 raise TransportClosed(f"the peer closed the connection ({event.error_code!s})")
-            for stream in list(self._streams.values()):
-                if self._client_side and stream.id > last:
-                    stream.reset = StreamError(
-                        "the peer is going away", h2.errors.ErrorCodes.REFUSED_STREAM
-                    )
-                    self._forget(stream)
-            if not self._streams:
-                raise TransportClosed("the peer went away (GOAWAY)")
+            self._goaway_received(event.last_stream_id or 0)
+
+    def _goaway_received(self, last_stream_id: int) -> None:
+        # RFC 9113 section 6.8: streams we opened above the peer's last stream
+        # ID were never processed, so they are refused (and may be retried);
+        # ours up to it finish, while h2 can still send for them. The peer's
+        # own streams end here: our peers' h2 sends nothing after its GOAWAY.
+        for stream in list(self._streams.values()):
+            ours = (stream.id % 2 == 1) == self._client_side
+            if ours and stream.id > last_stream_id:
+                stream.reset = StreamError(
+                    "the request was refused before any work began (the other side is going away)",
+                    h2.errors.ErrorCodes.REFUSED_STREAM,
+                )
+            elif ours and self._can_send():
+                continue
+            elif stream.reset is None:
+                stream.reset = StreamError(
+                    "the other side went away before the request finished",
+                    h2.errors.ErrorCodes.INTERNAL_ERROR,
+                )
+            self._forget(stream)
+        if not self._streams:
+            raise TransportClosed("the peer went away (GOAWAY)")
 
     def _check_answers_read(self) -> None:
         # What h2 queued beyond our own DATA is answers to the peer's frames
@@ -893,7 +1015,7 @@ class Mux:
         if stream.reset is not None:
             stream.cancel_scope.cancel()
             stream._chunks.clear()
-        if pending:
+        if pending and self._can_send():
             self._conn.acknowledge_received_data(pending, stream.id)
             self._kick_if_queued()
         # h2 itself finds closed streams by walking all of them on every new
@@ -904,11 +1026,11 @@ class Mux:
                 self._conn._closed_streams[stream.id] = h2_stream.closed_by
             else:
                 self._conn.streams[stream.id] = h2_stream
-        if self._capacity is not None:
-            self._capacity.set()
-            self._capacity = None
-        if self._goaway_received and not self._streams:
-            self._end("the peer went away (GOAWAY) and every stream has finished")
+        self._wake_capacity_waiters()
+        if self._phase == _Phase.GOAWAY_RECEIVED and not self._streams:
+            # Not at once: the frames that finished the last stream (its END_STREAM,
+            # a WINDOW_UPDATE) are still to be written.
+            self._finish_when_flushed("the peer went away (GOAWAY) and every stream has finished")
 
     # -- operations on streams (called from stream handlers) --------------------
 
@@ -925,7 +1047,7 @@ class Mux:
             await self._settings_received.wait()
         while True:
             if not self.accepting:
-                raise StreamError(self.closed_reason or "the agent is going away")
+                raise self._refusal()
             if len(self._streams) < conn.remote_settings.max_concurrent_streams:
                 break
             if self._capacity is None:
@@ -942,10 +1064,34 @@ class Mux:
         if not self._settings_received.is_set() and self.closed_reason is None:
             return None
         if not self.accepting:
-            raise StreamError(self.closed_reason or "the agent is going away")
+            raise self._refusal()
         if len(self._streams) >= self._conn.remote_settings.max_concurrent_streams:
             return None
         return self._open(headers, end_stream)
+
+    def _refusal(self) -> StreamError:
+        """Why no stream can be opened now; REFUSED_STREAM: nothing was sent."""
+        reason = self.closed_reason
+        if reason is None:
+            reason = (
+                "the other side has stopped taking new requests"
+                if self._conn.remote_settings.max_concurrent_streams == 0
+                else "the connection is going away"
+            )
+        return StreamError(reason, h2.errors.ErrorCodes.REFUSED_STREAM)
+
+    def _cannot_send(self, stream: Stream) -> StreamError:
+        """Why a frame for ``stream`` cannot be sent, in words a visitor may read."""
+        if stream.reset is not None:
+            return stream.reset
+        if self.closed_reason is not None:
+            return StreamError(self.closed_reason, h2.errors.ErrorCodes.INTERNAL_ERROR)
+        if not self._can_send():
+            return StreamError(
+                "the connection closed before the request finished",
+                h2.errors.ErrorCodes.INTERNAL_ERROR,
+            )
+        return StreamError("the other side already ended this request")
 
     def _open(self, headers: Headers, end_stream: bool) -> Stream:
         # Synchronous, so nothing runs between taking a stream ID and queueing
@@ -955,8 +1101,9 @@ class Mux:
         stream = Stream(self, stream_id)
         try:
             conn.send_headers(stream_id, headers, end_stream=end_stream)
-        except h2.exceptions.ProtocolError as exc:
-            raise StreamError(f"cannot open a stream: {exc}") from None
+        except h2.exceptions.ProtocolError:
+            # h2's text names its internals; the visitor's page gets ours.
+            raise self._refusal() from None
         # Counted only now: h2 asks for the open streams while sending headers.
         self._streams[stream_id] = stream
         stream.local_ended = end_stream
@@ -965,12 +1112,12 @@ class Mux:
         return stream
 
     def _send_headers(self, stream: Stream, headers: Headers, end_stream: bool) -> None:
-        if stream.reset is not None:
-            raise stream.reset
+        if stream.reset is not None or not self._can_send():
+            raise self._cannot_send(stream)
         try:
             self._conn.send_headers(stream.id, headers, end_stream=end_stream)
-        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError) as exc:
-            raise StreamError(f"cannot send headers: {exc}") from None
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+            raise self._cannot_send(stream) from None
         self._kick()
         if end_stream:
             stream.local_ended = True
@@ -980,8 +1127,8 @@ class Mux:
         conn = self._conn
         offset, size = 0, len(data)
         while offset < size:
-            if stream.reset is not None:
-                raise stream.reset
+            if stream.reset is not None or not self._can_send():
+                raise self._cannot_send(stream)
             if stream.id not in self._streams:
                 raise StreamError("the peer no longer reads this stream")
             window = conn.local_flow_control_window(stream.id)
@@ -996,8 +1143,8 @@ class Mux:
             last = end_stream and offset == size
             try:
                 conn.send_data(stream.id, chunk, end_stream=last)
-            except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError) as exc:
-                raise StreamError(f"cannot send data: {exc}") from None
+            except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+                raise self._cannot_send(stream) from None
             self._queued += n
             self._kick()
             if self._queued > OUTBOUND_HIGH_WATER:
@@ -1016,12 +1163,12 @@ class Mux:
             await self._drained.wait()
 
     def _end_stream(self, stream: Stream) -> None:
-        if stream.reset is not None:
-            raise stream.reset
+        if stream.reset is not None or not self._can_send():
+            raise self._cannot_send(stream)
         try:
             self._conn.end_stream(stream.id)
-        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError) as exc:
-            raise StreamError(f"cannot end the stream: {exc}") from None
+        except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
+            raise self._cannot_send(stream) from None
         stream.local_ended = True
         self._kick()
         self._forget_if_done(stream)
@@ -1029,7 +1176,7 @@ class Mux:
     def _reset_stream(self, stream: Stream, code: int) -> None:
         if stream.reset is None:
             stream.reset = StreamError("the stream was cancelled", code)
-            if stream.id in self._streams and self.closed_reason is None:
+            if stream.id in self._streams and self._can_send():
                 # Already closed at the h2 level means nothing to tell the peer.
                 with contextlib.suppress(
                     h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError
@@ -1039,7 +1186,7 @@ class Mux:
         self._forget(stream)
 
     def _acknowledge(self, stream_id: int, size: int) -> None:
-        if self.closed_reason is not None:
+        if not self._can_send():
             return
         self._conn.acknowledge_received_data(size, stream_id)
         self._kick_if_queued()

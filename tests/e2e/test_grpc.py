@@ -630,7 +630,9 @@ async def test_a_refused_stream_is_sent_again_with_its_body(
     # REFUSED_STREAM means "never processed": the agent sends the request
     # again, body included, and the visitor never learns of the refusal.
     service = _RefusingService(refuse=2)
-    listeners = await nursery.start(functools.partial(trio.serve_tcp, service.handle, 0, host="127.0.0.1"))
+    listeners = await nursery.start(
+        functools.partial(trio.serve_tcp, service.handle, 0, host="127.0.0.1")
+    )
     port = listeners[0].socket.getsockname()[1]
     body = os.urandom(size)
     with trio.fail_after(10):
@@ -648,7 +650,9 @@ async def test_a_refused_stream_with_a_body_too_big_to_keep_is_not_sent_again(
     tunnel_server, open_agent, visitor, nursery
 ):
     service = _RefusingService(refuse=1)
-    listeners = await nursery.start(functools.partial(trio.serve_tcp, service.handle, 0, host="127.0.0.1"))
+    listeners = await nursery.start(
+        functools.partial(trio.serve_tcp, service.handle, 0, host="127.0.0.1")
+    )
     port = listeners[0].socket.getsockname()[1]
     with trio.fail_after(10):
         async with (

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 import h2.config
 import h2.connection
@@ -19,6 +20,7 @@ import h2.settings
 import pytest
 import trio
 import trio.testing
+from hyperframe.frame import Frame, GoAwayFrame
 
 from tunnel._mux import Mux, Stream, StreamError
 from tunnel._protocol.headers import Headers
@@ -671,3 +673,204 @@ async def test_a_peers_huge_header_table_is_not_honoured(
             assert table.maxsize == 4096
             assert paths == sent
             nursery.cancel_scope.cancel()
+
+
+# -- GOAWAY and drain: h2 sends nothing but GOAWAY once one was sent ------------
+
+
+class BarePeer:
+    """The agent's end as a bare h2 connection, driven frame by frame by the test.
+
+    Its GOAWAYs are written as raw frames, so that its own h2 stays open and can
+    still answer streams, as RFC 9113 allows a GOAWAY's sender to.
+    """
+
+    def __init__(self, transport: MemoryTransport) -> None:
+        self.transport = transport
+        self.conn = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=False, header_encoding=None)
+        )
+        self.conn.initiate_connection()
+
+    async def flush(self, extra: bytes = b"") -> None:
+        await self.transport.send(self.conn.data_to_send() + extra)
+        await trio.testing.wait_all_tasks_blocked()
+
+    def receive(self) -> list[h2.events.Event]:
+        return self.conn.receive_data(self.transport.take_pending())
+
+    def frames(self) -> list[Frame]:
+        """The frames the Mux sent since the last look, unparsed by h2."""
+        data = self.transport.take_pending()
+        frames = []
+        while data:
+            frame, length = Frame.parse_frame_header(memoryview(data[:9]))
+            frame.parse_body(memoryview(data[9 : 9 + length]))
+            frames.append(frame)
+            data = data[9 + length :]
+        return frames
+
+
+def goaway(last_stream_id: int) -> bytes:
+    return bytes(GoAwayFrame(0, last_stream_id=last_stream_id).serialize())
+
+
+@asynccontextmanager
+async def open_bare(**mux_options: Any) -> AsyncIterator[tuple[Mux, BarePeer]]:
+    """A client-side Mux (the server's end) whose peer is a :class:`BarePeer`, settled."""
+    a, b = transport_pair()
+    options = {"keepalive_interval": 15.0, "keepalive_timeout": 15.0, **mux_options}
+    mux = Mux(client_side=True, transport=a, **options)
+    peer = BarePeer(b)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(mux.run)
+        await peer.flush()  # the peer's SETTINGS
+        peer.receive()  # preface, SETTINGS, WINDOW_UPDATE
+        await peer.flush()  # SETTINGS ACK
+        peer.receive()  # the Mux's SETTINGS ACK, its MAX_FRAME_SIZE
+        await peer.flush()
+        yield mux, peer
+        mux.close("the test is over")
+
+
+async def test_streams_up_to_the_last_id_of_a_goaway_finish_and_the_rest_are_refused(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    with trio.fail_after(60):
+        async with open_bare(keepalive_interval=10, keepalive_timeout=5) as (mux, peer):
+            first = await mux.open_stream(request(b"/1"), end_stream=True)
+            second = await mux.open_stream(request(b"/3"), end_stream=True)
+            await trio.testing.wait_all_tasks_blocked()
+            peer.receive()
+            start = trio.current_time()
+            # The agent goes away having taken stream 1 only; a WINDOW_UPDATE
+            # it sent just after crosses the GOAWAY.
+            peer.conn.increment_flow_control_window(1000)
+            await peer.flush(goaway(1) + peer.conn.data_to_send())
+            assert not mux.accepting
+            with pytest.raises(StreamError) as refused:
+                await second.receive_headers()
+            assert refused.value.code == h2.errors.ErrorCodes.REFUSED_STREAM
+            assert trio.current_time() == start
+            # Stream 1 finishes, keepalive PINGs and all, 25 s later.
+            for _ in range(25):
+                await trio.sleep(1)
+                peer.receive()  # a PING, answered
+                await peer.flush()
+            peer.conn.send_headers(1, [(b":status", b"200")])
+            peer.conn.send_data(1, b"done", end_stream=True)
+            await peer.flush()
+            assert (await first.receive_headers()) == [(b":status", b"200")]
+            assert await first.receive_data() == b"done"
+            assert await first.receive_data() == b""
+            await mux.wait_closed()
+            assert mux.closed_reason == "the peer went away (GOAWAY) and every stream has finished"
+            assert mux._close_code == 1000
+            assert trio.current_time() == start + 25
+
+
+async def test_drain_after_the_peers_goaway_sends_goaway_only(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # The server's drain began as the agent's GOAWAY arrived (both stopped by
+    # SIGTERM at once): h2 refused the SETTINGS frame the server's drain sent.
+    with trio.fail_after(60):
+        async with open_bare() as (mux, peer):
+            stream = await mux.open_stream(request(), end_stream=True)
+            await trio.testing.wait_all_tasks_blocked()
+            peer.receive()
+            await peer.flush(goaway(1))
+            start = trio.current_time()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(mux.drain, 30)
+                await trio.testing.wait_all_tasks_blocked()
+                assert peer.frames() == []  # no SETTINGS: the server takes no streams
+                peer.conn.send_headers(1, [(b":status", b"204")], end_stream=True)
+                await peer.flush()
+            assert (await stream.receive_headers()) == [(b":status", b"204")]
+            assert trio.current_time() == start
+            assert mux.closed_reason is not None
+            assert "protocol error" not in mux.closed_reason
+
+
+async def test_the_servers_drain_sends_no_settings(autojump_clock: trio.testing.MockClock) -> None:
+    with trio.fail_after(60):
+        async with open_bare() as (mux, peer):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(mux.drain, 30)
+                await trio.testing.wait_all_tasks_blocked()
+                frames = peer.frames()
+            assert [type(frame) for frame in frames] == [GoAwayFrame]
+
+
+async def test_a_second_drain_waits_for_the_first(autojump_clock: trio.testing.MockClock) -> None:
+    # A second SIGTERM (or aclose) while the first drain waits for the peer
+    # to close after our GOAWAY: h2 refused its SETTINGS frame.
+    ended: list[float] = []
+
+    async def drain(mux: Mux) -> None:
+        await mux.drain(30)
+        ended.append(trio.current_time())
+
+    with trio.fail_after(60):
+        async with open_pair(echo) as pair:
+            pair.client_transport.dropping = True  # so the server's end never closes
+            start = trio.current_time()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(drain, pair.server)
+                await trio.sleep(0.5)
+                nursery.start_soon(drain, pair.server)
+            # Once more, after it ended: nothing to do, and no error either.
+            await pair.server.drain(30)
+            # The first waited a second for the peer to close, the second with it.
+            assert ended == [start + 1, start + 1]
+            await pair.server_done.wait()
+            assert pair.server_reason == "the connection was drained and closed"
+
+
+async def test_streams_the_peer_gave_up_on_fail_at_once_in_plain_words(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # The server's graceful timeout ran out with the agent still answering:
+    # the server's GOAWAY must stop that handler at once (not at the close a
+    # second later), and what the handler is told must not be h2's internals.
+    answering = trio.Event()
+    errors: list[StreamError] = []
+    stopped_at: list[float] = []
+
+    async def handler(stream: Stream) -> None:
+        stream.send_headers([(b":status", b"200")])
+        answering.set()
+        try:
+            while True:
+                await stream.send_data(b"more")
+                await trio.sleep(0.5)
+        except StreamError as error:
+            errors.append(error)
+        finally:
+            stopped_at.append(trio.current_time())
+
+    with trio.fail_after(60):
+        async with open_pair(handler) as pair:
+            await pair.client.open_stream(request(), end_stream=True)
+            await answering.wait()
+            start = trio.current_time()
+            await pair.client.drain(5)
+            await pair.server_done.wait()
+    assert stopped_at == [start + 5]
+    assert pair.server_reason is not None
+    for error in errors:
+        assert "Invalid input" not in error.reason
+        assert "State" not in error.reason
+
+
+async def test_our_goaway_stops_the_keepalive(autojump_clock: trio.testing.MockClock) -> None:
+    # A drain waits up to a second for the peer to close; a PING due then
+    # was refused by h2 and reported as the peer's protocol error (close 1002).
+    with trio.fail_after(60):
+        async with open_bare(keepalive_interval=10, keepalive_timeout=5) as (mux, peer):
+            await trio.sleep(9.5)
+            await mux.drain(30)
+            assert [type(frame) for frame in peer.frames()] == [GoAwayFrame]
+            assert mux.closed_reason == "the connection was drained and closed"
+            assert mux._close_code == 1000

@@ -118,6 +118,8 @@ class Client:
         self._wanted = 1
         #: The slots whose reconnect loops run now.
         self._running: set[int] = set()
+        #: Set (and replaced) whenever a slot's loop ends.
+        self._slot_ended = trio.Event()
         self._nursery: trio.Nursery | None = None
         # One handshake at a time, so each names every worker held by the
         # others, and two never land on one new worker unknowingly.
@@ -304,6 +306,13 @@ class Client:
                 if self._local_h2 is not None:
                     await nursery.start(self._local_h2.serve)
                 await self._slot_loop(0)
+                if self._is_closing():
+                    # aclose() drains every connection at once, and slot 0's
+                    # may end first: cancelling the others now would cut their
+                    # requests in flight (502s for the server's visitors).
+                    with trio.move_on_after(self.config.drain_timeout + 1.0):
+                        while self._running:
+                            await self._slot_ended.wait()
                 # Slot 0 ends only when the agent does; the others go with it.
                 nursery.cancel_scope.cancel()
         except BaseExceptionGroup as group:
@@ -324,6 +333,8 @@ class Client:
             await self._keep_slot(slot)
         finally:
             self._running.discard(slot)
+            self._slot_ended.set()
+            self._slot_ended = trio.Event()
 
     async def _keep_slot(self, slot: int) -> None:
         failures = 0
@@ -570,6 +581,9 @@ class Client:
             async with trio.open_nursery() as nursery:
                 await nursery.start(mux.run)
                 self._links[slot] = mux
+                if self._is_closing():
+                    # Up just as aclose() drained the others: it drains too.
+                    nursery.start_soon(mux.drain, config.drain_timeout)
                 self._connected_at[slot] = trio.current_time()
                 self._update_state()
                 if len(self._links) == 1:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
+from functools import partial
 from typing import Any
 from urllib.parse import unquote
 
@@ -240,13 +241,15 @@ class TunnelApp:
                 f"{self.config.max_header_bytes} bytes this server accepts.",
             )
             return
-        found = await self._find(_host_of(scope))
+        host = _host_of(scope)
+        found = await self._find(host)
         if isinstance(found, AgentSession):
             refusal, pacer = self._admit(scope, found)
             if refusal is not None:
                 await send_error_page(send, *refusal)
                 return
-            await forward_http(self.config, found, scope, receive, send, pacer)
+            reroute = partial(self.registry.find_another, host, self.config.grace_period)
+            await forward_http(self.config, found, scope, receive, send, pacer, reroute)
         elif found is None:
             assert self.fallback is not None
             await self.fallback(scope, receive, send)

@@ -4,13 +4,18 @@ The visitor's body flows to the stream as Hypercorn delivers it, and the
 agent's response flows back as it arrives; neither is ever held whole. A chunk
 is acknowledged to the agent (flow control) only once Hypercorn has taken it,
 so a slow visitor slows the local service instead of filling memory.
+
+A request the agent refused (REFUSED_STREAM, or above the last stream ID of its
+GOAWAY) was never processed, RFC 9113 says, so when the whole request is still
+in hand it goes to another connection for the host instead of becoming a 502:
+another pool member, another worker's agent, or the agent's new connection.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
+from typing import Any, Final
 
 import h2.errors
 import trio
@@ -34,6 +39,16 @@ Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
+#: Finds another session for the request's host, waiting for one a little; None if none.
+Reroute = Callable[[], Awaitable[AgentSession | None]]
+
+#: Connections one request may be refused by before it is answered 502. Each
+#: refusal comes from a connection that is going away and takes no new
+#: request, so this is only reached when agents restart faster than requests.
+MAX_ATTEMPTS: Final = 4
+#: Request body bytes kept to send again after a refusal; a request whose body
+#: outgrew it before the refusal came is answered 502 instead.
+REPLAY_LIMIT: Final = 64 << 10
 
 
 class _VisitorGone(Exception):
@@ -55,10 +70,12 @@ async def forward_http(
     receive: Receive,
     send: Send,
     pacer: Pacer | None = None,
+    reroute: Reroute | None = None,
 ) -> None:
     """Forward one ASGI HTTP request through ``session`` and relay the response.
 
     ``pacer`` slows the body transfers to the bandwidth limits that apply.
+    ``reroute`` finds another session for a request the agent refused unread.
     """
     client = scope.get("client")
     visitor = client[0] if client else None
@@ -108,6 +125,43 @@ async def forward_http(
             return
         body = first.get("body", b"")
         more_body = first.get("more_body", False)
+    for attempt in range(1, MAX_ATTEMPTS + 1):
+        last = reroute is None or attempt == MAX_ATTEMPTS
+        outcome = await _forward_once(
+            config, session, scope, receive, send, pacer, headers, body, more_body, last
+        )
+        if outcome is None:
+            return
+        refused, body, more_body = outcome
+        found = None if reroute is None or last else await reroute()
+        if found is None:
+            await send_error_page(
+                send, 502, f"The agent for {session.host} could not answer: {refused.reason}."
+            )
+            return
+        logger.debug("request for %s refused by its agent, retried: %s", session.host, refused)
+        session = found
+
+
+async def _forward_once(
+    config: ServerConfig,
+    session: AgentSession,
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    pacer: Pacer | None,
+    headers: Headers,
+    body: bytes,
+    more_body: bool,
+    last: bool,
+) -> tuple[StreamError, bytes, bool] | None:
+    """Forward the request on ``session``; None once it is answered.
+
+    Else the agent refused it unread and it may go elsewhere: the refusal, the
+    body received so far (to send again) and whether more of it follows. The
+    ``last`` attempt answers a refusal itself, as any failure (a gRPC call
+    with its status).
+    """
     end_stream = not body and not more_body
     try:
         # Usually the agent has room for another stream and nothing waits.
@@ -116,10 +170,8 @@ async def forward_http(
             with trio.move_on_after(config.grace_period):
                 stream = await session.mux.open_stream(headers, end_stream=end_stream)
     except StreamError as exc:
-        await send_error_page(
-            send, 502, f"The agent for {session.host} is unavailable: {exc.reason}."
-        )
-        return
+        # Nothing was sent: whatever the request, another connection may take it.
+        return exc, body, more_body
     if stream is None:
         await send_error_page(
             send,
@@ -127,10 +179,15 @@ async def forward_http(
             f"The agent for {session.host} is at its limit of requests in flight; "
             "try again shortly.",
         )
-        return
+        return None
     session.requests_served += 1
 
     exchange = _Exchange(config, session, scope, stream, receive, send, pacer)
+    # The first piece is in hand whatever its size; later ones count to
+    # REPLAY_LIMIT. The last attempt keeps nothing: it answers a refusal itself.
+    exchange.kept = None if last else [body]
+    exchange._kept_size = len(body)
+    exchange.more_body = more_body
     if end_stream and isinstance(receive, NotifyingReceive):
         # The whole request is sent, so the only thing left to watch on the
         # visitor's side is its leaving, which Hypercorn (patched) tells
@@ -144,7 +201,7 @@ async def forward_http(
             receive.on_disconnect = None
             if not stream.done:
                 stream.cancel(h2.errors.ErrorCodes.CANCEL)
-        return
+        return exchange.replay()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(exchange.relay_request, body, more_body, nursery.cancel_scope)
         try:
@@ -154,6 +211,7 @@ async def forward_http(
                 # The response ended first (or failed): stop the agent too.
                 stream.cancel(h2.errors.ErrorCodes.CANCEL)
             nursery.cancel_scope.cancel()
+    return exchange.replay()
 
 
 def _bodyless(scope: Scope) -> bool:
@@ -221,6 +279,29 @@ class _Exchange:
         #: Bounds the wait for the response headers; see _body_sent.
         self.waiting = trio.CancelScope()
         self.body_done = False
+        #: The body taken from the visitor so far, while it fits REPLAY_LIMIT,
+        #: so that a refused request can be sent again; else None.
+        self.kept: list[bytes] | None = None
+        self._kept_size = 0
+        #: Whether more of the body is still to come from the visitor.
+        self.more_body = False
+        #: Set instead of answering when the agent refused the request unread.
+        self.refused: StreamError | None = None
+
+    def replay(self) -> tuple[StreamError, bytes, bool] | None:
+        """What forward_http sends again, if the agent refused the request unread."""
+        if self.refused is None or self.kept is None:
+            return None
+        return self.refused, b"".join(self.kept), self.more_body
+
+    def _keep(self, body: bytes, more_body: bool) -> None:
+        self.more_body = more_body
+        if self.kept is not None and body:
+            self._kept_size += len(body)
+            if self._kept_size > REPLAY_LIMIT:
+                self.kept = None
+            else:
+                self.kept.append(body)
 
     async def relay_request(
         self, body: bytes, more_body: bool, cancel_scope: trio.CancelScope
@@ -263,6 +344,7 @@ class _Exchange:
                     raise _VisitorGone
                 body = message.get("body", b"")
                 more_body = message.get("more_body", False)
+                self._keep(body, more_body)
             # Hypercorn tells a disconnect only through receive(); without this,
             # a long response (server-sent events) would stream to nobody forever.
             while (await self.receive())["type"] != "http.disconnect":
@@ -282,6 +364,10 @@ class _Exchange:
             if stream.reset is None:
                 # The agent answered before taking the whole body and asked us to
                 # stop sending (RFC 9113 section 8.1): the response goes on.
+                return
+            if stream.reset.code == h2.errors.ErrorCodes.REFUSED_STREAM:
+                # The response side sees the refusal too, and sends the request
+                # elsewhere: cancelling it here would leave the visitor unanswered.
                 return
             cancel_scope.cancel()
         except _VisitorGone:
@@ -369,6 +455,9 @@ class _Exchange:
         except StreamError as exc:
             if self.refusal is not None:
                 await send_error_page(send, *self.refusal, _closing(self.scope))
+            elif exc.code == h2.errors.ErrorCodes.REFUSED_STREAM and self.kept is not None:
+                # Never processed (RFC 9113 section 8.7): forward_http sends it again.
+                self.refused = exc
             elif self._grpc_call():
                 await self._end_call(exc, start=True)
             else:

@@ -212,6 +212,18 @@ class Registry:
                 del self._arrivals[host]
         return None
 
+    async def find_another(self, host: str, grace: float) -> AgentSession | None:
+        """A session for a request another session refused unread.
+
+        Another one available now (a pool member), else the agent's new
+        connection if it arrives within ``grace`` seconds; never waits on a
+        server that is going away, where no agent comes back.
+        """
+        session = self.lookup(host)
+        if session is None and not self.shutting_down.is_set():
+            session = await self.wait_for(host, grace)
+        return session
+
     def check_claim(self, key: str, digest: bytes) -> list[AgentSession]:
         """Raise HostInUse if another identity holds ``key``; return its sessions."""
         current = self._sessions.get(key, [])
