@@ -163,9 +163,12 @@ async def provoke(
     """
     visit = Visit()
     messages = [payload] if isinstance(payload, bytes) else payload
+    # A request the agent refused unread (a GOAWAY below its stream) waits up
+    # to grace_period for the agent to come back before its 502.
+    patience = server.app.config.grace_period + 5.0
     async with (
         open_evil_agent(server.port, EVIL) as evil,
-        visitor(server.port, EVIL, timeout=httpx.Timeout(5.0)) as http,
+        visitor(server.port, EVIL, timeout=httpx.Timeout(patience)) as http,
         trio.open_nursery() as nursery,
     ):
         if with_stream:
@@ -189,7 +192,7 @@ async def provoke(
             return None, visit
         reason = await evil.wait_closed()
         if with_stream:
-            with trio.fail_after(5):
+            with trio.fail_after(patience):
                 await visit.done.wait()
         return reason, visit
 
@@ -602,6 +605,30 @@ async def test_agent_sending_text_messages_is_closed(
     assert visit.response.status_code == 502
 
 
+async def test_agent_goaway_below_the_visitors_stream_then_silence(
+    nursery: trio.Nursery, visitor: Any
+) -> None:
+    """GOAWAY(last stream 0) while the visitor's stream 1 is open, and no return.
+
+    Stream 1 was refused unread, so the visitor's request waits grace_period
+    (0.5 s here) for the agent's new connection, then gets a 502 that says so:
+    never a hang, nothing logged as an error.
+    """
+    server = await start_server(nursery, grace_period=0.5)
+    goaway = frame(GOAWAY, 0, 0, bytes(8))
+    with trio.fail_after(15):
+        started = trio.current_time()
+        reason, visit = await provoke(server, goaway, visitor)
+        took = trio.current_time() - started
+    assert visit.response is not None, visit.error
+    assert visit.response.status_code == 502
+    assert "could not answer" in visit.response.text
+    assert took < 3.0, took
+    # The server, having nothing left on the connection, closes it.
+    assert reason is not None
+    assert reason.reason == "the peer went away (GOAWAY)"
+
+
 async def test_agent_that_never_speaks_http2_is_dropped(
     nursery: trio.Nursery, start_local_service: Any, open_agent: Any, visitor: Any
 ) -> None:
@@ -858,7 +885,7 @@ async def fuzz(
     since = connected_since(server)
 
     async def one(messages: list[bytes], with_stream: bool) -> None:
-        with trio.fail_after(15):
+        with trio.fail_after(20):
             reason, visit = await provoke(
                 server, messages, visitor, with_stream=with_stream, answer_if_kept=False
             )
