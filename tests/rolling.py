@@ -264,6 +264,11 @@ async def rolling_restarts(
                         for n in range(visitors):
                             work.start_soon(load, host, n)
                     started = trio.current_time()
+                    # Every step is taken under load, whatever the machine's
+                    # speed: a few GETs per visitor are sent before the first
+                    # and between each two.
+                    steady = 2 * visitors * len(hosts)
+                    await _sent_more(restarts, steady)
                     done = 0
                     while done == 0 or (
                         trio.current_time() - started < duration and rounds != done
@@ -279,10 +284,12 @@ async def rolling_restarts(
                             await _linked(server, host, mark)
                             restarts.agent_restarts += 1
                             log(f"{trio.current_time() - started:5.1f} s: {fresh.name} restarted")
+                            await _sent_more(restarts, steady)
                         for _ in range(worker_restarts):
                             restarts.step = "a server worker"
                             await _restart_a_worker(server, restarts, hosts)
                             log(f"{trio.current_time() - started:5.1f} s: a worker restarted")
+                            await _sent_more(restarts, steady)
                         done += 1
                         log(f"  {restarts.summary()}")
                     running = False
@@ -297,6 +304,14 @@ async def rolling_restarts(
         with trio.CancelScope(shield=True):
             await config.unlink()
     return restarts
+
+
+async def _sent_more(restarts: Restarts, count: int) -> None:
+    """Wait until the visitors have sent ``count`` more GETs."""
+    target = restarts.sent + count
+    with trio.fail_after(STEP_TIMEOUT):
+        while restarts.sent < target:
+            await trio.sleep(0.05)
 
 
 async def _start_agent(

@@ -24,7 +24,8 @@ async def test_rolling_restart_of_an_agent_and_a_server_worker_under_load() -> N
         )
     assert restarts.agent_restarts == 1
     assert restarts.worker_restarts == 1
-    assert restarts.sent > 20, restarts.summary()
+    # A warm-up and a pause after each step, each of 2 GETs per visitor.
+    assert restarts.sent >= 3 * 8, restarts.summary()
     assert restarts.lost == 0, restarts.summary()
     assert restarts.bad_gateway == 0, restarts.summary()
     assert restarts.unclean == [], restarts.summary()
