@@ -444,15 +444,20 @@ async def answer_error(stream: Stream, status: int, detail: str) -> None:
     if stream.done:
         return
     body = error_page(status, detail)
+    # The answer to HEAD has no body: the server's HTTP/2 would take DATA on
+    # it as a protocol error and end the whole connection.
+    head = stream.headers is not None and header_value(stream.headers, b":method") == b"HEAD"
     try:
         stream.send_headers(
             [
                 (b":status", str(status).encode()),
                 *PAGE_HEADERS,
                 (b"content-length", str(len(body)).encode()),
-            ]
+            ],
+            end_stream=head,
         )
-        await stream.send_data(body, end_stream=True)
+        if not head:
+            await stream.send_data(body, end_stream=True)
         if not stream.remote_ended:
             # The request body is of no use now; ask the server to stop it.
             stream.cancel(h2.errors.ErrorCodes.NO_ERROR)
