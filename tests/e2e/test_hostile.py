@@ -1453,7 +1453,7 @@ OPEN_PROXY_ATTEMPTS: dict[
         ANY,
     ),
     "OPTIONS *": (lambda target: http1(b"OPTIONS * HTTP/1.1"), ANY),
-    # (A CONNECT without :path: its own test below.)
+    # (A CONNECT without :path kills the whole server: its own test below.)
     "h2c :authority of the internal service": (
         lambda target: h2_get(b"/secret", host=target),
         ANY,
