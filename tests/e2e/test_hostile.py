@@ -1752,6 +1752,20 @@ LATE_DATA = (
     ],
     "read",
 )
+#: A HEAD to a tunnel announcing a body, with END_STREAM on its HEADERS: the
+#: agent's 502 page for it had a body, and the server's h2 ended the agent's
+#: connection over it (found by this fuzz).
+HEAD_WITH_LENGTH = (
+    [
+        frame(
+            HEADERS,
+            END_HEADERS | END_STREAM,
+            1,
+            hpack_block([*h2_request(GOOD, "/", "HEAD"), (b"content-length", b"5")]),
+        ),
+    ],
+    "read",
+)
 #: Requests that open streams 1 and 3 (a body to follow, or none), a moment
 #: for the server to answer them, and often more of stream 1's body: the
 #: states the steps after them then meet.
@@ -1837,6 +1851,7 @@ async def test_fuzz_visitor_http2_frames(
     )
     @hypothesis.given(VISITOR_RUNS)
     @hypothesis.example(LATE_DATA)
+    @hypothesis.example(HEAD_WITH_LENGTH)
     def check(run: tuple[list[bytes | str], str]) -> None:
         trio.from_thread.run(one, *run)
 
