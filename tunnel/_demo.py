@@ -7,14 +7,14 @@ checks it: one request goes through the tunnel and its answer is printed.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
+from collections.abc import Callable
 
 import h11
 import hypercorn.config
 import hypercorn.trio
 import trio
 
+from ._asgi import Receive, Scope, Send
 from ._config import ClientConfig, ServerConfig
 from .client import open_tunnel
 from .server import serve
@@ -24,13 +24,11 @@ __all__ = ["run_demo"]
 DEMO_HOST = "demo.localhost"
 REQUEST_TIMEOUT = 10.0
 
-Message = MutableMapping[str, Any]
-
 
 async def sample_app(
-    scope: MutableMapping[str, Any],
-    receive: Callable[[], Awaitable[Message]],
-    send: Callable[[Message], Awaitable[None]],
+    scope: Scope,
+    receive: Receive,
+    send: Send,
 ) -> None:
     """The local service of the demo: says hello and who asked."""
     if scope["type"] == "lifespan":

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
 from functools import partial
-from typing import Any
 from urllib.parse import unquote
 
 from prometheus_client import CollectorRegistry
 
+from .._asgi import ASGIApp, Receive, Scope, Send
 from .._compat import warn_fixes_off
 from .._config import ServerConfig
 from .._protocol.handshake import CHALLENGE_HEADER, CHALLENGE_SUFFIX, SUBPROTOCOL
@@ -35,11 +34,6 @@ __all__ = ["ASGIApp", "TunnelApp"]
 
 logger = logging.getLogger("tunnel.server")
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 _CHALLENGE_HEADER = CHALLENGE_HEADER.encode()
 _AGENT_PROTOCOL = SUBPROTOCOL.encode()

@@ -10,11 +10,10 @@ from __future__ import annotations
 import inspect
 import logging
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
 
 import trio
 
+from .._asgi import Receive, Scope, Send
 from .._config import ServerConfig
 from .._exceptions import ConfigError
 from .._mux import Mux
@@ -50,11 +49,6 @@ from ._workers import worker_id
 __all__ = ["serve_agent"]
 
 logger = logging.getLogger("tunnel.server")
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
 
 
 async def serve_agent(

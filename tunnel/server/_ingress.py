@@ -14,12 +14,13 @@ another pool member, another worker's agent, or the agent's new connection.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any, Final
+from collections.abc import Awaitable, Callable
+from typing import Final
 
 import h2.errors
 import trio
 
+from .._asgi import Receive, Scope, Send
 from .._config import ServerConfig
 from .._mux import Stream, StreamError
 from .._protocol.grpc import is_grpc, split_trailers_only, status_for_reset, status_trailers
@@ -35,10 +36,6 @@ __all__ = ["forward_http"]
 
 logger = logging.getLogger("tunnel.server")
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
 #: Finds another session for the request's host, waiting for one a little; None if none.
 Reroute = Callable[[], Awaitable[AgentSession | None]]
 

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import logging
 from bisect import bisect_left
-from collections.abc import Awaitable, Callable, Iterator, MutableMapping
-from typing import Any, Final
+from collections.abc import Iterator
+from typing import Final
 
 import hypercorn.config
 import hypercorn.trio
@@ -32,6 +32,7 @@ from prometheus_client.metrics_core import (
     Metric,
 )
 
+from .._asgi import Receive, Scope, Send
 from .._config import parse_listen_address
 from .._protocol.headers import header_value
 from ._registry import Registry
@@ -45,10 +46,6 @@ __all__ = [
     "serve_metrics",
 ]
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
 
 #: Upper bounds (seconds) of the time-to-response-headers histogram. The last
 #: finite bound is ``ServerConfig.response_timeout``'s default.

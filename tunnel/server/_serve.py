@@ -15,9 +15,10 @@ from hypercorn.config import Sockets
 from hypercorn.trio.run import worker_serve
 from hypercorn.utils import wrap_app
 
+from .._asgi import ASGIApp, Message, Receive, Scope, Send
 from .._config import ServerConfig, parse_listen_address
 from .._mux import MAX_MESSAGE
-from ._app import ASGIApp, Message, Receive, Scope, Send, TunnelApp
+from ._app import TunnelApp
 from ._hypercorn_guard import install_hypercorn_guard
 from ._hypercorn_patches import set_websocket_buffer
 from ._ledger import HostLedger

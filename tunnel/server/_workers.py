@@ -45,8 +45,8 @@ from ._ledger import HostLedger, clear_worker
 if TYPE_CHECKING:
     from hypercorn.config import Sockets
 
+    from .._asgi import ASGIApp
     from .._config import ServerConfig
-    from ._app import ASGIApp
 
 __all__ = ["serve_workers", "worker_id"]
 
