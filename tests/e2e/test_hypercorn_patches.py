@@ -10,12 +10,10 @@ import hypercorn.trio
 import trio
 from hypercorn.trio import tcp_server
 
-from tunnel.server._hypercorn_patches import (
-    _VERIFIED_SPAWN_APP,
-    READ_SIZE,
-    NotifyingReceive,
-    apply_hypercorn_patches,
-)
+from tunnel._asgi import NotifyingReceive
+from tunnel.server.hypercorn._patches import apply_hypercorn_patches
+from tunnel.server.hypercorn._patches.disconnect_notice import VERIFIED as _VERIFIED_SPAWN_APP
+from tunnel.server.hypercorn._patches.read_size import READ_SIZE
 
 
 async def test_an_app_hears_of_a_visitor_leaving_with_no_task_in_receive(

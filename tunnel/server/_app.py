@@ -20,8 +20,6 @@ from .._transport.masking import use_fast_masking
 from ._access import AccessControl
 from ._admin import AdminAPI
 from ._control import serve_agent
-from ._hypercorn_guard import install_hypercorn_guard
-from ._hypercorn_patches import apply_hypercorn_patches
 from ._ingress import forward_http
 from ._ingress_ws import forward_websocket
 from ._limits import Limiter, Pacer
@@ -29,6 +27,8 @@ from ._metrics import ServerMetrics
 from ._pages import refuse_websocket, send_error_page
 from ._registry import AgentSession, Registry, TunnelStatistics
 from ._telemetry import Telemetry, log_event
+from .hypercorn._guard import install_hypercorn_guard
+from .hypercorn._patches import apply_hypercorn_patches
 
 __all__ = ["ASGIApp", "TunnelApp"]
 

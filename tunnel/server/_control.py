@@ -15,6 +15,7 @@ import trio
 
 from .._asgi import Receive, Scope, Send
 from .._config import ServerConfig
+from .._config.hooks import ConnectRequest, TunnelInfo
 from .._exceptions import ConfigError
 from .._mux import Mux
 from .._protocol.handshake import (
@@ -39,12 +40,11 @@ from .._protocol.policy import ALLOW_HEADER, BASIC_AUTH_HEADER, DENY_HEADER, Vis
 from .._transport import ABNORMAL_CLOSURE
 from .._transport.asgi import ASGIWebSocketTransport
 from ._access import AccessControl, Denied, Identity
-from ._hooks import ConnectRequest, TunnelInfo
 from ._pages import refuse_websocket
 from ._registry import AgentSession, HostInUse, Registry
 from ._tcp import bind_tcp_port, serve_tcp
 from ._telemetry import claimed_host, log_event, peer_text
-from ._workers import worker_id
+from ._worker_id import worker_id
 
 __all__ = ["serve_agent"]
 

@@ -20,14 +20,12 @@ from typing import Final
 import h2.errors
 import trio
 
-from .._asgi import Receive, Scope, Send
+from .._asgi import RESET_CODE, NotifyingReceive, Receive, Scope, Send
 from .._config import ServerConfig
+from .._config.hooks import RequestInfo
 from .._mux import Stream, StreamError
 from .._protocol.grpc import is_grpc, split_trailers_only, status_for_reset, status_trailers
 from .._protocol.headers import Headers, declares_trailers, header_value, tunnel_request_headers
-from ._hooks import RequestInfo
-from ._hypercorn_h2 import RESET_CODE
-from ._hypercorn_patches import NotifyingReceive
 from ._limits import Pacer
 from ._pages import send_error_page
 from ._registry import AgentSession
