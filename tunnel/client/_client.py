@@ -47,8 +47,7 @@ from .._transport.websocket import HandshakeGuard, WebSocketTransport
 from ._inspector import open_inspector
 from ._keys import AgentKey
 from ._observe import Observer, Recorder, agent_observers
-from ._progress import ReconnectWait
-from ._state import ClientState
+from ._state import ClientState, ReconnectWait
 from ._upstream import LocalPool, answer_error, forward
 from ._upstream_h2 import LocalH2, forward_h2, local_ssl_context, needs_h2
 from ._upstream_raw import forward_tcp, forward_websocket
@@ -391,7 +390,7 @@ class Client:
             if slot != 0:
                 await self._pause(delay)
                 continue
-            # Published for the panel's countdown (tunnel._panel).
+            # Published for a display's countdown (such as tunnel.cli's panel).
             self._reconnect_wait = ReconnectWait(failures, delay, trio.current_time() + delay)
             try:
                 await self._pause(delay)

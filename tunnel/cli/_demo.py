@@ -13,11 +13,11 @@ from functools import partial
 import h11
 import trio
 
-from ._asgi import Receive, Scope, Send
-from ._config import ClientConfig, ServerConfig
-from .client import open_tunnel
-from .server import serve
-from .server.hypercorn._plain import serve_plain
+from .._asgi import Receive, Scope, Send
+from .._config import ClientConfig, ServerConfig
+from ..client import open_tunnel
+from ..server import serve
+from ..server.hypercorn._plain import serve_plain
 
 __all__ = ["run_demo"]
 
