@@ -40,7 +40,7 @@ from .._transport.websocket import HandshakeGuard, WebSocketTransport
 from ._dial import DuplicateWorker, first_error, open_server_stream, translate_error
 from ._inspector import open_inspector
 from ._keys import AgentKey
-from ._local import forward_stream, local_h2, local_pool
+from ._local import local_h2, local_pool, relay_to_local
 from ._observe import Observer, Recorder, agent_observers
 from ._state import ClientState, ReconnectWait
 
@@ -580,7 +580,7 @@ class Client:
     async def _serve_stream(self, stream: Stream) -> None:
         assert stream.headers is not None
         try:
-            await forward_stream(stream, self.config, self._pool, self._local_h2, self._observer)
+            await relay_to_local(stream, self.config, self._pool, self._local_h2, self._observer)
         except Exception:
             # A bug here must cost one request, not the whole tunnel.
             logger.exception("agent for %s failed to serve a request", self._host)

@@ -11,11 +11,11 @@ from .._config import ClientConfig
 from .._mux import Stream
 from .._protocol.headers import header_value, is_websocket_connect
 from ._observe import Observer
-from ._upstream import LocalPool, answer_error, forward
-from ._upstream_h2 import LocalH2, forward_h2, local_ssl_context, needs_h2
-from ._upstream_raw import forward_tcp, forward_websocket
+from ._upstream import LocalPool, answer_error, relay_local_http
+from ._upstream_h2 import LocalH2, local_ssl_context, needs_h2, relay_local_h2
+from ._upstream_raw import relay_local_tcp, relay_local_websocket
 
-__all__ = ["forward_stream", "local_h2", "local_pool"]
+__all__ = ["local_h2", "local_pool", "relay_to_local"]
 
 
 def local_pool(config: ClientConfig) -> LocalPool:
@@ -55,7 +55,7 @@ def local_h2(config: ClientConfig) -> LocalH2 | None:
     )
 
 
-async def forward_stream(
+async def relay_to_local(
     stream: Stream,
     config: ClientConfig,
     pool: LocalPool,
@@ -65,17 +65,17 @@ async def forward_stream(
     """Serve one stream from the server with the local service, whatever it carries."""
     assert stream.headers is not None
     if is_websocket_connect(stream.headers):
-        await forward_websocket(stream, pool)
+        await relay_local_websocket(stream, pool)
     elif header_value(stream.headers, b":method") == b"CONNECT":
         if config.tcp:
             # Whatever target the CONNECT names, only the local port is
             # ever dialled: never an open proxy.
-            await forward_tcp(stream, pool)
+            await relay_local_tcp(stream, pool)
         else:
             await answer_error(stream, 405, "This tunnel does not proxy CONNECT requests.")
     elif local_h2 is not None and (
         config.local_protocol != "auto" or (needs_h2(stream.headers) and await local_h2.probe())
     ):
-        await forward_h2(stream, local_h2, observer)
+        await relay_local_h2(stream, local_h2, observer)
     else:
-        await forward(stream, pool, observer)
+        await relay_local_http(stream, pool, observer)

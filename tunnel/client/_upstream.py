@@ -33,7 +33,14 @@ from .._protocol.pages import PAGE_HEADERS, error_page
 if TYPE_CHECKING:
     from ._observe import ExchangeObserver, Observer
 
-__all__ = ["LocalConnection", "LocalFailure", "LocalPool", "answer_error", "forward", "relay_body"]
+__all__ = [
+    "LocalConnection",
+    "LocalFailure",
+    "LocalPool",
+    "answer_error",
+    "relay_body",
+    "relay_local_http",
+]
 
 logger = logging.getLogger("tunnel.client")
 
@@ -183,7 +190,9 @@ class LocalFailure(Exception):
         self.detail = detail
 
 
-async def forward(stream: Stream, pool: LocalPool, observer: Observer | None = None) -> None:
+async def relay_local_http(
+    stream: Stream, pool: LocalPool, observer: Observer | None = None
+) -> None:
     """Serve one stream: forward the request to the local service, relay its answer.
 
     Never raises for anything the visitor, the local service or the server did;

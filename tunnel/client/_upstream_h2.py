@@ -45,7 +45,7 @@ from ._upstream import LocalFailure, answer_error
 if TYPE_CHECKING:
     from ._observe import ExchangeObserver, Observer
 
-__all__ = ["LocalH2", "forward_h2", "local_ssl_context", "needs_h2"]
+__all__ = ["LocalH2", "local_ssl_context", "needs_h2", "relay_local_h2"]
 
 logger = logging.getLogger("tunnel.client")
 
@@ -334,7 +334,7 @@ def _status(headers: Sequence[tuple[bytes, bytes]]) -> int:
     return int(value) if value.isdigit() else 0
 
 
-async def forward_h2(stream: Stream, local: LocalH2, observer: Observer | None = None) -> None:
+async def relay_local_h2(stream: Stream, local: LocalH2, observer: Observer | None = None) -> None:
     """Serve one tunnel stream over HTTP/2 to the local service.
 
     Never raises for anything the visitor, the local service or the server did:

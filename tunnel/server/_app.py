@@ -20,8 +20,8 @@ from .._transport.masking import use_fast_masking
 from ._access import AccessControl
 from ._admin import AdminAPI
 from ._control import serve_agent
-from ._ingress import forward_http
-from ._ingress_ws import forward_websocket
+from ._ingress import forward_visitor_http
+from ._ingress_ws import forward_visitor_websocket
 from ._limits import Limiter, Pacer
 from ._metrics import ServerMetrics
 from ._pages import refuse_websocket, send_error_page
@@ -243,7 +243,7 @@ class TunnelApp:
                 await send_error_page(send, *refusal)
                 return
             reroute = partial(self.registry.find_another, host, self.config.grace_period)
-            await forward_http(self.config, found, scope, receive, send, pacer, reroute)
+            await forward_visitor_http(self.config, found, scope, receive, send, pacer, reroute)
         elif found is None:
             assert self.fallback is not None
             await self.fallback(scope, receive, send)
@@ -279,7 +279,7 @@ class TunnelApp:
                 await receive()  # websocket.connect
                 await refuse_websocket(scope, send, refusal[0], refusal[1])
                 return
-            await forward_websocket(self.config, found, scope, receive, send)
+            await forward_visitor_websocket(self.config, found, scope, receive, send)
         elif found is None:
             assert self.fallback is not None
             await self.fallback(scope, receive, send)

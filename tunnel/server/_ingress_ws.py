@@ -24,7 +24,7 @@ from .._protocol.headers import header_value, tunnel_request_headers, websocket_
 from ._pages import refuse_websocket
 from ._registry import AgentSession
 
-__all__ = ["forward_websocket"]
+__all__ = ["forward_visitor_websocket"]
 
 logger = logging.getLogger("tunnel.server")
 
@@ -39,7 +39,7 @@ CLOSE_TIMEOUT: Final = 2.0
 _RESERVED_CODES: Final = frozenset({1005, 1006, 1015})
 
 
-async def forward_websocket(
+async def forward_visitor_websocket(
     config: ServerConfig, session: AgentSession, scope: Scope, receive: Receive, send: Send
 ) -> None:
     """Join one visitor WebSocket to the local service through ``session``."""
