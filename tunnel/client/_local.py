@@ -12,7 +12,8 @@ from .._mux import Stream
 from .._protocol.headers import header_value, is_websocket_connect
 from ._observe import Observer
 from ._upstream import LocalPool, answer_error, relay_local_http
-from ._upstream_h2 import LocalH2, local_ssl_context, needs_h2, relay_local_h2
+from ._upstream_h2 import needs_h2, relay_local_h2
+from ._upstream_h2_conn import LocalH2, local_ssl_context
 from ._upstream_raw import relay_local_tcp, relay_local_websocket
 
 __all__ = ["local_h2", "local_pool", "relay_to_local"]
