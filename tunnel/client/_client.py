@@ -51,7 +51,7 @@ logger = logging.getLogger("tunnel.client")
 #: Largest WebSocket message accepted from the server, which sends at most
 #: MAX_MESSAGE; the margin is for a server of another version. With the 4
 #: messages trio-websocket queues, what the agent holds unread stays near the
-#: HTTP/2 connection window instead of 160 MiB.
+#: HTTP/2 connection window.
 MAX_MESSAGE_SIZE = 4 * MAX_MESSAGE
 #: trio-websocket's default of 4 KiB per read makes uploads crawl.
 RECEIVE_BUFFER_SIZE = 256 << 10
