@@ -10,7 +10,7 @@ only a later one. Only imports under ``if TYPE_CHECKING:`` are left out, as they
 from __future__ import annotations
 
 import ast
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import tunnel
@@ -97,6 +97,13 @@ def imported_names(name: str, path: Path) -> set[str]:
         found.add(origin)
         found.update(f"{origin}.{alias.name}" for alias in node.names)
     return found
+
+
+def dependencies(name: str, path: Path, modules: Iterable[str]) -> set[str]:
+    """What ``name`` imports: tunnel's modules, and the other packages' modules named."""
+    internal = imported_names(name, path) & set(modules)
+    external = {module for module in imported_modules(path) if not _in_package(module, "tunnel")}
+    return internal | external
 
 
 def _ancestors(name: str) -> list[str]:
@@ -202,10 +209,36 @@ def test_agent_library_does_not_import_the_command_line() -> None:
     # tunnel.client is a library that programs embed: the panel, the CLI and their
     # terminal dependencies (rich) belong to tunnel.cli on top of it.
     offenders = []
-    for name, path in all_modules().items():
+    modules = all_modules()
+    for name, path in modules.items():
         if not _in_package(name, "tunnel.client"):
             continue
-        for imported in sorted(imported_names(name, path) | imported_modules(path)):
+        for imported in sorted(dependencies(name, path, modules)):
             if _in_package(imported, "tunnel.cli") or _in_package(imported, "rich"):
                 offenders.append(f"{name} imports {imported}")
+    assert offenders == [], "\n".join(offenders)
+
+
+#: Package -> the packages its modules must not import: the server and the agent are
+#: separate sides, the command line sits on top of both, and the sans-IO protocol
+#: rules, the config and the ASGI types sit below everything.
+FORBIDDEN: dict[str, tuple[str, ...]] = {
+    "tunnel.server": ("tunnel.client", "tunnel.cli"),
+    "tunnel.client": ("tunnel.server", "tunnel.cli"),
+    "tunnel._protocol": ("tunnel.server", "tunnel.client", "tunnel.cli", "trio"),
+    "tunnel._config": ("tunnel.server", "tunnel.client", "tunnel.cli"),
+    "tunnel._asgi": ("tunnel.server", "tunnel.client", "tunnel.cli", "hypercorn"),
+}
+
+
+def test_imports_point_down_the_layers() -> None:
+    offenders = []
+    modules = all_modules()
+    for name, path in modules.items():
+        for package, forbidden in FORBIDDEN.items():
+            if not _in_package(name, package):
+                continue
+            for imported in sorted(dependencies(name, path, modules)):
+                if any(_in_package(imported, below) for below in forbidden):
+                    offenders.append(f"{name} imports {imported}")
     assert offenders == [], "\n".join(offenders)
