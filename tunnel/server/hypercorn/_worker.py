@@ -1,7 +1,7 @@
 """A worker process's body: read the settings, serve the parent's sockets, report back.
 
 The parent (``_workers.py``) starts ``python -c`` with its bootstrap, which makes the
-parent's import path this process's and calls :func:`_worker_main`.
+parent's import path this process's and calls :func:`worker_main`.
 """
 
 from __future__ import annotations
@@ -25,12 +25,12 @@ if TYPE_CHECKING:
     from ..._asgi import ASGIApp
     from ..._config import ServerConfig
 
-__all__ = ["_worker_main"]
+__all__ = ["worker_main"]
 
 logger = logging.getLogger("tunnel.server")
 
 
-def _worker_main() -> None:
+def worker_main() -> None:
     """A worker process's body, after the bootstrap set its import path."""
     # Ctrl-C reaches the whole process group; the parent decides what happens.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

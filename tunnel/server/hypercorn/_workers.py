@@ -69,7 +69,7 @@ MAX_REPORT: Final = 1 << 20
 # package may be importable only through it), then hand over to _worker.py.
 _BOOTSTRAP = (
     "import pickle, sys; sys.path[:0] = pickle.load(sys.stdin.buffer); "
-    "from tunnel.server.hypercorn._worker import _worker_main; _worker_main()"
+    "from tunnel.server.hypercorn._worker import worker_main; worker_main()"
 )
 
 
