@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from ._cli import main
+from .cli import main
 
 # Guarded, as a module run with -m should be: importing it (a tool that imports
 # every module, say) must not run the command.

@@ -5,8 +5,8 @@ the h11, h2 and WebSocket frames built from them. glibc serves buffers above
 its mmap threshold (128 KiB at first, raised as such buffers are freed) from
 fresh mappings, and returns the top of its heap to the kernel whenever more
 than twice that is free, so many buffers come back zero-filled, one page fault
-per 4 KiB. In the benchmark's VM, building one masked 1 MiB WebSocket frame took
-2.97 ms that way and 0.25 ms with the settings below.
+per 4 KiB (benchmarks/README.rst, "glibc keeps freed large buffers", has what
+that costs).
 
 A process-wide setting, so only the ``tunnel`` command makes it; a program that
 embeds the server or the agent may call :func:`keep_freed_buffers` itself.

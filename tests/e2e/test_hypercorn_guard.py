@@ -4,7 +4,7 @@ On Hypercorn 0.17 and 0.18, a cleartext HTTP/2 visitor that sends GOAWAY and
 closes while a response streams makes ``send_all`` race ``send_eof`` on the
 connection's socket. The ``trio.BusyResourceError`` then escapes into the
 nursery that runs every connection, and ``hypercorn.trio.serve`` (so
-``tunnel.serve``) raises. ``tunnel/server/_hypercorn_guard.py`` explains the
+``tunnel.serve``) raises. ``tunnel/server/hypercorn/_guard.py`` explains the
 bug and the guard; this test fails without the guard.
 """
 

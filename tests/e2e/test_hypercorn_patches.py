@@ -10,18 +10,16 @@ import hypercorn.trio
 import trio
 from hypercorn.trio import tcp_server
 
-from tunnel.server._hypercorn_patches import (
-    _VERIFIED_SPAWN_APP,
-    READ_SIZE,
-    NotifyingReceive,
-    apply_hypercorn_patches,
-)
+from tunnel._asgi import NotifyingReceive
+from tunnel.server.hypercorn._patches import apply_hypercorn_patches
+from tunnel.server.hypercorn._patches.disconnect_notice import VERIFIED as _VERIFIED_SPAWN_APP
+from tunnel.server.hypercorn._patches.read_size import READ_SIZE
 
 
 async def test_an_app_hears_of_a_visitor_leaving_with_no_task_in_receive(
     nursery: trio.Nursery,
 ) -> None:
-    # The notice silently does nothing on an unverified Hypercorn (forward_http
+    # The notice silently does nothing on an unverified Hypercorn (forward_visitor_http
     # then watches receive() with a task of its own): this test is the reminder
     # to check a new Hypercorn's spawn_app and add its version.
     assert importlib.metadata.version("hypercorn").startswith(_VERIFIED_SPAWN_APP)

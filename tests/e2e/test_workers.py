@@ -20,7 +20,7 @@ import trio
 import tunnel
 from helpers import eventually
 from tunnel._protocol.handshake import HAVE_WORKERS_HEADER, SUBPROTOCOL
-from tunnel.server._workers import worker_id
+from tunnel.server._worker_id import worker_id
 
 TOKEN = "s3cret"
 
@@ -37,7 +37,7 @@ def worker_pids() -> list[int]:
         except OSError:
             continue
         ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid == os.getpid() and b"tunnel.server._workers" in cmdline:
+        if ppid == os.getpid() and b"tunnel.server.hypercorn._worker" in cmdline:
             found.append(int(entry.name))
     return sorted(found)
 

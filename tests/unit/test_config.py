@@ -289,8 +289,8 @@ def test_a_program_is_told_the_field_and_the_fix(make: Any, message: str) -> Non
 def test_every_flag_of_the_settings_table_is_a_field_and_a_flag() -> None:
     import dataclasses
 
-    from tunnel._cli import _parser
     from tunnel._settings import CLIENT_FLAGS, SERVER_FLAGS
+    from tunnel.cli._commands import _parser
 
     commands = next(action for action in _parser()._actions if action.dest == "command").choices  # type: ignore[union-attr]
     for config, table, command in (

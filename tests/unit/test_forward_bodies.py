@@ -23,7 +23,8 @@ from test_mux import open_pair
 from helpers import LocalService, RecordingService, serve_local
 from tunnel import Recorder
 from tunnel._mux import Stream
-from tunnel.client._upstream import LocalPool, forward
+from tunnel.client._upstream import LocalPool
+from tunnel.client._upstream import relay_local_http as forward
 
 
 def _post(path: bytes, body: bytes, *, length: bool) -> list[tuple[bytes, bytes]]:

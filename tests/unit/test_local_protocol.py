@@ -8,7 +8,6 @@ import h2.errors
 import pytest
 
 import tunnel
-from tunnel._cli import _parser
 from tunnel._configfile import load_client_config
 from tunnel._protocol.grpc import (
     GrpcStatus,
@@ -16,6 +15,7 @@ from tunnel._protocol.grpc import (
     status_for_reset,
     status_trailers,
 )
+from tunnel.cli._commands import _parser
 from tunnel.client._upstream_h2 import local_h2_request_headers, needs_h2
 
 ADDRESS = "127.0.0.1:8000"

@@ -25,13 +25,13 @@ def test_the_distribution_is_not_pypis_unrelated_tunnel() -> None:
             assert not requirement.startswith("tunnel["), (extra, requirement)
     assert f"{DISTRIBUTION}[test]" in project["optional-dependencies"]["typecheck"]
     # The import package and the command keep their name.
-    assert project["scripts"] == {"tunnel": "tunnel._cli:main"}
+    assert project["scripts"] == {"tunnel": "tunnel.cli:main"}
 
 
 def test_the_installed_distribution_provides_the_tunnel_command() -> None:
     distribution = importlib.metadata.distribution(DISTRIBUTION)
     scripts = [e for e in distribution.entry_points if e.group == "console_scripts"]
-    assert [(e.name, e.value) for e in scripts] == [("tunnel", "tunnel._cli:main")]
+    assert [(e.name, e.value) for e in scripts] == [("tunnel", "tunnel.cli:main")]
     import tunnel
 
     assert distribution.version == tunnel.__version__

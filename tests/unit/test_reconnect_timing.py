@@ -22,9 +22,10 @@ from faultproxy import FaultProxy
 from rich.console import Console
 
 import tunnel
-from tunnel._panel import LivePanel, PlainReport
+from tunnel.cli._panel import LivePanel
+from tunnel.cli._report import PlainReport
 from tunnel.client._client import STABLE_AFTER
-from tunnel.client._progress import ReconnectWait
+from tunnel.client._state import ReconnectWait
 
 CONNECTING = tunnel.ClientState.CONNECTING
 CONNECTED = tunnel.ClientState.CONNECTED

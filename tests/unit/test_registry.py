@@ -13,7 +13,7 @@ from typing import Any, cast
 
 import pytest
 
-from tunnel.server._hooks import ConnectRequest, TunnelInfo
+from tunnel._config.hooks import ConnectRequest, TunnelInfo
 from tunnel.server._registry import AgentSession, HostInUse, Registry
 
 HOST = "app.localhost"

@@ -7,7 +7,7 @@ from typing import Any
 import trio
 import trio.testing
 
-from tunnel.server._hypercorn_patches import _MessageQueue
+from tunnel.server.hypercorn._patches.websocket_queue import _MessageQueue
 
 
 def _message(size: int) -> dict[str, Any]:

@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
 
 import trio
 
+from .._asgi import Receive, Send
 from . import ABNORMAL_CLOSURE, TransportClosed, close_reason
 
 __all__ = ["ASGIWebSocketTransport"]
 
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
 
 CLOSE_TIMEOUT = 2.0
 

@@ -9,5 +9,5 @@ from ._observe import ExchangeObserver as ExchangeObserver
 from ._observe import Observer as Observer
 from ._observe import Recorder as Recorder
 from ._observe import RecorderStatistics as RecorderStatistics
-from ._progress import ReconnectWait as ReconnectWait
 from ._state import ClientState as ClientState
+from ._state import ReconnectWait as ReconnectWait

@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import random
 import secrets
-import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -23,15 +22,11 @@ from .._exceptions import (
     RejectedError,
     ServerUnreachableError,
     TunnelError,
-    UntrustedCertificateError,
-    is_permanent,
-    rejection_for_status,
 )
 from .._mux import MAX_MESSAGE, Mux, Stream
 from .._protocol.handshake import (
     AGENT_ID_HEADER,
     DISCONNECTED_CLOSE_CODE,
-    DUPLICATE_STATUS,
     HAVE_WORKERS_HEADER,
     HOST_HEADER,
     POOL_HEADER,
@@ -41,17 +36,13 @@ from .._protocol.handshake import (
     WORKER_HEADER,
     WORKERS_HEADER,
 )
-from .._protocol.headers import header_value, is_websocket_connect
-from .._settings import client_setting
 from .._transport.websocket import HandshakeGuard, WebSocketTransport
+from ._dial import DuplicateWorker, first_error, open_server_stream, translate_error
 from ._inspector import open_inspector
 from ._keys import AgentKey
+from ._local import local_h2, local_pool, relay_to_local
 from ._observe import Observer, Recorder, agent_observers
-from ._progress import ReconnectWait
-from ._state import ClientState
-from ._upstream import LocalPool, answer_error, forward
-from ._upstream_h2 import LocalH2, forward_h2, local_ssl_context, needs_h2
-from ._upstream_raw import forward_tcp, forward_websocket
+from ._state import ClientState, ReconnectWait
 
 __all__ = ["Client", "open_tunnel"]
 
@@ -60,7 +51,7 @@ logger = logging.getLogger("tunnel.client")
 #: Largest WebSocket message accepted from the server, which sends at most
 #: MAX_MESSAGE; the margin is for a server of another version. With the 4
 #: messages trio-websocket queues, what the agent holds unread stays near the
-#: HTTP/2 connection window instead of 160 MiB.
+#: HTTP/2 connection window.
 MAX_MESSAGE_SIZE = 4 * MAX_MESSAGE
 #: trio-websocket's default of 4 KiB per read makes uploads crawl.
 RECEIVE_BUFFER_SIZE = 256 << 10
@@ -79,10 +70,6 @@ DUPLICATE_BACKOFF_MAX = 1.0
 DUPLICATE_WARN_AFTER = 30
 #: The most connections an agent keeps to one server (one per worker process).
 MAX_CONNECTIONS = 64
-
-
-class _DuplicateWorker(Exception):
-    """The connection reached a server worker another connection holds already."""
 
 
 class Client:
@@ -136,38 +123,8 @@ class Client:
             None if config.key_file is None else AgentKey(config.key_file, config.key_passphrase)
         )
         self._state_open = config.state is not None
-        self._pool = LocalPool(
-            config.local_host,
-            config.port,
-            max_idle=config.local_pool_size,
-            connect_timeout=config.local_connect_timeout,
-            ssl_context=(
-                local_ssl_context(
-                    config.local_ca_file, config.local_insecure_skip_verify, ["http/1.1"]
-                )
-                if config.local_tls or config.local_protocol == "h2"
-                else None
-            ),
-        )
-        #: HTTP/2 to the local service, unless it is only ever spoken HTTP/1.1 to.
-        self._local_h2: LocalH2 | None = None
-        if config.local_protocol != "http1" and not config.tcp:
-            tls = config.local_protocol == "h2" or config.local_tls
-            self._local_h2 = LocalH2(
-                config.local_host,
-                config.port,
-                ssl_context=(
-                    local_ssl_context(
-                        config.local_ca_file,
-                        config.local_insecure_skip_verify,
-                        # auto may land on HTTP/1.1 over the same TLS; h2 must not.
-                        ["h2"] if config.local_protocol == "h2" else ["h2", "http/1.1"],
-                    )
-                    if tls
-                    else None
-                ),
-                connect_timeout=config.local_connect_timeout,
-            )
+        self._pool = local_pool(config)
+        self._local_h2 = local_h2(config)
         self._observer: Observer | None
         self._observer, self._recorder = agent_observers(
             config.observer, inspector=config.inspector is not None
@@ -316,7 +273,7 @@ class Client:
                 # Slot 0 ends only when the agent does; the others go with it.
                 nursery.cancel_scope.cancel()
         except BaseExceptionGroup as group:
-            error = _first_error(group)
+            error = first_error(group)
             if error is group:
                 raise
             raise error from None
@@ -345,7 +302,7 @@ class Client:
                 self._update_state()
             try:
                 await self._connect_once(slot)
-            except _DuplicateWorker:
+            except DuplicateWorker:
                 # Routine while looking for the workers not reached yet; the
                 # delay grows only if the attempts keep landing on held ones.
                 duplicates = min(duplicates + 1, 32)
@@ -391,7 +348,7 @@ class Client:
             if slot != 0:
                 await self._pause(delay)
                 continue
-            # Published for the panel's countdown (tunnel._panel).
+            # Published for a display's countdown (such as tunnel.cli's panel).
             self._reconnect_wait = ReconnectWait(failures, delay, trio.current_time() + delay)
             try:
                 await self._pause(delay)
@@ -469,7 +426,7 @@ class Client:
                 await self._serve(slot, ws)
                 nursery.cancel_scope.cancel()
         except BaseExceptionGroup as group:
-            raise self._translate(_first_error(group), probing=bool(held)) from None
+            raise self._translate(first_error(group), probing=bool(held)) from None
         except Exception as exc:
             raise self._translate(exc, probing=bool(held)) from None
         finally:
@@ -518,7 +475,7 @@ class Client:
             # rule for a server that could not tell (say, behind a proxy
             # that dropped our header). Closing before HTTP/2 starts means
             # the server never hands this connection a request.
-            raise _DuplicateWorker(worker)
+            raise DuplicateWorker(worker)
         if worker:
             self._workers[slot] = worker
         # A TCP tunnel's public port lives in the worker that bound it.
@@ -533,28 +490,7 @@ class Client:
                 nursery.start_soon(self._slot_loop, missing)
 
     async def _open_stream(self) -> trio.SocketStream | trio.SSLStream[trio.SocketStream]:
-        config = self.config
-        server = config.server
-        try:
-            with trio.fail_after(config.connect_timeout):
-                if server.scheme == "ws":
-                    return await trio.open_tcp_stream(server.host, server.port)
-                stream = await trio.open_ssl_over_tcp_stream(
-                    server.host,
-                    server.port,
-                    ssl_context=self._ssl_context(),
-                    https_compatible=True,
-                )
-                # Shake hands now: a bad certificate is then this attempt's
-                # clear error, not a silent stall inside the WebSocket handshake.
-                try:
-                    await stream.do_handshake()
-                except BaseException:
-                    await trio.aclose_forcefully(stream)
-                    raise
-                return stream
-        except Exception as exc:
-            raise self._translate(exc) from None
+        return await open_server_stream(self.config)
 
     async def _serve(self, slot: int, ws: trio_websocket.WebSocketConnection) -> None:
         config = self.config
@@ -639,72 +575,12 @@ class Client:
         return headers + self._policy.handshake_headers()
 
     def _translate(self, exc: BaseException, *, probing: bool = False) -> BaseException:
-        """The error to raise for ``exc``: ours for the network's, others unchanged."""
-        server = self.config.server
-        where = f"{server.host}:{server.port}"
-        if isinstance(exc, TunnelError | _DuplicateWorker):
-            return exc
-        if isinstance(exc, trio.BrokenResourceError) and isinstance(exc.__cause__, ssl.SSLError):
-            exc = exc.__cause__
-        if isinstance(exc, trio_websocket.ConnectionRejected):
-            if exc.status_code == DUPLICATE_STATUS and probing:
-                return _DuplicateWorker()
-            reason = (exc.body or b"").decode("utf-8", "replace").strip() or "no reason given"
-            if is_permanent(exc.status_code):
-                return rejection_for_status(exc.status_code, reason)
-            return ServerUnreachableError(f"{where} answered {exc.status_code}: {reason}")
-        if isinstance(exc, trio.TooSlowError):
-            return ServerUnreachableError(
-                f"no answer from {where} within {self.config.connect_timeout:g}s"
-            )
-        if isinstance(exc, ssl.SSLCertVerificationError):
-            # The certificate itself is refused: every retry would be too.
-            detail = exc.verify_message or exc.reason or str(exc)
-            return UntrustedCertificateError(
-                f"the TLS certificate of {where} is not trusted ({detail}); "
-                f"if it comes from a private CA, give that CA's PEM file with "
-                f"{client_setting('ca_file')} (for tests only, "
-                f"{client_setting('insecure_skip_verify')} skips the check)"
-            )
-        if isinstance(exc, ssl.SSLError):
-            return ServerUnreachableError(f"TLS with {where} failed: {exc.reason or exc}")
-        if isinstance(exc, trio_websocket.HandshakeError | trio_websocket.ConnectionClosed):
-            return ServerUnreachableError(
-                f"the WebSocket handshake with {where} failed: {_websocket_failure(exc)}"
-            )
-        if isinstance(exc, OSError | trio.BrokenResourceError | trio.ClosedResourceError):
-            detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            return ServerUnreachableError(f"cannot reach {where}: {detail or type(exc).__name__}")
-        return exc
-
-    def _ssl_context(self) -> ssl.SSLContext:
-        context = ssl.create_default_context(
-            cafile=None if self.config.ca_file is None else str(self.config.ca_file)
-        )
-        if self.config.insecure_skip_verify:
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
-        return context
+        return translate_error(exc, self.config, probing=probing)
 
     async def _serve_stream(self, stream: Stream) -> None:
         assert stream.headers is not None
         try:
-            if is_websocket_connect(stream.headers):
-                await forward_websocket(stream, self._pool)
-            elif header_value(stream.headers, b":method") == b"CONNECT":
-                if self.config.tcp:
-                    # Whatever target the CONNECT names, only the local port is
-                    # ever dialled: never an open proxy.
-                    await forward_tcp(stream, self._pool)
-                else:
-                    await answer_error(stream, 405, "This tunnel does not proxy CONNECT requests.")
-            elif self._local_h2 is not None and (
-                self.config.local_protocol != "auto"
-                or (needs_h2(stream.headers) and await self._local_h2.probe())
-            ):
-                await forward_h2(stream, self._local_h2, self._observer)
-            else:
-                await forward(stream, self._pool, self._observer)
+            await relay_to_local(stream, self.config, self._pool, self._local_h2, self._observer)
         except Exception:
             # A bug here must cost one request, not the whole tunnel.
             logger.exception("agent for %s failed to serve a request", self._host)
@@ -725,46 +601,6 @@ class Client:
         async with trio.open_nursery() as nursery:
             for mux in links:
                 nursery.start_soon(mux.drain, self.config.drain_timeout)
-
-
-def _websocket_failure(
-    exc: trio_websocket.HandshakeError | trio_websocket.ConnectionClosed,
-) -> str:
-    """What went wrong, in words rather than as an object's repr."""
-    if isinstance(exc, trio_websocket.ConnectionClosed):
-        reason = exc.reason
-        if reason is None:
-            return "the connection closed"
-        said = f": {reason.reason}" if reason.reason else ""
-        return f"the connection closed ({reason.code} {reason.name}{said})"
-    return str(exc) or "the server did not complete it"
-
-
-def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The most telling error in ``group``: a refusal beats a broken socket."""
-    leaves: list[BaseException] = []
-
-    def collect(exc: BaseException) -> None:
-        if isinstance(exc, BaseExceptionGroup):
-            for inner in exc.exceptions:
-                collect(inner)
-        elif not isinstance(exc, trio.Cancelled):
-            leaves.append(exc)
-
-    collect(group)
-    if not leaves:
-        return group
-    kinds = (
-        TunnelError,
-        _DuplicateWorker,
-        trio_websocket.ConnectionRejected,
-        trio_websocket.HandshakeError,
-    )
-    for kind in kinds:
-        for leaf in leaves:
-            if isinstance(leaf, kind):
-                return leaf
-    return leaves[0]
 
 
 @asynccontextmanager

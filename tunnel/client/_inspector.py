@@ -34,7 +34,7 @@ import ipaddress
 import json
 import logging
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Callable
 from functools import partial
 from importlib import resources
 from typing import Any
@@ -43,6 +43,7 @@ import hypercorn.config
 import hypercorn.trio
 import trio
 
+from .._asgi import Receive, Scope, Send
 from ._inspector_render import exchange_detail, exchange_summary
 from ._observe import Exchange, Recorder
 from ._replay import ReplayRefused, replay
@@ -52,10 +53,6 @@ __all__ = ["InspectorApp", "allowed_host", "bind_inspector", "open_inspector", "
 
 logger = logging.getLogger("tunnel.inspector")
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
 Status = Callable[[], dict[str, Any]]
 
 #: Pages that may hold the event stream open at once.

@@ -1,13 +1,13 @@
 """Watching the agent's HTTP exchanges, for the traffic inspector and the terminal panel.
 
-Nothing in this module does I/O or waits: ``forward()`` reports each event of an
+Nothing in this module does I/O or waits: ``relay_local_http()`` reports each event of an
 exchange as it happens (request head, request body chunks, response head,
 response body chunks, the end), and a :class:`Recorder` keeps what it was told
 within fixed bounds: the most recent exchanges only, and each body only up to a
 cap. Whoever shows the record (the inspector page, the panel) registers a
 listener and is told, synchronously, which exchange changed.
 
-With no observer configured, ``forward()`` pays one ``if`` per event and nothing
+With no observer configured, ``relay_local_http()`` pays one ``if`` per event and nothing
 else.
 """
 
@@ -457,7 +457,7 @@ class _Both:
 def agent_observers(
     observer: Observer | None, *, inspector: bool
 ) -> tuple[Observer | None, Recorder | None]:
-    """The observer ``forward()`` gets, and the recorder the inspector shows.
+    """The observer ``relay_local_http()`` gets, and the recorder the inspector shows.
 
     A :class:`Recorder` given as ``observer`` serves both; with the inspector on
     and no recorder given, a new one is told alongside ``observer``.

@@ -34,7 +34,14 @@ from .._settings import client_setting
 if TYPE_CHECKING:
     from ._observe import ExchangeObserver, Observer
 
-__all__ = ["LocalConnection", "LocalFailure", "LocalPool", "answer_error", "forward", "relay_body"]
+__all__ = [
+    "LocalConnection",
+    "LocalFailure",
+    "LocalPool",
+    "answer_error",
+    "relay_body",
+    "relay_local_http",
+]
 
 logger = logging.getLogger("tunnel.client")
 
@@ -214,7 +221,9 @@ def tls_failure(label: str, exc: BaseException) -> LocalFailure:
     )
 
 
-async def forward(stream: Stream, pool: LocalPool, observer: Observer | None = None) -> None:
+async def relay_local_http(
+    stream: Stream, pool: LocalPool, observer: Observer | None = None
+) -> None:
     """Serve one stream: forward the request to the local service, relay its answer.
 
     Never raises for anything the visitor, the local service or the server did;

@@ -22,7 +22,7 @@ from .._pipe import pipe
 from .._protocol.headers import header_value, local_request_headers, response_headers_from_local
 from ._upstream import LocalConnection, LocalFailure, LocalPool, answer_error, relay_body
 
-__all__ = ["forward_tcp", "forward_websocket"]
+__all__ = ["relay_local_tcp", "relay_local_websocket"]
 
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
@@ -31,11 +31,11 @@ def _accept_key(key: bytes) -> bytes:
     return base64.b64encode(hashlib.sha1(key + _GUID).digest())  # RFC 6455 names SHA-1
 
 
-async def forward_websocket(stream: Stream, pool: LocalPool) -> None:
+async def relay_local_websocket(stream: Stream, pool: LocalPool) -> None:
     """Serve one WebSocket stream; never raises for what a peer did."""
     with stream.cancel_scope as scope:
         try:
-            await _forward(stream, pool)
+            await _open_and_relay_websocket(stream, pool)
         except LocalFailure as failure:
             await answer_error(stream, failure.status, failure.detail)
         except StreamError:
@@ -44,7 +44,7 @@ async def forward_websocket(stream: Stream, pool: LocalPool) -> None:
         stream.cancel()
 
 
-async def _forward(stream: Stream, pool: LocalPool) -> None:
+async def _open_and_relay_websocket(stream: Stream, pool: LocalPool) -> None:
     assert stream.headers is not None
     _, target, headers = local_request_headers(stream.headers, has_body=False)
     key = base64.b64encode(os.urandom(16))
@@ -95,7 +95,7 @@ async def _forward(stream: Stream, pool: LocalPool) -> None:
                 await socket.aclose()
 
 
-async def forward_tcp(stream: Stream, pool: LocalPool) -> None:
+async def relay_local_tcp(stream: Stream, pool: LocalPool) -> None:
     """Serve one TCP tunnel connection: join the stream to the local port."""
     with stream.cancel_scope as scope:
         try:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+from .._config.hooks import Callbacks as Callbacks
+from .._config.hooks import ConnectRequest as ConnectRequest
+from .._config.hooks import RequestInfo as RequestInfo
+from .._config.hooks import TunnelInfo as TunnelInfo
 from ._app import TunnelApp as TunnelApp
-from ._hooks import Callbacks as Callbacks
-from ._hooks import ConnectRequest as ConnectRequest
-from ._hooks import RequestInfo as RequestInfo
-from ._hooks import TunnelInfo as TunnelInfo
 from ._registry import TunnelStatistics as TunnelStatistics
-from ._serve import hypercorn_config as hypercorn_config
-from ._serve import serve as serve
+from .hypercorn._config import hypercorn_config as hypercorn_config
+from .hypercorn._serve import serve as serve

@@ -34,13 +34,13 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
 from functools import partial
 from typing import Any, Final
 from urllib.parse import parse_qs
 
 import trio
 
+from .._asgi import Receive, Scope, Send
 from .._config import ServerConfig
 from .._protocol.handshake import DISCONNECTED_CLOSE_CODE, bearer_token
 from .._protocol.headers import Headers, header_value
@@ -54,10 +54,6 @@ __all__ = ["ADMIN_SUFFIX", "LOOPBACK_HOSTS", "AdminAPI"]
 
 logger = logging.getLogger("tunnel.server")
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
 
 #: The admin API's path under ``ServerConfig.control_path``.
 ADMIN_SUFFIX: Final = "/admin"

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
 from functools import partial
-from typing import Any
 from urllib.parse import unquote
 
 from prometheus_client import CollectorRegistry
 
+from .._asgi import ASGIApp, Receive, Scope, Send
 from .._compat import warn_fixes_off
 from .._config import ServerConfig
 from .._protocol.handshake import CHALLENGE_HEADER, CHALLENGE_SUFFIX, SUBPROTOCOL
@@ -21,25 +20,20 @@ from .._transport.masking import use_fast_masking
 from ._access import AccessControl
 from ._admin import AdminAPI
 from ._control import serve_agent
-from ._hypercorn_guard import install_hypercorn_guard
-from ._hypercorn_patches import apply_hypercorn_patches
-from ._ingress import forward_http
-from ._ingress_ws import forward_websocket
+from ._ingress import forward_visitor_http
+from ._ingress_ws import forward_visitor_websocket
 from ._limits import Limiter, Pacer
 from ._metrics import ServerMetrics
 from ._pages import refuse_websocket, send_error_page
 from ._registry import AgentSession, Registry, TunnelStatistics
 from ._telemetry import Telemetry, log_event
+from .hypercorn._guard import install_hypercorn_guard
+from .hypercorn._patches import apply_hypercorn_patches
 
 __all__ = ["ASGIApp", "TunnelApp"]
 
 logger = logging.getLogger("tunnel.server")
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 _CHALLENGE_HEADER = CHALLENGE_HEADER.encode()
 _AGENT_PROTOCOL = SUBPROTOCOL.encode()
@@ -249,7 +243,7 @@ class TunnelApp:
                 await send_error_page(send, *refusal)
                 return
             reroute = partial(self.registry.find_another, host, self.config.grace_period)
-            await forward_http(self.config, found, scope, receive, send, pacer, reroute)
+            await forward_visitor_http(self.config, found, scope, receive, send, pacer, reroute)
         elif found is None:
             assert self.fallback is not None
             await self.fallback(scope, receive, send)
@@ -285,7 +279,7 @@ class TunnelApp:
                 await receive()  # websocket.connect
                 await refuse_websocket(scope, send, refusal[0], refusal[1])
                 return
-            await forward_websocket(self.config, found, scope, receive, send)
+            await forward_visitor_websocket(self.config, found, scope, receive, send)
         elif found is None:
             assert self.fallback is not None
             await self.fallback(scope, receive, send)

@@ -10,28 +10,24 @@ answered here, and Hypercorn answers the visitor's.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any, Final
+from typing import Final
 
 import h2.errors
 import trio
 from wsproto.connection import Connection, ConnectionState, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Message, Ping, TextMessage
 
+from .._asgi import Receive, Scope, Send
 from .._config import ServerConfig
 from .._mux import Stream, StreamError
 from .._protocol.headers import header_value, tunnel_request_headers, websocket_connect_headers
 from ._pages import refuse_websocket
 from ._registry import AgentSession
 
-__all__ = ["forward_websocket"]
+__all__ = ["forward_visitor_websocket"]
 
 logger = logging.getLogger("tunnel.server")
 
-Scope = MutableMapping[str, Any]
-ASGIMessage = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[ASGIMessage]]
-Send = Callable[[ASGIMessage], Awaitable[None]]
 
 #: The close reason of a message over ``ServerConfig.max_websocket_message``.
 TOO_BIG: Final = "message too big for the tunnel"
@@ -43,7 +39,7 @@ CLOSE_TIMEOUT: Final = 2.0
 _RESERVED_CODES: Final = frozenset({1005, 1006, 1015})
 
 
-async def forward_websocket(
+async def forward_visitor_websocket(
     config: ServerConfig, session: AgentSession, scope: Scope, receive: Receive, send: Send
 ) -> None:
     """Join one visitor WebSocket to the local service through ``session``."""

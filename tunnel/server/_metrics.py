@@ -15,14 +15,10 @@ were dropped starts again from zero, which ``rate()`` treats as a reset.
 
 from __future__ import annotations
 
-import logging
 from bisect import bisect_left
-from collections.abc import Awaitable, Callable, Iterator, MutableMapping
-from typing import Any, Final
+from collections.abc import Iterator
+from typing import Final
 
-import hypercorn.config
-import hypercorn.trio
-import trio
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import (
@@ -32,7 +28,7 @@ from prometheus_client.metrics_core import (
     Metric,
 )
 
-from .._config import parse_listen_address
+from .._asgi import Receive, Scope, Send
 from .._protocol.headers import header_value
 from ._registry import Registry
 
@@ -42,13 +38,8 @@ __all__ = [
     "MetricsEndpoint",
     "ServerMetrics",
     "render",
-    "serve_metrics",
 ]
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
 
 #: Upper bounds (seconds) of the time-to-response-headers histogram. The last
 #: finite bound is ``ServerConfig.response_timeout``'s default.
@@ -218,7 +209,7 @@ def render(collectors: CollectorRegistry, accept: str = "") -> tuple[bytes, str]
 class MetricsEndpoint:
     """An ASGI app that answers ``GET /metrics`` with the metrics of ``collectors``.
 
-    :func:`serve_metrics` runs it on its own address; anything else than
+    ``tunnel/server/hypercorn/_metrics.py`` serves it on its own address; anything else than
     ``GET /metrics`` gets 404 or 405.
     """
 
@@ -263,34 +254,3 @@ async def _plain(
     headers.append((b"content-length", str(len(body) if length is None else length).encode()))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
-
-
-async def serve_metrics(
-    collectors: CollectorRegistry,
-    address: str,
-    *,
-    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Serve ``GET /metrics`` of ``collectors`` over plain HTTP on ``address`` until cancelled.
-
-    ``task_status`` receives the metrics URL, such as
-    ``"http://127.0.0.1:9100/metrics"``, once it listens.
-    """
-    host, port = parse_listen_address(address)
-    hc = hypercorn.config.Config()
-    hc.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
-    hc.include_server_header = False
-    hc.accesslog = None
-    hc.errorlog = logging.getLogger("tunnel.server")
-    hc.graceful_timeout = 1.0
-
-    async def started(*, task_status: trio.TaskStatus[list[str]]) -> None:
-        await hypercorn.trio.serve(
-            MetricsEndpoint(collectors),  # type: ignore[arg-type]  # Hypercorn's scope TypedDicts
-            hc,
-            task_status=task_status,
-        )
-
-    async with trio.open_nursery() as nursery:
-        urls: list[str] = await nursery.start(started)
-        task_status.started(f"{urls[0]}/metrics")

@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
-
+from .._asgi import Scope, Send
 from .._protocol.pages import PAGE_HEADERS, error_page
 
 __all__ = ["refuse_websocket", "send_error_page"]
-
-Scope = MutableMapping[str, Any]
-Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 
 async def send_error_page(

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import trio
 
+from .._config.hooks import TunnelInfo
 from .._mux import Mux
 from .._protocol.policy import VisitorPolicy
-from ._hooks import TunnelInfo
 from ._ledger import HostLedger
 
 __all__ = ["AgentSession", "HostInUse", "Registry", "TunnelStatistics"]

@@ -23,9 +23,9 @@ import json
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from .._asgi import ASGIApp, Message, Receive, Scope, Send
 from .._config import ServerConfig
 from .._protocol.handshake import HOST_HEADER
 from .._protocol.headers import header_value
@@ -34,11 +34,6 @@ from ._metrics import ServerMetrics
 
 __all__ = ["Telemetry", "access_logger", "claimed_host", "log_event", "logfmt", "peer_text"]
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 #: Where the per-request lines go (``ServerConfig.access_log``); a child of
 #: ``tunnel.server``, so it can be routed or silenced on its own.

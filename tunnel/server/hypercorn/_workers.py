@@ -23,7 +23,6 @@ import contextlib
 import logging
 import os
 import pickle
-import secrets
 import shutil
 import signal
 import socket
@@ -32,23 +31,23 @@ import sys
 import tempfile
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
-from functools import partial
 from typing import TYPE_CHECKING, Any, Final
 
 import trio
 from hypercorn.utils import repr_socket_addr
 
-from .._exceptions import ConfigError, TunnelError
-from .._malloc import keep_freed_buffers, keeping_freed_buffers
-from ._ledger import HostLedger, clear_worker
+from ..._exceptions import ConfigError, TunnelError
+from ..._malloc import keeping_freed_buffers
+from .._ledger import clear_worker
+from ._config import hypercorn_config
 
 if TYPE_CHECKING:
     from hypercorn.config import Sockets
 
-    from .._config import ServerConfig
-    from ._app import ASGIApp
+    from ..._asgi import ASGIApp
+    from ..._config import ServerConfig
 
-__all__ = ["serve_workers", "worker_id"]
+__all__ = ["serve_workers"]
 
 logger = logging.getLogger("tunnel.server")
 
@@ -67,23 +66,11 @@ EXIT_WAIT: Final = 2.0
 MAX_REPORT: Final = 1 << 20
 
 # The worker's first statement: make the parent's import path its own (the
-# package may be importable only through it), then hand over to _worker_main.
+# package may be importable only through it), then hand over to _worker.py.
 _BOOTSTRAP = (
     "import pickle, sys; sys.path[:0] = pickle.load(sys.stdin.buffer); "
-    "from tunnel.server._workers import _worker_main; _worker_main()"
+    "from tunnel.server.hypercorn._worker import worker_main; worker_main()"
 )
-
-_worker_identity: tuple[int, str] | None = None
-
-
-def worker_id() -> str:
-    """This process's worker id, as agents see it: random, new in every process."""
-    global _worker_identity
-    pid = os.getpid()
-    # Keyed by the pid: a process forked from one that had an id gets its own.
-    if _worker_identity is None or _worker_identity[0] != pid:
-        _worker_identity = (pid, secrets.token_hex(6))
-    return _worker_identity[1]
 
 
 async def serve_workers(
@@ -93,8 +80,6 @@ async def serve_workers(
     task_status: trio.TaskStatus[list[str]],
 ) -> None:
     """:func:`tunnel.serve` with ``config.workers`` processes."""
-    from ._serve import hypercorn_config
-
     _check_portable(config, fallback)
     hc = hypercorn_config(config)
     sockets = hc.create_sockets()
@@ -338,95 +323,3 @@ class _Worker:
                 process.kill()
                 with trio.move_on_after(5):
                     await process.wait()
-
-
-def _worker_main() -> None:
-    """A worker process's body, after the bootstrap set its import path."""
-    # Ctrl-C reaches the whole process group; the parent decides what happens.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    report = _Report()
-    try:
-        settings = pickle.load(sys.stdin.buffer)
-        config, fallback, secure, insecure, ledger, report.fd = settings[:6]
-        log_level, log_formats, malloc = settings[6:]
-        if malloc:
-            keep_freed_buffers()  # as the main process did (see tunnel._malloc)
-        if log_formats:
-            logging.basicConfig(level=log_level, format=log_formats[0])
-        else:
-            logging.getLogger().setLevel(log_level)
-        from hypercorn.config import Sockets
-
-        sockets = Sockets(
-            secure_sockets=[socket.socket(fileno=fd) for fd in secure],
-            insecure_sockets=[socket.socket(fileno=fd) for fd in insecure],
-            quic_sockets=[],
-        )
-        trio.run(_worker, config, fallback, sockets, HostLedger(*ledger), report)
-    except Exception as exc:
-        # While starting, the parent waits for this; later nobody reads it.
-        if not report.send(("error", exc)):
-            report.send(("error", f"{type(exc).__name__}: {exc}"))
-        raise
-
-
-class _Report:
-    """The pipe on which a worker tells the parent it started (or why not), once."""
-
-    def __init__(self) -> None:
-        self.fd = -1
-
-    def send(self, message: tuple[str, Any]) -> bool:
-        """Send ``message`` and close the pipe; False if it could not be pickled."""
-        if self.fd < 0:
-            return True
-        try:
-            data = pickle.dumps(message)
-        except Exception:
-            return False
-        fd, self.fd = self.fd, -1
-        try:
-            with open(fd, "wb", closefd=True) as pipe:
-                pipe.write(data)
-        except OSError:
-            pass  # the parent gave up waiting
-        return True
-
-
-async def _worker(
-    config: ServerConfig,
-    fallback: ASGIApp | None,
-    sockets: Sockets,
-    ledger: HostLedger,
-    report: _Report,
-) -> None:
-    from ._serve import serve_sockets
-
-    async def terminated() -> None:
-        async with trio.open_nursery() as nursery:
-
-            async def on_signal() -> None:
-                # From the parent's graceful shutdown, or sent to this process
-                # directly (a whole process group stopped by systemd or Docker).
-                with trio.open_signal_receiver(signal.SIGTERM) as signals:
-                    async for _ in signals:
-                        break
-                nursery.cancel_scope.cancel()
-
-            async def on_orphaned() -> None:
-                # Nothing more comes on stdin: readable means end-of-file, the
-                # parent closed it or died.
-                await trio.lowlevel.wait_readable(sys.stdin.fileno())
-                logger.warning("the server's main process is gone; this worker stops")
-                nursery.cancel_scope.cancel()
-
-            nursery.start_soon(on_signal)
-            nursery.start_soon(on_orphaned)
-
-    async with trio.open_nursery() as nursery:
-        urls: list[str] = await nursery.start(
-            partial(serve_sockets, config, fallback, sockets, terminated, ledger=ledger)
-        )
-        # The parent knows the public URLs; what only the worker knows is where
-        # it serves its metrics.
-        report.send(("ready", [url for url in urls if url.endswith("/metrics")]))

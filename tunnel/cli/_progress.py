@@ -1,11 +1,10 @@
-"""Progress of the agent's long operations: large transfers and reconnect waits.
+"""Progress of the agent's large transfers, for the terminal panel and the plain report.
 
-Nothing here does I/O or waits. The agent publishes a :class:`ReconnectWait`
-while it sleeps before an attempt; a :class:`TransferWatch` follows the
-exchanges a :class:`~tunnel.Recorder` records and, each time it is asked,
-says how far the large ones in flight have come and how fast they move.
-Whoever displays them (the terminal panel, the plain report) asks as often as
-it redraws.
+Nothing here does I/O or waits. A :class:`TransferWatch` follows the exchanges a
+:class:`~tunnel.Recorder` records and, each time it is asked, says how far the large
+ones in flight have come and how fast they move. Whoever displays them (the terminal
+panel, the plain report) asks as often as it redraws. (The other long operation shown,
+the wait before a reconnect, is the agent's own :class:`~tunnel.ReconnectWait`.)
 """
 
 from __future__ import annotations
@@ -14,13 +13,12 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from ._observe import Exchange, Recorder
+from ..client import Exchange, Recorder
 
 __all__ = [
     "LARGE_TRANSFER",
     "RATE_WINDOW",
     "Flow",
-    "ReconnectWait",
     "TransferProgress",
     "TransferWatch",
     "declared_length",
@@ -31,26 +29,6 @@ __all__ = [
 LARGE_TRANSFER = 1 << 20
 #: Seconds of samples a transfer's rate is measured over.
 RATE_WINDOW = 3.0
-
-
-@dataclass(frozen=True, slots=True)
-class ReconnectWait:
-    """The agent's wait before its next connection attempt.
-
-    Attributes:
-        attempt: Which attempt in a row it waits for: 1 for the first after a
-            lost connection or a failed attempt, 2 after two failures, and so on.
-        delay: How long the wait is, in seconds.
-        until: When it ends, on trio's clock (:func:`trio.current_time`).
-    """
-
-    attempt: int
-    delay: float
-    until: float
-
-    def remaining(self, now: float) -> float:
-        """Seconds left at ``now`` (trio's clock), never below zero."""
-        return max(0.0, self.until - now)
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,16 +18,15 @@ from typing import NoReturn
 
 import trio
 
-from . import __version__
-from ._configfile import load_client_config, load_server_config, parse_port_range
+from .. import __version__
+from .._configfile import load_client_config, load_server_config, parse_port_range
+from .._exceptions import ConfigError, RejectedError, TunnelError, UntrustedCertificateError
+from .._malloc import keep_freed_buffers
+from .._settings import cli_messages
+from ..client import Client, ClientState, Recorder
+from ..server import serve
 from ._demo import run_demo
-from ._exceptions import ConfigError, RejectedError, TunnelError, UntrustedCertificateError
-from ._malloc import keep_freed_buffers
-from ._panel import show_agent
-from ._settings import cli_messages
-from .client import Client, ClientState
-from .client._observe import Recorder
-from .server import serve
+from ._show import show_agent
 
 __all__ = ["main"]
 
@@ -415,7 +414,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
     if args.command in ("server", "http", "tcp"):
-        keep_freed_buffers()  # see _malloc.py: large buffers without page faults
+        keep_freed_buffers()  # see tunnel/_malloc.py: large buffers without page faults
     logging.basicConfig(
         level=logging.INFO if args.command == "server" else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

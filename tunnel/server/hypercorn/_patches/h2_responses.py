@@ -1,31 +1,28 @@
-"""Hypercorn fixes for HTTP/2 responses: bounded buffering, and unfinished ones reset.
+"""HTTP/2 responses: buffering bounded by what the visitor reads, unfinished ones reset.
 
-**A visitor that does not read makes Hypercorn buffer the whole response.**
-Hypercorn 0.17 and 0.18 pause an app's ``send`` while a stream's buffer holds
-more than two frames, until the sender takes the buffer below one frame; but
-when the visitor's flow-control window is shut, the sender "takes" zero bytes,
-which counts as a small take and releases the app at once, and every
-``send`` wakes the sender to do so again. A visitor that stops reading (or
-reads slowly) thus made the server read the agent's whole response into memory
-(256 MiB in a test with Hypercorn alone), which defeats the tunnel's
-end-to-end flow control and lets any HTTP/2 visitor fill the server's memory.
-The fix releases the app when the buffer, not the take, is small.
+**A visitor that does not read makes Hypercorn buffer the whole response.** Replaces
+``StreamBuffer.pop`` (``hypercorn/protocol/h2.py``, Hypercorn 0.17 and 0.18), which
+pauses an app's ``send`` while a stream's buffer holds more than two frames, until the
+sender takes the buffer below one frame; but when the visitor's flow-control window is
+shut, the sender "takes" zero bytes, which counts as a small take and releases the app at
+once, and every ``send`` wakes the sender to do so again. A visitor that stops reading (or
+reads slowly) thus made the server read the agent's whole response into memory, which
+defeats the tunnel's end-to-end flow control and lets any HTTP/2 visitor fill the server's
+memory. The replacement releases the app when the buffer, not the take, is small; it is
+installed only where ``pop`` has the line it replaces.
 
-**An HTTP/2 response the app leaves unfinished stays open.** Hypercorn 0.17 and
-0.18 handle an ASGI app that returns after ``http.response.start`` but before
-its last body message (or its trailers) by forgetting the stream: the
-visitor's HTTP/2 stream stays open, with neither END_STREAM nor RST_STREAM,
-until the visitor's own timeout, if it has one. A tunnel's response is cut that
-way whenever the agent or the local service fails mid-body, and HTTP/2's only
-honest word for that is RST_STREAM, which a gRPC client reads as the call's
-status and a browser as a failed download. With the fix, the stream is reset
-with the HTTP/2 error code that the app put in ``scope[RESET_CODE]`` (the code
-the agent's stream was reset with), or ``INTERNAL_ERROR`` when it put none (the
-app raised).
+**An HTTP/2 response the app leaves unfinished stays open.** Wraps
+``H2Protocol.stream_send`` (same file and versions). Hypercorn handles an ASGI app that
+returns after ``http.response.start`` but before its last body message (or its trailers)
+by forgetting the stream: the visitor's HTTP/2 stream stays open, with neither END_STREAM
+nor RST_STREAM, until the visitor's own timeout, if it has one. A tunnel's response is cut
+that way whenever the agent or the local service fails mid-body, and HTTP/2's only honest
+word for that is RST_STREAM, which a gRPC client reads as the call's status and a browser
+as a failed download. With the fix, the stream is reset with the HTTP/2 error code that
+the app put in ``scope[RESET_CODE]`` (:data:`tunnel._asgi.RESET_CODE`: the code the agent's
+stream was reset with), or ``INTERNAL_ERROR`` when it put none (the app raised).
 
-Both are applied with the other Hypercorn fixes, pinned to the versions they
-were verified on, and the first only where Hypercorn's code is the code it
-replaces.
+Both are pinned to the versions they were verified on, checked here.
 """
 
 from __future__ import annotations
@@ -42,12 +39,12 @@ from hypercorn.protocol.events import StreamClosed
 from hypercorn.protocol.h2 import H2Protocol, StreamBuffer
 from hypercorn.protocol.http_stream import HTTPStream
 
-__all__ = ["RESET_CODE", "fix_http2_responses"]
+from ...._asgi import RESET_CODE
+
+__all__ = ["fix_http2_responses"]
 
 logger = logging.getLogger("tunnel.server")
 
-#: The scope key an app sets to the error code an unfinished response is reset with.
-RESET_CODE: Final = "tunnel.reset_code"
 _VERIFIED: Final = ("0.17.", "0.18.")
 _applied = False
 

@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 
 import tunnel
-from tunnel.client._progress import (
+from tunnel.cli._progress import (
     LARGE_TRANSFER,
     Flow,
-    ReconnectWait,
     TransferWatch,
     declared_length,
     format_bytes,
 )
+from tunnel.client._state import ReconnectWait
 
 MiB = 1 << 20
 

@@ -40,7 +40,7 @@ does nothing.
 Any other exception out of one connection (Hypercorn's
 ``TCPServer.run``) would end ``serve`` the same way: the late-DATA
 ``KeyError`` and the PRIORITY ``TooManyStreamsError`` that
-``_hypercorn_patches.py`` fixes were two. So the subclass's ``run`` also
+``_patches/`` fixes were two. So the subclass's ``run`` also
 logs such an error with its traceback and ends only that connection: one
 visitor's bad bytes must never stop every tunnel, even through a Hypercorn
 bug nobody has found yet.
@@ -64,7 +64,7 @@ import trio
 from hypercorn.events import Closed, Event, RawData
 from hypercorn.trio.tcp_server import TCPServer
 
-from .._compat import HYPERCORN_GUARD
+from ..._compat import HYPERCORN_GUARD
 
 __all__ = ["install_hypercorn_guard"]
 

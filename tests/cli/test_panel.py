@@ -12,8 +12,11 @@ from rich.console import Console
 
 import tunnel
 from tunnel import ClientState
-from tunnel._panel import PLAIN_PROGRESS_INTERVAL, LivePanel, PlainReport, show_agent
-from tunnel.client._progress import ReconnectWait, TransferWatch
+from tunnel.cli._panel import LivePanel
+from tunnel.cli._progress import TransferWatch
+from tunnel.cli._report import PLAIN_PROGRESS_INTERVAL, PlainReport
+from tunnel.cli._show import show_agent
+from tunnel.client._state import ReconnectWait
 
 MiB = 1 << 20
 URL = "http://app.localhost:8000"

@@ -7,30 +7,28 @@ checks it: one request goes through the tunnel and its answer is printed.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
+from collections.abc import Callable
+from functools import partial
 
 import h11
-import hypercorn.config
-import hypercorn.trio
 import trio
 
-from ._config import ClientConfig, ServerConfig
-from .client import open_tunnel
-from .server import serve
+from .._asgi import Receive, Scope, Send
+from .._config import ClientConfig, ServerConfig
+from ..client import open_tunnel
+from ..server import serve
+from ..server.hypercorn._plain import serve_plain
 
 __all__ = ["run_demo"]
 
 DEMO_HOST = "demo.localhost"
 REQUEST_TIMEOUT = 10.0
 
-Message = MutableMapping[str, Any]
-
 
 async def sample_app(
-    scope: MutableMapping[str, Any],
-    receive: Callable[[], Awaitable[Message]],
-    send: Callable[[Message], Awaitable[None]],
+    scope: Scope,
+    receive: Receive,
+    send: Send,
 ) -> None:
     """The local service of the demo: says hello and who asked."""
     if scope["type"] == "lifespan":
@@ -86,22 +84,12 @@ async def fetch(port: int, host: str, path: str = "/") -> tuple[int, bytes]:
                     return status, bytes(body)
 
 
-def _sample_app_config() -> hypercorn.config.Config:
-    config = hypercorn.config.Config()
-    config.bind = ["127.0.0.1:0"]
-    config.accesslog = None
-    config.errorlog = None
-    return config
-
-
 async def run_demo(*, once: bool, print_: Callable[[str], None] = print) -> int:
     """Run the demo; return the process exit status (0 when the check passed)."""
     token = secrets.token_urlsafe(16)
     async with trio.open_nursery() as nursery:
         (app_url,) = await nursery.start(
-            hypercorn.trio.serve,
-            sample_app,
-            _sample_app_config(),
+            partial(serve_plain, sample_app, "127.0.0.1:0", errorlog=None)
         )
         app_port = int(app_url.rsplit(":", 1)[1])
         (server_url,) = await nursery.start(
