@@ -64,21 +64,21 @@ class Fix:
 
 HYPERCORN_GUARD: Final = Fix(
     "the guard that keeps one HTTP connection's failure (such as a visitor "
-    "leaving mid-response) from stopping the server (tunnel/server/_hypercorn_guard.py)",
+    "leaving mid-response) from stopping the server (tunnel/server/hypercorn/_guard.py)",
     "hypercorn",
     ("0.17.", "0.18."),
 )
-#: The fixes of tunnel/server/_hypercorn_patches.py, on or off together.
+#: The fixes of tunnel/server/hypercorn/_patches/, on or off together.
 HYPERCORN_FIXES: Final = Fix(
     "Hypercorn's HTTP/2 fixes (late DATA, PRIORITY floods, requests without "
     ":path), WebSocket close codes and message buffers, and 256 KiB reads "
-    "(tunnel/server/_hypercorn_patches.py)",
+    "(tunnel/server/hypercorn/_patches/)",
     "hypercorn",
     ("0.17.", "0.18."),
 )
 HYPERCORN_DISCONNECT_NOTICE: Final = Fix(
     "the visitor-left notice that saves a task per request "
-    "(tunnel/server/_hypercorn_patches.py, NotifyingReceive)",
+    "(tunnel/server/hypercorn/_patches/disconnect_notice.py)",
     "hypercorn",
     # spawn_app and _handle are the same in 0.17.0 to 0.18.0 but for typing.
     ("0.17.", "0.18."),
