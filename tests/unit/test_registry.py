@@ -21,7 +21,7 @@ HOST = "app.localhost"
 
 @dataclass
 class Link:
-    """What the registry reads from a session's Mux (and its statistics)."""
+    """What the registry reads from a session's link (and its statistics)."""
 
     ready: bool = True
     accepting: bool = True

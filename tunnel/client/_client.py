@@ -27,7 +27,6 @@ from .._exceptions import (
     is_permanent,
     rejection_for_status,
 )
-from .._mux import MAX_MESSAGE, Mux, Stream
 from .._protocol.handshake import (
     AGENT_ID_HEADER,
     DISCONNECTED_CLOSE_CODE,
@@ -44,6 +43,7 @@ from .._protocol.handshake import (
 from .._protocol.headers import header_value, is_websocket_connect
 from .._settings import client_setting
 from .._transport.websocket import HandshakeGuard, WebSocketTransport
+from ..link import MAX_MESSAGE, Link, Stream
 from ._inspector import open_inspector
 from ._keys import AgentKey
 from ._observe import Observer, Recorder, agent_observers
@@ -109,7 +109,7 @@ class Client:
         # One connection per server worker process, each in a slot of its own
         # with its own reconnect loop; slot 0 is the first and always runs.
         #: Slot → its HTTP/2 session, while that connection is up.
-        self._links: dict[int, Mux] = {}
+        self._links: dict[int, Link] = {}
         #: Slot → the worker its connection reached (while up, or handshaking).
         self._workers: dict[int, str] = {}
         #: Slot → when its connection came up (trio time).
@@ -568,9 +568,8 @@ class Client:
                 raise ConnectionLostError("the server accepted a TCP tunnel but gave no port")
             # Ask for the same port after a reconnect, so the address holds.
             self._remote_port = int(port)
-        mux = Mux(
-            client_side=False,
-            transport=WebSocketTransport(ws),
+        mux = Link.answerer(
+            WebSocketTransport(ws),
             keepalive_interval=config.keepalive_interval,
             keepalive_timeout=config.keepalive_timeout,
             max_concurrent_streams=config.max_concurrent_streams,

@@ -22,13 +22,13 @@ import h2.errors
 import h11
 import trio
 
-from .._mux import Stream, StreamError
 from .._protocol.headers import (
     header_value,
     local_request_headers,
     response_headers_from_local,
 )
 from .._protocol.pages import PAGE_HEADERS, error_page
+from ..link import Stream, StreamError
 
 if TYPE_CHECKING:
     from ._observe import ExchangeObserver, Observer

@@ -2,7 +2,7 @@
 
 Everything that talks HTTP/2 to the local service lives here: one long-lived
 connection carries every such request as a stream of its own, driven by the
-same :class:`~tunnel._mux.Mux` as the link to the server, so the rules of the
+same :class:`~tunnel.link.Link` as the link to the server, so the rules of the
 hot path hold on this hop too:
 
 * Flow control is end to end: a DATA chunk from the local service is
@@ -35,11 +35,11 @@ from typing import TYPE_CHECKING, Final
 import h2.errors
 import trio
 
-from .._mux import Mux, Stream, StreamError
 from .._protocol.grpc import is_grpc
 from .._protocol.headers import Headers, header_value, strip_hop_by_hop
 from .._settings import client_setting
 from .._transport import ABNORMAL_CLOSURE, TransportClosed
+from ..link import Link, Stream, StreamError
 from ._upstream import LocalFailure, answer_error
 
 if TYPE_CHECKING:
@@ -111,25 +111,6 @@ class _SocketTransport:
             await trio.aclose_forcefully(self._stream)
 
 
-class _LocalMux(Mux):
-    """The mux for the local service: a peer the agent's user runs, so trusted more.
-
-    gRPC servers send a PING to estimate bandwidth (BDP) after bursts of DATA,
-    which under load passes the flood limit meant for hostile peers; that
-    limit would drop every call on the connection.
-    """
-
-    __slots__ = ()
-
-    def _count_control_frame(self) -> None:
-        pass
-
-    def _count_free_frame(self) -> None:
-        # Connection WINDOW_UPDATEs likewise: gRPC servers send them as they
-        # tune their windows, not to make us work.
-        pass
-
-
 class LocalH2:
     """HTTP/2 to the local service: one shared connection, replaced when it goes away.
 
@@ -159,7 +140,7 @@ class LocalH2:
         #: Whether the local service speaks HTTP/2: None until a connection
         #: attempt got an answer either way (what ``auto`` remembers).
         self.supported: bool | None = None
-        self._mux: Mux | None = None
+        self._mux: Link | None = None
         self._lock = trio.Lock()
         self._nursery: trio.Nursery | None = None
 
@@ -211,7 +192,7 @@ class LocalH2:
                 await self._connection()
         return bool(self.supported)
 
-    async def _connection(self) -> Mux:
+    async def _connection(self) -> Link:
         mux = self._mux
         if mux is not None and mux.accepting:
             return mux
@@ -221,21 +202,26 @@ class LocalH2:
                 return mux
             if self._nursery is None:
                 raise LocalFailure(502, "The agent is shutting down.")
-            started: Mux = await self._nursery.start(self._run_connection)
+            started: Link = await self._nursery.start(self._run_connection)
             self._mux = started
             return started
 
-    async def _run_connection(self, task_status: trio.TaskStatus[Mux]) -> None:
+    async def _run_connection(self, task_status: trio.TaskStatus[Link]) -> None:
         socket = await self._connect()
-        mux = _LocalMux(
-            client_side=True,
-            transport=_SocketTransport(socket),
+        mux = Link.opener(
+            _SocketTransport(socket),
             # No PINGs: gRPC servers count a PING more often than every five
             # minutes as abuse and send GOAWAY (too_many_pings) after two, which
             # would end long calls. A local service that dies closes its socket.
             keepalive_interval=math.inf,
             keepalive_timeout=math.inf,
             max_concurrent_streams=PEER_STREAMS,
+            # A peer the agent's user runs, so trusted more: gRPC servers send
+            # a PING to estimate bandwidth (BDP) after bursts of DATA, which
+            # under load passes the flood limit meant for hostile peers and
+            # would drop every call on the connection; and connection
+            # WINDOW_UPDATEs as they tune their windows, not to make us work.
+            trusted_peer_frames=True,
         )
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._run_mux, mux)
@@ -254,7 +240,7 @@ class LocalH2:
             502, f"The local service at {self.label} does not speak HTTP/2 ({reason})."
         )
 
-    async def _run_mux(self, mux: Mux) -> None:
+    async def _run_mux(self, mux: Link) -> None:
         reason = await mux.run()
         logger.debug("HTTP/2 connection to the local service %s ended: %s", self.label, reason)
         if self._mux is mux:

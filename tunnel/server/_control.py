@@ -17,7 +17,6 @@ import trio
 
 from .._config import ServerConfig
 from .._exceptions import ConfigError
-from .._mux import Mux
 from .._protocol.handshake import (
     AGENT_ID_HEADER,
     DUPLICATE_STATUS,
@@ -39,6 +38,7 @@ from .._protocol.hosts import host_from_authority, in_domain, normalize_host
 from .._protocol.policy import ALLOW_HEADER, BASIC_AUTH_HEADER, DENY_HEADER, VisitorPolicy
 from .._transport import ABNORMAL_CLOSURE
 from .._transport.asgi import ASGIWebSocketTransport
+from ..link import Link
 from ._access import AccessControl, Denied, Identity
 from ._hooks import ConnectRequest, TunnelInfo
 from ._pages import refuse_websocket
@@ -116,9 +116,8 @@ async def serve_agent(
         accept_headers.append((TCP_PORT_HEADER.encode(), str(port).encode()))
     await send({"type": "websocket.accept", "subprotocol": SUBPROTOCOL, "headers": accept_headers})
     transport = ASGIWebSocketTransport(receive, send)
-    mux = Mux(
-        client_side=True,
-        transport=transport,
+    mux = Link.opener(
+        transport,
         keepalive_interval=config.keepalive_interval,
         keepalive_timeout=config.keepalive_timeout,
     )

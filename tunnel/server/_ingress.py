@@ -21,9 +21,9 @@ import h2.errors
 import trio
 
 from .._config import ServerConfig
-from .._mux import Stream, StreamError
 from .._protocol.grpc import is_grpc, split_trailers_only, status_for_reset, status_trailers
 from .._protocol.headers import Headers, declares_trailers, header_value, tunnel_request_headers
+from ..link import Stream, StreamError
 from ._hooks import RequestInfo
 from ._hypercorn_h2 import RESET_CODE
 from ._hypercorn_patches import NotifyingReceive

@@ -19,8 +19,8 @@ from wsproto.connection import Connection, ConnectionState, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Message, Ping, TextMessage
 
 from .._config import ServerConfig
-from .._mux import Stream, StreamError
 from .._protocol.headers import header_value, tunnel_request_headers, websocket_connect_headers
+from ..link import Stream, StreamError
 from ._pages import refuse_websocket
 from ._registry import AgentSession
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import trio
 
-from .._mux import Mux
 from .._protocol.policy import VisitorPolicy
+from ..link import Link
 from ._hooks import TunnelInfo
 from ._ledger import HostLedger
 
@@ -63,7 +63,7 @@ class AgentSession:
         self,
         info: TunnelInfo,
         digest: bytes,
-        mux: Mux,
+        mux: Link,
         policy: VisitorPolicy | None = None,
         *,
         pool: bool = False,

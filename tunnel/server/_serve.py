@@ -16,7 +16,7 @@ from hypercorn.trio.run import worker_serve
 from hypercorn.utils import wrap_app
 
 from .._config import ServerConfig, parse_listen_address
-from .._mux import MAX_MESSAGE
+from ..link import MAX_MESSAGE
 from ._app import ASGIApp, Message, Receive, Scope, Send, TunnelApp
 from ._hypercorn_guard import install_hypercorn_guard
 from ._hypercorn_patches import set_websocket_buffer

@@ -15,11 +15,10 @@ import h2.errors
 import trio
 
 from .._config import ServerConfig
-from .._mux import StreamError
-from .._pipe import pipe
 from .._protocol.handshake import REPLACED_CLOSE_CODE
 from .._protocol.headers import header_value
 from .._settings import server_setting
+from ..link import StreamError, pipe
 from ._access import Denied
 from ._registry import AgentSession, HostInUse, Registry
 
