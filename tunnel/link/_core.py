@@ -40,7 +40,7 @@ import h2.settings
 
 from .._transport import TransportClosed
 from ._abuse import MAX_UNREAD_ANSWERS, Abuse, AbuseCounters
-from ._h2compat import H2Connection, compact_settings
+from ._h2compat import OUTBOUND_BUFFER, H2Connection, compact_settings
 from ._state import (
     CONNECTION_WINDOW,
     KEEPALIVE_BUSY_PERIODS,
@@ -204,7 +204,7 @@ class LinkCore(StreamOperations[S]):
         # What h2 queued beyond our own DATA is answers to the peer's frames
         # (PING ACKs, RST_STREAMs for frames on closed streams, ...). A peer
         # that makes us answer while it reads nothing would fill our memory.
-        if self._conn.queued_bytes() - self.queued > MAX_UNREAD_ANSWERS:
+        if len(getattr(self._conn, OUTBOUND_BUFFER, b"")) - self.queued > MAX_UNREAD_ANSWERS:
             raise Abuse("the peer stopped reading while its frames kept asking for answers")
         self.kick_if_queued()
         return opened

@@ -39,7 +39,7 @@ from ._state import MAX_HEADER_BLOCK, Phase
 if TYPE_CHECKING:
     from ._core import LinkCore
 
-__all__ = ["H2Connection", "compact_header_tables", "compact_settings"]
+__all__ = ["OUTBOUND_BUFFER", "H2Connection", "compact_header_tables", "compact_settings"]
 
 
 # -- hyperframe ------------------------------------------------------------------
@@ -64,7 +64,7 @@ if hasattr(hyperframe.frame, "_raw_data_repr") and HYPERFRAME_REPR.on:
 #
 # h2 keeps each setting's current value, and any values sent but not yet
 # acknowledged, in a ``collections.deque``, and hpack its table entries too:
-# some 600 bytes each even when it holds one value. The server keeps one
+# hundreds of bytes each even when it holds one value. The server keeps one
 # connection per agent, idle or not, so these deques were a large part of
 # what an idle agent costs it (benchmarks/README.rst, idle agents). A list
 # holding the same values does the same job at a tenth of the size: h2 only
@@ -127,6 +127,12 @@ class _FrameBuffer(h2.frame_buffer.FrameBuffer):
         return result
 
 
+#: The name of h2's private buffer of bytes queued for ``data_to_send()``. The
+#: core reads it with ``getattr`` on the hot path (a method here would cost a
+#: Python call per received message and per acknowledgement), defaulting to
+#: "something queued" should a release rename it.
+OUTBOUND_BUFFER: Final = "_data_to_send"
+
 #: Whether the installed h2 is one whose ``_receive_frame`` the copy in
 #: :class:`H2Connection` follows.
 _H2_RECEIVE_FRAME_VERIFIED: Final = H2_FRAME_READER.on
@@ -163,14 +169,6 @@ class H2Connection(h2.connection.H2Connection):
                     for frame, handler in self._frame_dispatch_table.items()
                 }
             del self._frame_dispatch_table
-
-    def queued_bytes(self) -> int:
-        """How many bytes h2 holds for :meth:`data_to_send` (h2's private buffer)."""
-        return len(getattr(self, "_data_to_send", b""))
-
-    def has_queued(self) -> bool:
-        """Whether h2 holds bytes to send; True when that cannot be told."""
-        return bool(getattr(self, "_data_to_send", True))
 
     def forget_stream(self, stream_id: int) -> None:
         """Drop a closed stream from h2's table, remembering how it closed.

@@ -15,7 +15,7 @@ from typing import Generic, TypeVar
 import h2.exceptions
 
 from .._protocol.headers import Headers
-from ._h2compat import H2Connection
+from ._h2compat import OUTBOUND_BUFFER, H2Connection
 from ._state import OUTBOUND_HIGH_WATER, Phase, StreamError
 from ._stream import StreamState
 
@@ -58,7 +58,7 @@ class StreamOperations(Generic[S]):
         # Most received frames and acknowledgements make h2 queue nothing (it
         # sends WINDOW_UPDATE only once half a window is used up); waking the
         # writer for nothing cost a task switch per request on each side.
-        if self._conn.has_queued():
+        if getattr(self._conn, OUTBOUND_BUFFER, True):
             self._frames_queued()
 
     # -- opening streams -------------------------------------------------------

@@ -14,6 +14,7 @@ The rules that keep it fast:
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -157,7 +158,8 @@ class Link:
     ) -> None:
         self._core: LinkCore[Stream] = LinkCore(
             role,
-            new_stream=self._new_stream,
+            # A partial, not a method: no Python frame per stream opened.
+            new_stream=functools.partial(Stream, self),
             frames_queued=self._kick,
             clock=trio.current_time,
             max_concurrent_streams=max_concurrent_streams,
@@ -226,9 +228,6 @@ class Link:
             on_stream=on_stream,
             trusted_peer=trusted_peer,
         )
-
-    def _new_stream(self, stream_id: int) -> Stream:
-        return Stream(self, stream_id)
 
     # -- what the core knows -----------------------------------------------------
 
