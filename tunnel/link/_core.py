@@ -3,10 +3,12 @@
 Everything that decides lives here: the table of streams, flow-control
 accounting, the connection's :class:`~._state.Phase` (the one place that says
 whether h2 may still send), what the peer's GOAWAY means for each stream, and
-the abuse counters. It does no I/O and never waits, so it imports no trio:
-bytes go in through :meth:`LinkCore.receive_data`, frames come out of
-:meth:`LinkCore.data_to_send`. The shell that runs it (:mod:`._trio`) is told
-of news three ways, each as cheap as the direct call it replaced:
+the abuse counters; the operations a stream's task asks for (open, send, end,
+reset) are in :mod:`._streams`, which :class:`LinkCore` inherits. It does no
+I/O and never waits, so it imports no trio: bytes go in through
+:meth:`LinkCore.receive_data`, frames come out of :meth:`LinkCore.data_to_send`.
+The shell that runs it (:mod:`._trio`) is told of news three ways, each as
+cheap as the direct call it replaced:
 
 * ``frames_queued()``, a callback, whenever h2 has something new to send;
 * the hooks of :class:`StreamState` (``_notify``, ``_stop``, the ``_window``
