@@ -346,7 +346,7 @@ for name, path in [("tunnel", "tunnel"), ("tunnel.link", "tunnel/link")]:
     package.__path__ = [{str(ROOT)!r} + "/" + path]
     sys.modules[name] = package
 import tunnel.link._core, tunnel.link._h2compat, tunnel.link._abuse
-import tunnel.link._state, tunnel.link._stream, tunnel.link._streams
+import tunnel.link._state, tunnel.link._stream, tunnel.link._operations
 assert "trio" not in {{m.split(".")[0] for m in sys.modules if sys.modules[m] is not None}}
 """
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=60)

@@ -212,7 +212,7 @@ class Client:
     @property
     def open_streams(self) -> int:
         """Requests, WebSockets and TCP connections in flight through the tunnel now."""
-        return sum(mux.open_streams for mux in self._links.values())
+        return sum(link.open_streams for link in self._links.values())
 
     @property
     def server_connections(self) -> int:
@@ -568,7 +568,7 @@ class Client:
                 raise ConnectionLostError("the server accepted a TCP tunnel but gave no port")
             # Ask for the same port after a reconnect, so the address holds.
             self._remote_port = int(port)
-        mux = Link.answerer(
+        link = Link.answerer(
             WebSocketTransport(ws),
             keepalive_interval=config.keepalive_interval,
             keepalive_timeout=config.keepalive_timeout,
@@ -578,11 +578,11 @@ class Client:
         )
         try:
             async with trio.open_nursery() as nursery:
-                await nursery.start(mux.run)
-                self._links[slot] = mux
+                await nursery.start(link.run)
+                self._links[slot] = link
                 if self._is_closing():
                     # Up just as aclose() drained the others: it drains too.
-                    nursery.start_soon(mux.drain, config.drain_timeout)
+                    nursery.start_soon(link.drain, config.drain_timeout)
                 self._connected_at[slot] = trio.current_time()
                 self._update_state()
                 if len(self._links) == 1:
@@ -599,20 +599,20 @@ class Client:
                 self._phase = ClientState.DISCONNECTED
             elif not self._is_closing():
                 self._update_state()
-        if mux.peer_close_code == REPLACED_CLOSE_CODE:
+        if link.peer_close_code == REPLACED_CLOSE_CODE:
             raise HostInUseError(
                 f"another agent with the same identity took over {self.url}; this one stops "
                 "(two agents with one token and host replace each other: give each its own, "
                 "or set pool on both to share the host)"
             )
-        if mux.peer_close_code == DISCONNECTED_CLOSE_CODE:
+        if link.peer_close_code == DISCONNECTED_CLOSE_CODE:
             raise RejectedError(
                 f"the server's operator disconnected {self.url}; this agent stops "
-                f"({mux.closed_reason})",
+                f"({link.closed_reason})",
                 status=403,
             )
         if not self._is_closing():
-            raise ConnectionLostError(f"lost the connection to the server: {mux.closed_reason}")
+            raise ConnectionLostError(f"lost the connection to the server: {link.closed_reason}")
 
     async def _handshake_headers(
         self, stream: trio.abc.Stream, authority: str, held: list[str]
@@ -722,8 +722,8 @@ class Client:
             await links[0].drain(self.config.drain_timeout)
             return
         async with trio.open_nursery() as nursery:
-            for mux in links:
-                nursery.start_soon(mux.drain, self.config.drain_timeout)
+            for link in links:
+                nursery.start_soon(link.drain, self.config.drain_timeout)
 
 
 def _websocket_failure(

@@ -73,7 +73,7 @@ def needs_h2(headers: Sequence[tuple[bytes, bytes]]) -> bool:
 
 
 class _SocketTransport:
-    """A byte stream (TCP or TLS) as the mux's :class:`MessageTransport`.
+    """A byte stream (TCP or TLS) as the link's :class:`MessageTransport`.
 
     HTTP/2 frames need no message boundaries, so each "message" is simply
     whatever one read returned.
@@ -140,7 +140,7 @@ class LocalH2:
         #: Whether the local service speaks HTTP/2: None until a connection
         #: attempt got an answer either way (what ``auto`` remembers).
         self.supported: bool | None = None
-        self._mux: Link | None = None
+        self._link: Link | None = None
         self._lock = trio.Lock()
         self._nursery: trio.Nursery | None = None
 
@@ -163,7 +163,7 @@ class LocalH2:
                 await trio.sleep_forever()
         finally:
             self._nursery = None
-            self._mux = None
+            self._link = None
 
     async def open_stream(self, headers: Headers, *, end_stream: bool) -> Stream:
         """Open a stream to the local service, connecting first if needed.
@@ -172,9 +172,9 @@ class LocalH2:
             LocalFailure: The local service cannot be reached over HTTP/2.
         """
         for attempt in range(2):
-            mux = await self._connection()
+            link = await self._connection()
             try:
-                return await mux.open_stream(headers, end_stream=end_stream)
+                return await link.open_stream(headers, end_stream=end_stream)
             except StreamError as exc:
                 # The connection went away between the check and the stream
                 # (GOAWAY, a lost socket): nothing reached the service, so a
@@ -193,22 +193,22 @@ class LocalH2:
         return bool(self.supported)
 
     async def _connection(self) -> Link:
-        mux = self._mux
-        if mux is not None and mux.accepting:
-            return mux
+        link = self._link
+        if link is not None and link.accepting:
+            return link
         async with self._lock:
-            mux = self._mux
-            if mux is not None and mux.accepting:
-                return mux
+            link = self._link
+            if link is not None and link.accepting:
+                return link
             if self._nursery is None:
                 raise LocalFailure(502, "The agent is shutting down.")
             started: Link = await self._nursery.start(self._run_connection)
-            self._mux = started
+            self._link = started
             return started
 
     async def _run_connection(self, task_status: trio.TaskStatus[Link]) -> None:
         socket = await self._connect()
-        mux = Link.opener(
+        link = Link.opener(
             _SocketTransport(socket),
             # No PINGs: gRPC servers count a PING more often than every five
             # minutes as abuse and send GOAWAY (too_many_pings) after two, which
@@ -224,27 +224,27 @@ class LocalH2:
             trusted_peer_frames=True,
         )
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._run_mux, mux)
+            nursery.start_soon(self._run_link, link)
             with trio.move_on_after(self.connect_timeout):
-                if await mux.wait_peer_settings():
+                if await link.wait_peer_settings():
                     self.supported = True
-                    task_status.started(mux)
+                    task_status.started(link)
                     return  # the nursery keeps the connection until it ends
             # An HTTP/1.1-only service answers the preface with an error (or
             # nothing): it does not speak HTTP/2, and ``auto`` remembers that.
-            reason = mux.closed_reason or "no HTTP/2 SETTINGS in time"
-            mux.close(reason, ABNORMAL_CLOSURE)
+            reason = link.closed_reason or "no HTTP/2 SETTINGS in time"
+            link.close(reason, ABNORMAL_CLOSURE)
         if self.supported is None:
             self.supported = False
         raise LocalFailure(
             502, f"The local service at {self.label} does not speak HTTP/2 ({reason})."
         )
 
-    async def _run_mux(self, mux: Link) -> None:
-        reason = await mux.run()
+    async def _run_link(self, link: Link) -> None:
+        reason = await link.run()
         logger.debug("HTTP/2 connection to the local service %s ended: %s", self.label, reason)
-        if self._mux is mux:
-            self._mux = None
+        if self._link is link:
+            self._link = None
 
     async def _connect(self) -> trio.abc.Stream:
         try:

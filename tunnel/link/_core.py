@@ -4,7 +4,7 @@ Everything that decides lives here: the table of streams, flow-control
 accounting, the connection's :class:`~._state.Phase` (the one place that says
 whether h2 may still send), what the peer's GOAWAY means for each stream, and
 the abuse counters; the operations a stream's task asks for (open, send, end,
-reset) are in :mod:`._streams`, which :class:`LinkCore` inherits. It does no
+reset) are in :mod:`._operations`, which :class:`LinkCore` inherits. It does no
 I/O and never waits, so it imports no trio: bytes go in through
 :meth:`LinkCore.receive_data`, frames come out of :meth:`LinkCore.data_to_send`.
 The shell that runs it (:mod:`._trio`) is told of news three ways, each as
@@ -43,6 +43,7 @@ import h2.settings
 from .._transport import TransportClosed
 from ._abuse import MAX_UNREAD_ANSWERS, Abuse, AbuseCounters
 from ._h2compat import OUTBOUND_BUFFER, H2Connection, compact_settings
+from ._operations import StreamOperations
 from ._state import (
     CONNECTION_WINDOW,
     KEEPALIVE_BUSY_PERIODS,
@@ -55,7 +56,6 @@ from ._state import (
     StreamError,
 )
 from ._stream import Ping, StreamState, Waker
-from ._streams import StreamOperations
 
 __all__ = ["LinkCore"]
 
