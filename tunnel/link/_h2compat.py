@@ -20,8 +20,8 @@ h2 internals that every h2 4 release has; nothing here imports trio.
 from __future__ import annotations
 
 import binascii
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, ClassVar, Final
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar, Final, Protocol
 
 import h2.config
 import h2.connection
@@ -34,12 +34,22 @@ import hyperframe.frame
 from hyperframe.frame import DataFrame, Frame, GoAwayFrame, RstStreamFrame
 
 from .._compat import H2_FRAME_READER, HYPERFRAME_REPR
+from ._abuse import AbuseCounters
 from ._state import MAX_HEADER_BLOCK, Phase
 
-if TYPE_CHECKING:
-    from ._core import LinkCore
-
 __all__ = ["OUTBOUND_BUFFER", "H2Connection", "compact_header_tables", "compact_settings"]
+
+
+class _Core(Protocol):
+    """What the connection reads and tells of its core (:class:`~._core.LinkCore`)."""
+
+    phase: Phase
+    abuse: AbuseCounters
+
+    @property
+    def streams(self) -> Mapping[int, object]: ...
+
+    def peer_goaway_closed_h2(self) -> None: ...
 
 
 # -- hyperframe ------------------------------------------------------------------
@@ -154,7 +164,7 @@ class H2Connection(h2.connection.H2Connection):
     #: Frame class -> h2's handler, shared by every connection (see __init__).
     _dispatch: ClassVar[dict[type[Frame], Callable[..., Any]] | None] = None
 
-    def __init__(self, config: h2.config.H2Configuration, core: LinkCore[Any]) -> None:
+    def __init__(self, config: h2.config.H2Configuration, core: _Core) -> None:
         super().__init__(config)
         self._core_streams = core.streams
         self._core = core

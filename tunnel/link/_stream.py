@@ -8,15 +8,12 @@ waiting; the core wakes that through the hooks below and the ``_window``
 from __future__ import annotations
 
 from collections import deque
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Protocol
 
 import h2.errors
 
 from .._protocol.headers import Headers
 from ._state import StreamError
-
-if TYPE_CHECKING:
-    from ._core import LinkCore
 
 __all__ = ["Ping", "StreamState", "Waker"]
 
@@ -29,6 +26,18 @@ class Waker(Protocol):
 
     async def wait(self) -> None:
         """Wait to be woken (used by the shell only)."""
+
+
+class _Core(Protocol):
+    """What a stream asks of its core (:class:`~._core.LinkCore`)."""
+
+    def acknowledge(self, stream_id: int, size: int) -> None: ...
+
+    def send_headers(self, stream: StreamState, headers: Headers, end_stream: bool) -> None: ...
+
+    def end_stream(self, stream: StreamState) -> None: ...
+
+    def reset_stream(self, stream: StreamState, code: int) -> None: ...
 
 
 class StreamState:
@@ -54,7 +63,7 @@ class StreamState:
         "trailers",
     )
 
-    def __init__(self, core: LinkCore[Any], stream_id: int) -> None:
+    def __init__(self, core: _Core, stream_id: int) -> None:
         self._core = core
         self.id = stream_id
         self.headers: Headers | None = None
