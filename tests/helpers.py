@@ -45,6 +45,7 @@ import itertools
 import json
 import os
 import select
+import signal
 import socket
 import subprocess
 import sys
@@ -65,14 +66,18 @@ __all__ = [
     "STREAM_CHUNK_1",
     "STREAM_CHUNK_2",
     "LocalService",
+    "Outcome",
     "Processes",
     "Recorded",
     "RecordingService",
     "eventually",
+    "fetch",
     "free_port",
     "response_body",
     "serve_local",
+    "stop_politely",
     "visitor",
+    "wait_until_inside",
 ]
 
 Scope = MutableMapping[str, Any]
@@ -315,6 +320,51 @@ async def eventually(condition: Callable[[], bool], limit: float = 5.0) -> None:
             return
         await trio.sleep(0.02)
     assert condition()
+
+
+async def wait_until_inside(service: LocalService, path: str) -> None:
+    """Wait (up to 5 s) until ``service`` has received a GET for ``path``."""
+    await eventually(lambda: ("GET", path) in service.requests)
+
+
+class Outcome:
+    """What a visitor's request got, and when: filled in by :func:`fetch`."""
+
+    def __init__(self) -> None:
+        self.response: httpx.Response | None = None
+        #: The client's error, if ``fetch`` was told to keep it (else it propagates).
+        self.error: httpx.HTTPError | None = None
+        self.at = 0.0
+        self.done = trio.Event()
+
+
+async def fetch(
+    http: httpx.AsyncClient, path: str, outcome: Outcome, *, keep_error: bool = False
+) -> None:
+    """GET ``path`` (run it in the background) and record the answer in ``outcome``.
+
+    With ``keep_error``, a client error (a connection cut, a timeout) is an
+    outcome like an answer; without it, it fails the test.
+    """
+    try:
+        outcome.response = await http.get(path)
+    except httpx.HTTPError as exc:
+        if not keep_error:
+            raise
+        outcome.error = exc
+    finally:
+        outcome.at = trio.current_time()
+        outcome.done.set()
+
+
+async def stop_politely(process: trio.Process) -> None:
+    """``deliver_cancel`` for a script that starts processes of its own: SIGTERM lets
+    it stop them; SIGKILL after 10 s.
+    """
+    process.send_signal(signal.SIGTERM)
+    with trio.move_on_after(10):
+        await process.wait()
+    process.kill()
 
 
 def free_port() -> int:

@@ -94,6 +94,8 @@ class Restarts:
     step: str = "warming up"
     #: Processes stopped by SIGTERM that exited non-zero or printed a traceback.
     unclean: list[str] = field(default_factory=list)
+    #: Set (and replaced) each time a GET is sent.
+    more_sent: trio.Event = field(default_factory=trio.Event, repr=False)
 
     @property
     def bad_gateway(self) -> int:
@@ -178,6 +180,8 @@ def _children(pid: int) -> set[int]:
 
 async def _visit(http: httpx.AsyncClient, restarts: Restarts, path: str) -> None:
     restarts.sent += 1
+    restarts.more_sent.set()
+    restarts.more_sent = trio.Event()
     try:
         with trio.fail_after(REQUEST_TIMEOUT):
             try:
@@ -311,7 +315,7 @@ async def _sent_more(restarts: Restarts, count: int) -> None:
     target = restarts.sent + count
     with trio.fail_after(STEP_TIMEOUT):
         while restarts.sent < target:
-            await trio.sleep(0.05)
+            await restarts.more_sent.wait()
 
 
 async def _start_agent(

@@ -7,21 +7,14 @@ every section of its JSON, never how fast anything was.
 from __future__ import annotations
 
 import json
-import signal
 import sys
 from pathlib import Path
 
 import trio
 
+from helpers import stop_politely
+
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench.py"
-
-
-async def _stop_politely(process: trio.Process) -> None:
-    # SIGTERM lets the script stop the processes it started.
-    process.send_signal(signal.SIGTERM)
-    with trio.move_on_after(10):
-        await process.wait()
-    process.kill()
 
 
 async def test_quick_benchmark_runs_and_writes_every_section(tmp_path: Path) -> None:
@@ -35,7 +28,7 @@ async def test_quick_benchmark_runs_and_writes_every_section(tmp_path: Path) -> 
             capture_stdout=True,
             capture_stderr=True,
             check=False,
-            deliver_cancel=_stop_politely,
+            deliver_cancel=stop_politely,
         )
     out, err = result.stdout.decode(), result.stderr.decode()
     assert result.returncode == 0, f"{out}\n{err}"

@@ -22,7 +22,7 @@ import trio_websocket
 from faultproxy import FaultProxy
 
 import tunnel
-from helpers import STREAM_CHUNK_1, STREAM_CHUNK_2, LocalService, eventually
+from helpers import STREAM_CHUNK_1, STREAM_CHUNK_2, Outcome, eventually, fetch, wait_until_inside
 from tunnel._protocol.handshake import HOST_HEADER, SUBPROTOCOL
 
 CONNECTING = tunnel.ClientState.CONNECTING
@@ -45,26 +45,6 @@ async def start_proxy(nursery: trio.Nursery, port: int) -> FaultProxy:
 async def next_state(states: trio.MemoryReceiveChannel[tunnel.ClientState]) -> tuple[Any, float]:
     state = await states.receive()
     return state, trio.current_time()
-
-
-async def wait_until_inside(service: LocalService, path: str) -> None:
-    """Wait until ``service`` has received a request for ``path``."""
-    await eventually(lambda: ("GET", path) in service.requests)
-
-
-class Outcome:
-    """What a visitor's request got, and when."""
-
-    def __init__(self) -> None:
-        self.response: httpx.Response | None = None
-        self.at = 0.0
-        self.done = trio.Event()
-
-
-async def fetch(http: httpx.AsyncClient, path: str, outcome: Outcome) -> None:
-    outcome.response = await http.get(path)
-    outcome.at = trio.current_time()
-    outcome.done.set()
 
 
 async def test_black_hole_is_detected_and_the_agent_comes_back(

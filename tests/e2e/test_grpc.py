@@ -731,3 +731,136 @@ async def test_a_visitor_that_does_not_read_holds_the_local_service_back(
                         elif isinstance(event, h2.events.StreamEnded):
                             ended = True
     assert received == size
+
+
+class _StalledService:
+    """A bare h2c service that reads nothing until ``release`` is set.
+
+    It leaves each request's DATA unacknowledged, so its flow-control windows
+    fill and the agent must stop sending; once released it reads everything
+    and answers with the body's SHA-256. It counts the PINGs it gets.
+    """
+
+    def __init__(self) -> None:
+        self.release = trio.Event()
+        self.received = 0
+        self.pings = 0
+
+    async def handle(self, socket: trio.SocketStream) -> None:
+        conn = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=False, header_encoding=None)
+        )
+        conn.initiate_connection()
+        await socket.send_all(conn.data_to_send())
+        digests: dict[int, Any] = {}
+        unread: list[tuple[int, int]] = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._read_when_released, socket, conn, unread)
+            while data := await socket.receive_some(1 << 16):
+                for event in conn.receive_data(data):
+                    if isinstance(event, h2.events.PingReceived):
+                        self.pings += 1
+                    elif isinstance(event, h2.events.RequestReceived):
+                        digests[event.stream_id] = hashlib.sha256()
+                    elif isinstance(event, h2.events.DataReceived):
+                        self.received += len(event.data)
+                        digests[event.stream_id].update(event.data)
+                        size = event.flow_controlled_length
+                        if self.release.is_set():
+                            conn.acknowledge_received_data(size, event.stream_id)
+                        else:
+                            unread.append((size, event.stream_id))
+                    elif isinstance(event, h2.events.StreamEnded):
+                        digest = digests.pop(event.stream_id).hexdigest().encode()
+                        conn.send_headers(event.stream_id, [(b":status", b"200")])
+                        conn.send_data(event.stream_id, digest, end_stream=True)
+                await socket.send_all(conn.data_to_send())
+            nursery.cancel_scope.cancel()
+
+    async def _read_when_released(
+        self, socket: trio.SocketStream, conn: h2.connection.H2Connection, unread: list
+    ) -> None:
+        await self.release.wait()
+        for size, stream_id in unread:
+            conn.acknowledge_received_data(size, stream_id)
+        await socket.send_all(conn.data_to_send())
+
+
+async def test_an_upload_to_a_local_service_that_does_not_read_holds_the_visitor_back(
+    tunnel_server, open_agent, nursery
+):
+    # The mirror of the test above: an HTTP/2 local service that takes no
+    # data (its window is 64 KiB) stops the visitor's upload once the windows
+    # and buffers on the way are full; nothing holds the whole body.
+    service = _StalledService()
+    listeners = await nursery.start(
+        functools.partial(trio.serve_tcp, service.handle, 0, host="127.0.0.1")
+    )
+    local_port = listeners[0].socket.getsockname()[1]
+    size, piece = 64 << 20, os.urandom(1 << 16)
+    sent = 0
+    answer = bytearray()
+
+    async def upload(socket: trio.SocketStream) -> None:
+        nonlocal sent
+        head = b"POST /upload HTTP/1.1\r\nhost: app.localhost\r\ncontent-length: %d\r\n\r\n"
+        await socket.send_all(head % size)
+        while sent < size:
+            await socket.send_all(piece)
+            sent += len(piece)
+        while data := await socket.receive_some(1 << 16):
+            answer.extend(data)
+
+    with trio.fail_after(60):
+        async with open_agent(tunnel_server.port, local_port, local_protocol="h2c"):
+            socket = await trio.open_tcp_stream("127.0.0.1", tunnel_server.port)
+            async with socket, trio.open_nursery() as visit:
+                visit.start_soon(upload, socket)
+                last = -1
+                while sent != last:
+                    last = sent
+                    await trio.sleep(0.5)
+                # Kernel buffers, Hypercorn's, the tunnel stream's window, the
+                # agent's: some tens of MiB at most, never the whole body.
+                assert sent <= 40 << 20, sent >> 20
+                assert service.received <= 1 << 20, service.received
+                service.release.set()
+    digest = hashlib.sha256(piece * (size // len(piece))).hexdigest().encode()
+    assert answer.startswith(b"HTTP/1.1 200"), bytes(answer[:200])
+    assert b"\r\n" + digest + b"\r\n" in answer  # chunked: the answer's length was not given
+    assert service.received == size
+
+
+async def test_a_visitors_pings_are_answered_by_the_server_and_never_reach_the_local_service(
+    tunnel_server, open_agent, nursery
+):
+    service = _StalledService()
+    service.release.set()
+    listeners = await nursery.start(
+        functools.partial(trio.serve_tcp, service.handle, 0, host="127.0.0.1")
+    )
+    local_port = listeners[0].socket.getsockname()[1]
+    with trio.fail_after(20):
+        async with open_agent(tunnel_server.port, local_port, local_protocol="h2c"):
+            visitor = H2Visitor(await trio.open_tcp_stream("127.0.0.1", tunnel_server.port))
+            async with visitor.socket:
+                visitor.conn.initiate_connection()
+                sid = visitor.conn.get_next_available_stream_id()
+                visitor.conn.send_headers(sid, _post(b"/pings"))
+                pongs = 0
+                for n in range(10):
+                    visitor.conn.send_data(sid, b"x" * 100)
+                    visitor.conn.ping(b"%08d" % n)
+                    await visitor.flush()
+                    while pongs <= n:
+                        for event in await visitor.events():
+                            pongs += isinstance(event, h2.events.PingAckReceived)
+                visitor.conn.end_stream(sid)
+                await visitor.flush()
+                ended = False
+                while not ended:
+                    for event in await visitor.events():
+                        ended = ended or isinstance(event, h2.events.StreamEnded)
+    assert pongs == 10
+    assert service.received == 1000
+    assert service.pings == 0

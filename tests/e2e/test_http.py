@@ -11,11 +11,15 @@ from contextlib import aclosing
 from functools import partial
 from pathlib import Path
 
+import h2.config
+import h2.connection
+import h2.errors
+import h2.events
 import httpx
 import pytest
 import trio
 
-from helpers import FIXED_BODY, STREAM_CHUNK_1, STREAM_CHUNK_2
+from helpers import FIXED_BODY, STREAM_CHUNK_1, STREAM_CHUNK_2, free_port
 
 
 def header_values(seen: dict, name: str) -> list[str]:
@@ -381,3 +385,105 @@ async def test_each_response_carries_exactly_one_date(nursery, tunnel_server, op
         status, fields = await _raw_head(tunnel_server.port, "nobody.localhost", "/")
         assert status.startswith(b"HTTP/1.1 404")
         assert len([v for n, v in fields if n == b"date"]) == 1, fields
+
+
+async def _h2_request(
+    port: int, headers: list[tuple[bytes, bytes]], body: bytes
+) -> tuple[int, bytes]:
+    """One HTTP/2 request as a visitor's frames in one write; its status and body.
+
+    h2's own checks are off, so it sends what a broken or hostile client would.
+    A stream reset or a GOAWAY is returned as the negated error code.
+    """
+    conn = h2.connection.H2Connection(
+        h2.config.H2Configuration(
+            client_side=True, header_encoding=None, validate_outbound_headers=False
+        )
+    )
+    conn.initiate_connection()
+    conn.send_headers(1, headers, end_stream=not body)
+    if body:
+        conn.send_data(1, body, end_stream=True)
+    status, answer = 0, bytearray()
+    async with await trio.open_tcp_stream("127.0.0.1", port) as sock:
+        await sock.send_all(conn.data_to_send())
+        while True:
+            data = await sock.receive_some(65536)
+            assert data, "the server closed the connection before answering"
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.ConnectionTerminated):
+                    return -event.error_code, bytes(answer)
+                if isinstance(event, h2.events.ResponseReceived):
+                    status = int(dict(event.headers)[b":status"])
+                elif isinstance(event, h2.events.DataReceived):
+                    answer += event.data
+                    conn.acknowledge_received_data(event.flow_controlled_length, 1)
+                elif isinstance(event, h2.events.StreamEnded):
+                    return status, bytes(answer)
+                elif isinstance(event, h2.events.StreamReset):
+                    return -event.error_code, bytes(answer)
+            await sock.send_all(conn.data_to_send())
+
+
+@pytest.mark.parametrize(
+    ("method", "length", "body"),
+    [
+        pytest.param(b"HEAD", b"5", b"", id="HEAD announcing 5 bytes, none sent"),
+        pytest.param(b"GET", b"5", b"", id="GET announcing 5 bytes, none sent"),
+        pytest.param(b"POST", b"10", b"12345", id="POST announcing 10 bytes, 5 sent"),
+        pytest.param(b"POST", b"3", b"12345", id="POST announcing 3 bytes, 5 sent"),
+        pytest.param(b"POST", b"abc", b"12345", id="POST with a length that is not a number"),
+    ],
+)
+async def test_an_http2_body_that_disagrees_with_its_length_is_the_visitors_400(
+    tunnel_server, local_service, open_agent, visitor, method, length, body
+):
+    # RFC 9113 section 8.1.1: such a request is malformed. It is the visitor's
+    # error, told to the visitor (a 400, or Hypercorn's h2 ends the visitor's
+    # connection with PROTOCOL_ERROR when DATA came); it must not reach the
+    # local service as a request cut short, nor cost the tunnel its
+    # connection to the agent.
+    headers = [
+        (b":method", method),
+        (b":scheme", b"http"),
+        (b":authority", b"app.localhost"),
+        (b":path", b"/lengths"),
+        (b"content-length", length),
+    ]
+    with trio.fail_after(20):
+        async with open_agent(tunnel_server.port, local_service.port) as client:
+            links = list(client._links.values())
+            status, page = await _h2_request(tunnel_server.port, headers, body)
+            assert status in (400, -h2.errors.ErrorCodes.PROTOCOL_ERROR), (status, page)
+            if method == b"HEAD":
+                assert page == b""
+            # The tunnel still serves, on the same connection to its agent.
+            async with visitor(tunnel_server.port) as http:
+                assert (await http.get("/fixed")).status_code == 200
+            assert [id(link) for link in client._links.values()] == [id(link) for link in links]
+    assert ("GET", "/fixed") in local_service.requests
+    assert all(path != "/lengths" for _, path in local_service.requests)
+
+
+async def test_an_error_page_for_head_has_no_body_and_keeps_the_agents_connection(
+    tunnel_server, open_agent, visitor
+):
+    # The agent answers HEAD itself when the local service is down: with a
+    # body, the server's HTTP/2 took that as a protocol error and ended the
+    # agent's whole connection, every request on it with it.
+    headers = [
+        (b":method", b"HEAD"),
+        (b":scheme", b"http"),
+        (b":authority", b"app.localhost"),
+        (b":path", b"/"),
+    ]
+    with trio.fail_after(20):
+        async with open_agent(tunnel_server.port, free_port()) as client:
+            links = list(client._links.values())
+            for _ in range(3):
+                assert await _h2_request(tunnel_server.port, headers, b"") == (502, b"")
+            async with visitor(tunnel_server.port) as http:
+                head = await http.head("/")
+            assert head.status_code == 502
+            assert head.content == b""
+            assert [id(link) for link in client._links.values()] == [id(link) for link in links]

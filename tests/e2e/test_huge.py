@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import importlib.util
 import io
-import signal
 import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import trio
+
+from helpers import stop_politely
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "huge.py"
 MiB = 1 << 20
@@ -36,14 +37,6 @@ def _load_script() -> ModuleType:
 huge = _load_script()
 
 
-async def _stop_politely(process: trio.Process) -> None:
-    # SIGTERM lets the script kill the processes it started.
-    process.send_signal(signal.SIGTERM)
-    with trio.move_on_after(10):
-        await process.wait()
-    process.kill()
-
-
 async def test_64_mib_each_way_hashes_match_and_memory_stays_flat() -> None:
     # Half the body size as the limit: a server or agent that held a whole
     # 64 MiB body would pass a 64 MiB limit, but not this one.
@@ -53,7 +46,7 @@ async def test_64_mib_each_way_hashes_match_and_memory_stays_flat() -> None:
             capture_stdout=True,
             capture_stderr=True,
             check=False,
-            deliver_cancel=_stop_politely,
+            deliver_cancel=stop_politely,
         )
     out, err = result.stdout.decode(), result.stderr.decode()
     assert result.returncode == 0, f"{out}\n{err}"

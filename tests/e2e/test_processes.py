@@ -11,13 +11,12 @@ import signal
 import subprocess
 import sys
 
-import httpx
 import pytest
 import trio
 from processes import TOKEN, Child, start_agent, start_server
 
 import tunnel
-from helpers import STREAM_CHUNK_1, STREAM_CHUNK_2, LocalService, free_port
+from helpers import STREAM_CHUNK_1, STREAM_CHUNK_2, Outcome, fetch, free_port, wait_until_inside
 
 CONNECTING = tunnel.ClientState.CONNECTING
 CONNECTED = tunnel.ClientState.CONNECTED
@@ -27,29 +26,6 @@ KEEPALIVE = 0.5
 SLACK = 0.5
 FAST = {"keepalive_interval": KEEPALIVE, "keepalive_timeout": KEEPALIVE}
 TUNNEL_SERVER = [sys.executable, "-m", "tunnel", "server"]
-
-
-class Outcome:
-    """What a visitor's request got, and when."""
-
-    def __init__(self) -> None:
-        self.response: httpx.Response | None = None
-        self.at = 0.0
-        self.done = trio.Event()
-
-
-async def fetch(http: httpx.AsyncClient, path: str, outcome: Outcome) -> None:
-    outcome.response = await http.get(path)
-    outcome.at = trio.current_time()
-    outcome.done.set()
-
-
-async def wait_until_inside(service: LocalService, path: str) -> None:
-    for _ in range(500):
-        if ("GET", path) in service.requests:
-            return
-        await trio.sleep(0.01)
-    raise AssertionError(f"{path} never reached the local service")
 
 
 async def test_agent_killed_with_a_request_in_flight(

@@ -8,25 +8,17 @@ from __future__ import annotations
 
 import itertools
 import random
-import socket
 
 import pytest
 import trio
 import trio.testing
 
 import tunnel
+from helpers import free_port
 
 BACKOFF_INITIAL = 0.5
 BACKOFF_MAX = 3.0
 ATTEMPTS = 8
-
-
-def free_port() -> int:
-    """A loopback port nobody listens on: bind one, then let it go."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 def cap(n: int) -> float:

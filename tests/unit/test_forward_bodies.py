@@ -21,6 +21,7 @@ import trio
 from memory_link import open_pair
 
 from helpers import LocalService, RecordingService, serve_local
+from tunnel import Recorder
 from tunnel.client._upstream import LocalPool, forward
 from tunnel.link import Stream
 
@@ -51,11 +52,15 @@ async def _read(stream: Stream) -> tuple[bytes, bytes]:
 async def test_body_that_arrived_with_its_head_reaches_the_local_service(length: bool) -> None:
     body = json.dumps({"item": "socks", "qty": 2}).encode()
     service = LocalService()
+    # The inspector's record is made from the same head: it must show the
+    # headers the local service got and the whole body too.
+    recorder = Recorder()
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
             await nursery.start(serve_local, service)
             pool = LocalPool("127.0.0.1", service.port, max_idle=4, connect_timeout=5)
-            async with open_pair(functools.partial(forward, pool=pool)) as pair:
+            handler = functools.partial(forward, pool=pool, observer=recorder)
+            async with open_pair(handler) as pair:
                 for _ in range(3):  # a fresh local connection, then reused ones
                     stream = pair.opener.open_stream_nowait(
                         _post(b"/sha", body, length=length), end_stream=False
@@ -71,6 +76,12 @@ async def test_body_that_arrived_with_its_head_reaches_the_local_service(length:
                     }
             await pool.aclose()
             nursery.cancel_scope.cancel()
+    assert len(recorder) == 3
+    for exchange in recorder:
+        assert exchange.request_body.size == len(body), exchange
+        assert exchange.request_whole, exchange
+        framing = (b"transfer-encoding", b"chunked")
+        assert (framing in exchange.request_headers) is not length, exchange.request_headers
 
 
 async def test_a_body_complete_by_its_length_keeps_the_local_connection() -> None:

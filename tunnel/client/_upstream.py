@@ -28,6 +28,7 @@ from .._protocol.headers import (
     response_headers_from_local,
 )
 from .._protocol.pages import PAGE_HEADERS, error_page
+from .._settings import client_setting
 from ..link import Stream, StreamError
 
 if TYPE_CHECKING:
@@ -134,9 +135,7 @@ class LocalPool:
                 await tls.do_handshake()
         except (trio.TooSlowError, OSError, trio.BrokenResourceError) as exc:
             await trio.aclose_forcefully(tcp)
-            raise LocalFailure(
-                502, f"TLS with the local service at {self.label} failed: {exc!s}."
-            ) from None
+            raise tls_failure(self.label, exc) from None
         return tls
 
     async def connect(self) -> trio.SocketStream:
@@ -181,6 +180,38 @@ class LocalFailure(Exception):
         super().__init__(detail)
         self.status = status
         self.detail = detail
+
+
+def tls_failure(label: str, exc: BaseException) -> LocalFailure:
+    """The 502 for a TLS handshake with the local service at ``label`` that failed.
+
+    trio wraps the ``ssl`` error in a ``BrokenResourceError`` with an empty
+    message; the page names what ``ssl`` said and, for a certificate the agent
+    does not trust, the settings that fix it.
+    """
+    if isinstance(exc, trio.BrokenResourceError) and isinstance(exc.__cause__, ssl.SSLError):
+        exc = exc.__cause__
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        detail = exc.verify_message or exc.reason or str(exc)
+        return LocalFailure(
+            502,
+            f"The TLS certificate of the local service at {label} is not trusted ({detail}); "
+            f"give the agent the CA that issued it with {client_setting('local_ca_file')}, "
+            f"or skip the check with {client_setting('local_insecure_skip_verify')}.",
+        )
+    if isinstance(exc, trio.TooSlowError):
+        return LocalFailure(502, f"The local service at {label} did not finish TLS in time.")
+    if isinstance(exc, ssl.SSLError):
+        detail = exc.reason or str(exc)
+    elif isinstance(exc, OSError) and exc.strerror:
+        detail = exc.strerror
+    else:
+        detail = str(exc) or type(exc).__name__
+    return LocalFailure(
+        502,
+        f"TLS with the local service at {label} failed: {detail}; "
+        f"is it serving HTTPS? (Without TLS, leave {client_setting('local_tls')} off.)",
+    )
 
 
 async def forward(stream: Stream, pool: LocalPool, observer: Observer | None = None) -> None:
@@ -413,15 +444,20 @@ async def answer_error(stream: Stream, status: int, detail: str) -> None:
     if stream.done:
         return
     body = error_page(status, detail)
+    # The answer to HEAD has no body: the server's HTTP/2 would take DATA on
+    # it as a protocol error and end the whole connection.
+    head = stream.headers is not None and header_value(stream.headers, b":method") == b"HEAD"
     try:
         stream.send_headers(
             [
                 (b":status", str(status).encode()),
                 *PAGE_HEADERS,
                 (b"content-length", str(len(body)).encode()),
-            ]
+            ],
+            end_stream=head,
         )
-        await stream.send_data(body, end_stream=True)
+        if not head:
+            await stream.send_data(body, end_stream=True)
         if not stream.remote_ended:
             # The request body is of no use now; ask the server to stop it.
             stream.cancel(h2.errors.ErrorCodes.NO_ERROR)

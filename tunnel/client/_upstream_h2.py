@@ -40,7 +40,7 @@ from .._protocol.headers import Headers, header_value, strip_hop_by_hop
 from .._settings import client_setting
 from .._transport import ABNORMAL_CLOSURE, TransportClosed
 from ..link import Link, Stream, StreamError
-from ._upstream import LocalFailure, answer_error
+from ._upstream import LocalFailure, answer_error, tls_failure
 
 if TYPE_CHECKING:
     from ._observe import ExchangeObserver, Observer
@@ -255,6 +255,9 @@ class LocalH2:
                 tls = trio.SSLStream(tcp, self.ssl_context, server_hostname=self.host)
                 try:
                     await tls.do_handshake()
+                except (OSError, trio.BrokenResourceError) as exc:
+                    await trio.aclose_forcefully(tcp)
+                    raise tls_failure(self.label, exc) from None
                 except BaseException:
                     await trio.aclose_forcefully(tcp)
                     raise

@@ -125,6 +125,9 @@ async def forward_http(
             return
         body = first.get("body", b"")
         more_body = first.get("more_body", False)
+        if not more_body and (wrong := _wrong_length(scope, len(body))):
+            await send_error_page(send, 400, wrong)
+            return
     for attempt in range(1, MAX_ATTEMPTS + 1):
         last = reroute is None or attempt == MAX_ATTEMPTS
         outcome = await _forward_once(
@@ -225,6 +228,25 @@ def _bodyless(scope: Scope) -> bool:
         if key == b"content-length" or key == b"transfer-encoding":
             return False
     return True
+
+
+def _wrong_length(scope: Scope, size: int) -> str | None:
+    """What is wrong with an HTTP/2 request whose whole body is ``size`` bytes, if anything.
+
+    A content-length that disagrees with the body makes the request malformed
+    (RFC 9113 section 8.1.1). h2 catches that in Hypercorn when DATA frames
+    came, but not when HEADERS ended the stream: such a request, sent on,
+    would reach the local service announcing a body it never gets.
+    (HTTP/1.1 frames its body by that length, so there it cannot disagree.)
+    """
+    if scope.get("http_version") in ("1.0", "1.1"):
+        return None
+    declared = header_value(scope["headers"], b"content-length")
+    if declared is None or (declared.isdigit() and int(declared) == size):
+        return None
+    if not declared.isdigit():
+        return "The request's content-length is not a number of bytes."
+    return f"The request's content-length says {int(declared)} bytes, but its body had {size}."
 
 
 def _closing(scope: Scope) -> Headers:
