@@ -84,12 +84,12 @@ HYPERCORN_DISCONNECT_NOTICE: Final = Fix(
     ("0.17.", "0.18."),
 )
 H2_FRAME_READER: Final = Fix(
-    "the copy of h2's frame reader without its per-frame trace log (tunnel/_mux.py)",
+    "the copy of h2's frame reader without its per-frame trace log (tunnel/link/_h2compat.py)",
     "h2",
     ("4.",),
 )
 HYPERFRAME_REPR: Final = Fix(
-    "the short frame repr that saves hexing whole DATA payloads (tunnel/_mux.py)",
+    "the short frame repr that saves hexing whole DATA payloads (tunnel/link/_h2compat.py)",
     "hyperframe",
     ("6.",),
 )

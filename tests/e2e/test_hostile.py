@@ -1656,9 +1656,9 @@ async def test_the_agent_takes_no_huge_message_from_its_server(
     """
     (session,) = [s for s in server.app.registry.sessions() if s.host == GOOD]
     with trio.fail_after(10):
-        await session.mux._transport.send(bytes(8 * MiB))
-        await session.mux.wait_closed()
-    assert "1009" in (session.mux.closed_reason or ""), session.mux.closed_reason
+        await session.link._transport.send(bytes(8 * MiB))
+        await session.link.wait_closed()
+    assert "1009" in (session.link.closed_reason or ""), session.link.closed_reason
 
 
 # -- a malicious visitor: fuzzing HTTP/2 -------------------------------------------

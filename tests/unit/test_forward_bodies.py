@@ -18,13 +18,13 @@ import json
 
 import pytest
 import trio
-from test_mux import open_pair
+from memory_link import open_pair
 
 from helpers import LocalService, RecordingService, serve_local
 from tunnel import Recorder
-from tunnel._mux import Stream
 from tunnel.client._upstream import LocalPool
 from tunnel.client._upstream import relay_local_http as forward
+from tunnel.link import Stream
 
 
 def _post(path: bytes, body: bytes, *, length: bool) -> list[tuple[bytes, bytes]]:
@@ -63,7 +63,7 @@ async def test_body_that_arrived_with_its_head_reaches_the_local_service(length:
             handler = functools.partial(forward, pool=pool, observer=recorder)
             async with open_pair(handler) as pair:
                 for _ in range(3):  # a fresh local connection, then reused ones
-                    stream = pair.client.open_stream_nowait(
+                    stream = pair.opener.open_stream_nowait(
                         _post(b"/sha", body, length=length), end_stream=False
                     )
                     assert stream is not None
@@ -103,7 +103,7 @@ async def test_a_body_complete_by_its_length_keeps_the_local_connection() -> Non
             async with open_pair(functools.partial(forward, pool=pool)) as pair:
                 for n in range(3):
                     path = f"/length/early-{n}?r=10".encode()
-                    stream = pair.client.open_stream_nowait(
+                    stream = pair.opener.open_stream_nowait(
                         _post(path, body, length=True), end_stream=False
                     )
                     assert stream is not None

@@ -21,7 +21,7 @@ HOST = "app.localhost"
 
 @dataclass
 class Link:
-    """What the registry reads from a session's Mux (and its statistics)."""
+    """What the registry reads from a session's link (and its statistics)."""
 
     ready: bool = True
     accepting: bool = True
@@ -66,7 +66,7 @@ def test_pooled_sessions_join_and_share_by_least_busy() -> None:
     assert registry.claim(idle) == []
     assert registry.sessions_of(HOST) == [busy, idle]
     assert all(registry.lookup(HOST) is idle for _ in range(10))
-    cast(Link, idle.mux).open_streams = 9
+    cast(Link, idle.link).open_streams = 9
     assert registry.lookup(HOST) is busy
 
 
@@ -87,7 +87,7 @@ def test_unavailable_members_are_skipped() -> None:
     registry.claim(draining)
     registry.claim(starting)
     assert registry.lookup(HOST) is None
-    cast(Link, starting.mux).ready = True
+    cast(Link, starting.link).ready = True
     assert registry.lookup(HOST) is starting
 
 

@@ -2,7 +2,7 @@
 
 Both ends carry HTTP/2 inside WebSocket binary messages: the server through the
 ASGI WebSocket it accepted, the agent through a trio-websocket connection. Both
-look the same to :class:`tunnel._mux.Mux`: send bytes, receive bytes, close.
+look the same to :class:`tunnel.link.Link`: send bytes, receive bytes, close.
 """
 
 from __future__ import annotations

@@ -23,7 +23,6 @@ from .._exceptions import (
     ServerUnreachableError,
     TunnelError,
 )
-from .._mux import MAX_MESSAGE, Mux, Stream
 from .._protocol.handshake import (
     AGENT_ID_HEADER,
     DISCONNECTED_CLOSE_CODE,
@@ -37,6 +36,7 @@ from .._protocol.handshake import (
     WORKERS_HEADER,
 )
 from .._transport.websocket import HandshakeGuard, WebSocketTransport
+from ..link import MAX_MESSAGE, Link, Stream
 from ._dial import DuplicateWorker, first_error, open_server_stream, translate_error
 from ._inspector import open_inspector
 from ._keys import AgentKey
@@ -96,7 +96,7 @@ class Client:
         # One connection per server worker process, each in a slot of its own
         # with its own reconnect loop; slot 0 is the first and always runs.
         #: Slot → its HTTP/2 session, while that connection is up.
-        self._links: dict[int, Mux] = {}
+        self._links: dict[int, Link] = {}
         #: Slot → the worker its connection reached (while up, or handshaking).
         self._workers: dict[int, str] = {}
         #: Slot → when its connection came up (trio time).
@@ -169,7 +169,7 @@ class Client:
     @property
     def open_streams(self) -> int:
         """Requests, WebSockets and TCP connections in flight through the tunnel now."""
-        return sum(mux.open_streams for mux in self._links.values())
+        return sum(link.open_streams for link in self._links.values())
 
     @property
     def server_connections(self) -> int:
@@ -504,9 +504,8 @@ class Client:
                 raise ConnectionLostError("the server accepted a TCP tunnel but gave no port")
             # Ask for the same port after a reconnect, so the address holds.
             self._remote_port = int(port)
-        mux = Mux(
-            client_side=False,
-            transport=WebSocketTransport(ws),
+        link = Link.answerer(
+            WebSocketTransport(ws),
             keepalive_interval=config.keepalive_interval,
             keepalive_timeout=config.keepalive_timeout,
             max_concurrent_streams=config.max_concurrent_streams,
@@ -515,11 +514,11 @@ class Client:
         )
         try:
             async with trio.open_nursery() as nursery:
-                await nursery.start(mux.run)
-                self._links[slot] = mux
+                await nursery.start(link.run)
+                self._links[slot] = link
                 if self._is_closing():
                     # Up just as aclose() drained the others: it drains too.
-                    nursery.start_soon(mux.drain, config.drain_timeout)
+                    nursery.start_soon(link.drain, config.drain_timeout)
                 self._connected_at[slot] = trio.current_time()
                 self._update_state()
                 if len(self._links) == 1:
@@ -536,20 +535,20 @@ class Client:
                 self._phase = ClientState.DISCONNECTED
             elif not self._is_closing():
                 self._update_state()
-        if mux.peer_close_code == REPLACED_CLOSE_CODE:
+        if link.peer_close_code == REPLACED_CLOSE_CODE:
             raise HostInUseError(
                 f"another agent with the same identity took over {self.url}; this one stops "
                 "(two agents with one token and host replace each other: give each its own, "
                 "or set pool on both to share the host)"
             )
-        if mux.peer_close_code == DISCONNECTED_CLOSE_CODE:
+        if link.peer_close_code == DISCONNECTED_CLOSE_CODE:
             raise RejectedError(
                 f"the server's operator disconnected {self.url}; this agent stops "
-                f"({mux.closed_reason})",
+                f"({link.closed_reason})",
                 status=403,
             )
         if not self._is_closing():
-            raise ConnectionLostError(f"lost the connection to the server: {mux.closed_reason}")
+            raise ConnectionLostError(f"lost the connection to the server: {link.closed_reason}")
 
     async def _handshake_headers(
         self, stream: trio.abc.Stream, authority: str, held: list[str]
@@ -599,8 +598,8 @@ class Client:
             await links[0].drain(self.config.drain_timeout)
             return
         async with trio.open_nursery() as nursery:
-            for mux in links:
-                nursery.start_soon(mux.drain, self.config.drain_timeout)
+            for link in links:
+                nursery.start_soon(link.drain, self.config.drain_timeout)
 
 
 @asynccontextmanager

@@ -8,8 +8,8 @@ TCP tunnel's connections get a connection of their own (``_upstream_raw.py``).
 from __future__ import annotations
 
 from .._config import ClientConfig
-from .._mux import Stream
 from .._protocol.headers import header_value, is_websocket_connect
+from ..link import Stream
 from ._observe import Observer
 from ._upstream import LocalPool, answer_error, relay_local_http
 from ._upstream_h2 import needs_h2, relay_local_h2

@@ -22,7 +22,6 @@ import h2.errors
 import h11
 import trio
 
-from .._mux import Stream, StreamError
 from .._protocol.headers import (
     header_value,
     local_request_headers,
@@ -30,6 +29,7 @@ from .._protocol.headers import (
 )
 from .._protocol.pages import PAGE_HEADERS, error_page
 from .._settings import client_setting
+from ..link import Stream, StreamError
 
 if TYPE_CHECKING:
     from ._observe import ExchangeObserver, Observer

@@ -1,7 +1,7 @@
 """The agent's side of a request over HTTP/2 to the local service (gRPC, h2c, h2).
 
 One long-lived connection (``_upstream_h2_conn.py``) carries every such request as a
-stream of its own, driven by the same :class:`~tunnel._mux.Mux` as the link to the
+stream of its own, driven by the same :class:`~tunnel.link.Link` as the link to the
 server, so the rules of the hot path hold on this hop too:
 
 * Flow control is end to end: a DATA chunk from the local service is
@@ -27,9 +27,9 @@ from typing import TYPE_CHECKING, Final
 import h2.errors
 import trio
 
-from .._mux import Stream, StreamError
 from .._protocol.grpc import is_grpc
 from .._protocol.headers import Headers, header_value, strip_hop_by_hop
+from ..link import Stream, StreamError
 from ._upstream import LocalFailure, answer_error
 from ._upstream_h2_conn import LocalH2
 

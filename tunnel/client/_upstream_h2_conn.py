@@ -18,10 +18,10 @@ from typing import Final
 
 import trio
 
-from .._mux import Mux, Stream, StreamError
 from .._protocol.headers import Headers
 from .._settings import client_setting
 from .._transport import ABNORMAL_CLOSURE, TransportClosed
+from ..link import Link, Stream, StreamError
 from ._upstream import LocalFailure, tls_failure
 
 __all__ = ["LocalH2", "local_ssl_context"]
@@ -36,7 +36,7 @@ PEER_STREAMS: Final = 100
 
 
 class _SocketTransport:
-    """A byte stream (TCP or TLS) as the mux's :class:`MessageTransport`.
+    """A byte stream (TCP or TLS) as the link's :class:`MessageTransport`.
 
     HTTP/2 frames need no message boundaries, so each "message" is simply
     whatever one read returned.
@@ -74,25 +74,6 @@ class _SocketTransport:
             await trio.aclose_forcefully(self._stream)
 
 
-class _LocalMux(Mux):
-    """The mux for the local service: a peer the agent's user runs, so trusted more.
-
-    gRPC servers send a PING to estimate bandwidth (BDP) after bursts of DATA,
-    which under load passes the flood limit meant for hostile peers; that
-    limit would drop every call on the connection.
-    """
-
-    __slots__ = ()
-
-    def _count_control_frame(self) -> None:
-        pass
-
-    def _count_free_frame(self) -> None:
-        # Connection WINDOW_UPDATEs likewise: gRPC servers send them as they
-        # tune their windows, not to make us work.
-        pass
-
-
 class LocalH2:
     """HTTP/2 to the local service: one shared connection, replaced when it goes away.
 
@@ -122,7 +103,7 @@ class LocalH2:
         #: Whether the local service speaks HTTP/2: None until a connection
         #: attempt got an answer either way (what ``auto`` remembers).
         self.supported: bool | None = None
-        self._mux: Mux | None = None
+        self._link: Link | None = None
         self._lock = trio.Lock()
         self._nursery: trio.Nursery | None = None
 
@@ -145,7 +126,7 @@ class LocalH2:
                 await trio.sleep_forever()
         finally:
             self._nursery = None
-            self._mux = None
+            self._link = None
 
     async def open_stream(self, headers: Headers, *, end_stream: bool) -> Stream:
         """Open a stream to the local service, connecting first if needed.
@@ -154,9 +135,9 @@ class LocalH2:
             LocalFailure: The local service cannot be reached over HTTP/2.
         """
         for attempt in range(2):
-            mux = await self._connection()
+            link = await self._connection()
             try:
-                return await mux.open_stream(headers, end_stream=end_stream)
+                return await link.open_stream(headers, end_stream=end_stream)
             except StreamError as exc:
                 # The connection went away between the check and the stream
                 # (GOAWAY, a lost socket): nothing reached the service, so a
@@ -174,54 +155,59 @@ class LocalH2:
                 await self._connection()
         return bool(self.supported)
 
-    async def _connection(self) -> Mux:
-        mux = self._mux
-        if mux is not None and mux.accepting:
-            return mux
+    async def _connection(self) -> Link:
+        link = self._link
+        if link is not None and link.accepting:
+            return link
         async with self._lock:
-            mux = self._mux
-            if mux is not None and mux.accepting:
-                return mux
+            link = self._link
+            if link is not None and link.accepting:
+                return link
             if self._nursery is None:
                 raise LocalFailure(502, "The agent is shutting down.")
-            started: Mux = await self._nursery.start(self._run_connection)
-            self._mux = started
+            started: Link = await self._nursery.start(self._run_connection)
+            self._link = started
             return started
 
-    async def _run_connection(self, task_status: trio.TaskStatus[Mux]) -> None:
+    async def _run_connection(self, task_status: trio.TaskStatus[Link]) -> None:
         socket = await self._connect()
-        mux = _LocalMux(
-            client_side=True,
-            transport=_SocketTransport(socket),
+        link = Link.opener(
+            _SocketTransport(socket),
             # No PINGs: gRPC servers count a PING more often than every five
             # minutes as abuse and send GOAWAY (too_many_pings) after two, which
             # would end long calls. A local service that dies closes its socket.
             keepalive_interval=math.inf,
             keepalive_timeout=math.inf,
             max_concurrent_streams=PEER_STREAMS,
+            # A peer the agent's user runs, so trusted more: gRPC servers send
+            # a PING to estimate bandwidth (BDP) after bursts of DATA, which
+            # under load passes the flood limit meant for hostile peers and
+            # would drop every call on the connection; and connection
+            # WINDOW_UPDATEs as they tune their windows, not to make us work.
+            trusted_peer_frames=True,
         )
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._run_mux, mux)
+            nursery.start_soon(self._run_link, link)
             with trio.move_on_after(self.connect_timeout):
-                if await mux.wait_peer_settings():
+                if await link.wait_peer_settings():
                     self.supported = True
-                    task_status.started(mux)
+                    task_status.started(link)
                     return  # the nursery keeps the connection until it ends
             # An HTTP/1.1-only service answers the preface with an error (or
             # nothing): it does not speak HTTP/2, and ``auto`` remembers that.
-            reason = mux.closed_reason or "no HTTP/2 SETTINGS in time"
-            mux.close(reason, ABNORMAL_CLOSURE)
+            reason = link.closed_reason or "no HTTP/2 SETTINGS in time"
+            link.close(reason, ABNORMAL_CLOSURE)
         if self.supported is None:
             self.supported = False
         raise LocalFailure(
             502, f"The local service at {self.label} does not speak HTTP/2 ({reason})."
         )
 
-    async def _run_mux(self, mux: Mux) -> None:
-        reason = await mux.run()
+    async def _run_link(self, link: Link) -> None:
+        reason = await link.run()
         logger.debug("HTTP/2 connection to the local service %s ended: %s", self.label, reason)
-        if self._mux is mux:
-            self._mux = None
+        if self._link is link:
+            self._link = None
 
     async def _connect(self) -> trio.abc.Stream:
         try:

@@ -197,11 +197,11 @@ class AdminAPI:
         )
         said = f": {reason}" if reason else ""
         if reconnect:
-            session.mux.close(
+            session.link.close(
                 f"the server's operator reset the connection{said}", RESTART_CLOSE_CODE
             )
         else:
-            session.mux.close(
+            session.link.close(
                 f"disconnected by the server's operator{said}", DISCONNECTED_CLOSE_CODE
             )
         # The session's own task releases the host; answering after that means

@@ -17,7 +17,6 @@ from .._asgi import Receive, Scope, Send
 from .._config import ServerConfig
 from .._config.hooks import ConnectRequest, TunnelInfo
 from .._exceptions import ConfigError
-from .._mux import Mux
 from .._protocol.handshake import (
     AGENT_ID_HEADER,
     DUPLICATE_STATUS,
@@ -39,6 +38,7 @@ from .._protocol.hosts import host_from_authority, in_domain, normalize_host
 from .._protocol.policy import ALLOW_HEADER, BASIC_AUTH_HEADER, DENY_HEADER, VisitorPolicy
 from .._transport import ABNORMAL_CLOSURE
 from .._transport.asgi import ASGIWebSocketTransport
+from ..link import Link
 from ._access import AccessControl, Denied, Identity
 from ._pages import refuse_websocket
 from ._registry import AgentSession, HostInUse, Registry
@@ -110,23 +110,22 @@ async def serve_agent(
         accept_headers.append((TCP_PORT_HEADER.encode(), str(port).encode()))
     await send({"type": "websocket.accept", "subprotocol": SUBPROTOCOL, "headers": accept_headers})
     transport = ASGIWebSocketTransport(receive, send)
-    mux = Mux(
-        client_side=True,
-        transport=transport,
+    link = Link.opener(
+        transport,
         keepalive_interval=config.keepalive_interval,
         keepalive_timeout=config.keepalive_timeout,
     )
     session = AgentSession(
         info,
         identity.digest,
-        mux,
+        link,
         policy,
         pool=request.pool,
         agent_id=request.header(AGENT_ID_HEADER) or "",
     )
     try:
         async with trio.open_nursery() as nursery:
-            await nursery.start(mux.run)
+            await nursery.start(link.run)
             if registry.holds(session.key):
                 # Taking over is for a live agent only. A connection its agent
                 # already gave up on (its handshake held up in the network) may
@@ -134,29 +133,29 @@ async def serve_agent(
                 # from it. A live agent sends its SETTINGS at once.
                 alive = False
                 with trio.move_on_after(config.handshake_timeout):
-                    alive = await mux.wait_peer_settings()
+                    alive = await link.wait_peer_settings()
                 if not alive:
-                    mux.close("the agent did not start HTTP/2", ABNORMAL_CLOSURE)
+                    link.close("the agent did not start HTTP/2", ABNORMAL_CLOSURE)
                     return
             try:
                 replaced = registry.claim(session, config.max_tunnels_per_identity)
             except HostInUse as exc:
                 # Another token claimed the host, or this identity reached its
                 # limit, between our check and now.
-                mux.close(f"refused: {exc}")
+                link.close(f"refused: {exc}")
                 await transport.aclose(4409, f"refused: {exc}")
                 return
             for old in replaced:
-                if not old.mux.accepting:
+                if not old.link.accepting:
                     # Draining (its agent leaving, as in a rolling restart): it
                     # finishes its requests in flight and takes no new ones.
                     continue
                 if session.agent_id and old.agent_id == session.agent_id:
                     # The same agent, back after losing that connection: the
                     # old one is stale, and nobody must be told to stop.
-                    old.mux.close(f"replaced by the agent's newer connection for {session.key}")
+                    old.link.close(f"replaced by the agent's newer connection for {session.key}")
                 else:
-                    old.mux.close(
+                    old.link.close(
                         f"replaced by a newer connection for {session.key}", REPLACED_CLOSE_CODE
                     )
             if listeners:
@@ -173,12 +172,12 @@ async def serve_agent(
             # server's shutdown is waited for in this same task: a task per
             # agent only for that is memory held for every idle agent.
             with registry.cancelled_on_shutdown():
-                await mux.wait_closed()
+                await link.wait_closed()
             if registry.shutting_down.is_set():
                 # New requests stop at once, requests in flight get the graceful
                 # timeout, then GOAWAY sends the agent off to reconnect (to the
                 # restarted server); the connection is closed when it returns.
-                await mux.drain(config.graceful_timeout)
+                await link.drain(config.graceful_timeout)
             nursery.cancel_scope.cancel()
     finally:
         for listener in listeners:
@@ -194,7 +193,7 @@ async def serve_agent(
             tunnel=session.key,
             peer=peer_text(peer),
             duration=time.time() - info.connected_at,
-            reason=mux.closed_reason or "closed",
+            reason=link.closed_reason or "closed",
         )
         if config.callbacks.on_disconnection is not None:
             with trio.move_on_after(config.handshake_timeout) as scope_:

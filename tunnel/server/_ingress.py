@@ -21,8 +21,8 @@ import trio
 from .._asgi import NotifyingReceive, Receive, Scope, Send
 from .._config import ServerConfig
 from .._config.hooks import RequestInfo
-from .._mux import StreamError
 from .._protocol.headers import Headers, header_value, tunnel_request_headers
+from ..link import StreamError
 from ._ingress_relay import (
     StreamRelay,
     closing_headers,
@@ -153,10 +153,10 @@ async def _forward_once(
     end_stream = not body and not more_body
     try:
         # Usually the agent has room for another stream and nothing waits.
-        stream = session.mux.open_stream_nowait(headers, end_stream=end_stream)
+        stream = session.link.open_stream_nowait(headers, end_stream=end_stream)
         if stream is None:
             with trio.move_on_after(config.grace_period):
-                stream = await session.mux.open_stream(headers, end_stream=end_stream)
+                stream = await session.link.open_stream(headers, end_stream=end_stream)
     except StreamError as exc:
         # Nothing was sent: whatever the request, another connection may take it.
         return exc, body, more_body

@@ -17,9 +17,9 @@ import trio
 
 from .._asgi import RESET_CODE, Receive, Scope, Send
 from .._config import ServerConfig
-from .._mux import Stream, StreamError
 from .._protocol.grpc import is_grpc, split_trailers_only, status_for_reset, status_trailers
 from .._protocol.headers import Headers, declares_trailers, header_value
+from ..link import Stream, StreamError
 from ._limits import Pacer
 from ._pages import send_error_page
 from ._registry import AgentSession
@@ -243,7 +243,7 @@ class StreamRelay:
 
     async def _end_call(self, exc: StreamError, *, start: bool = False) -> None:
         """End a gRPC call that the agent or the local service could not finish."""
-        lost = self.session.mux.closed_reason is not None
+        lost = self.session.link.closed_reason is not None
         code = status_for_reset(exc.code, connection_lost=lost)
         host = self.session.host
         message = (

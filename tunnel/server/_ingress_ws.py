@@ -19,8 +19,8 @@ from wsproto.events import BytesMessage, CloseConnection, Message, Ping, TextMes
 
 from .._asgi import Receive, Scope, Send
 from .._config import ServerConfig
-from .._mux import Stream, StreamError
 from .._protocol.headers import header_value, tunnel_request_headers, websocket_connect_headers
+from ..link import Stream, StreamError
 from ._pages import refuse_websocket
 from ._registry import AgentSession
 
@@ -60,7 +60,7 @@ async def forward_visitor_websocket(
     host = session.host
     try:
         with trio.fail_after(config.grace_period):
-            stream = await session.mux.open_stream(headers, end_stream=False)
+            stream = await session.link.open_stream(headers, end_stream=False)
     except trio.TooSlowError:
         await refuse_websocket(scope, send, 503, f"The agent for {host} is at its limit.")
         return

@@ -176,12 +176,12 @@ class ServerMetrics:
             labels=["host"],
         )
         for session in sorted(sessions, key=lambda s: s.key):
-            mux = session.mux
-            traffic.add_metric([session.key, "to_agent"], mux.bytes_sent)
-            traffic.add_metric([session.key, "from_agent"], mux.bytes_received)
-            streams.add_metric([session.key], mux.open_streams)
-            if mux.rtt is not None:
-                rtt.add_metric([session.key], mux.rtt)
+            link = session.link
+            traffic.add_metric([session.key, "to_agent"], link.bytes_sent)
+            traffic.add_metric([session.key, "from_agent"], link.bytes_received)
+            streams.add_metric([session.key], link.open_streams)
+            if link.rtt is not None:
+                rtt.add_metric([session.key], link.rtt)
         yield traffic
         yield streams
         yield rtt

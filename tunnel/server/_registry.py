@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import trio
 
 from .._config.hooks import TunnelInfo
-from .._mux import Mux
 from .._protocol.policy import VisitorPolicy
+from ..link import Link
 from ._ledger import HostLedger
 
 __all__ = ["AgentSession", "HostInUse", "Registry", "TunnelStatistics"]
@@ -57,13 +57,13 @@ class TunnelStatistics:
 class AgentSession:
     """One accepted agent connection and its counters."""
 
-    __slots__ = ("agent_id", "digest", "done", "info", "mux", "policy", "pool", "requests_served")
+    __slots__ = ("agent_id", "digest", "done", "info", "link", "policy", "pool", "requests_served")
 
     def __init__(
         self,
         info: TunnelInfo,
         digest: bytes,
-        mux: Mux,
+        link: Link,
         policy: VisitorPolicy | None = None,
         *,
         pool: bool = False,
@@ -71,7 +71,7 @@ class AgentSession:
     ) -> None:
         self.info = info
         self.digest = digest
-        self.mux = mux
+        self.link = link
         #: Who may visit: what the agent asked the server to enforce.
         self.policy = policy or VisitorPolicy()
         #: The agent asked to share its host with other agents of its identity.
@@ -97,20 +97,20 @@ class AgentSession:
         """Whether the session takes new requests now."""
         # Not before the agent's SETTINGS: a connection the agent has already
         # given up on never sends them, and must not be handed requests.
-        mux = self.mux
-        return mux.ready and mux.accepting
+        link = self.link
+        return link.ready and link.accepting
 
     def statistics(self) -> TunnelStatistics:
-        mux = self.mux
+        link = self.link
         return TunnelStatistics(
             host=self.key,
             peer=self.info.peer,
             connected_since=self.info.connected_at,
-            streams_in_flight=mux.open_streams,
+            streams_in_flight=link.open_streams,
             requests_served=self.requests_served,
-            bytes_received=mux.bytes_received,
-            bytes_sent=mux.bytes_sent,
-            rtt=mux.rtt,
+            bytes_received=link.bytes_received,
+            bytes_sent=link.bytes_sent,
+            rtt=link.rtt,
         )
 
 
@@ -171,7 +171,7 @@ class Registry:
         for index in range(count):
             session = members[(self._turn + index) % count]
             if session.available and (
-                best is None or session.mux.open_streams < best.mux.open_streams
+                best is None or session.link.open_streams < best.link.open_streams
             ):
                 best = session
         return best
@@ -192,13 +192,13 @@ class Registry:
                         (
                             member
                             for member in self._sessions.get(host, ())
-                            if member.mux.closed_reason is None and not member.mux.ready
+                            if member.link.closed_reason is None and not member.link.ready
                         ),
                         None,
                     )
                     if pending is not None:
                         # Just connected: ready (or gone) within a round trip.
-                        await pending.mux.wait_peer_settings()
+                        await pending.link.wait_peer_settings()
                         continue
                     arrival = self._arrivals.get(host)
                     if arrival is None:

@@ -15,11 +15,10 @@ import h2.errors
 import trio
 
 from .._config import ServerConfig
-from .._mux import StreamError
-from .._pipe import pipe
 from .._protocol.handshake import REPLACED_CLOSE_CODE
 from .._protocol.headers import header_value
 from .._settings import server_setting
+from ..link import StreamError, pipe
 from ._access import Denied
 from ._registry import AgentSession, HostInUse, Registry
 
@@ -54,7 +53,7 @@ async def bind_tcp_port(
         except HostInUse:
             raise Denied(409, f"port {requested} is in use by another agent") from None
         for holder in holders:
-            holder.mux.close(
+            holder.link.close(
                 f"replaced by a newer connection for port {requested}", REPLACED_CLOSE_CODE
             )
         for holder in holders:
@@ -159,7 +158,7 @@ async def _relay(config: ServerConfig, session: AgentSession, socket: trio.Socke
     try:
         try:
             with trio.fail_after(config.grace_period):
-                stream = await session.mux.open_stream(
+                stream = await session.link.open_stream(
                     [(b":method", b"CONNECT"), (b":authority", b"local")], end_stream=False
                 )
         except (StreamError, trio.TooSlowError):

@@ -8,7 +8,7 @@ import os
 import hypercorn.config
 
 from ..._config import ServerConfig, parse_listen_address
-from ..._mux import MAX_MESSAGE
+from ...link import MAX_MESSAGE
 from ._patches.websocket_queue import set_websocket_buffer
 
 __all__ = ["hypercorn_config"]
@@ -43,7 +43,7 @@ def hypercorn_config(config: ServerConfig) -> hypercorn.config.Config:
     hc.errorlog = logging.getLogger("tunnel.server")
     # Agents' messages (at most MAX_MESSAGE) pass the same check as visitors',
     # which the tunnel enforces itself (see _ingress_ws.py). The margin lets an
-    # agent's frame over HTTP/2's limit be refused by the mux, with that reason,
+    # agent's frame over HTTP/2's limit be refused by the link, with that reason,
     # rather than by Hypercorn with a bare 1009.
     hc.websocket_max_message_size = max(config.max_websocket_message, 2 * MAX_MESSAGE)
     set_websocket_buffer(hc, config.max_websocket_buffer)

@@ -1,4 +1,4 @@
-"""Compact h2 settings: the same behaviour as h2's own, in a fraction of the memory."""
+"""Compact h2 settings and HPACK tables: h2's behaviour, in a fraction of the memory."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import tracemalloc
 import h2.settings
 from h2.settings import SettingCodes
 
-from tunnel._h2settings import compact_settings
+from tunnel.link._h2compat import compact_settings
 
 
 def _exchange(settings: h2.settings.Settings) -> list[tuple[int, int | None, int]]:
@@ -48,7 +48,7 @@ def test_compact_settings_take_a_fraction_of_the_memory() -> None:
 def test_compact_header_tables_encode_and_decode_as_hpacks_own() -> None:
     import hpack
 
-    from tunnel._h2settings import compact_header_tables
+    from tunnel.link._h2compat import compact_header_tables
 
     plain_encoder, plain_decoder = hpack.Encoder(), hpack.Decoder()
     encoder, decoder = hpack.Encoder(), hpack.Decoder()

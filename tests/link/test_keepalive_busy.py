@@ -12,9 +12,9 @@ from __future__ import annotations
 import pytest
 import trio
 import trio.testing
-from test_mux import MemoryTransport, open_pair, request
+from memory_link import MemoryTransport, open_pair, request
 
-from tunnel._mux import KEEPALIVE_BUSY_PERIODS, Stream, StreamError
+from tunnel.link import KEEPALIVE_BUSY_PERIODS, Stream, StreamError
 
 PING = 0x6
 ACK = 0x1
@@ -75,9 +75,9 @@ async def test_late_ping_answers_keep_a_sending_peer(
             trio.open_nursery() as nursery,
             open_pair(trickle, keepalive_interval=10, keepalive_timeout=5) as pair,
         ):
-            delay_ping_answers(pair.client_transport, 8, nursery)
+            delay_ping_answers(pair.opener_transport, 8, nursery)
             start = trio.current_time()
-            stream = await pair.client.open_stream(request(), end_stream=True)
+            stream = await pair.opener.open_stream(request(), end_stream=True)
             await stream.receive_headers()
             received = b""
             while data := await stream.receive_data():
@@ -87,8 +87,8 @@ async def test_late_ping_answers_keep_a_sending_peer(
             # connection carried the whole response all the same.
             assert received == b"x" * 400
             assert trio.current_time() - start >= 39
-            assert pair.client_reason is None
-            assert pair.client.rtt == 8
+            assert pair.opener_reason is None
+            assert pair.opener.rtt == 8
             nursery.cancel_scope.cancel()
 
 
@@ -100,9 +100,9 @@ async def test_a_sending_peer_that_never_answers_is_given_up_on_in_bounded_time(
             trio.open_nursery() as nursery,
             open_pair(trickle, keepalive_interval=10, keepalive_timeout=5) as pair,
         ):
-            delay_ping_answers(pair.client_transport, 1000, nursery)
+            delay_ping_answers(pair.opener_transport, 1000, nursery)
             start = trio.current_time()
-            stream = await pair.client.open_stream(request(), end_stream=True)
+            stream = await pair.opener.open_stream(request(), end_stream=True)
             await stream.receive_headers()
 
             async def read_all() -> None:

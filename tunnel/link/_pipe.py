@@ -15,7 +15,8 @@ import contextlib
 import h2.errors
 import trio
 
-from ._mux import Stream, StreamError
+from ._state import StreamError
+from ._trio import Stream
 
 __all__ = ["pipe"]
 

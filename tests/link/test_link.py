@@ -1,14 +1,14 @@
-"""The Mux: one HTTP/2 connection over a message transport, tested in memory.
+"""The link's trio shell: one HTTP/2 connection over a message transport, tested in memory.
 
-A client-side Mux (the server's end) talks to a server-side Mux (the agent's
-end) over a pair of bounded memory channels. Time is virtual (autojump_clock),
-so every test is deterministic and timeouts cost nothing.
+An opener (the server's end) talks to an answerer (the agent's end) over a
+pair of bounded memory channels (tests/memory_link.py). Time is virtual
+(autojump_clock), so every test is deterministic and timeouts cost nothing.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -21,164 +21,10 @@ import pytest
 import trio
 import trio.testing
 from hyperframe.frame import Frame, GoAwayFrame
+from memory_link import MemoryTransport, open_pair, request, transport_pair
 
-from tunnel._mux import Mux, Stream, StreamError
 from tunnel._protocol.headers import Headers
-from tunnel._transport import TransportClosed
-
-Handler = Callable[[Stream], Awaitable[None]]
-
-#: Messages in flight each way; small, so the transport itself pushes back.
-TRANSPORT_BOUND = 4
-
-
-class MemoryTransport:
-    """One end of an in-memory message transport.
-
-    Args:
-        send_channel: Where this end's messages go.
-        receive_channel: Where the peer's messages come from.
-        latency: Seconds each send takes, as on a real network.
-    """
-
-    def __init__(
-        self,
-        send_channel: trio.MemorySendChannel[bytes],
-        receive_channel: trio.MemoryReceiveChannel[bytes],
-        *,
-        latency: float = 0.0,
-    ) -> None:
-        self._send = send_channel
-        self._receive = receive_channel
-        self.latency = latency
-        #: When set, everything sent or received is silently lost.
-        self.dropping = False
-        #: When not None, receive() waits for this event first.
-        self.hold: trio.Event | None = None
-        self.closed = False
-
-    async def send(self, data: bytes) -> None:
-        if self.latency:
-            await trio.sleep(self.latency)
-        if self.dropping:
-            await trio.lowlevel.checkpoint()
-            return
-        try:
-            await self._send.send(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            raise TransportClosed("the peer closed the transport") from None
-
-    async def receive(self) -> bytes:
-        if self.hold is not None:
-            await self.hold.wait()
-        while True:
-            try:
-                data = await self._receive.receive()
-            except (trio.EndOfChannel, trio.ClosedResourceError):
-                raise TransportClosed("the peer closed the transport") from None
-            if not self.dropping:
-                return data
-
-    async def aclose(self, code: int = 1000, reason: str = "") -> None:
-        self.closed = True
-        self._send.close()
-        self._receive.close()
-        await trio.lowlevel.checkpoint()
-
-    def take_pending(self) -> bytes:
-        """Everything the peer sent that is waiting here (for a test acting as the peer)."""
-        chunks = []
-        while True:
-            try:
-                chunks.append(self._receive.receive_nowait())
-            except trio.WouldBlock:
-                return b"".join(chunks)
-
-
-def transport_pair(*, latency: float = 0.0) -> tuple[MemoryTransport, MemoryTransport]:
-    a_send, b_receive = trio.open_memory_channel[bytes](TRANSPORT_BOUND)
-    b_send, a_receive = trio.open_memory_channel[bytes](TRANSPORT_BOUND)
-    return (
-        MemoryTransport(a_send, a_receive, latency=latency),
-        MemoryTransport(b_send, b_receive, latency=latency),
-    )
-
-
-class Pair:
-    """A connected client-side and server-side Mux, and what their run() returned."""
-
-    def __init__(self, client: Mux, server: Mux, a: MemoryTransport, b: MemoryTransport) -> None:
-        self.client = client
-        self.server = server
-        self.client_transport = a
-        self.server_transport = b
-        self.client_reason: str | None = None
-        self.server_reason: str | None = None
-        self.client_done = trio.Event()
-        self.server_done = trio.Event()
-
-
-@asynccontextmanager
-async def open_pair(
-    handler: Handler,
-    *,
-    max_concurrent_streams: int = 100,
-    keepalive_interval: float = 15.0,
-    keepalive_timeout: float = 15.0,
-    latency: float = 0.0,
-    settle: bool = True,
-    hold_client_receive: bool = False,
-) -> AsyncIterator[Pair]:
-    """Run a client-side and a server-side Mux connected in memory.
-
-    With ``settle``, both have exchanged SETTINGS (and acknowledged them)
-    before the body runs; without, the body races the handshake.
-    """
-    a, b = transport_pair(latency=latency)
-    if hold_client_receive:
-        a.hold = trio.Event()
-    client = Mux(
-        client_side=True,
-        transport=a,
-        keepalive_interval=keepalive_interval,
-        keepalive_timeout=keepalive_timeout,
-    )
-    server = Mux(
-        client_side=False,
-        transport=b,
-        keepalive_interval=keepalive_interval,
-        keepalive_timeout=keepalive_timeout,
-        max_concurrent_streams=max_concurrent_streams,
-        on_stream=handler,
-        trusted_peer=True,
-    )
-    pair = Pair(client, server, a, b)
-
-    async def run_client(task_status: trio.TaskStatus[None]) -> None:
-        pair.client_reason = await client.run(task_status=task_status)
-        pair.client_done.set()
-
-    async def run_server(task_status: trio.TaskStatus[None]) -> None:
-        pair.server_reason = await server.run(task_status=task_status)
-        pair.server_done.set()
-
-    async with trio.open_nursery() as nursery:
-        await nursery.start(run_server)
-        await nursery.start(run_client)
-        if settle:
-            await trio.testing.wait_all_tasks_blocked()
-        yield pair
-        client.close("the test is over")
-        server.close("the test is over")
-
-
-def request(path: bytes = b"/") -> Headers:
-    return [
-        (b":method", b"POST"),
-        (b":scheme", b"https"),
-        (b":authority", b"myapp.example.com"),
-        (b":path", path),
-    ]
+from tunnel.link import Link, Stream, StreamError
 
 
 async def echo(stream: Stream) -> None:
@@ -195,9 +41,9 @@ async def echo(stream: Stream) -> None:
         pass
 
 
-async def exchange(mux: Mux, body: bytes, path: bytes = b"/") -> tuple[Headers, bytes]:
+async def exchange(link: Link, body: bytes, path: bytes = b"/") -> tuple[Headers, bytes]:
     """One request: send ``body`` while reading the response, as a proxy would."""
-    stream = await mux.open_stream(request(path), end_stream=False)
+    stream = await link.open_stream(request(path), end_stream=False)
     received = bytearray()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(functools.partial(stream.send_data, body, end_stream=True))
@@ -211,19 +57,19 @@ async def exchange(mux: Mux, body: bytes, path: bytes = b"/") -> tuple[Headers, 
 async def test_round_trip(autojump_clock: trio.testing.MockClock) -> None:
     with trio.fail_after(10):
         async with open_pair(echo) as pair:
-            headers, body = await exchange(pair.client, b"hello", b"/greet?x=1")
+            headers, body = await exchange(pair.opener, b"hello", b"/greet?x=1")
             assert headers == [(b":status", b"200"), (b"x-path", b"/greet?x=1")]
             assert body == b"hello"
-            assert pair.client.open_streams == 0
+            assert pair.opener.open_streams == 0
             await trio.testing.wait_all_tasks_blocked()
-            assert pair.server.open_streams == 0
-            assert pair.client.streams_opened == pair.server.streams_opened == 1
+            assert pair.answerer.open_streams == 0
+            assert pair.opener.streams_opened == pair.answerer.streams_opened == 1
 
 
 async def test_request_without_body(autojump_clock: trio.testing.MockClock) -> None:
     with trio.fail_after(10):
         async with open_pair(echo) as pair:
-            stream = await pair.client.open_stream(request(b"/empty"), end_stream=True)
+            stream = await pair.opener.open_stream(request(b"/empty"), end_stream=True)
             assert (await stream.receive_headers())[0] == (b":status", b"200")
             assert await stream.receive_data() == b""
             assert stream.done
@@ -236,14 +82,14 @@ async def test_large_body_is_flow_controlled(autojump_clock: trio.testing.MockCl
     with trio.fail_after(60):
         async with open_pair(echo) as pair:
             start = trio.current_time()
-            headers, echoed = await exchange(pair.client, body)
+            headers, echoed = await exchange(pair.opener, body)
             assert headers[0] == (b":status", b"200")
             assert len(echoed) == len(body)
             assert echoed == body
             # Flow control waits on the peer, never on the clock.
             assert trio.current_time() == start
-            assert pair.client.bytes_sent > len(body)
-            assert pair.client.bytes_received > len(body)
+            assert pair.opener.bytes_sent > len(body)
+            assert pair.opener.bytes_received > len(body)
 
 
 async def test_concurrent_streams_wait_for_capacity(
@@ -263,17 +109,17 @@ async def test_concurrent_streams_wait_for_capacity(
 
     results: dict[int, tuple[Headers, bytes]] = {}
 
-    async def one(mux: Mux, n: int) -> None:
-        results[n] = await exchange(mux, b"body %d" % n, b"/%d" % n)
+    async def one(link: Link, n: int) -> None:
+        results[n] = await exchange(link, b"body %d" % n, b"/%d" % n)
 
     with trio.fail_after(60):
         async with open_pair(slow_echo, max_concurrent_streams=50) as pair:
             start = trio.current_time()
             async with trio.open_nursery() as nursery:
                 for n in range(300):
-                    nursery.start_soon(one, pair.client, n)
+                    nursery.start_soon(one, pair.opener, n)
             elapsed = trio.current_time() - start
-            assert pair.server_reason is None, pair.server_reason
+            assert pair.answerer_reason is None, pair.answerer_reason
 
     assert sorted(results) == list(range(300))
     for n, (headers, body) in results.items():
@@ -293,24 +139,24 @@ async def test_streams_opened_before_peer_settings_respect_its_limit(
     results: list[bytes] = []
     errors: list[StreamError] = []
 
-    async def one(mux: Mux, n: int) -> None:
+    async def one(link: Link, n: int) -> None:
         try:
-            results.append((await exchange(mux, b"%d" % n))[1])
+            results.append((await exchange(link, b"%d" % n))[1])
         except* StreamError as group:
             errors.extend(group.exceptions)  # type: ignore[arg-type]
 
     with trio.fail_after(60):
         async with open_pair(
-            echo, max_concurrent_streams=5, settle=False, hold_client_receive=True
+            echo, max_concurrent_streams=5, settle=False, hold_opener_receive=True
         ) as pair:
             async with trio.open_nursery() as nursery:
                 for n in range(8):
-                    nursery.start_soon(one, pair.client, n)
+                    nursery.start_soon(one, pair.opener, n)
                 await trio.testing.wait_all_tasks_blocked()
-                assert pair.client_transport.hold is not None
-                pair.client_transport.hold.set()
+                assert pair.opener_transport.hold is not None
+                pair.opener_transport.hold.set()
             await trio.testing.wait_all_tasks_blocked()
-            assert pair.server_reason is None, pair.server_reason
+            assert pair.answerer_reason is None, pair.answerer_reason
     assert errors == []
     assert sorted(results) == sorted(b"%d" % n for n in range(8))
 
@@ -318,12 +164,12 @@ async def test_streams_opened_before_peer_settings_respect_its_limit(
 async def test_large_frame_right_after_settings_ack(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    # The Mux announces a 1 MiB MAX_FRAME_SIZE. A peer may use it as soon as it
+    # The link announces a 1 MiB MAX_FRAME_SIZE. A peer may use it as soon as it
     # has acknowledged that SETTINGS, so the ACK and a large DATA frame can
     # arrive in one message. Here the peer is a bare h2 connection, so the
     # frames are exactly that.
     a, b = transport_pair()
-    client = Mux(client_side=True, transport=a, keepalive_interval=15, keepalive_timeout=15)
+    opener = Link.opener(a, keepalive_interval=15, keepalive_timeout=15)
     peer = h2.connection.H2Connection(
         h2.config.H2Configuration(client_side=False, header_encoding=None)
     )
@@ -332,7 +178,7 @@ async def test_large_frame_right_after_settings_ack(
     received: list[bytes] = []
 
     async def fetch() -> None:
-        stream = await client.open_stream(request(), end_stream=True)
+        stream = await opener.open_stream(request(), end_stream=True)
         await stream.receive_headers()
         while data := await stream.receive_data():
             received.append(data)
@@ -340,7 +186,7 @@ async def test_large_frame_right_after_settings_ack(
 
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
-            await nursery.start(client.run)
+            await nursery.start(opener.run)
             await b.send(peer.data_to_send())  # the peer's SETTINGS alone
             await trio.testing.wait_all_tasks_blocked()
             peer.receive_data(b.take_pending())  # preface, SETTINGS, WINDOW_UPDATE
@@ -353,9 +199,9 @@ async def test_large_frame_right_after_settings_ack(
             assert peer.max_outbound_frame_size >= len(body)  # so one DATA frame
             await b.send(peer.data_to_send())  # ACK, HEADERS and DATA together
             await trio.testing.wait_all_tasks_blocked()
-            assert client.closed_reason is None, client.closed_reason
+            assert opener.closed_reason is None, opener.closed_reason
             assert b"".join(received) == body
-            client.close("the test is over")
+            opener.close("the test is over")
 
 
 async def test_reset_cancels_handler_scope(autojump_clock: trio.testing.MockClock) -> None:
@@ -376,18 +222,18 @@ async def test_reset_cancels_handler_scope(autojump_clock: trio.testing.MockCloc
 
     with trio.fail_after(10):
         async with open_pair(handler) as pair:
-            stream = await pair.client.open_stream(request(b"/hang"), end_stream=False)
+            stream = await pair.opener.open_stream(request(b"/hang"), end_stream=False)
             await started.wait()
             start = trio.current_time()
             stream.cancel()
             await finished.wait()
             assert trio.current_time() == start
             assert outcome == ["cancelled"]
-            assert pair.client.open_streams == 0
+            assert pair.opener.open_streams == 0
             await trio.testing.wait_all_tasks_blocked()
-            assert pair.server.open_streams == 0
+            assert pair.answerer.open_streams == 0
             # The connection itself is unharmed.
-            assert (await exchange(pair.client, b"again"))[1] == b"again"
+            assert (await exchange(pair.opener, b"again"))[1] == b"again"
 
 
 async def test_reset_fails_handler_receive(autojump_clock: trio.testing.MockClock) -> None:
@@ -405,7 +251,7 @@ async def test_reset_fails_handler_receive(autojump_clock: trio.testing.MockCloc
 
     with trio.fail_after(10):
         async with open_pair(handler) as pair:
-            stream = await pair.client.open_stream(request(), end_stream=False)
+            stream = await pair.opener.open_stream(request(), end_stream=False)
             await started.wait()
             stream.cancel()
             await finished.wait()
@@ -416,7 +262,7 @@ async def test_reset_fails_handler_receive(autojump_clock: trio.testing.MockCloc
                 await stream.send_data(b"late")
 
 
-@pytest.mark.parametrize("side", ["client", "server"])
+@pytest.mark.parametrize("side", ["opener", "answerer"])
 async def test_transport_close_fails_open_streams(
     autojump_clock: trio.testing.MockClock, side: str
 ) -> None:
@@ -447,24 +293,24 @@ async def test_transport_close_fails_open_streams(
         async with open_pair(handler) as pair:
             async with trio.open_nursery() as nursery:
                 for _ in range(5):
-                    stream = await pair.client.open_stream(request(), end_stream=False)
+                    stream = await pair.opener.open_stream(request(), end_stream=False)
                     nursery.start_soon(wait_response, stream)
                 await all_started.wait()
                 start = trio.current_time()
-                closing = pair.client_transport if side == "client" else pair.server_transport
+                closing = pair.opener_transport if side == "opener" else pair.answerer_transport
                 await closing.aclose()
-            await pair.client_done.wait()
-            await pair.server_done.wait()
+            await pair.opener_done.wait()
+            await pair.answerer_done.wait()
             assert trio.current_time() == start
 
     assert len(errors) == 5
     assert all(error.code == h2.errors.ErrorCodes.INTERNAL_ERROR for error in errors)
-    assert pair.client_reason is not None
-    assert "closed" in pair.client_reason
+    assert pair.opener_reason is not None
+    assert "closed" in pair.opener_reason
     assert handlers_cancelled == 5
-    assert pair.client.open_streams == pair.server.open_streams == 0
+    assert pair.opener.open_streams == pair.answerer.open_streams == 0
     with pytest.raises(StreamError):
-        await pair.client.open_stream(request(), end_stream=True)
+        await pair.opener.open_stream(request(), end_stream=True)
 
 
 async def test_keepalive_declares_silent_peer_dead(
@@ -475,26 +321,26 @@ async def test_keepalive_declares_silent_peer_dead(
             start = trio.current_time()
             # The first PING, at 10s, is answered.
             await trio.sleep(12)
-            assert pair.client.rtt == 0
-            assert pair.client_reason is None
+            assert pair.opener.rtt == 0
+            assert pair.opener_reason is None
             # From now on the network swallows everything, both ways.
-            pair.client_transport.dropping = True
-            await pair.client_done.wait()
+            pair.opener_transport.dropping = True
+            await pair.opener_done.wait()
             # The next PING goes out at 20s and is given up on at 27s.
             assert trio.current_time() - start == 27
-            assert pair.client_reason is not None
-            assert "keepalive" in pair.client_reason
-            assert "7s" in pair.client_reason
-            assert pair.client_transport.closed
+            assert pair.opener_reason is not None
+            assert "keepalive" in pair.opener_reason
+            assert "7s" in pair.opener_reason
+            assert pair.opener_transport.closed
 
 
 async def test_keepalive_fails_open_streams(autojump_clock: trio.testing.MockClock) -> None:
     with trio.fail_after(100):
         async with open_pair(echo, keepalive_interval=10, keepalive_timeout=5) as pair:
             start = trio.current_time()
-            stream = await pair.client.open_stream(request(), end_stream=False)
+            stream = await pair.opener.open_stream(request(), end_stream=False)
             await stream.receive_headers()
-            pair.client_transport.dropping = True
+            pair.opener_transport.dropping = True
             with pytest.raises(StreamError, match="keepalive"):
                 await stream.receive_data()
             assert trio.current_time() - start == 15
@@ -509,28 +355,28 @@ async def test_drain_lets_open_stream_finish(autojump_clock: trio.testing.MockCl
 
     with trio.fail_after(60):
         async with open_pair(handler) as pair:
-            stream = await pair.client.open_stream(request(b"/slow"), end_stream=False)
+            stream = await pair.opener.open_stream(request(b"/slow"), end_stream=False)
             await started.wait()
             start = trio.current_time()
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(pair.server.drain, 30)
+                nursery.start_soon(pair.answerer.drain, 30)
                 await trio.testing.wait_all_tasks_blocked()
                 # GOAWAY arrived: no new streams, but the open one goes on.
-                assert not pair.server.accepting
-                assert not pair.client.accepting
+                assert not pair.answerer.accepting
+                assert not pair.opener.accepting
                 with pytest.raises(StreamError):
-                    await pair.client.open_stream(request(), end_stream=True)
+                    await pair.opener.open_stream(request(), end_stream=True)
                 await stream.send_data(b"last words", end_stream=True)
                 assert (await stream.receive_headers())[0] == (b":status", b"200")
                 assert await stream.receive_data() == b"last words"
                 assert await stream.receive_data() == b""
-            await pair.server_done.wait()
-            await pair.client_done.wait()
+            await pair.answerer_done.wait()
+            await pair.opener_done.wait()
             # It ended when the stream did, not at the drain timeout.
             assert trio.current_time() == start
-            assert pair.server_reason == "the connection was drained and closed"
-            assert pair.client_reason is not None
-            assert "GOAWAY" in pair.client_reason
+            assert pair.answerer_reason == "the connection was drained and closed"
+            assert pair.opener_reason is not None
+            assert "GOAWAY" in pair.opener_reason
 
 
 async def test_drain_with_no_streams_closes_at_once(
@@ -539,11 +385,11 @@ async def test_drain_with_no_streams_closes_at_once(
     with trio.fail_after(60):
         async with open_pair(echo) as pair:
             start = trio.current_time()
-            await pair.server.drain(30)
-            await pair.server_done.wait()
-            await pair.client_done.wait()
+            await pair.answerer.drain(30)
+            await pair.answerer_done.wait()
+            await pair.opener_done.wait()
             assert trio.current_time() == start
-            assert pair.server_reason == "the connection was drained and closed"
+            assert pair.answerer_reason == "the connection was drained and closed"
 
 
 async def test_drain_flushes_final_frames_over_slow_network(
@@ -562,10 +408,10 @@ async def test_drain_flushes_final_frames_over_slow_network(
 
     with trio.fail_after(60):
         async with open_pair(handler, latency=0.01) as pair:
-            stream = await pair.client.open_stream(request(), end_stream=True)
+            stream = await pair.opener.open_stream(request(), end_stream=True)
             await started.wait()
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(pair.server.drain, 30)
+                nursery.start_soon(pair.answerer.drain, 30)
                 await trio.testing.wait_all_tasks_blocked()
                 respond.set()
                 assert (await stream.receive_headers()) == [(b":status", b"204")]
@@ -587,9 +433,9 @@ async def test_unacknowledged_data_of_finished_streams_gives_the_window_back(
 
     with trio.fail_after(60):
         async with open_pair(answer) as pair:
-            window = pair.client._conn.inbound_flow_control_window
+            window = pair.opener._core._conn.inbound_flow_control_window
             for _ in range(400):  # 40 MB: far beyond the 16 MiB window
-                stream = await pair.client.open_stream(request(), end_stream=True)
+                stream = await pair.opener.open_stream(request(), end_stream=True)
                 received = 0
                 while chunk := await stream.receive_data():
                     received += len(chunk)  # never acknowledged
@@ -597,7 +443,7 @@ async def test_unacknowledged_data_of_finished_streams_gives_the_window_back(
             await trio.testing.wait_all_tasks_blocked()
             # h2 returns window in steps of half of it, so up to half may be
             # pending; a leak would have emptied it (and stalled the loop).
-            assert pair.client._conn.inbound_flow_control_window > window // 2
+            assert pair.opener._core._conn.inbound_flow_control_window > window // 2
 
 
 async def test_a_reset_before_the_handler_starts_stops_it_at_once(
@@ -615,13 +461,13 @@ async def test_a_reset_before_the_handler_starts_stops_it_at_once(
         async with open_pair(slow_to_start) as pair:
             # HEADERS and RST_STREAM reach the server in one message, before
             # its handler task has run.
-            pair.server_transport.hold = trio.Event()
-            stream = await pair.client.open_stream(request(), end_stream=False)
+            pair.answerer_transport.hold = trio.Event()
+            stream = await pair.opener.open_stream(request(), end_stream=False)
             stream.cancel()
             await trio.testing.wait_all_tasks_blocked()
-            pair.server_transport.hold.set()
+            pair.answerer_transport.hold.set()
             await trio.testing.wait_all_tasks_blocked()
-            assert pair.server.open_streams == 0
+            assert pair.answerer.open_streams == 0
             assert seen == ["entered", "stopped"]
 
 
@@ -635,7 +481,7 @@ async def test_a_peers_huge_header_table_is_not_honoured(
     peer (plain h2) must still decode every header block right.
     """
     a, b = transport_pair()
-    mux = Mux(client_side=True, transport=a, keepalive_interval=15.0, keepalive_timeout=15.0)
+    link = Link.opener(a, keepalive_interval=15.0, keepalive_timeout=15.0)
     peer = h2.connection.H2Connection(
         h2.config.H2Configuration(client_side=False, header_encoding=None)
     )
@@ -662,13 +508,13 @@ async def test_a_peers_huge_header_table_is_not_honoured(
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(serve_peer)
-            await nursery.start(mux.run)
-            assert await mux.wait_peer_settings()
+            await nursery.start(link.run)
+            assert await link.wait_peer_settings()
             sent = [f"/item/{i}".encode() for i in range(2000)]
             for path in sent:
-                stream = await mux.open_stream(request(path), end_stream=True)
+                stream = await link.open_stream(request(path), end_stream=True)
                 await stream.receive_headers()
-            table = mux._conn.encoder.header_table
+            table = link._core._conn.encoder.header_table
             assert len(table.dynamic_entries) <= 4096 // 32, len(table.dynamic_entries)
             assert table.maxsize == 4096
             assert paths == sent
@@ -700,7 +546,7 @@ class BarePeer:
         return self.conn.receive_data(self.transport.take_pending())
 
     def frames(self) -> list[Frame]:
-        """The frames the Mux sent since the last look, unparsed by h2."""
+        """The frames the link sent since the last look, unparsed by h2."""
         data = self.transport.take_pending()
         frames = []
         while data:
@@ -716,30 +562,30 @@ def goaway(last_stream_id: int) -> bytes:
 
 
 @asynccontextmanager
-async def open_bare(**mux_options: Any) -> AsyncIterator[tuple[Mux, BarePeer]]:
-    """A client-side Mux (the server's end) whose peer is a :class:`BarePeer`, settled."""
+async def open_bare(**link_options: Any) -> AsyncIterator[tuple[Link, BarePeer]]:
+    """An opener (the server's end) whose peer is a :class:`BarePeer`, settled."""
     a, b = transport_pair()
-    options = {"keepalive_interval": 15.0, "keepalive_timeout": 15.0, **mux_options}
-    mux = Mux(client_side=True, transport=a, **options)
+    options = {"keepalive_interval": 15.0, "keepalive_timeout": 15.0, **link_options}
+    link = Link.opener(a, **options)
     peer = BarePeer(b)
     async with trio.open_nursery() as nursery:
-        await nursery.start(mux.run)
+        await nursery.start(link.run)
         await peer.flush()  # the peer's SETTINGS
         peer.receive()  # preface, SETTINGS, WINDOW_UPDATE
         await peer.flush()  # SETTINGS ACK
-        peer.receive()  # the Mux's SETTINGS ACK, its MAX_FRAME_SIZE
+        peer.receive()  # the link's SETTINGS ACK, its MAX_FRAME_SIZE
         await peer.flush()
-        yield mux, peer
-        mux.close("the test is over")
+        yield link, peer
+        link.close("the test is over")
 
 
 async def test_streams_up_to_the_last_id_of_a_goaway_finish_and_the_rest_are_refused(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     with trio.fail_after(60):
-        async with open_bare(keepalive_interval=10, keepalive_timeout=5) as (mux, peer):
-            first = await mux.open_stream(request(b"/1"), end_stream=True)
-            second = await mux.open_stream(request(b"/3"), end_stream=True)
+        async with open_bare(keepalive_interval=10, keepalive_timeout=5) as (link, peer):
+            first = await link.open_stream(request(b"/1"), end_stream=True)
+            second = await link.open_stream(request(b"/3"), end_stream=True)
             await trio.testing.wait_all_tasks_blocked()
             peer.receive()
             start = trio.current_time()
@@ -747,7 +593,7 @@ async def test_streams_up_to_the_last_id_of_a_goaway_finish_and_the_rest_are_ref
             # it sent just after crosses the GOAWAY.
             peer.conn.increment_flow_control_window(1000)
             await peer.flush(goaway(1) + peer.conn.data_to_send())
-            assert not mux.accepting
+            assert not link.accepting
             with pytest.raises(StreamError) as refused:
                 await second.receive_headers()
             assert refused.value.code == h2.errors.ErrorCodes.REFUSED_STREAM
@@ -763,9 +609,9 @@ async def test_streams_up_to_the_last_id_of_a_goaway_finish_and_the_rest_are_ref
             assert (await first.receive_headers()) == [(b":status", b"200")]
             assert await first.receive_data() == b"done"
             assert await first.receive_data() == b""
-            await mux.wait_closed()
-            assert mux.closed_reason == "the peer went away (GOAWAY) and every stream has finished"
-            assert mux._close_code == 1000
+            await link.wait_closed()
+            assert link.closed_reason == "the peer went away (GOAWAY) and every stream has finished"
+            assert link._close_code == 1000
             assert trio.current_time() == start + 25
 
 
@@ -775,29 +621,29 @@ async def test_drain_after_the_peers_goaway_sends_goaway_only(
     # The server's drain began as the agent's GOAWAY arrived (both stopped by
     # SIGTERM at once): h2 refused the SETTINGS frame the server's drain sent.
     with trio.fail_after(60):
-        async with open_bare() as (mux, peer):
-            stream = await mux.open_stream(request(), end_stream=True)
+        async with open_bare() as (link, peer):
+            stream = await link.open_stream(request(), end_stream=True)
             await trio.testing.wait_all_tasks_blocked()
             peer.receive()
             await peer.flush(goaway(1))
             start = trio.current_time()
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(mux.drain, 30)
+                nursery.start_soon(link.drain, 30)
                 await trio.testing.wait_all_tasks_blocked()
                 assert peer.frames() == []  # no SETTINGS: the server takes no streams
                 peer.conn.send_headers(1, [(b":status", b"204")], end_stream=True)
                 await peer.flush()
             assert (await stream.receive_headers()) == [(b":status", b"204")]
             assert trio.current_time() == start
-            assert mux.closed_reason is not None
-            assert "protocol error" not in mux.closed_reason
+            assert link.closed_reason is not None
+            assert "protocol error" not in link.closed_reason
 
 
 async def test_the_servers_drain_sends_no_settings(autojump_clock: trio.testing.MockClock) -> None:
     with trio.fail_after(60):
-        async with open_bare() as (mux, peer):
+        async with open_bare() as (link, peer):
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(mux.drain, 30)
+                nursery.start_soon(link.drain, 30)
                 await trio.testing.wait_all_tasks_blocked()
                 frames = peer.frames()
             assert [type(frame) for frame in frames] == [GoAwayFrame]
@@ -808,24 +654,24 @@ async def test_a_second_drain_waits_for_the_first(autojump_clock: trio.testing.M
     # to close after our GOAWAY: h2 refused its SETTINGS frame.
     ended: list[float] = []
 
-    async def drain(mux: Mux) -> None:
-        await mux.drain(30)
+    async def drain(link: Link) -> None:
+        await link.drain(30)
         ended.append(trio.current_time())
 
     with trio.fail_after(60):
         async with open_pair(echo) as pair:
-            pair.client_transport.dropping = True  # so the server's end never closes
+            pair.opener_transport.dropping = True  # so the answerer's end never closes
             start = trio.current_time()
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(drain, pair.server)
+                nursery.start_soon(drain, pair.answerer)
                 await trio.sleep(0.5)
-                nursery.start_soon(drain, pair.server)
+                nursery.start_soon(drain, pair.answerer)
             # Once more, after it ended: nothing to do, and no error either.
-            await pair.server.drain(30)
+            await pair.answerer.drain(30)
             # The first waited a second for the peer to close, the second with it.
             assert ended == [start + 1, start + 1]
-            await pair.server_done.wait()
-            assert pair.server_reason == "the connection was drained and closed"
+            await pair.answerer_done.wait()
+            assert pair.answerer_reason == "the connection was drained and closed"
 
 
 async def test_streams_the_peer_gave_up_on_fail_at_once_in_plain_words(
@@ -852,13 +698,13 @@ async def test_streams_the_peer_gave_up_on_fail_at_once_in_plain_words(
 
     with trio.fail_after(60):
         async with open_pair(handler) as pair:
-            await pair.client.open_stream(request(), end_stream=True)
+            await pair.opener.open_stream(request(), end_stream=True)
             await answering.wait()
             start = trio.current_time()
-            await pair.client.drain(5)
-            await pair.server_done.wait()
+            await pair.opener.drain(5)
+            await pair.answerer_done.wait()
     assert stopped_at == [start + 5]
-    assert pair.server_reason is not None
+    assert pair.answerer_reason is not None
     for error in errors:
         assert "Invalid input" not in error.reason
         assert "State" not in error.reason
@@ -868,9 +714,9 @@ async def test_our_goaway_stops_the_keepalive(autojump_clock: trio.testing.MockC
     # A drain waits up to a second for the peer to close; a PING due then
     # was refused by h2 and reported as the peer's protocol error (close 1002).
     with trio.fail_after(60):
-        async with open_bare(keepalive_interval=10, keepalive_timeout=5) as (mux, peer):
+        async with open_bare(keepalive_interval=10, keepalive_timeout=5) as (link, peer):
             await trio.sleep(9.5)
-            await mux.drain(30)
+            await link.drain(30)
             assert [type(frame) for frame in peer.frames()] == [GoAwayFrame]
-            assert mux.closed_reason == "the connection was drained and closed"
-            assert mux._close_code == 1000
+            assert link.closed_reason == "the connection was drained and closed"
+            assert link._close_code == 1000

@@ -17,9 +17,9 @@ from __future__ import annotations
 import pytest
 import trio
 import trio.testing
-from test_mux import open_pair
+from memory_link import open_pair
 
-from tunnel._mux import Stream
+from tunnel.link import Stream
 
 HEADERS = [
     (b":method", b"POST"),
@@ -47,18 +47,18 @@ async def test_an_empty_data_frame_does_not_end_the_body(
 
     with trio.fail_after(10):
         async with open_pair(handler) as pair:
-            client = pair.client
-            stream = client.open_stream_nowait(HEADERS, end_stream=False)
+            opener = pair.opener
+            stream = opener.open_stream_nowait(HEADERS, end_stream=False)
             assert stream is not None
             await stream.send_data(b"first ")
             await trio.testing.wait_all_tasks_blocked()
-            # Only the peer's h2 can write an empty frame: the Mux never does.
-            client._conn.send_data(stream.id, b"", pad_length=padding or None)
-            client._kick()
+            # Only the peer's h2 can write an empty frame: the link never does.
+            opener._core._conn.send_data(stream.id, b"", pad_length=padding or None)
+            opener._kick()
             await trio.testing.wait_all_tasks_blocked()
             await stream.send_data(b"and last", end_stream=True)
             await done.wait()
-            window = pair.server._conn._inbound_flow_control_window_manager
+            window = pair.answerer._core._conn._inbound_flow_control_window_manager
             assert received == [b"first and last"]
             # What padding took of the window was given back, though no
             # consumer ever saw it (h2 batches its WINDOW_UPDATEs, so what it
