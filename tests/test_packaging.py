@@ -10,7 +10,7 @@ import importlib.metadata
 import tomllib
 from pathlib import Path
 
-PYPROJECT = Path(__file__).parents[2] / "pyproject.toml"
+PYPROJECT = Path(__file__).parents[1] / "pyproject.toml"
 #: Ours: free on PyPI when chosen (``pip index versions trio-tunnel`` found none).
 DISTRIBUTION = "trio-tunnel"
 

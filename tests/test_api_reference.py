@@ -7,7 +7,7 @@ from pathlib import Path
 
 import tunnel
 
-API_RST = Path(__file__).resolve().parents[2] / "docs" / "api.rst"
+API_RST = Path(__file__).resolve().parents[1] / "docs" / "api.rst"
 
 
 def test_the_api_reference_lists_every_export_and_nothing_else() -> None:

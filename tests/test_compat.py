@@ -12,7 +12,7 @@ import pytest
 import tunnel
 from tunnel import _compat
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 
 NEWER = {"hypercorn": "0.19.0", "h2": "5.0.0", "hyperframe": "7.0.0", "wsproto": "1.4.0"}
 
