@@ -111,7 +111,7 @@ LITERAL_EXAMPLES = {
     "# agent.toml": "test_tokens_file_and_config_files",
     "tunnel server --config server.toml": "test_tokens_file_and_config_files",
     "curl -H": "test_the_admin_api_commands",
-    "event=agent_connected": "not run: sample log lines; tests/server/test_telemetry.py checks them",
+    "event=agent_connected": "not run: sample log lines; tests/server/test_telemetry.py has them",
     "event=request client=": "not run: a sample log line; tests/e2e/test_access.py checks it",
     "hypercorn --worker-class trio": "test_the_embedding_example_under_the_hypercorn_command",
     "--local-protocol h2c": "test_the_grpc_example",
