@@ -14,7 +14,13 @@ from tunnel import _compat
 
 ROOT = Path(__file__).resolve().parents[1]
 
-NEWER = {"hypercorn": "0.19.0", "h2": "5.0.0", "hyperframe": "7.0.0", "wsproto": "1.4.0"}
+NEWER = {
+    "hypercorn": "0.19.0",
+    "h2": "5.0.0",
+    "hyperframe": "7.0.0",
+    "wsproto": "1.4.0",
+    "trio-websocket": "0.13.0",
+}
 
 
 def test_every_fix_is_on_with_the_versions_installed() -> None:

@@ -6,7 +6,9 @@ import contextlib
 
 import trio
 import trio_websocket
+from wsproto.events import BytesMessage
 
+from .._compat import TRIO_WEBSOCKET_SEND
 from .._exceptions import ServerUnreachableError
 from . import ABNORMAL_CLOSURE, TransportClosed, close_reason
 from .masking import use_fast_masking
@@ -76,12 +78,39 @@ class WebSocketTransport:
         # Every byte the agent sends is masked; wsproto's own masker would be
         # the largest cost of a download.
         use_fast_masking()
+        self._send_directly = TRIO_WEBSOCKET_SEND.on
 
     async def send(self, data: bytes) -> None:
+        if self._send_directly and not self._ws._stream_lock.locked():
+            await self._send_unlocked(data)
+            return
         try:
             await self._ws.send_message(data)
         except trio_websocket.ConnectionClosed as exc:
             raise TransportClosed(_describe(exc.reason)) from None
+
+    async def _send_unlocked(self, data: bytes) -> None:
+        """trio-websocket's ``send_message`` (0.12), taking its free lock without a yield.
+
+        ``async with`` on trio-websocket's send lock yields even when the lock
+        is free, and each yield is a trip through trio's scheduler: at one
+        request at a time, one trip in every message the agent sends. The send
+        itself still yields. On another trio-websocket release this is off
+        (``TRIO_WEBSOCKET_SEND`` in ``tunnel/_compat.py``).
+        """
+        ws = self._ws
+        if ws._close_reason is not None:
+            raise TransportClosed(_describe(ws._close_reason))
+        frame = ws._wsproto.send(BytesMessage(data=data))
+        lock = ws._stream_lock
+        lock.acquire_nowait()
+        try:
+            await ws._stream.send_all(frame)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            await ws._abort_web_socket()
+            raise TransportClosed(_describe(ws._close_reason)) from None
+        finally:
+            lock.release()
 
     async def receive(self) -> bytes:
         try:

@@ -48,7 +48,12 @@ def notify_disconnect() -> None:
                 receive.gone = True
                 if receive.on_disconnect is not None:
                     receive.on_disconnect()
-            await put.send(message)
+            try:
+                # Without a yield when the queue has room (it nearly always
+                # has): a yield is a trip through the scheduler.
+                put.send_nowait(message)
+            except trio.WouldBlock:
+                await put.send(message)
 
         return app_put
 
