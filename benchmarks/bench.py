@@ -20,6 +20,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import shutil
 import signal
 import socket
 import statistics
@@ -88,8 +89,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--server-workers",
-        help="also run the tunnel with these server worker counts side by side, "
-        "such as 1,2 (needs 'tunnel server --workers')",
+        help="also run the tunnel with these server worker counts side by side "
+        "(default 1,2; 0 skips; needs 'tunnel server --workers')",
     )
     parser.add_argument(
         "--generator",
@@ -399,6 +400,48 @@ def grpc_phase(
         service.stop()
 
 
+def h2_download(bench: Bench, size: int, repeat: int) -> dict:
+    """``size`` bytes by curl over cleartext HTTP/2 (prior knowledge), Hypercorn vs tunnel.
+
+    Both Hypercorn and the tunnel server accept h2c with prior knowledge; the
+    rounds alternate the two, and the median of each is kept.
+    """
+    rounds: dict[str, list[float]] = {"hypercorn": [], "tunnel": []}
+    for _ in range(repeat):
+        for target in rounds:
+            bench.check_alive()
+            rounds[target].append(_curl_h2_download(bench.ports[target], size))
+    return {
+        target: {
+            "bytes": size,
+            "mib_per_s": round(statistics.median(values), 1),
+            "rounds_mib_per_s": [round(v, 1) for v in values],
+        }
+        for target, values in rounds.items()
+    }
+
+
+def _curl_h2_download(port: int, size: int) -> float:
+    """MiB/s of one ``GET /download`` by ``curl --http2-prior-knowledge``."""
+    out = subprocess.run(
+        [
+            *("curl", "--silent", "--show-error", "--http2-prior-knowledge"),
+            *("--max-time", "120", "-o", "/dev/null", "-H", f"Host: {HOST}"),
+            *("-w", "%{http_version} %{http_code} %{size_download} %{time_total}"),
+            f"http://127.0.0.1:{port}/download?bytes={size}",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    fields = out.stdout.split()
+    if out.returncode != 0 or len(fields) != 4 or fields[:2] != ["2", "200"]:
+        raise RuntimeError(f"curl h2c download on :{port} failed: {out.stdout} {out.stderr}")
+    if int(fields[2]) != size:
+        raise RuntimeError(f"curl h2c download on :{port}: {fields[2]} of {size} bytes")
+    return size / MIB / float(fields[3])
+
+
 def idle_agents(procs: _procs.Processes, local_port: int, count: int) -> dict:
     """Server RSS with no agent, 1 and ``count`` idle agents, on a server of its own.
 
@@ -450,9 +493,11 @@ def idle_agents(procs: _procs.Processes, local_port: int, count: int) -> dict:
 
 def _worker_counts(text: str | None) -> list[int]:
     """The ``--server-workers`` counts; exits if this tunnel has no ``--workers``."""
-    if not text:
+    if text is None:
+        text = "1,2"
+    counts = [int(n) for n in text.split(",") if int(n)]
+    if not counts:
         return []
-    counts = [int(n) for n in text.split(",")]
     if any(n < 1 for n in counts) or len(set(counts)) < 2:
         raise SystemExit("bench: --server-workers takes two or more counts, such as 1,2")
     usage = subprocess.run(
@@ -477,8 +522,10 @@ def _compare_workers(
     seconds: int,
     repeat: int,
     generator: str,
-) -> list[dict]:
-    """Small GETs through tunnels whose servers run ``counts`` workers, interleaved."""
+    size: int,
+) -> tuple[list[dict], list[dict]]:
+    """Small GETs, then one download and upload of ``size`` bytes, through tunnels
+    whose servers run ``counts`` workers, interleaved."""
     python = sys.executable
     tunnels = {}
     for count in counts:
@@ -518,6 +565,7 @@ def _compare_workers(
                         "concurrency": level,
                         "rps": round(result.rps, 1),
                         "p50_ms": round(result.p50_ms, 4),
+                        "p99_ms": round(result.p99_ms, 4),
                         "errors": result.errors,
                         "requests": result.requests,
                         "server_cpu_s": after[0] - before[0],
@@ -547,10 +595,30 @@ def _compare_workers(
                 medians[count]["rps"] / medians[base]["rps"], 3
             )
             rows.append(medians[count])
+    moved = []
+    for direction in ("download", "upload"):
+        transfer = _transfer.download if direction == "download" else _transfer.upload
+        for count, (port, server, agent) in tunnels.items():
+            before = (server.tree_cpu_seconds(), agent.cpu_seconds())
+            done = transfer(port, HOST, size)
+            after = (server.tree_cpu_seconds(), agent.cpu_seconds())
+            moved.append(
+                {
+                    "workers": count,
+                    "direction": direction,
+                    "bytes": size,
+                    "seconds": round(done.seconds, 4),
+                    "mib_per_s": round(done.mib_per_s, 1),
+                    "cpu_ms_per_mib": {
+                        "server": round((after[0] - before[0]) * 1000 / (size / MIB), 2),
+                        "agent": round((after[1] - before[1]) * 1000 / (size / MIB), 2),
+                    },
+                }
+            )
     for _, server, agent in tunnels.values():
         agent.stop()
         server.stop()
-    return rows
+    return rows, moved
 
 
 def _agent_has_inspector() -> bool:
@@ -823,13 +891,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 f" {idle['kib_per_extra_agent']:.1f} KiB per extra agent",
                 flush=True,
             )
-        workers = (
-            _compare_workers(procs, bench, worker_counts, levels, seconds, repeat, generator)
+        h2 = h2_download(bench, size, repeat) if shutil.which("curl") else None
+        if h2:
+            print(
+                f"  h2c download: Hypercorn {h2['hypercorn']['mib_per_s']:.0f} MiB/s,"
+                f" tunnel {h2['tunnel']['mib_per_s']:.0f} MiB/s",
+                flush=True,
+            )
+        workers, workers_transfers = (
+            _compare_workers(procs, bench, worker_counts, levels, seconds, repeat, generator, size)
             if worker_counts
-            else None
+            else (None, None)
         )
 
-    targets = _report.targets(small, transfers, inflight, idle)
+    targets = _report.targets(
+        small, transfers, inflight, idle, workers or [], workers_transfers or [], h2
+    )
     _report.print_small(small, levels)
     _report.print_transfers(transfers, size)
     _report.print_inflight(inflight)
@@ -838,6 +915,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         _grpc.print_phase(grpc_rows)
     if workers:
         _report.print_workers(workers)
+    _report.print_h2(h2, size)
+    _report.print_side_by_side(small, transfers, workers or [], workers_transfers or [], h2)
     _report.print_targets(targets)
     elapsed = time.monotonic() - started
     load_after = os.getloadavg()[0]
@@ -866,6 +945,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "idle_agents": idle,
         "grpc_unary": grpc_rows,
         "server_workers": workers,
+        "server_workers_transfers": workers_transfers,
+        "h2_download": h2,
         "targets": targets,
     }
 
