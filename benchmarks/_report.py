@@ -148,7 +148,7 @@ def print_small(small: dict[tuple[str, int], dict], levels: list[int]) -> None:
     print("small GET: requests/s, latency, CPU per request (median of rounds)")
     print(
         f"{'conc':>5} {'target':<10} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6}"
-        f" {'gen CPU':>8}  CPU µs/request"
+        f" {'gen CPU':>8}  CPU µs/request; trio task steps/request"
     )
     for level in levels:
         for target in TARGETS:
@@ -158,6 +158,9 @@ def print_small(small: dict[tuple[str, int], dict], levels: list[int]) -> None:
             cpu = ", ".join(
                 f"{name} {value:.0f}" for name, value in run["cpu_us_per_request"].items()
             )
+            steps = _steps_text(run)
+            if steps:
+                cpu += f"; task steps/request: {steps}"
             print(
                 f"{level:>5} {target:<10} {run['rps']:>9.0f} {run['p50_ms']:>8.3f}"
                 f" {run['p99_ms']:>8.3f} {run['errors']:>6} {run['generator_cpu_percent']:>7.0f}%"
@@ -176,6 +179,15 @@ def print_small(small: dict[tuple[str, int], dict], levels: list[int]) -> None:
             notes.append(f"added p50: {tunnel['p50_ms'] - direct['p50_ms']:+.3f} ms")
         if notes:
             print(f"{'':>5} {'':<10} " + "; ".join(notes))
+
+
+def _steps_text(run: dict) -> str:
+    """Trio task steps per request of each counted process, as "server 12.0, agent 9.0"."""
+    counted = run.get("task_steps_per_request") or {}
+    return ", ".join(
+        f"{name} {value:.1f}" if value is not None else f"{name} ?"
+        for name, value in counted.items()
+    )
 
 
 def print_transfers(transfers: dict[tuple[str, str], dict], size: int) -> None:
@@ -270,6 +282,7 @@ def print_workers(rows: list[dict]) -> None:
             f"{r['concurrency']:>5} {r['workers']:>7} {r['rps']:>9.0f} {r['p50_ms']:>8.3f}"
             f" {r['errors']:>6} {r['gain_over_first']:>6.2f}"
             f"  {r['server_cpu_us_per_request']:.0f}; {r['agent_cpu_us_per_request']:.0f}"
+            + (f"; task steps/request: {_steps_text(r)}" if _steps_text(r) else "")
         )
 
 

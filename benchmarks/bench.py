@@ -40,6 +40,7 @@ import _load
 import _procs
 import _profile
 import _report
+import _steps
 import _transfer
 
 HERE = Path(__file__).resolve().parent
@@ -165,28 +166,41 @@ class Bench:
     def cpu(self) -> dict[str, float]:
         return {name: process.cpu_seconds() for name, process in self.processes.items()}
 
+    def steps(self, names: tuple[str, ...]) -> dict[str, dict[str, int] | None]:
+        """Trio task switches so far in each of ``names`` (see _steps.py)."""
+        return {
+            name: _steps.read(self.procs.log_dir, self.processes[name].tree_pids())
+            for name in names
+            if name != "local"
+        }
+
     def small_get(self, target: str, connections: int, seconds: int, generator: str) -> dict:
         """One load phase of small GETs, with the CPU of the processes behind ``target``."""
         self.check_alive()
         port = self.ports[target]
         marks: list[dict[str, float]] = []
+        counts: list[dict[str, dict[str, int] | None]] = []
+
+        def start() -> None:
+            counts.append(self.steps(WATCHED[target]))
+            marks.append(self.cpu())
+
+        def end() -> None:
+            marks.append(self.cpu())
+            counts.append(self.steps(WATCHED[target]))
+
         if generator == "wrk":
-            marks.append(self.cpu())
+            start()
             result = _load.wrk_load(port, HOST, connections, seconds)
-            marks.append(self.cpu())
+            end()
         else:
             result = _load.python_load(
-                port,
-                HOST,
-                connections,
-                seconds,
-                warmup=1.0,
-                on_start=lambda: marks.append(self.cpu()),
-                on_end=lambda: marks.append(self.cpu()),
+                port, HOST, connections, seconds, warmup=1.0, on_start=start, on_end=end
             )
         self.check_alive()
         before, after = marks
         cpu = {name: after[name] - before[name] for name in WATCHED[target]}
+        steps = {name: _steps.difference(counts[0][name], counts[1][name]) for name in counts[0]}
         return {
             "target": target,
             "concurrency": connections,
@@ -199,6 +213,7 @@ class Bench:
             "p99_ms": round(result.p99_ms, 4),
             "cpu_s": {name: round(value, 3) for name, value in cpu.items()},
             "generator_cpu_s": round(result.generator_cpu_s, 3),
+            "task_counts": steps,
         }
 
     def profile(
@@ -553,12 +568,23 @@ def _compare_workers(
     for level in levels:
         for _ in range(repeat):
             for count, (port, server, agent) in tunnels.items():
+                watched = {"server": server, "agent": agent}
+                steps_before = {
+                    name: _steps.read(procs.log_dir, process.tree_pids())
+                    for name, process in watched.items()
+                }
                 before = (server.tree_cpu_seconds(), agent.cpu_seconds())
                 if generator == "wrk":
                     result = _load.wrk_load(port, HOST, level, seconds)
                 else:
                     result = _load.python_load(port, HOST, level, seconds, warmup=1.0)
                 after = (server.tree_cpu_seconds(), agent.cpu_seconds())
+                counted = {
+                    name: _steps.difference(
+                        steps_before[name], _steps.read(procs.log_dir, process.tree_pids())
+                    )
+                    for name, process in watched.items()
+                }
                 runs.setdefault((count, level), []).append(
                     {
                         "workers": count,
@@ -570,6 +596,7 @@ def _compare_workers(
                         "requests": result.requests,
                         "server_cpu_s": after[0] - before[0],
                         "agent_cpu_s": after[1] - before[1],
+                        "task_counts": counted,
                     }
                 )
     rows = []
@@ -588,7 +615,12 @@ def _compare_workers(
             )
             chosen["errors"] = sum(r["errors"] for r in value)
             chosen["rounds_rps"] = [r["rps"] for r in value]
-            del chosen["server_cpu_s"], chosen["agent_cpu_s"]
+            for key in ("task_steps", "task_scheduled"):
+                chosen[f"{key}_per_request"] = {
+                    name: _per_request([r["task_counts"][name] for r in value], key, requests)
+                    for name in ("server", "agent")
+                }
+            del chosen["server_cpu_s"], chosen["agent_cpu_s"], chosen["task_counts"]
             medians[count] = chosen
         for count in counts:
             medians[count]["gain_over_first"] = round(
@@ -663,8 +695,20 @@ def _median_run(runs: list[dict]) -> dict:
     )
     chosen["rounds_rps"] = [run["rps"] for run in runs]
     chosen["errors"] = sum(run["errors"] for run in runs)
-    del chosen["cpu_s"], chosen["generator_cpu_s"]
+    for key in ("task_steps", "task_scheduled"):
+        chosen[f"{key}_per_request"] = {
+            name: _per_request([run["task_counts"][name] for run in runs], key, requests)
+            for name in chosen["task_counts"]
+        }
+    del chosen["cpu_s"], chosen["generator_cpu_s"], chosen["task_counts"]
     return chosen
+
+
+def _per_request(counts: list[dict[str, int] | None], key: str, requests: int) -> float | None:
+    """``key`` summed over rounds, per request; None if a round was not counted."""
+    if not requests or any(count is None for count in counts):
+        return None
+    return round(sum(count[key] for count in counts if count) / requests, 2)
 
 
 def _versions() -> dict[str, str]:
@@ -815,6 +859,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         tempfile.TemporaryDirectory(prefix="tunnel-bench-") as logs,
         _procs.Processes(Path(logs)) as procs,
     ):
+        # Every child counts trio's task switches, reported into the log
+        # directory on SIGUSR1 (see _steps.py).
+        os.environ[_steps.ENVIRONMENT] = logs
         bench = Bench(procs, args.agent_arg)
         print(
             "started: local service (raw trio) :{direct}, Hypercorn (trio worker) :{hypercorn}, "
