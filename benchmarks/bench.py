@@ -9,7 +9,9 @@ forwards ``bench.localhost`` to the local service. Then, side by side in one run
 small GETs at several concurrencies against the three targets, large downloads
 and uploads, and the CPU each process used per request; then 1,000 and 10,000 slow requests
 in flight at once on the one agent, and the server's memory with 1 and with 1,000
-idle agents (on a server of their own). Prints a table and writes JSON to
+idle agents (on a server of their own); an HTTP/2 (h2c) download by curl from
+Hypercorn and through the tunnel; and the tunnel with 1 and 2 server workers.
+Prints the tables, issue 14's side-by-side table and its goals, and writes JSON to
 ``benchmarks/results/latest.json`` and a chart to ``latest.png`` (with matplotlib).
 """
 
@@ -61,7 +63,7 @@ INFLIGHT_RESPONSE_TIMEOUT = 300
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a short run (under a minute)")
+    parser.add_argument("--quick", action="store_true", help="a short run (about a minute)")
     parser.add_argument("--levels", help="concurrency levels, comma-separated")
     parser.add_argument("--duration", type=int, help="seconds per load phase")
     parser.add_argument("--repeat", type=int, help="rounds of every phase; medians are reported")
