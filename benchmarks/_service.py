@@ -317,10 +317,12 @@ def main() -> None:
     runner = {"raw": serve_raw, "hypercorn": serve_hypercorn}[mode]
     instruments = []
     if mode == "hypercorn":
-        # Trio task switches, as the tunnel's processes count them (see _steps.py).
-        from tunnel._scheduling import instruments_from_environment
+        # Trio task switches, as the tunnel's processes count them (see _steps.py);
+        # the bench sets the variable only for a tunnel that has the module.
+        with contextlib.suppress(ImportError):
+            from tunnel._scheduling import instruments_from_environment
 
-        instruments = instruments_from_environment()
+            instruments = instruments_from_environment()
     with contextlib.suppress(KeyboardInterrupt):
         trio.run(runner, port, instruments=instruments)
 

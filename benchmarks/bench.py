@@ -129,8 +129,12 @@ def _parser() -> argparse.ArgumentParser:
 class Bench:
     """The running processes and the measurements taken against them."""
 
-    def __init__(self, procs: _procs.Processes, agent_args: list[str]) -> None:
+    def __init__(
+        self, procs: _procs.Processes, agent_args: list[str], *, counting: bool = False
+    ) -> None:
         self.procs = procs
+        #: Whether the children count trio task switches (TUNNEL_COUNT_SCHEDULING).
+        self.counting = counting
         local, hypercorn, server, inspector = _procs.free_ports(4)
         self.ports = {"direct": local, "hypercorn": hypercorn, "tunnel": server}
         python = sys.executable
@@ -170,6 +174,8 @@ class Bench:
 
     def steps(self, names: tuple[str, ...]) -> dict[str, dict[str, int] | None]:
         """Trio task switches so far in each of ``names`` (see _steps.py)."""
+        if not self.counting:
+            return {}
         return {
             name: _steps.read(self.procs.log_dir, self.processes[name].tree_pids())
             for name in names
@@ -570,7 +576,7 @@ def _compare_workers(
     for level in levels:
         for _ in range(repeat):
             for count, (port, server, agent) in tunnels.items():
-                watched = {"server": server, "agent": agent}
+                watched = {"server": server, "agent": agent} if bench.counting else {}
                 steps_before = {
                     name: _steps.read(procs.log_dir, process.tree_pids())
                     for name, process in watched.items()
@@ -620,7 +626,7 @@ def _compare_workers(
             for key in ("task_steps", "task_scheduled"):
                 chosen[f"{key}_per_request"] = {
                     name: _per_request([r["task_counts"][name] for r in value], key, requests)
-                    for name in ("server", "agent")
+                    for name in chosen["task_counts"]
                 }
             del chosen["server_cpu_s"], chosen["agent_cpu_s"], chosen["task_counts"]
             medians[count] = chosen
@@ -653,6 +659,17 @@ def _compare_workers(
         agent.stop()
         server.stop()
     return rows, moved
+
+
+def _tunnel_counts_scheduling() -> bool:
+    """Whether this tunnel's processes can count trio task switches (tunnel/_scheduling.py)."""
+    found = subprocess.run(
+        [sys.executable, "-c", "import tunnel._scheduling"],
+        capture_output=True,
+        check=False,
+        cwd=tempfile.gettempdir(),
+    )
+    return found.returncode == 0
 
 
 def _agent_has_inspector() -> bool:
@@ -862,9 +879,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         _procs.Processes(Path(logs)) as procs,
     ):
         # Every child counts trio's task switches, reported into the log
-        # directory on SIGUSR1 (see _steps.py).
-        os.environ[_steps.ENVIRONMENT] = logs
-        bench = Bench(procs, args.agent_arg)
+        # directory on SIGUSR1 (see _steps.py), if this tunnel can. Without it,
+        # SIGUSR1 would kill them, so none is sent.
+        counting = _tunnel_counts_scheduling()
+        if counting:
+            os.environ[_steps.ENVIRONMENT] = logs
+        bench = Bench(procs, args.agent_arg, counting=counting)
         print(
             "started: local service (raw trio) :{direct}, Hypercorn (trio worker) :{hypercorn}, "
             "tunnel server :{tunnel}".format(**bench.ports),
