@@ -114,21 +114,38 @@ class Process:
         # Fields 14 and 15 of proc(5); the split starts at field 3.
         return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
 
+    def tree_pids(self) -> list[int]:
+        """This process and its live descendants (worker processes).
+
+        Children are listed per thread: trio starts processes from a worker
+        thread, so every thread's list is read.
+        """
+        found: list[int] = []
+        pids = [self.pid]
+        while pids and len(found) < 1000:
+            pid = pids.pop()
+            if pid in found:
+                continue
+            try:
+                threads = os.listdir(f"/proc/{pid}/task")
+            except OSError:
+                continue
+            found.append(pid)
+            for thread in threads:
+                with (
+                    contextlib.suppress(OSError),
+                    open(f"/proc/{pid}/task/{thread}/children", "rb") as children,
+                ):
+                    pids.extend(int(child) for child in children.read().split())
+        return found
+
     def tree_cpu_seconds(self) -> float:
         """CPU time of this process and its live descendants (worker processes)."""
         total = 0.0
-        pids = [self.pid]
-        seen = set()
-        while pids and len(seen) < 1000:
-            pid = pids.pop()
-            if pid in seen:
-                continue
-            seen.add(pid)
+        for pid in self.tree_pids():
             try:
                 with open(f"/proc/{pid}/stat", "rb") as stat:
                     fields = stat.read().rsplit(b")", 1)[1].split()
-                with open(f"/proc/{pid}/task/{pid}/children", "rb") as children:
-                    pids.extend(int(child) for child in children.read().split())
             except OSError:
                 continue
             total += (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS

@@ -315,8 +315,16 @@ async def serve_hypercorn(port: int) -> None:
 def main() -> None:
     mode, port = sys.argv[1], int(sys.argv[2])
     runner = {"raw": serve_raw, "hypercorn": serve_hypercorn}[mode]
+    instruments = []
+    if mode == "hypercorn":
+        # Trio task switches, as the tunnel's processes count them (see _steps.py);
+        # the bench sets the variable only for a tunnel that has the module.
+        with contextlib.suppress(ImportError):
+            from tunnel._scheduling import instruments_from_environment
+
+            instruments = instruments_from_environment()
     with contextlib.suppress(KeyboardInterrupt):
-        trio.run(runner, port)
+        trio.run(runner, port, instruments=instruments)
 
 
 if __name__ == "__main__":

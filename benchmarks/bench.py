@@ -9,7 +9,9 @@ forwards ``bench.localhost`` to the local service. Then, side by side in one run
 small GETs at several concurrencies against the three targets, large downloads
 and uploads, and the CPU each process used per request; then 1,000 and 10,000 slow requests
 in flight at once on the one agent, and the server's memory with 1 and with 1,000
-idle agents (on a server of their own). Prints a table and writes JSON to
+idle agents (on a server of their own); an HTTP/2 (h2c) download by curl from
+Hypercorn and through the tunnel; and the tunnel with 1 and 2 server workers.
+Prints the tables, issue 14's side-by-side table and its goals, and writes JSON to
 ``benchmarks/results/latest.json`` and a chart to ``latest.png`` (with matplotlib).
 """
 
@@ -20,6 +22,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import shutil
 import signal
 import socket
 import statistics
@@ -39,6 +42,7 @@ import _load
 import _procs
 import _profile
 import _report
+import _steps
 import _transfer
 
 HERE = Path(__file__).resolve().parent
@@ -59,7 +63,7 @@ INFLIGHT_RESPONSE_TIMEOUT = 300
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a short run (under a minute)")
+    parser.add_argument("--quick", action="store_true", help="a short run (about a minute)")
     parser.add_argument("--levels", help="concurrency levels, comma-separated")
     parser.add_argument("--duration", type=int, help="seconds per load phase")
     parser.add_argument("--repeat", type=int, help="rounds of every phase; medians are reported")
@@ -88,8 +92,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--server-workers",
-        help="also run the tunnel with these server worker counts side by side, "
-        "such as 1,2 (needs 'tunnel server --workers')",
+        help="also run the tunnel with these server worker counts side by side "
+        "(default 1,2; 0 skips; needs 'tunnel server --workers')",
     )
     parser.add_argument(
         "--generator",
@@ -125,8 +129,12 @@ def _parser() -> argparse.ArgumentParser:
 class Bench:
     """The running processes and the measurements taken against them."""
 
-    def __init__(self, procs: _procs.Processes, agent_args: list[str]) -> None:
+    def __init__(
+        self, procs: _procs.Processes, agent_args: list[str], *, counting: bool = False
+    ) -> None:
         self.procs = procs
+        #: Whether the children count trio task switches (TUNNEL_COUNT_SCHEDULING).
+        self.counting = counting
         local, hypercorn, server, inspector = _procs.free_ports(4)
         self.ports = {"direct": local, "hypercorn": hypercorn, "tunnel": server}
         python = sys.executable
@@ -164,28 +172,43 @@ class Bench:
     def cpu(self) -> dict[str, float]:
         return {name: process.cpu_seconds() for name, process in self.processes.items()}
 
+    def steps(self, names: tuple[str, ...]) -> dict[str, dict[str, int] | None]:
+        """Trio task switches so far in each of ``names`` (see _steps.py)."""
+        if not self.counting:
+            return {}
+        return {
+            name: _steps.read(self.procs.log_dir, self.processes[name].tree_pids())
+            for name in names
+            if name != "local"
+        }
+
     def small_get(self, target: str, connections: int, seconds: int, generator: str) -> dict:
         """One load phase of small GETs, with the CPU of the processes behind ``target``."""
         self.check_alive()
         port = self.ports[target]
         marks: list[dict[str, float]] = []
+        counts: list[dict[str, dict[str, int] | None]] = []
+
+        def start() -> None:
+            counts.append(self.steps(WATCHED[target]))
+            marks.append(self.cpu())
+
+        def end() -> None:
+            marks.append(self.cpu())
+            counts.append(self.steps(WATCHED[target]))
+
         if generator == "wrk":
-            marks.append(self.cpu())
+            start()
             result = _load.wrk_load(port, HOST, connections, seconds)
-            marks.append(self.cpu())
+            end()
         else:
             result = _load.python_load(
-                port,
-                HOST,
-                connections,
-                seconds,
-                warmup=1.0,
-                on_start=lambda: marks.append(self.cpu()),
-                on_end=lambda: marks.append(self.cpu()),
+                port, HOST, connections, seconds, warmup=1.0, on_start=start, on_end=end
             )
         self.check_alive()
         before, after = marks
         cpu = {name: after[name] - before[name] for name in WATCHED[target]}
+        steps = {name: _steps.difference(counts[0][name], counts[1][name]) for name in counts[0]}
         return {
             "target": target,
             "concurrency": connections,
@@ -198,6 +221,7 @@ class Bench:
             "p99_ms": round(result.p99_ms, 4),
             "cpu_s": {name: round(value, 3) for name, value in cpu.items()},
             "generator_cpu_s": round(result.generator_cpu_s, 3),
+            "task_counts": steps,
         }
 
     def profile(
@@ -399,6 +423,48 @@ def grpc_phase(
         service.stop()
 
 
+def h2_download(bench: Bench, size: int, repeat: int) -> dict:
+    """``size`` bytes by curl over cleartext HTTP/2 (prior knowledge), Hypercorn vs tunnel.
+
+    Both Hypercorn and the tunnel server accept h2c with prior knowledge; the
+    rounds alternate the two, and the median of each is kept.
+    """
+    rounds: dict[str, list[float]] = {"hypercorn": [], "tunnel": []}
+    for _ in range(repeat):
+        for target in rounds:
+            bench.check_alive()
+            rounds[target].append(_curl_h2_download(bench.ports[target], size))
+    return {
+        target: {
+            "bytes": size,
+            "mib_per_s": round(statistics.median(values), 1),
+            "rounds_mib_per_s": [round(v, 1) for v in values],
+        }
+        for target, values in rounds.items()
+    }
+
+
+def _curl_h2_download(port: int, size: int) -> float:
+    """MiB/s of one ``GET /download`` by ``curl --http2-prior-knowledge``."""
+    out = subprocess.run(
+        [
+            *("curl", "--silent", "--show-error", "--http2-prior-knowledge"),
+            *("--max-time", "120", "-o", "/dev/null", "-H", f"Host: {HOST}"),
+            *("-w", "%{http_version} %{http_code} %{size_download} %{time_total}"),
+            f"http://127.0.0.1:{port}/download?bytes={size}",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    fields = out.stdout.split()
+    if out.returncode != 0 or len(fields) != 4 or fields[:2] != ["2", "200"]:
+        raise RuntimeError(f"curl h2c download on :{port} failed: {out.stdout} {out.stderr}")
+    if int(fields[2]) != size:
+        raise RuntimeError(f"curl h2c download on :{port}: {fields[2]} of {size} bytes")
+    return size / MIB / float(fields[3])
+
+
 def idle_agents(procs: _procs.Processes, local_port: int, count: int) -> dict:
     """Server RSS with no agent, 1 and ``count`` idle agents, on a server of its own.
 
@@ -450,9 +516,11 @@ def idle_agents(procs: _procs.Processes, local_port: int, count: int) -> dict:
 
 def _worker_counts(text: str | None) -> list[int]:
     """The ``--server-workers`` counts; exits if this tunnel has no ``--workers``."""
-    if not text:
+    if text is None:
+        text = "1,2"
+    counts = [int(n) for n in text.split(",") if int(n)]
+    if not counts:
         return []
-    counts = [int(n) for n in text.split(",")]
     if any(n < 1 for n in counts) or len(set(counts)) < 2:
         raise SystemExit("bench: --server-workers takes two or more counts, such as 1,2")
     usage = subprocess.run(
@@ -477,8 +545,10 @@ def _compare_workers(
     seconds: int,
     repeat: int,
     generator: str,
-) -> list[dict]:
-    """Small GETs through tunnels whose servers run ``counts`` workers, interleaved."""
+    size: int,
+) -> tuple[list[dict], list[dict]]:
+    """Small GETs, then one download and upload of ``size`` bytes, through tunnels
+    whose servers run ``counts`` workers, interleaved."""
     python = sys.executable
     tunnels = {}
     for count in counts:
@@ -506,22 +576,35 @@ def _compare_workers(
     for level in levels:
         for _ in range(repeat):
             for count, (port, server, agent) in tunnels.items():
+                watched = {"server": server, "agent": agent} if bench.counting else {}
+                steps_before = {
+                    name: _steps.read(procs.log_dir, process.tree_pids())
+                    for name, process in watched.items()
+                }
                 before = (server.tree_cpu_seconds(), agent.cpu_seconds())
                 if generator == "wrk":
                     result = _load.wrk_load(port, HOST, level, seconds)
                 else:
                     result = _load.python_load(port, HOST, level, seconds, warmup=1.0)
                 after = (server.tree_cpu_seconds(), agent.cpu_seconds())
+                counted = {
+                    name: _steps.difference(
+                        steps_before[name], _steps.read(procs.log_dir, process.tree_pids())
+                    )
+                    for name, process in watched.items()
+                }
                 runs.setdefault((count, level), []).append(
                     {
                         "workers": count,
                         "concurrency": level,
                         "rps": round(result.rps, 1),
                         "p50_ms": round(result.p50_ms, 4),
+                        "p99_ms": round(result.p99_ms, 4),
                         "errors": result.errors,
                         "requests": result.requests,
                         "server_cpu_s": after[0] - before[0],
                         "agent_cpu_s": after[1] - before[1],
+                        "task_counts": counted,
                     }
                 )
     rows = []
@@ -540,17 +623,53 @@ def _compare_workers(
             )
             chosen["errors"] = sum(r["errors"] for r in value)
             chosen["rounds_rps"] = [r["rps"] for r in value]
-            del chosen["server_cpu_s"], chosen["agent_cpu_s"]
+            for key in ("task_steps", "task_scheduled"):
+                chosen[f"{key}_per_request"] = {
+                    name: _per_request([r["task_counts"][name] for r in value], key, requests)
+                    for name in chosen["task_counts"]
+                }
+            del chosen["server_cpu_s"], chosen["agent_cpu_s"], chosen["task_counts"]
             medians[count] = chosen
         for count in counts:
             medians[count]["gain_over_first"] = round(
                 medians[count]["rps"] / medians[base]["rps"], 3
             )
             rows.append(medians[count])
+    moved = []
+    for direction in ("download", "upload"):
+        transfer = _transfer.download if direction == "download" else _transfer.upload
+        for count, (port, server, agent) in tunnels.items():
+            before = (server.tree_cpu_seconds(), agent.cpu_seconds())
+            done = transfer(port, HOST, size)
+            after = (server.tree_cpu_seconds(), agent.cpu_seconds())
+            moved.append(
+                {
+                    "workers": count,
+                    "direction": direction,
+                    "bytes": size,
+                    "seconds": round(done.seconds, 4),
+                    "mib_per_s": round(done.mib_per_s, 1),
+                    "cpu_ms_per_mib": {
+                        "server": round((after[0] - before[0]) * 1000 / (size / MIB), 2),
+                        "agent": round((after[1] - before[1]) * 1000 / (size / MIB), 2),
+                    },
+                }
+            )
     for _, server, agent in tunnels.values():
         agent.stop()
         server.stop()
-    return rows
+    return rows, moved
+
+
+def _tunnel_counts_scheduling() -> bool:
+    """Whether this tunnel's processes can count trio task switches (tunnel/_scheduling.py)."""
+    found = subprocess.run(
+        [sys.executable, "-c", "import tunnel._scheduling"],
+        capture_output=True,
+        check=False,
+        cwd=tempfile.gettempdir(),
+    )
+    return found.returncode == 0
 
 
 def _agent_has_inspector() -> bool:
@@ -595,8 +714,20 @@ def _median_run(runs: list[dict]) -> dict:
     )
     chosen["rounds_rps"] = [run["rps"] for run in runs]
     chosen["errors"] = sum(run["errors"] for run in runs)
-    del chosen["cpu_s"], chosen["generator_cpu_s"]
+    for key in ("task_steps", "task_scheduled"):
+        chosen[f"{key}_per_request"] = {
+            name: _per_request([run["task_counts"][name] for run in runs], key, requests)
+            for name in chosen["task_counts"]
+        }
+    del chosen["cpu_s"], chosen["generator_cpu_s"], chosen["task_counts"]
     return chosen
+
+
+def _per_request(counts: list[dict[str, int] | None], key: str, requests: int) -> float | None:
+    """``key`` summed over rounds, per request; None if a round was not counted."""
+    if not requests or any(count is None for count in counts):
+        return None
+    return round(sum(count[key] for count in counts if count) / requests, 2)
 
 
 def _versions() -> dict[str, str]:
@@ -747,7 +878,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         tempfile.TemporaryDirectory(prefix="tunnel-bench-") as logs,
         _procs.Processes(Path(logs)) as procs,
     ):
-        bench = Bench(procs, args.agent_arg)
+        # Every child counts trio's task switches, reported into the log
+        # directory on SIGUSR1 (see _steps.py), if this tunnel can. Without it,
+        # SIGUSR1 would kill them, so none is sent.
+        counting = _tunnel_counts_scheduling()
+        if counting:
+            os.environ[_steps.ENVIRONMENT] = logs
+        bench = Bench(procs, args.agent_arg, counting=counting)
         print(
             "started: local service (raw trio) :{direct}, Hypercorn (trio worker) :{hypercorn}, "
             "tunnel server :{tunnel}".format(**bench.ports),
@@ -823,13 +960,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 f" {idle['kib_per_extra_agent']:.1f} KiB per extra agent",
                 flush=True,
             )
-        workers = (
-            _compare_workers(procs, bench, worker_counts, levels, seconds, repeat, generator)
+        h2 = h2_download(bench, size, repeat) if shutil.which("curl") else None
+        if h2:
+            print(
+                f"  h2c download: Hypercorn {h2['hypercorn']['mib_per_s']:.0f} MiB/s,"
+                f" tunnel {h2['tunnel']['mib_per_s']:.0f} MiB/s",
+                flush=True,
+            )
+        workers, workers_transfers = (
+            _compare_workers(procs, bench, worker_counts, levels, seconds, repeat, generator, size)
             if worker_counts
-            else None
+            else (None, None)
         )
 
-    targets = _report.targets(small, transfers, inflight, idle)
+    targets = _report.targets(
+        small, transfers, inflight, idle, workers or [], workers_transfers or [], h2
+    )
     _report.print_small(small, levels)
     _report.print_transfers(transfers, size)
     _report.print_inflight(inflight)
@@ -838,6 +984,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         _grpc.print_phase(grpc_rows)
     if workers:
         _report.print_workers(workers)
+    _report.print_h2(h2, size)
+    _report.print_side_by_side(small, transfers, workers or [], workers_transfers or [], h2)
     _report.print_targets(targets)
     elapsed = time.monotonic() - started
     load_after = os.getloadavg()[0]
@@ -866,6 +1014,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "idle_agents": idle,
         "grpc_unary": grpc_rows,
         "server_workers": workers,
+        "server_workers_transfers": workers_transfers,
+        "h2_download": h2,
         "targets": targets,
     }
 

@@ -19,8 +19,9 @@ SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "bench.py"
 
 async def test_quick_benchmark_runs_and_writes_every_section(tmp_path: Path) -> None:
     output = tmp_path / "latest.json"
-    # --quick with 1 s phases: c1 and c50, 16 MiB transfers, 200 requests in
-    # flight, 20 idle agents, gRPC at c1 and c20.
+    # --quick with 1 s phases: c1 and c50, 16 MiB transfers (HTTP/1.1 and h2c),
+    # 200 requests in flight, 20 idle agents, gRPC at c1 and c20, and the tunnel
+    # with 1 and 2 server workers.
     argv = [sys.executable, str(SCRIPT), "--quick", "--duration", "1", "--output", str(output)]
     with trio.fail_after(150):
         result = await trio.run_process(
@@ -33,7 +34,10 @@ async def test_quick_benchmark_runs_and_writes_every_section(tmp_path: Path) -> 
     out, err = result.stdout.decode(), result.stderr.decode()
     assert result.returncode == 0, f"{out}\n{err}"
     results = json.loads(output.read_text())
-    assert set(results) >= {"meta", "small_get", "transfers", "inflight", "idle_agents", "targets"}
+    assert set(results) >= {
+        *("meta", "small_get", "transfers", "inflight", "idle_agents", "targets"),
+        *("server_workers", "server_workers_transfers", "h2_download"),
+    }
     assert {(r["target"], r["concurrency"]) for r in results["small_get"]} == {
         (target, level) for target in ("direct", "hypercorn", "tunnel") for level in (1, 50)
     }
@@ -57,8 +61,31 @@ async def test_quick_benchmark_runs_and_writes_every_section(tmp_path: Path) -> 
         assert row["tunnel"]["calls_per_s"] > 0
         assert row["ratio"] == row["tunnel"]["calls_per_s"] / row["direct"]["calls_per_s"]
     assert "gRPC unary calls per second" in out
+    # The tunnel with 1 and 2 server workers, small GETs then one download and upload.
+    assert {(r["workers"], r["concurrency"]) for r in results["server_workers"]} == {
+        (workers, level) for workers in (1, 2) for level in (1, 50)
+    }
+    assert {(r["workers"], r["direction"]) for r in results["server_workers_transfers"]} == {
+        (workers, direction) for workers in (1, 2) for direction in ("download", "upload")
+    }
+    # HTTP/2 visitors: curl over h2c, to Hypercorn and through the tunnel.
+    assert set(results["h2_download"]) == {"hypercorn", "tunnel"}
+    assert all(row["mib_per_s"] > 0 for row in results["h2_download"].values())
+    # Trio task steps per request, counted in every trio process under test.
+    for row in results["small_get"]:
+        counted = {"direct": set(), "hypercorn": {"hypercorn"}, "tunnel": {"server", "agent"}}
+        steps = row["task_steps_per_request"]
+        assert set(steps) == counted[row["target"]]
+        assert all(value is not None and value > 0 for value in steps.values()), row
+    for row in results["server_workers"]:
+        steps = row["task_steps_per_request"]
+        assert all(steps[name] is not None and steps[name] > 0 for name in ("server", "agent"))
+    assert "issue 14, side by side" in out
+    assert "ours, --workers 2" in out
+    # Issue 14's goals, every one measured: server CPU (4), agent CPU (2), latency,
+    # download and upload, h2c download, in flight, idle agents.
     measured = {target["target"]: target["measured"] for target in results["targets"]}
-    assert len(measured) == 6
+    assert len(measured) == 12
     assert all(value is not None for value in measured.values()), measured
     # The chart is drawn where matplotlib is installed (nox -s bench), not here.
     chart = output.with_suffix(".png")

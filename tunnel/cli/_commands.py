@@ -22,6 +22,7 @@ from .. import __version__
 from .._configfile import load_client_config, load_server_config, parse_port_range
 from .._exceptions import ConfigError, RejectedError, TunnelError, UntrustedCertificateError
 from .._malloc import keep_freed_buffers
+from .._scheduling import instruments_from_environment
 from .._settings import cli_messages
 from ..client import Client, ClientState, Recorder
 from ..server import serve
@@ -427,7 +428,10 @@ def _main(argv: Sequence[str] | None) -> int:
         "hash-token": _hash_token,
     }
     try:
-        return trio.run(runners[args.command], args)
+        instruments = (
+            instruments_from_environment() if args.command in ("server", "http", "tcp") else []
+        )
+        return trio.run(runners[args.command], args, instruments=instruments)
     except ConfigError as exc:
         print(f"tunnel: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -18,6 +18,7 @@ import trio
 from hypercorn.config import Sockets
 
 from ..._malloc import keep_freed_buffers
+from ..._scheduling import instruments_from_environment
 from .._ledger import HostLedger
 from ._run import serve_sockets
 
@@ -50,7 +51,11 @@ def worker_main() -> None:
             insecure_sockets=[socket.socket(fileno=fd) for fd in insecure],
             quic_sockets=[],
         )
-        trio.run(_worker, config, fallback, sockets, HostLedger(*ledger), report)
+        trio.run(
+            _worker,
+            *(config, fallback, sockets, HostLedger(*ledger), report),
+            instruments=instruments_from_environment(),
+        )
     except Exception as exc:
         # While starting, the parent waits for this; later nobody reads it.
         if not report.send(("error", exc)):
