@@ -109,6 +109,11 @@ def _parser() -> argparse.ArgumentParser:
         help="an extra argument for 'tunnel http' (repeat; e.g. --agent-arg=--no-inspector)",
     )
     parser.add_argument(
+        "--no-count-steps",
+        action="store_true",
+        help="leave trio's task-switch counter off (it adds about 3 %% to every process's CPU)",
+    )
+    parser.add_argument(
         "--compare-generators",
         action="store_true",
         help="only run wrk and the Python fallback side by side against each target",
@@ -881,7 +886,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         # Every child counts trio's task switches, reported into the log
         # directory on SIGUSR1 (see _steps.py), if this tunnel can. Without it,
         # SIGUSR1 would kill them, so none is sent.
-        counting = _tunnel_counts_scheduling()
+        # The counter is a trio instrument, called on every task step: about 3 %
+        # of each process's CPU, Hypercorn-direct's included, so the ratios
+        # hold; --no-count-steps for the absolute figures.
+        counting = not args.no_count_steps and _tunnel_counts_scheduling()
         if counting:
             os.environ[_steps.ENVIRONMENT] = logs
         bench = Bench(procs, args.agent_arg, counting=counting)
