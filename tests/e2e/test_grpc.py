@@ -623,6 +623,13 @@ class _RefusingService:
             await socket.send_all(conn.data_to_send())
 
 
+async def _serve_raw(nursery: trio.Nursery, handle: Callable[[trio.SocketStream], Any]) -> int:
+    """Serve ``handle`` on a raw TCP listener on 127.0.0.1; the port."""
+    listeners = await nursery.start(functools.partial(trio.serve_tcp, handle, 0, host="127.0.0.1"))
+    port: int = listeners[0].socket.getsockname()[1]
+    return port
+
+
 @pytest.mark.parametrize("size", [0, 1000, 65536])
 async def test_a_refused_stream_is_sent_again_with_its_body(
     tunnel_server, open_agent, visitor, nursery, size
@@ -630,10 +637,7 @@ async def test_a_refused_stream_is_sent_again_with_its_body(
     # REFUSED_STREAM means "never processed": the agent sends the request
     # again, body included, and the visitor never learns of the refusal.
     service = _RefusingService(refuse=2)
-    listeners = await nursery.start(
-        functools.partial(trio.serve_tcp, service.handle, 0, host="127.0.0.1")
-    )
-    port = listeners[0].socket.getsockname()[1]
+    port = await _serve_raw(nursery, service.handle)
     body = os.urandom(size)
     with trio.fail_after(10):
         async with (
@@ -652,10 +656,7 @@ async def test_a_refused_stream_with_a_body_too_big_to_keep_is_not_sent_again(
     # 1 MiB: more than the agent keeps (64 KiB), and more than the server
     # keeps past the first piece Hypercorn hands it, so neither sends it again.
     service = _RefusingService(refuse=1)
-    listeners = await nursery.start(
-        functools.partial(trio.serve_tcp, service.handle, 0, host="127.0.0.1")
-    )
-    port = listeners[0].socket.getsockname()[1]
+    port = await _serve_raw(nursery, service.handle)
     with trio.fail_after(10):
         async with (
             open_agent(tunnel_server.port, port, local_protocol="h2c"),
@@ -793,10 +794,7 @@ async def test_an_upload_to_a_local_service_that_does_not_read_holds_the_visitor
     # data (its window is 64 KiB) stops the visitor's upload once the windows
     # and buffers on the way are full; nothing holds the whole body.
     service = _StalledService()
-    listeners = await nursery.start(
-        functools.partial(trio.serve_tcp, service.handle, 0, host="127.0.0.1")
-    )
-    local_port = listeners[0].socket.getsockname()[1]
+    local_port = await _serve_raw(nursery, service.handle)
     size, piece = 64 << 20, os.urandom(1 << 16)
     sent = 0
     answer = bytearray()
@@ -836,10 +834,7 @@ async def test_a_visitors_pings_are_answered_by_the_server_and_never_reach_the_l
 ):
     service = _StalledService()
     service.release.set()
-    listeners = await nursery.start(
-        functools.partial(trio.serve_tcp, service.handle, 0, host="127.0.0.1")
-    )
-    local_port = listeners[0].socket.getsockname()[1]
+    local_port = await _serve_raw(nursery, service.handle)
     with trio.fail_after(20):
         async with open_agent(tunnel_server.port, local_port, local_protocol="h2c"):
             visitor = H2Visitor(await trio.open_tcp_stream("127.0.0.1", tunnel_server.port))
