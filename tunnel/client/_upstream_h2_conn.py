@@ -12,6 +12,7 @@ import contextlib
 import logging
 import math
 import os
+import select
 import ssl
 from collections.abc import Sequence
 from typing import Final
@@ -33,6 +34,9 @@ RECEIVE_SIZE: Final = 256 << 10
 #: Streams the local service may open towards us: none (it is the server), but
 #: h2 needs a number, and 0 would be taken as "no streams at all" by some peers.
 PEER_STREAMS: Final = 100
+#: Scheduler passes a request waits, at most, for the reader of an idle
+#: connection with bytes waiting to take them in (its end, most often).
+_SETTLE_PASSES: Final = 3
 
 
 class _SocketTransport:
@@ -104,6 +108,8 @@ class LocalH2:
         #: attempt got an answer either way (what ``auto`` remembers).
         self.supported: bool | None = None
         self._link: Link | None = None
+        #: The socket under ``_link``.
+        self._socket: trio.abc.Stream | None = None
         self._lock = trio.Lock()
         self._nursery: trio.Nursery | None = None
 
@@ -157,6 +163,16 @@ class LocalH2:
 
     async def _connection(self) -> Link:
         link = self._link
+        if link is not None and link.accepting and link.open_streams == 0:
+            # An idle connection's socket with something to read most likely
+            # holds its end (the service restarted, a proxy dropped it), not
+            # yet seen by the link's reader: let the reader run before a
+            # request is written into a dead connection and lost with it.
+            # Only when idle, so a busy connection pays nothing.
+            settle = 0
+            while link.accepting and settle < _SETTLE_PASSES and _readable(self._socket):
+                await trio.lowlevel.checkpoint()
+                settle += 1
         if link is not None and link.accepting:
             return link
         async with self._lock:
@@ -171,6 +187,7 @@ class LocalH2:
 
     async def _run_connection(self, task_status: trio.TaskStatus[Link]) -> None:
         socket = await self._connect()
+        self._socket = socket
         link = Link.opener(
             _SocketTransport(socket),
             # No PINGs: gRPC servers count a PING more often than every five
@@ -245,6 +262,20 @@ class LocalH2:
                 f"and {client_setting('local_tls')}.",
             )
         return tls
+
+
+def _readable(stream: trio.abc.Stream | None) -> bool:
+    """Whether ``stream``'s socket has bytes (or its end) waiting to be read."""
+    raw = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
+    if not isinstance(raw, trio.SocketStream):
+        return False
+    # poll, not select: select cannot watch descriptors above 1023.
+    poller = select.poll()
+    try:
+        poller.register(raw.socket.fileno(), select.POLLIN)
+        return bool(poller.poll(0))
+    except (OSError, ValueError):
+        return False
 
 
 def local_ssl_context(
