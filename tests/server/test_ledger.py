@@ -7,6 +7,7 @@ two workers are two objects here.
 from __future__ import annotations
 
 import os
+import threading
 
 import pytest
 
@@ -71,3 +72,26 @@ def test_registries_of_two_workers_refuse_a_second_identity(ledgers) -> None:
     (alice,) = one.sessions_of(HOST)
     one.release(alice)
     zero.claim(session(b"mallory"))
+
+
+def test_a_claim_being_written_is_never_read_as_another_identitys(tmp_path) -> None:
+    # Worker zero claims and releases over and over (its agent reconnecting)
+    # while worker one checks the same identity's second connection without
+    # the lock, as a handshake's first check does: it must never see the
+    # claim half written and take it for someone else's.
+    zero, one = HostLedger(str(tmp_path), 0, 2), HostLedger(str(tmp_path), 1, 2)
+    done = threading.Event()
+
+    def reconnecting() -> None:
+        while not done.is_set():
+            zero.claim(HOST, b"alice")
+            zero.release(HOST)
+
+    thread = threading.Thread(target=reconnecting)
+    thread.start()
+    try:
+        wrong = sum(one.held_by_other(HOST, b"alice") for _ in range(20000))
+    finally:
+        done.set()
+        thread.join()
+    assert wrong == 0

@@ -84,8 +84,13 @@ class HostLedger:
             if self.held_by_other(key, digest):
                 return False
             path = os.path.join(self.directory, f"{name}.{self.index}")
-            with open(path, "w") as entry:
+            # Written aside and renamed: ``held_by_other`` also reads without
+            # the lock (a handshake's first check), and a file read between
+            # its truncation and its write held "" (another identity, to that
+            # check), which refused an agent's own second connection.
+            with open(f"{path}.new", "w") as entry:
                 entry.write(digest.hex())
+            os.replace(f"{path}.new", path)
         return True
 
     def release(self, key: str) -> None:
