@@ -39,6 +39,7 @@ __all__ = [
     "LocalFailure",
     "LocalPool",
     "answer_error",
+    "has_bytes_waiting",
     "relay_body",
     "relay_local_http",
 ]
@@ -46,6 +47,22 @@ __all__ = [
 logger = logging.getLogger("tunnel.client")
 
 RECEIVE_SIZE = 256 * 1024
+
+
+def has_bytes_waiting(stream: trio.abc.Stream) -> bool:
+    """Whether ``stream``'s socket has bytes, or its end, to read now (never waits).
+
+    Raises:
+        OSError, ValueError: The socket is closed, or ``stream`` has none.
+    """
+    raw = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
+    if not isinstance(raw, trio.SocketStream):
+        raise ValueError(f"not over a socket: {raw!r}")
+    # poll, not select: select cannot watch descriptors above 1023, which a
+    # busy agent reaches.
+    poller = select.poll()
+    poller.register(raw.socket.fileno(), select.POLLIN)
+    return bool(poller.poll(0))
 
 
 class LocalConnection:
@@ -76,16 +93,8 @@ class LocalConnection:
 
     def stale(self) -> bool:
         """Whether an idle connection was closed (or spoke) while it sat in the pool."""
-        # poll, not select: select cannot watch descriptors above 1023, which a
-        # busy agent reaches.
-        poller = select.poll()
-        raw = (
-            self.socket.transport_stream if isinstance(self.socket, trio.SSLStream) else self.socket
-        )
         try:
-            assert isinstance(raw, trio.SocketStream)
-            poller.register(raw.socket.fileno(), select.POLLIN)
-            return bool(poller.poll(0))
+            return has_bytes_waiting(self.socket)
         except (OSError, ValueError):
             return True
 

@@ -12,7 +12,6 @@ import contextlib
 import logging
 import math
 import os
-import select
 import ssl
 from collections.abc import Sequence
 from typing import Final
@@ -23,7 +22,7 @@ from .._protocol.headers import Headers
 from .._settings import client_setting
 from .._transport import ABNORMAL_CLOSURE, TransportClosed
 from ..link import Link, Stream, StreamError
-from ._upstream import LocalFailure, tls_failure
+from ._upstream import LocalFailure, has_bytes_waiting, tls_failure
 
 __all__ = ["LocalH2", "local_ssl_context"]
 
@@ -169,10 +168,10 @@ class LocalH2:
             # yet seen by the link's reader: let the reader run before a
             # request is written into a dead connection and lost with it.
             # Only when idle, so a busy connection pays nothing.
-            settle = 0
-            while link.accepting and settle < _SETTLE_PASSES and _readable(self._socket):
+            for _ in range(_SETTLE_PASSES):
+                if not (link.accepting and self._socket is not None and _waiting(self._socket)):
+                    break
                 await trio.lowlevel.checkpoint()
-                settle += 1
         if link is not None and link.accepting:
             return link
         async with self._lock:
@@ -264,18 +263,11 @@ class LocalH2:
         return tls
 
 
-def _readable(stream: trio.abc.Stream | None) -> bool:
-    """Whether ``stream``'s socket has bytes (or its end) waiting to be read."""
-    raw = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
-    if not isinstance(raw, trio.SocketStream):
-        return False
-    # poll, not select: select cannot watch descriptors above 1023.
-    poller = select.poll()
+def _waiting(stream: trio.abc.Stream) -> bool:
     try:
-        poller.register(raw.socket.fileno(), select.POLLIN)
-        return bool(poller.poll(0))
+        return has_bytes_waiting(stream)
     except (OSError, ValueError):
-        return False
+        return False  # closed: the link's reader reports it
 
 
 def local_ssl_context(

@@ -88,9 +88,13 @@ class _GuardedTCPServer(TCPServer):
                 )
 
     async def protocol_send(self, event: Event) -> None:
-        if isinstance(event, RawData) and not self.send_lock.locked():
-            await self._send_unlocked(event.data)
-            return
+        if isinstance(event, RawData):
+            if not event.data:
+                # h11's end of a body framed by Content-Length: nothing to write.
+                return
+            if not self.send_lock.locked():
+                await self._send_unlocked(event.data)
+                return
         try:
             await super().protocol_send(event)
         except trio.BusyResourceError:
@@ -109,11 +113,9 @@ class _GuardedTCPServer(TCPServer):
         on) like any other write. Taking a free lock without yielding and
         skipping empty writes saves two to four trips per HTTP/1.1 response and
         one per message on an agent's WebSocket (benchmarks/README.rst,
-        "Fewer trips through the scheduler"). The send itself still yields, so
+        "Trips through the scheduler (issue 14)"). The send itself still yields, so
         a task that only sends still lets the others run.
         """
-        if not data:
-            return
         lock = self.send_lock
         lock.acquire_nowait()
         try:
