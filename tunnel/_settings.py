@@ -60,6 +60,10 @@ SERVER_FLAGS: dict[str, str] = {
     "max_tcp_connections": "--max-tcp-connections",
     "header_timeout": "--header-timeout",
     "min_request_body_rate": "--min-request-body-rate",
+    "store": "--store",
+    "node_id": "--node-id",
+    "node_address": "--node-address",
+    "cluster_secret": "--cluster-secret-file",
 }
 
 #: ``ClientConfig`` field → the ``tunnel http`` / ``tunnel tcp`` flag that sets it.

@@ -7,6 +7,7 @@ the fix, rather than later as a confusing network error.
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, fields
 from functools import partial
@@ -18,7 +19,7 @@ from .._protocol.hosts import normalize_host
 from .._protocol.limits import RateLimit
 from .._settings import server_setting
 from .hooks import Callbacks
-from .values import parse_listen_address, positive_seconds, split_host_port
+from .values import check_store_url, parse_listen_address, positive_seconds, split_host_port
 
 if TYPE_CHECKING:
     from .hooks import ConnectRequest
@@ -125,6 +126,17 @@ class ServerConfig:
             ``request_idle_timeout`` and grows by a second for each this many
             bytes received, so a pause is fine once earned; a body behind it
             is refused (408). ``None`` for no minimum.
+        store: Where the servers of a cluster share what they know: a Redis URL,
+            ``redis://[user:password@]host:6379/0`` (``rediss://`` for TLS).
+            ``None`` (the default) keeps it in this server: one process, or
+            its ``workers`` on one machine.
+        node_id: This server's name in the cluster, as agents, peers and the
+            admin API see it. Default: made up at start, new on each start.
+        node_address: ``"host:port"`` where the other nodes of the cluster reach
+            this one. Default: ``address`` (its host name when ``address``
+            listens on every interface).
+        cluster_secret: The secret every node of one cluster shares; a peer
+            that does not know it is refused. Required with ``store``.
     """
 
     address: str = "127.0.0.1:8000"
@@ -163,10 +175,15 @@ class ServerConfig:
     max_tcp_connections: int = 100
     header_timeout: float = 10.0
     min_request_body_rate: int | None = 500
+    store: str | None = None
+    node_id: str | None = None
+    node_address: str | None = None
+    cluster_secret: str | None = None
 
     def __post_init__(self) -> None:
         parse_listen_address(self.address)
         self._check_visitor_limits()
+        self._check_cluster()
         if (
             isinstance(self.workers, bool)
             or not isinstance(self.workers, int)
@@ -249,6 +266,39 @@ class ServerConfig:
         ):
             positive_seconds(server_setting(name), getattr(self, name))
 
+    def _check_cluster(self) -> None:
+        if self.store is not None:
+            check_store_url(self.store)
+            if not self.cluster_secret:
+                raise ConfigError(
+                    f"{server_setting('store')} makes this server a node of a cluster; give "
+                    f"{server_setting('cluster_secret')} too, the same on every node"
+                )
+        if self.cluster_secret is not None and (
+            not isinstance(self.cluster_secret, str) or len(self.cluster_secret) < 16
+        ):
+            raise ConfigError(
+                f"{server_setting('cluster_secret')} must be at least 16 characters "
+                "(python -c 'import secrets; print(secrets.token_urlsafe())' makes one)"
+            )
+        if self.node_id is not None and (
+            not isinstance(self.node_id, str)
+            or not 1 <= len(self.node_id) <= 64
+            or not all(c.isalnum() or c in "-_." for c in self.node_id)
+        ):
+            raise ConfigError(
+                f"{server_setting('node_id')} {self.node_id!r}: give 1 to 64 letters, digits, "
+                "'-', '_' or '.'"
+            )
+        if self.node_address is not None:
+            what = server_setting("node_address")
+            host, port = split_host_port(self.node_address.strip(), what=f"{what}")
+            if not host or not port:
+                raise ConfigError(
+                    f"{what} {self.node_address!r}: write it as 'host:port' that the other "
+                    "nodes can reach, for example '10.0.0.5:8000'"
+                )
+
     def _check_visitor_limits(self) -> None:
         def count(name: str, least: int) -> int:
             value = getattr(self, name)
@@ -286,6 +336,16 @@ class ServerConfig:
     def tcp_listen_host(self) -> str:
         """The host TCP tunnels listen on, ``tcp_host`` or else the host of ``address``."""
         return self.tcp_host or parse_listen_address(self.address)[0]
+
+    @property
+    def peer_address(self) -> str:
+        """Where the other nodes reach this one: ``node_address``, else from ``address``."""
+        if self.node_address is not None:
+            return self.node_address.strip()
+        host, port = parse_listen_address(self.address)
+        if host in ("0.0.0.0", "::", ""):
+            host = socket.gethostname()
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
     @property
     def tls(self) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal
+from urllib.parse import urlsplit
 
 from .._exceptions import ConfigError
 from .._settings import Setting, client_setting, server_setting
@@ -121,3 +122,30 @@ def parse_server_address(address: str) -> ServerAddress:
     if scheme is None:
         scheme = "wss" if port == 443 else "ws"
     return ServerAddress(scheme, host.lower(), port)
+
+
+def check_store_url(url: str) -> None:
+    """Check a cluster store's URL: ``redis://`` or ``rediss://``, a host, a database number.
+
+    The message never repeats the URL whole: it may hold a password.
+    """
+    what = server_setting("store")
+    if not isinstance(url, str):
+        raise ConfigError(f"{what} must be a URL such as 'redis://127.0.0.1:6379/0'")
+    try:
+        parts = urlsplit(url.strip())
+        parts.port  # noqa: B018  (raises ValueError for a bad port)
+    except ValueError:
+        raise ConfigError(
+            f"{what}: not a URL; write it as 'redis://[user:password@]host:6379/0'"
+        ) from None
+    if parts.scheme not in ("redis", "rediss"):
+        raise ConfigError(
+            f"{what}: {parts.scheme or 'no'} scheme; the store is Redis: "
+            "'redis://host:6379/0' (or 'rediss://' for TLS)"
+        )
+    if not parts.hostname:
+        raise ConfigError(f"{what}: no host; write it as 'redis://host:6379/0'")
+    database = parts.path.lstrip("/")
+    if database and not database.isdigit():
+        raise ConfigError(f"{what}: the path names a database by number, such as '/0'")

@@ -18,6 +18,8 @@ __all__ = [
     "HAVE_WORKERS_HEADER",
     "HOST_HEADER",
     "KEY_HEADER",
+    "NODES_HEADER",
+    "NODE_HEADER",
     "NONCE_HEADER",
     "POOL_HEADER",
     "PROTOCOL_VERSION",
@@ -63,6 +65,11 @@ HAVE_WORKERS_HEADER = "tunnel-have-workers"
 WORKER_HEADER = "tunnel-worker"
 #: Response: how many worker processes serve this server.
 WORKERS_HEADER = "tunnel-workers"
+#: Response: the id of the cluster node (server) that accepted this connection;
+#: its workers all send the same. An agent keeps connections to distinct nodes.
+NODE_HEADER = "tunnel-node"
+#: Response: how many nodes the cluster has now (1 for a server on its own).
+NODES_HEADER = "tunnel-nodes"
 #: The refusal of a connection to a worker the agent is connected to already.
 DUPLICATE_STATUS = 421
 

@@ -135,6 +135,33 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N",
         help="worker processes on the port, to use N cores (default 1); agents connect to each",
     )
+    cluster = server.add_argument_group("cluster (several servers sharing one Redis)")
+    store = cluster.add_mutually_exclusive_group()
+    store.add_argument(
+        "--store",
+        metavar="URL",
+        help="share tunnels, limits and ports with the other nodes through this Redis, "
+        "redis://[user:password@]host:6379/0 or rediss://; a password here is visible in "
+        "the process list, so prefer --store-file",
+    )
+    store.add_argument(
+        "--store-file",
+        metavar="PATH",
+        help="read the --store URL from this file (its first line)",
+    )
+    cluster.add_argument(
+        "--node-id", metavar="ID", help="this node's name in the cluster (default: made up)"
+    )
+    cluster.add_argument(
+        "--node-address",
+        metavar="HOST:PORT",
+        help="where the other nodes reach this one (default: --address)",
+    )
+    cluster.add_argument(
+        "--cluster-secret-file",
+        metavar="PATH",
+        help="a file holding the secret all nodes of the cluster share (required with --store)",
+    )
     server.add_argument(
         "--max-websocket-message",
         type=int,
@@ -303,6 +330,18 @@ def _rps(value: float | None) -> dict[str, float] | None:
     return None if value is None else {"requests_per_second": value, "burst": max(1, int(value))}
 
 
+def _first_line(path: str, flag: str) -> str:
+    """The first line of the file at ``path``, given with ``flag``."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            line = file.readline().strip()
+    except OSError as exc:
+        raise ConfigError(f"{flag} {path!r}: cannot read it: {exc.strerror}") from None
+    if not line:
+        raise ConfigError(f"{flag} {path!r}: the file is empty")
+    return line
+
+
 async def _hash_token(args: argparse.Namespace) -> int:
     print(f"sha256:{hashlib.sha256(args.token.encode()).hexdigest()}")
     return 0
@@ -335,6 +374,14 @@ async def _run_server(args: argparse.Namespace) -> int:
         max_tcp_connections=args.max_tcp_connections,
         header_timeout=args.header_timeout,
         min_request_body_rate=args.min_request_body_rate,
+        store=_first_line(args.store_file, "--store-file") if args.store_file else args.store,
+        node_id=args.node_id,
+        node_address=args.node_address,
+        cluster_secret=(
+            _first_line(args.cluster_secret_file, "--cluster-secret-file")
+            if args.cluster_secret_file
+            else None
+        ),
     )
     await serve(config, shutdown_trigger=_terminated)
     return 0

@@ -23,6 +23,8 @@ from .._protocol.handshake import (
     HAVE_WORKERS_HEADER,
     HOST_HEADER,
     KEY_HEADER,
+    NODE_HEADER,
+    NODES_HEADER,
     NONCE_HEADER,
     POOL_HEADER,
     REPLACED_CLOSE_CODE,
@@ -44,7 +46,7 @@ from ._pages import refuse_websocket
 from ._registry import AgentSession, HostInUse, Registry
 from ._tcp import bind_tcp_port, serve_tcp
 from ._telemetry import claimed_host, log_event, peer_text
-from ._worker_id import worker_id
+from ._worker_id import node_id, worker_id
 
 __all__ = ["serve_agent"]
 
@@ -105,6 +107,8 @@ async def serve_agent(
         (HOST_HEADER.encode(), request.host.encode()),
         (WORKER_HEADER.encode(), worker_id().encode()),
         (WORKERS_HEADER.encode(), str(config.workers).encode()),
+        (NODE_HEADER.encode(), node_id(config).encode()),
+        (NODES_HEADER.encode(), b"1"),
     ]
     if port is not None:
         accept_headers.append((TCP_PORT_HEADER.encode(), str(port).encode()))

@@ -10,7 +10,9 @@ from __future__ import annotations
 import os
 import secrets
 
-__all__ = ["worker_id"]
+from .._config import ServerConfig
+
+__all__ = ["node_id", "worker_id"]
 
 _worker_identity: tuple[int, str] | None = None
 
@@ -23,3 +25,12 @@ def worker_id() -> str:
     if _worker_identity is None or _worker_identity[0] != pid:
         _worker_identity = (pid, secrets.token_hex(6))
     return _worker_identity[1]
+
+
+def node_id(config: ServerConfig) -> str:
+    """This server's node id: ``config.node_id``, else one made for this process.
+
+    The workers of one server are one node: their parent sets ``node_id`` in
+    the settings it gives them, so they all answer with the same id.
+    """
+    return config.node_id or f"node-{worker_id()}"

@@ -39,6 +39,7 @@ from hypercorn.utils import repr_socket_addr
 from ..._exceptions import ConfigError, TunnelError
 from ..._malloc import keeping_freed_buffers
 from .._ledger import clear_worker
+from .._worker_id import node_id
 from ._config import hypercorn_config
 
 if TYPE_CHECKING:
@@ -138,7 +139,11 @@ def _url(scheme: str, sock: socket.socket) -> str:
 
 
 def _for_worker(config: ServerConfig, index: int) -> ServerConfig:
-    """Worker ``index``'s settings: its own metrics port (the given one plus index)."""
+    """Worker ``index``'s settings: the node id of them all, its own metrics port.
+
+    The metrics port is the given one plus ``index`` (0 stays 0: any free port).
+    """
+    config = replace(config, node_id=node_id(config))
     if config.metrics_address is None:
         return config
     host, _, port = config.metrics_address.strip().rpartition(":")
