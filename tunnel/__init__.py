@@ -19,6 +19,7 @@ from ._exceptions import HostRejectedError as HostRejectedError
 from ._exceptions import ProtocolVersionError as ProtocolVersionError
 from ._exceptions import RejectedError as RejectedError
 from ._exceptions import ServerUnreachableError as ServerUnreachableError
+from ._exceptions import StoreUnavailableError as StoreUnavailableError
 from ._exceptions import TunnelError as TunnelError
 from ._exceptions import UntrustedCertificateError as UntrustedCertificateError
 from ._protocol.limits import RateLimit as RateLimit
@@ -65,6 +66,7 @@ __all__ = [
     "RequestInfo",
     "ServerConfig",
     "ServerUnreachableError",
+    "StoreUnavailableError",
     "TunnelApp",
     "TunnelError",
     "TunnelInfo",

@@ -15,6 +15,7 @@ __all__ = [
     "ProtocolVersionError",
     "RejectedError",
     "ServerUnreachableError",
+    "StoreUnavailableError",
     "TunnelError",
     "UntrustedCertificateError",
 ]
@@ -33,6 +34,16 @@ class ServerUnreachableError(TunnelError):
 
     The agent retries these on its own; :func:`tunnel.open_tunnel` raises it only
     when the first connection cannot be made within its deadline.
+    """
+
+
+class StoreUnavailableError(TunnelError):
+    """The cluster's store (``ServerConfig.store``, Redis) did not answer.
+
+    :func:`tunnel.serve` raises it at start when Redis cannot be reached (the
+    message names the URL, without its password); while running, a server
+    that loses Redis keeps serving the tunnels it holds and refuses new agents
+    (503 with ``Retry-After``) until Redis is back.
     """
 
 

@@ -12,7 +12,8 @@ import threading
 import pytest
 
 from tunnel.server._ledger import HostLedger, clear_worker
-from tunnel.server._registry import HostInUse, Registry
+from tunnel.server._registry import Registry
+from tunnel.server._store import Claim, LocalStore
 
 HOST = "app.localhost"
 
@@ -53,25 +54,39 @@ def test_release_of_an_unknown_host_is_harmless(ledgers) -> None:
     zero.release("never.localhost")
 
 
-def test_registries_of_two_workers_refuse_a_second_identity(ledgers) -> None:
+async def test_the_stores_of_two_workers_refuse_a_second_identity(ledgers) -> None:
     from test_registry import session  # the registry tests' session maker
 
     zero, one = Registry(), Registry()
-    zero.ledger, one.ledger = ledgers
+    zero.store, one.store = LocalStore(ledgers[0]), LocalStore(ledgers[1])
+    assert await zero.store.claim(HOST, b"alice", None) is Claim.OK
     zero.claim(session(b"alice"))
-    with pytest.raises(HostInUse):
-        one.check_claim(HOST, b"mallory")
-    with pytest.raises(HostInUse):
-        one.claim(session(b"mallory"))
+    assert await one.store.held_by_other(HOST, b"mallory")
+    assert await one.store.claim(HOST, b"mallory", None) is Claim.HELD
+    assert await one.store.claim(HOST, b"alice", None) is Claim.OK
     one.claim(session(b"alice"))
     # Alice's agent leaves worker zero only: worker one still holds the host.
     (alice,) = zero.sessions_of(HOST)
-    zero.release(alice)
-    with pytest.raises(HostInUse):
-        zero.claim(session(b"mallory"))
+    zero.release(alice)  # and the registry lets go of zero's entry
+    assert await zero.store.claim(HOST, b"mallory", None) is Claim.HELD
     (alice,) = one.sessions_of(HOST)
     one.release(alice)
-    zero.claim(session(b"mallory"))
+    assert await zero.store.claim(HOST, b"mallory", None) is Claim.OK
+
+
+async def test_an_identitys_tunnels_are_counted_over_all_workers(ledgers) -> None:
+    zero, one = LocalStore(ledgers[0]), LocalStore(ledgers[1])
+    assert await zero.claim("a.localhost", b"alice", 2) is Claim.OK
+    assert await one.claim("b.localhost", b"alice", 2) is Claim.OK
+    assert await zero.claim("c.localhost", b"alice", 2) is Claim.LIMIT
+    # A host it holds already (its agent's second connection) is not another tunnel.
+    assert await zero.claim("b.localhost", b"alice", 2) is Claim.OK
+    assert await one.claim("c.localhost", b"bob", 2) is Claim.OK
+    one.release("b.localhost")
+    assert await zero.claim("c.localhost", b"alice", 2) is Claim.HELD  # bob's
+    assert await zero.claim("d.localhost", b"alice", 2) is Claim.LIMIT  # b is on zero too
+    zero.release("b.localhost")
+    assert await zero.claim("d.localhost", b"alice", 2) is Claim.OK
 
 
 def test_a_claim_being_written_is_never_read_as_another_identitys(tmp_path) -> None:

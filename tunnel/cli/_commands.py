@@ -20,7 +20,13 @@ import trio
 
 from .. import __version__
 from .._configfile import load_client_config, load_server_config, parse_port_range
-from .._exceptions import ConfigError, RejectedError, TunnelError, UntrustedCertificateError
+from .._exceptions import (
+    ConfigError,
+    RejectedError,
+    StoreUnavailableError,
+    TunnelError,
+    UntrustedCertificateError,
+)
 from .._malloc import keep_freed_buffers
 from .._scheduling import instruments_from_environment
 from .._settings import cli_messages
@@ -479,7 +485,8 @@ def _main(argv: Sequence[str] | None) -> int:
             instruments_from_environment() if args.command in ("server", "http", "tcp") else []
         )
         return trio.run(runners[args.command], args, instruments=instruments)
-    except ConfigError as exc:
+    except (ConfigError, StoreUnavailableError) as exc:
+        # A store that cannot be reached at start is a setting to fix (its URL).
         print(f"tunnel: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except (RejectedError, UntrustedCertificateError) as exc:
@@ -496,7 +503,9 @@ def _main(argv: Sequence[str] | None) -> int:
         if rest is None and interrupted is not None:
             return EXIT_INTERRUPTED
         single = rest.exceptions[0] if rest is not None and len(rest.exceptions) == 1 else None
-        if isinstance(single, ConfigError | RejectedError | UntrustedCertificateError):
+        if isinstance(
+            single, ConfigError | StoreUnavailableError | RejectedError | UntrustedCertificateError
+        ):
             print(f"tunnel: {single}", file=sys.stderr)
             return EXIT_USAGE
         if isinstance(single, TunnelError):

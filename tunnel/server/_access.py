@@ -50,10 +50,12 @@ def key_digest(blob: bytes) -> bytes:
 class Denied(Exception):
     """The agent may not connect; ``status`` and ``reason`` go back to it."""
 
-    def __init__(self, status: int, reason: str) -> None:
+    def __init__(self, status: int, reason: str, *, retry_after: int | None = None) -> None:
         super().__init__(reason)
         self.status = status
         self.reason = reason
+        #: Seconds after which the agent may try again (a ``Retry-After``), if any.
+        self.retry_after = retry_after
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import time
 from functools import partial
 from urllib.parse import unquote
 
+import trio
 from prometheus_client import CollectorRegistry
 
 from .._asgi import ASGIApp, Receive, Scope, Send
 from .._compat import warn_fixes_off
 from .._config import ServerConfig
+from .._exceptions import StoreUnavailableError
 from .._protocol.handshake import CHALLENGE_HEADER, CHALLENGE_SUFFIX, SUBPROTOCOL
 from .._protocol.headers import Headers, header_value
 from .._protocol.hosts import TargetError, host_from_authority, in_domain, origin_form
@@ -25,6 +29,7 @@ from ._ingress_ws import forward_visitor_websocket
 from ._limits import Limiter, Pacer
 from ._metrics import ServerMetrics
 from ._pages import refuse_websocket, send_error_page
+from ._redis_store import open_store
 from ._registry import AgentSession, Registry, TunnelStatistics
 from ._telemetry import Telemetry, log_event
 from .hypercorn._guard import install_hypercorn_guard
@@ -195,7 +200,7 @@ class TunnelApp:
     def _admit(
         self, scope: Scope, session: AgentSession
     ) -> tuple[tuple[int, str, Headers] | None, Pacer | None]:
-        """Whether this visitor may use ``session``.
+        """Whether this visitor may use ``session`` (the checks this process makes).
 
         Returns:
             The refusal (status, message, headers) if it may not, and the pacer
@@ -211,12 +216,34 @@ class TunnelApp:
                 challenge = [(b"www-authenticate", b'Basic realm="tunnel", charset="UTF-8"')]
                 return (status, message, challenge if status == 401 else []), None
         if self.limiter.active:
-            retry_after, pacer = self.limiter.admit(session.key, visitor)
+            # A cluster counts request rates in its store (see _admit_shared).
+            retry_after, pacer = self.limiter.admit(
+                session.key, visitor, requests=not self.registry.store.clustered
+            )
             if retry_after:
-                message = f"Too many requests for {session.host}; try again in {retry_after} s."
-                return (429, message, [(b"retry-after", str(retry_after).encode())]), None
+                return _too_many(session, retry_after), None
             return None, pacer
         return None, None
+
+    async def _admit_shared(
+        self, scope: Scope, session: AgentSession
+    ) -> tuple[int, str, Headers] | None:
+        """The refusal of a request over a cluster-wide request rate, if it is."""
+        client = scope.get("client")
+        visitor = client[0] if client else None
+        store = self.registry.store
+        wait = 0.0
+        for prefix, limit in self.limiter.shared:
+            name = session.key if prefix == "tunnel:" else visitor
+            if name is None:
+                continue
+            taken = await store.take(prefix + name, limit)
+            if taken is None:
+                # The store is unreachable: each node counts on its own meanwhile.
+                retry_after, _ = self.limiter.admit(session.key, visitor)
+                return _too_many(session, retry_after) if retry_after else None
+            wait = max(wait, taken)
+        return _too_many(session, max(1, math.ceil(wait))) if wait > 0 else None
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["path"] == self._challenge_path and (
@@ -239,6 +266,8 @@ class TunnelApp:
         found = await self._find(host)
         if isinstance(found, AgentSession):
             refusal, pacer = self._admit(scope, found)
+            if refusal is None and self.registry.store.clustered and self.limiter.shared:
+                refusal = await self._admit_shared(scope, found)
             if refusal is not None:
                 await send_error_page(send, *refusal)
                 return
@@ -275,6 +304,8 @@ class TunnelApp:
         found = await self._find(_host_of(scope))
         if isinstance(found, AgentSession):
             refusal, _ = self._admit(scope, found)
+            if refusal is None and self.registry.store.clustered and self.limiter.shared:
+                refusal = await self._admit_shared(scope, found)
             if refusal is not None:
                 await receive()  # websocket.connect
                 await refuse_websocket(scope, send, refusal[0], refusal[1])
@@ -288,6 +319,33 @@ class TunnelApp:
             await refuse_websocket(scope, send, *found)
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.config.store is None:
+            await self._lifespan_events(scope, receive, send)
+            return
+        # The cluster's store lives as long as the app does, in this task,
+        # which opens and closes its Redis client (coredis asks that).
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                store = await stack.enter_async_context(open_store(self.config))
+            except StoreUnavailableError as exc:
+                logger.error("tunnel server: %s", exc)
+                await receive()  # lifespan.startup
+                await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                return
+            self.registry.store = store
+            log_event(logger, "cluster_node", node=store.node, address=store.address)
+            async with trio.open_nursery() as nursery:
+                registry = self.registry
+                await nursery.start(store.run, registry.holdings, registry.holds, self._let_go)
+                await self._lifespan_events(scope, receive, send)
+                nursery.cancel_scope.cancel()
+
+    def _let_go(self, key: str) -> None:
+        self.registry.let_go(
+            key, f"{key} was given to another agent while this node could not reach the cluster"
+        )
+
+    async def _lifespan_events(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.fallback is not None:
             await self.fallback(scope, receive, send)
             return
@@ -301,6 +359,11 @@ class TunnelApp:
                 self.begin_shutdown()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+
+def _too_many(session: AgentSession, retry_after: int) -> tuple[int, str, Headers]:
+    message = f"Too many requests for {session.host}; try again in {retry_after} s."
+    return 429, message, [(b"retry-after", str(retry_after).encode())]
 
 
 def _to_origin_form(scope: Scope) -> str | None:

@@ -16,7 +16,7 @@ import trio
 from .._asgi import Receive, Scope, Send
 from .._config import ServerConfig
 from .._config.hooks import ConnectRequest, TunnelInfo
-from .._exceptions import ConfigError
+from .._exceptions import ConfigError, StoreUnavailableError
 from .._protocol.handshake import (
     AGENT_ID_HEADER,
     DUPLICATE_STATUS,
@@ -44,6 +44,7 @@ from ..link import Link
 from ._access import AccessControl, Denied, Identity
 from ._pages import refuse_websocket
 from ._registry import AgentSession, HostInUse, Registry
+from ._store import Claim
 from ._tcp import bind_tcp_port, serve_tcp
 from ._telemetry import claimed_host, log_event, peer_text
 from ._worker_id import node_id, worker_id
@@ -51,6 +52,9 @@ from ._worker_id import node_id, worker_id
 __all__ = ["serve_agent"]
 
 logger = logging.getLogger("tunnel.server")
+
+#: Seconds an agent refused for want of the cluster's store is told to wait.
+STORE_RETRY_AFTER = 5
 
 
 async def serve_agent(
@@ -67,6 +71,7 @@ async def serve_agent(
         return
     peer = tuple(scope["client"]) if scope.get("client") else None
     listeners: list[trio.SocketListener] = []
+    reserved: str | None = None  # the key claimed in the store, once it is
     try:
         if registry.shutting_down.is_set():
             # 503, not a permanent refusal: the agent retries, and finds the
@@ -74,11 +79,14 @@ async def serve_agent(
             raise Denied(503, "the server is shutting down; try again shortly")
         with trio.fail_after(config.handshake_timeout):
             request, identity, policy = await _check(config, access, registry, scope, peer)
+            reserved = request.host if request.tcp_port is None else None
             port = None
             if request.tcp_port is not None:
                 listeners, port = await bind_tcp_port(
                     config, registry, request.tcp_port, identity.digest
                 )
+                reserved = f"tcp:{port}"
+                await _reserve(registry, reserved, identity, config.max_tunnels_per_identity)
             info = TunnelInfo(request.host, request.peer, time.time(), request, port)
             if config.callbacks.on_connection is not None:
                 try:
@@ -86,6 +94,8 @@ async def serve_agent(
                 except Exception as exc:
                     raise Denied(403, str(exc) or type(exc).__name__) from None
     except (trio.TooSlowError, Denied) as exc:
+        if reserved is not None:
+            _let_go_unless_held(registry, reserved)
         for listener in listeners:
             await trio.aclose_forcefully(listener)
         if isinstance(exc, trio.TooSlowError):
@@ -100,7 +110,8 @@ async def serve_agent(
             status=exc.status,
             reason=exc.reason,
         )
-        await refuse_websocket(scope, send, exc.status, exc.reason)
+        headers = [] if exc.retry_after is None else [(b"retry-after", b"%d" % exc.retry_after)]
+        await refuse_websocket(scope, send, exc.status, exc.reason, headers)
         return
 
     accept_headers = [
@@ -108,7 +119,7 @@ async def serve_agent(
         (WORKER_HEADER.encode(), worker_id().encode()),
         (WORKERS_HEADER.encode(), str(config.workers).encode()),
         (NODE_HEADER.encode(), node_id(config).encode()),
-        (NODES_HEADER.encode(), b"1"),
+        (NODES_HEADER.encode(), str(registry.store.node_count()).encode()),
     ]
     if port is not None:
         accept_headers.append((TCP_PORT_HEADER.encode(), str(port).encode()))
@@ -190,6 +201,7 @@ async def serve_agent(
             # the others and skipping the release below.
             listener.socket.close()
         registry.release(session)
+        _let_go_unless_held(registry, session.key)
         session.done.set()
         log_event(
             logger,
@@ -362,4 +374,38 @@ async def _check(
         policy = VisitorPolicy.from_handshake(values)
     except ConfigError as exc:
         raise Denied(400, str(exc)) from None
+    if tcp_port is None:
+        await _reserve(registry, host, identity, limit)
     return request, identity, policy
+
+
+async def _reserve(registry: Registry, key: str, identity: Identity, limit: int | None) -> None:
+    """Claim ``key`` in the store (other workers, other nodes), or raise Denied.
+
+    The last step of a handshake: what it records is let go by the caller if the
+    agent is refused after it (``_let_go_unless_held``).
+    """
+    try:
+        answer = await registry.store.claim(key, identity.digest, limit)
+    except StoreUnavailableError:
+        raise Denied(
+            503,
+            "the cluster's shared state is unavailable, so no new tunnel can be opened; "
+            f"try again in {STORE_RETRY_AFTER} s",
+            retry_after=STORE_RETRY_AFTER,
+        ) from None
+    if answer is Claim.HELD:
+        what = f"port {key[4:]}" if key.startswith("tcp:") else f"host {key}"
+        raise Denied(409, f"{what} is in use by another agent; claim another")
+    if answer is Claim.LIMIT:
+        raise Denied(
+            403,
+            f"this {identity.label.split()[0]} already holds {limit} tunnel(s), the most the "
+            "server allows; close one first",
+        )
+
+
+def _let_go_unless_held(registry: Registry, key: str) -> None:
+    """Undo a handshake's claim in the store if no session serves ``key`` here."""
+    if not registry.holds(key):
+        registry.store.release(key)

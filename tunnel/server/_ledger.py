@@ -77,12 +77,36 @@ class HostLedger:
         holders = {self._holder(name, worker) for worker in range(self.workers)}
         return bool(holders - {None, mine})
 
-    def claim(self, key: str, digest: bytes) -> bool:
-        """Record that this worker serves ``key`` for ``digest``; False if another holds it."""
+    def held_by(self, key: str, digest: bytes) -> bool:
+        """Whether the identity ``digest`` holds ``key`` on any worker."""
+        name, mine = _name(key), digest.hex()
+        return any(self._holder(name, worker) == mine for worker in range(self.workers))
+
+    def count(self, digest: bytes) -> int:
+        """How many hosts the identity ``digest`` holds, on all workers together."""
+        mine = digest.hex()
+        names = set()
+        for entry in os.listdir(self.directory):
+            name, dot, worker = entry.partition(".")
+            if not dot or not worker.isdigit() or name in names:
+                continue  # the lock, a file being written, a host counted already
+            if self._holder(name, int(worker)) == mine:
+                names.add(name)
+        return len(names)
+
+    def claim(self, key: str, digest: bytes, limit: int | None = None) -> bool | None:
+        """Record that this worker serves ``key`` for ``digest``.
+
+        Returns:
+            True when recorded; False if another identity holds ``key``; None
+            if ``digest`` holds ``limit`` other hosts already.
+        """
         name = _name(key)
         with self._locked():
             if self.held_by_other(key, digest):
                 return False
+            if limit is not None and not self.held_by(key, digest) and self.count(digest) >= limit:
+                return None
             path = os.path.join(self.directory, f"{name}.{self.index}")
             # Written aside and renamed: ``held_by_other`` also reads without
             # the lock (a handshake's first check), and a file read between

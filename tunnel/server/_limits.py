@@ -78,8 +78,26 @@ class Limiter:
             found.append(buckets)
         return found
 
-    def admit(self, tunnel: str, visitor: str | None) -> tuple[int, Pacer | None]:
+    @property
+    def shared(self) -> list[tuple[str, RateLimit]]:
+        """The request-rate limits a cluster counts in its store: (prefix, limit)."""
+        found = []
+        if self._tunnel is not None and self._tunnel.requests_per_second is not None:
+            found.append(("tunnel:", self._tunnel))
+        if self._visitor is not None and self._visitor.requests_per_second is not None:
+            found.append(("visitor:", self._visitor))
+        return found
+
+    def admit(
+        self, tunnel: str, visitor: str | None, *, requests: bool = True
+    ) -> tuple[int, Pacer | None]:
         """Count one request.
+
+        Args:
+            tunnel: The tunnel's key.
+            visitor: The visitor's address, if known.
+            requests: Count the request against the request rates here; False
+                when the cluster's store counts them (bandwidth stays here).
 
         Returns:
             ``(retry_after, pacer)``: seconds to wait before retrying (0 when
@@ -88,7 +106,7 @@ class Limiter:
         """
         now = trio.current_time()
         found = self._for(tunnel, visitor, now)
-        waits = [b.requests.take(1, now) for b in found if b.requests is not None]
+        waits = [b.requests.take(1, now) for b in found if requests and b.requests is not None]
         wait = max(waits, default=0.0)
         if wait > 0:
             return max(1, math.ceil(wait)), None

@@ -17,7 +17,7 @@ import trio
 from .._config.hooks import TunnelInfo
 from .._protocol.policy import VisitorPolicy
 from ..link import Link
-from ._ledger import HostLedger
+from ._store import LocalStore, Store
 
 __all__ = ["AgentSession", "HostInUse", "Registry", "TunnelStatistics"]
 
@@ -132,8 +132,8 @@ class Registry:
         #: Set when the server begins a graceful shutdown: sessions drain, no
         #: new agent is accepted and nobody waits for an agent to come back.
         self.shutting_down = trio.Event()
-        #: Who holds which host on the other worker processes, if there are any.
-        self.ledger: HostLedger | None = None
+        #: Who holds which host in the other worker processes or cluster nodes.
+        self.store: Store = LocalStore()
         self._shutdown_scopes: set[trio.CancelScope] = set()
         #: Called with a key when its last session is released (the server
         #: drops what it kept for that tunnel, such as its rate limits).
@@ -225,11 +225,13 @@ class Registry:
         return session
 
     def check_claim(self, key: str, digest: bytes) -> list[AgentSession]:
-        """Raise HostInUse if another identity holds ``key``; return its sessions."""
+        """Raise HostInUse if another identity holds ``key`` here; return its sessions.
+
+        Only this process's sessions: the handshake has asked :attr:`store`
+        about the other processes and nodes (and recorded the claim there).
+        """
         current = self._sessions.get(key, [])
         if current and current[0].digest != digest:
-            raise HostInUse(key)
-        if not current and self.ledger is not None and self.ledger.held_by_other(key, digest):
             raise HostInUse(key)
         return list(current)
 
@@ -250,13 +252,6 @@ class Registry:
         current = self.check_claim(session.key, session.digest)
         if not current and limit is not None and self.count(session.digest) >= limit:
             raise HostInUse(f"{session.key}: limit of {limit} tunnels reached")
-        if (
-            not current
-            and self.ledger is not None
-            and not self.ledger.claim(session.key, session.digest)
-        ):
-            # Another identity took it on another worker since our check.
-            raise HostInUse(session.key)
         if session.pool and all(member.pool for member in current):
             replaced = [
                 member
@@ -281,14 +276,22 @@ class Registry:
             self._sessions[session.key] = [m for m in members if m is not session]
             return
         del self._sessions[session.key]
-        if self.ledger is not None:
-            self.ledger.release(session.key)
+        self.store.release(session.key)
         if self.on_released is not None:
             self.on_released(session.key)
         self._gone[session.key] = time.time()
         self._gone.move_to_end(session.key)
         while len(self._gone) > MAX_REMEMBERED_HOSTS:
             self._gone.popitem(last=False)
+
+    def holdings(self) -> dict[str, bytes]:
+        """Each key this process serves, with its owner's digest (for the store)."""
+        return {key: members[0].digest for key, members in self._sessions.items()}
+
+    def let_go(self, key: str, reason: str) -> None:
+        """Close every session of ``key`` (the store gave it to another identity)."""
+        for session in self._sessions.get(key, ()):
+            session.link.close(reason)
 
     def count(self, digest: bytes) -> int:
         """How many tunnels (hosts and TCP ports) the identity ``digest`` holds now."""

@@ -20,6 +20,7 @@ from ..._asgi import ASGIApp, Message, Receive, Scope, Send
 from ..._config import ServerConfig
 from .._app import TunnelApp
 from .._ledger import HostLedger
+from .._store import LocalStore
 from ._config import hypercorn_config
 from ._guard import install_hypercorn_guard
 from ._metrics import serve_metrics
@@ -48,7 +49,8 @@ async def serve_sockets(
     # response, which carries its origin's, would carry two. The app's
     # wrapper dates what has no Date instead.
     hc.include_date_header = False
-    app.registry.ledger = ledger
+    if ledger is not None:
+        app.registry.store = LocalStore(ledger)
     trigger = None
     if shutdown_trigger is not None:
         user_trigger = shutdown_trigger

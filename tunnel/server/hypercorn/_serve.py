@@ -8,6 +8,7 @@ import trio
 
 from ..._asgi import ASGIApp
 from ..._config import ServerConfig
+from .._redis_store import check_store
 from ._run import serve_sockets
 from ._workers import serve_workers
 
@@ -43,6 +44,8 @@ async def serve(
             metrics URL (``http://…/metrics``) comes last, one per worker.
 
     Raises:
+        StoreUnavailableError: ``config.store`` is set and Redis cannot be
+            reached (the message names the URL, without its password).
         ConfigError: With several workers, the settings cannot be copied to
             the worker processes.
 
@@ -51,6 +54,10 @@ async def serve(
         async with trio.open_nursery() as nursery:
             urls = await nursery.start(tunnel.serve, tunnel.ServerConfig(address="127.0.0.1:0"))
     """
+    if config.store is not None:
+        # Before binding anything: a node that cannot reach its cluster's store
+        # says so at once, rather than through every agent it would refuse.
+        await check_store(config)
     if config.workers > 1:
         await serve_workers(config, fallback, shutdown_trigger, task_status)
         return
