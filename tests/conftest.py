@@ -9,6 +9,7 @@
   with short reconnect delays.
 * ``visitor``: an ``httpx.AsyncClient`` that reaches a tunnel server by its
   port with a given ``Host``.
+* ``redis_server``: a real ``redis-server`` of the test's own (``tests/redis_server.py``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 import httpx
 import pytest
 import trio
+from redis_server import RedisServer
 
 import tunnel
 from helpers import LocalService, serve_local
@@ -166,3 +168,14 @@ def open_agent(agent_config: Callable[..., tunnel.ClientConfig]) -> OpenAgent:
 def visitor() -> Callable[..., httpx.AsyncClient]:
     """``async with visitor(server_port, host="app.localhost", **httpx kwargs) as http:``"""
     return _visitor
+
+
+@pytest.fixture
+async def redis_server(tmp_path: Any) -> Any:
+    """A running ``redis-server`` on a free port; ``.url``, ``.stop()``, ``.start()``."""
+    server = RedisServer(str(tmp_path))
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()

@@ -7,8 +7,11 @@ new connection (``Connection: close``), so it may land on either worker.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -276,3 +279,24 @@ async def test_http2_visitors_cannot_stop_a_worker(workers_server):
         await trio.sleep(0.5)  # A worker's exit takes a moment to show.
         assert worker_pids() == before
         assert await fresh_visits(workers_server, 4, "nobody.localhost") == {404: 4}
+
+
+async def test_the_workers_ledger_is_removed_even_when_the_server_is_killed(tmp_path):
+    # The workers share a directory of host claims; a server stopped by
+    # SIGKILL, which runs no cleanup of its own, must not leave it behind.
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "tunnel", "server", "--address", "127.0.0.1:0", "--workers", "2"],
+        env={**os.environ, "TMPDIR": str(tmp_path)},
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its workers go with it, by their group, at the end
+    )
+    try:
+        with trio.fail_after(30):
+            await eventually(lambda: any(tmp_path.glob("tunnel-hosts-*")), limit=25)
+            (ledger,) = tmp_path.glob("tunnel-hosts-*")
+            os.kill(process.pid, signal.SIGKILL)
+            await eventually(lambda: not ledger.exists(), limit=10)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        await process.wait()

@@ -473,6 +473,9 @@ def _main(argv: Sequence[str] | None) -> int:
         level=logging.INFO if args.command == "server" else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # The Redis client of a cluster's node logs each retry of a call at INFO;
+    # the node says itself, once, when it loses and finds the store again.
+    logging.getLogger("coredis").setLevel(logging.WARNING)
     runners = {
         "server": _run_server,
         "http": _run_agent,

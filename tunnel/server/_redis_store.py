@@ -39,8 +39,9 @@ from urllib.parse import urlsplit, urlunsplit
 import trio
 
 from .._config import ServerConfig
-from .._exceptions import StoreUnavailableError
+from .._exceptions import ConfigError, StoreUnavailableError
 from .._protocol.limits import RateLimit
+from .._settings import server_setting
 from ._store import Claim, Holdings, Lost, Member, Store
 from ._worker_id import node_id, worker_id
 
@@ -413,21 +414,35 @@ async def open_redis_store(
         StoreUnavailableError: Redis is unreachable, or refused the connection (a
             wrong password, say); the message names the URL without its password.
     """
-    import coredis  # only a cluster's server needs it
+    try:
+        import coredis  # only a cluster's server needs it
+    except ImportError:
+        raise ConfigError(
+            f"{server_setting('store')} needs the Redis client coredis: "
+            "pip install 'trio-tunnel[cluster]'"
+        ) from None
 
     client = coredis.Redis.from_url(
         url, connect_timeout=CONNECT_TIMEOUT, stream_timeout=CALL_TIMEOUT
     )
+    failure: StoreUnavailableError | None = None
     async with contextlib.AsyncExitStack() as stack:
         try:
-            with trio.fail_after(CONNECT_TIMEOUT + CALL_TIMEOUT):
-                await stack.enter_async_context(client)
+            # Entered outside any cancel scope of ours: the client opens a task
+            # group that must close inside whatever scope it opened in. Its
+            # connect_timeout bounds the entry; the ping gets a deadline.
+            await stack.enter_async_context(client)
+            with trio.fail_after(CALL_TIMEOUT):
                 await client.ping()
         except Exception as exc:  # coredis raises many kinds (and groups of them)
-            raise StoreUnavailableError(
+            failure = StoreUnavailableError(
                 f"cannot reach the cluster's store at {redacted(url)}: {_reason(exc)}"
-            ) from None
-        yield RedisStore(client, url, member=member, node=node, address=address, ttl=ttl)
+            )
+        else:
+            yield RedisStore(client, url, member=member, node=node, address=address, ttl=ttl)
+    if failure is not None:
+        # Raised once the client is closed, so its task group does not wrap it.
+        raise failure
 
 
 def _reason(exc: BaseException) -> str:

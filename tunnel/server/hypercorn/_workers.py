@@ -95,6 +95,7 @@ async def serve_workers(
         stopping = trio.Event()
         ledger = tempfile.mkdtemp(prefix="tunnel-hosts-")
         cleanup.callback(shutil.rmtree, ledger, ignore_errors=True)
+        cleanup.callback(_stop_watching, _watch_for_removal(ledger))
         async with trio.open_nursery() as nursery:
             # Started side by side: each takes a second or more to import.
             extra: list[list[str]] = [[] for _ in range(config.workers)]
@@ -119,6 +120,34 @@ async def serve_workers(
         for sock in listening:
             sock.close()
         cleanup.close()
+
+
+#: The watchdog of the ledger's directory: it reads its standard input, a pipe
+#: from this process, until the end, which comes however this process ends
+#: (SIGKILL included), and removes the directory then.
+_WATCHDOG = "import shutil, sys; sys.stdin.buffer.read(); shutil.rmtree(sys.argv[1], True)"
+
+
+def _watch_for_removal(directory: str) -> subprocess.Popen[bytes]:
+    """A small process that removes ``directory`` once this one has ended, however."""
+    return subprocess.Popen(
+        [sys.executable, "-c", _WATCHDOG, directory],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        # Out of the terminal's process group: Ctrl-C must not stop it first.
+        start_new_session=True,
+    )
+
+
+def _stop_watching(watchdog: subprocess.Popen[bytes]) -> None:
+    assert watchdog.stdin is not None
+    watchdog.stdin.close()
+    try:
+        watchdog.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        watchdog.kill()
+        watchdog.wait()
 
 
 def _single(group: BaseExceptionGroup[BaseException]) -> BaseException:

@@ -1,0 +1,364 @@
+"""Servers sharing one Redis (``ServerConfig.store``): one owner per host, shared limits,
+and what happens when Redis or a node goes away.
+
+Every test runs real ``redis-server`` (``tests/redis_server.py``), real nodes
+(``tunnel.serve`` in this process, or ``tunnel server`` in a child process
+where one must die by SIGKILL) and real agents.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import coredis
+import pytest
+import trio
+import trio_websocket
+from conftest import TOKEN, RunningServer, StartServer
+from redis_server import RedisServer
+
+import tunnel
+from helpers import eventually
+from tunnel._protocol.handshake import HOST_HEADER, SUBPROTOCOL
+
+SECRET = "a-cluster-secret-for-tests"
+BOB = "b0b-token"
+HOST = "app.localhost"
+#: Short heartbeats: entries live two intervals (1 s) without one.
+KEEPALIVE = 0.5
+
+
+async def start_node(
+    start: StartServer, redis: RedisServer, name: str, **overrides: Any
+) -> RunningServer:
+    settings: dict[str, Any] = {
+        "store": redis.url,
+        "cluster_secret": SECRET,
+        "node_id": name,
+        "tokens": frozenset({TOKEN, BOB}),
+        "keepalive_interval": KEEPALIVE,
+        "keepalive_timeout": 2.0,
+    }
+    settings.update(overrides)
+    return await start(**settings)
+
+
+@asynccontextmanager
+async def redis_client(redis: RedisServer) -> AsyncIterator[Any]:
+    async with coredis.Redis.from_url(redis.url, decode_responses=True) as client:
+        yield client
+
+
+async def until(check: Callable[[], Awaitable[bool]], limit: float = 10.0) -> None:
+    """Poll the async ``check`` until it holds; fail after ``limit`` seconds."""
+    for _ in range(int(limit / 0.05)):
+        if await check():
+            return
+        await trio.sleep(0.05)
+    assert await check()
+
+
+async def owner(redis: RedisServer, host: str = HOST) -> str | None:
+    """The digest (hex) that owns ``host`` in the store now, if any."""
+    async with redis_client(redis) as client:
+        found: str | None = await client.get(f"tunnel:owner:{host}")
+        return found
+
+
+class Claim:
+    """A raw agent handshake for a host, held open until told to close."""
+
+    def __init__(self, port: int, token: str, host: str = HOST) -> None:
+        self.port, self.token, self.host = port, token, host
+        self.status: int | None = None
+        self.retry_after: str | None = None
+        self.close = trio.Event()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        headers = [
+            (b"authorization", f"Bearer {self.token}".encode()),
+            (HOST_HEADER.encode(), self.host.encode()),
+        ]
+        stream = await trio.open_tcp_stream("127.0.0.1", self.port)
+        try:
+            async with trio.open_nursery() as nursery:
+                ws = await trio_websocket.wrap_client_stream(
+                    nursery, stream, "127.0.0.1", "/_tunnel",
+                    subprotocols=[SUBPROTOCOL], extra_headers=headers,
+                )  # fmt: skip
+                self.status = 101
+                task_status.started()
+                await self.close.wait()
+                await ws.aclose()
+        except* trio_websocket.ConnectionRejected as group:
+            rejected = group.exceptions[0]
+            assert isinstance(rejected, trio_websocket.ConnectionRejected)
+            self.status = rejected.status_code
+            self.retry_after = dict(rejected.headers or []).get(b"retry-after", b"").decode()
+            task_status.started()
+        finally:
+            await stream.aclose()
+
+
+async def claim_once(port: int, token: str, host: str = HOST) -> Claim:
+    """One raw handshake, closed at once (or refused): its status."""
+    claim = Claim(port, token, host)
+    claim.close.set()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(claim.run)
+    return claim
+
+
+async def _is_none(value: Awaitable[object]) -> bool:
+    return await value is None
+
+
+async def _is_not_none(value: Awaitable[object]) -> bool:
+    return await value is not None
+
+
+# -- start -----------------------------------------------------------------------
+
+
+async def test_a_store_that_cannot_be_reached_stops_the_server_at_start(tmp_path) -> None:
+    closed = RedisServer(str(tmp_path))  # never started: nothing listens on its port
+    url = f"redis://tunnel:hunter2-password@127.0.0.1:{closed.port}/0"
+    config = tunnel.ServerConfig(address="127.0.0.1:0", store=url, cluster_secret=SECRET)
+    with trio.fail_after(10), pytest.raises(tunnel.StoreUnavailableError) as raised:
+        await tunnel.serve(config)
+    message = str(raised.value)
+    assert f"127.0.0.1:{closed.port}" in message
+    assert "hunter2" not in message
+
+
+def test_tunnel_server_exits_2_with_one_line_when_the_store_is_unreachable(tmp_path) -> None:
+    closed = RedisServer(str(tmp_path))
+    secret = tmp_path / "secret"
+    secret.write_text(SECRET + "\n")
+    store = tmp_path / "store"
+    store.write_text(f"redis://:hunter2-password@127.0.0.1:{closed.port}/0\n")
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tunnel",
+            "server",
+            "--address",
+            "127.0.0.1:0",
+            "--store-file",
+            str(store),
+            "--cluster-secret-file",
+            str(secret),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert f"127.0.0.1:{closed.port}" in lines[0], lines[0]
+    assert "hunter2" not in lines[0]
+
+
+def test_tunnel_server_needs_a_cluster_secret_with_a_store(tmp_path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "tunnel", "server", "--store", "redis://127.0.0.1:1/0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert "--cluster-secret-file" in done.stderr
+
+
+# -- ownership --------------------------------------------------------------------
+
+
+async def test_a_host_has_one_owner_across_nodes(
+    start_tunnel_server, redis_server, local_service, open_agent
+) -> None:
+    one = await start_node(start_tunnel_server, redis_server, "one")
+    two = await start_node(start_tunnel_server, redis_server, "two")
+    with trio.fail_after(20):
+        async with open_agent(one.port, local_service.port):
+            with pytest.raises(tunnel.HostInUseError):
+                async with open_agent(two.port, local_service.port, token=BOB):
+                    pass
+            # The same identity on another node is its agent's second connection.
+            assert (await claim_once(two.port, TOKEN)).status == 101
+        # Gone from every node (the release is made in the background): now
+        # anyone may have it.
+        await until(lambda: _is_none(owner(redis_server)))
+        async with open_agent(two.port, local_service.port, token=BOB):
+            pass
+
+
+async def test_a_hundred_concurrent_claims_over_three_nodes_make_one_owner(
+    start_tunnel_server, redis_server
+) -> None:
+    nodes = [
+        await start_node(start_tunnel_server, redis_server, name, handshake_timeout=30)
+        for name in ("one", "two", "three")
+    ]
+    claims = [Claim(nodes[i % 3].port, (TOKEN, BOB)[(i // 3) % 2]) for i in range(100)]
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            for claim in claims:
+                nursery.start_soon(claim.run)
+            await eventually(lambda: all(c.status is not None for c in claims), limit=50)
+            accepted = {c.token for c in claims if c.status == 101}
+            refused = {c.status for c in claims if c.status != 101}
+            for claim in claims:
+                claim.close.set()
+    assert len(accepted) == 1, accepted
+    assert refused == {409}, refused
+    (winner,) = accepted
+    # Every claim of the winner was accepted: its agent's many connections.
+    assert all(c.status == 101 for c in claims if c.token == winner)
+
+
+async def test_the_tunnel_limit_of_an_identity_is_one_limit_across_nodes(
+    start_tunnel_server, redis_server, local_service, open_agent
+) -> None:
+    one = await start_node(start_tunnel_server, redis_server, "one", max_tunnels_per_identity=1)
+    two = await start_node(start_tunnel_server, redis_server, "two", max_tunnels_per_identity=1)
+    with trio.fail_after(20):
+        async with open_agent(one.port, local_service.port, host="a.localhost"):
+            with pytest.raises(tunnel.RejectedError) as raised:
+                async with open_agent(two.port, local_service.port, host="b.localhost"):
+                    pass
+            assert raised.value.status == 403
+            assert "1 tunnel" in str(raised.value)
+
+
+# -- losing Redis, losing a node ---------------------------------------------------------
+
+
+async def test_without_redis_nodes_serve_what_they_hold_and_refuse_new_agents(
+    start_tunnel_server, redis_server, local_service, open_agent, visitor
+) -> None:
+    one = await start_node(start_tunnel_server, redis_server, "one")
+    two = await start_node(start_tunnel_server, redis_server, "two")
+    with trio.fail_after(30):
+        async with open_agent(one.port, local_service.port), visitor(one.port) as http:
+            await redis_server.stop()
+            for i in range(5):
+                assert (await http.get(f"/while-redis-is-down/{i}")).status_code == 200
+            refused = await claim_once(two.port, BOB, "other.localhost")
+            assert refused.status == 503
+            assert refused.retry_after == "5"
+            # Redis comes back empty: within one heartbeat the nodes have
+            # published what they hold again, with nothing else done.
+            await redis_server.start()
+            await until(lambda: _is_not_none(owner(redis_server)), limit=KEEPALIVE * 4)
+            assert (await claim_once(two.port, BOB)).status == 409
+            assert (await http.get("/after")).status_code == 200
+
+
+async def test_a_node_cut_off_from_redis_lets_go_of_a_host_given_to_another(
+    start_tunnel_server, redis_server, local_service, start_local_service, open_agent, visitor
+) -> None:
+    one = await start_node(start_tunnel_server, redis_server, "one")
+    two = await start_node(start_tunnel_server, redis_server, "two")
+    bobs = await start_local_service("bob's")
+    with trio.fail_after(30), pytest.raises(tunnel.HostInUseError):
+        async with open_agent(one.port, local_service.port):
+            # As if node one had been cut off for longer than its entries live:
+            # they are gone, and Bob claims the host through node two.
+            async with redis_client(redis_server) as client:
+                await client.flushall()
+            async with open_agent(two.port, bobs.port, token=BOB), visitor(one.port) as http:
+                # Node one's next heartbeat finds the host given away and lets
+                # Alice's agent go; it no longer answers for the host.
+                async def let_go() -> bool:
+                    return (await http.get("/who")).status_code != 200
+
+                await until(let_go, limit=KEEPALIVE * 4)
+                assert await owner(redis_server) == hashlib.sha256(BOB.encode()).hexdigest()
+                # Alice's agent, back, is refused: the host is Bob's now.
+                await trio.sleep_forever()
+
+
+async def test_a_killed_nodes_hosts_are_free_within_two_keepalive_intervals(
+    tmp_path, start_tunnel_server, redis_server, local_service, open_agent
+) -> None:
+    two = await start_node(start_tunnel_server, redis_server, "two")
+    settings = tmp_path / "one.toml"
+    settings.write_text(
+        f'address = "127.0.0.1:0"\nstore = "{redis_server.url}"\n'
+        f'cluster_secret = "{SECRET}"\nnode_id = "one"\ntokens = ["{TOKEN}"]\n'
+        f"keepalive_interval = {KEEPALIVE}\n"
+    )
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "tunnel", "server", "--config", str(settings)],
+        stderr=subprocess.PIPE,
+    )
+    try:
+        with trio.fail_after(30):
+            port = await _listening_port(process)
+            async with open_agent(port, local_service.port):
+                assert (await claim_once(two.port, BOB)).status == 409
+                os.kill(process.pid, signal.SIGKILL)
+                killed = trio.current_time()
+
+                async def free() -> bool:
+                    return (await claim_once(two.port, BOB)).status == 101
+
+                await until(free)
+                # Two intervals, and a little for the scheduling of this test.
+                assert trio.current_time() - killed < 2 * KEEPALIVE + 1.0
+    finally:
+        process.kill()
+        await process.wait()
+
+
+async def _listening_port(process: trio.Process) -> int:
+    """The port ``tunnel server`` logs that it listens on."""
+    assert process.stderr is not None
+    seen = b""
+    while b"http://127.0.0.1:" not in seen or not seen.endswith(b"\n"):
+        chunk = await process.stderr.receive_some()
+        assert chunk, seen.decode()
+        seen += chunk
+    text = seen.decode()
+    start = text.index("http://127.0.0.1:") + len("http://127.0.0.1:")
+    digits = ""
+    for char in text[start:]:
+        if not char.isdigit():
+            break
+        digits += char
+    return int(digits)
+
+
+# -- limits ----------------------------------------------------------------------------
+
+
+async def test_a_visitor_rate_limit_is_one_limit_across_nodes(
+    start_tunnel_server, redis_server, local_service, open_agent, visitor
+) -> None:
+    limit = tunnel.RateLimit(requests_per_second=0.5, burst=6)
+    one = await start_node(start_tunnel_server, redis_server, "one", visitor_rate_limit=limit)
+    two = await start_node(start_tunnel_server, redis_server, "two", visitor_rate_limit=limit)
+    with trio.fail_after(30):
+        async with (
+            open_agent(one.port, local_service.port, host="a.localhost"),
+            open_agent(two.port, local_service.port, host="b.localhost", token=BOB),
+            visitor(one.port, host="a.localhost") as on_one,
+            visitor(two.port, host="b.localhost") as on_two,
+        ):
+            statuses = []
+            for i in range(8):
+                statuses.append((await on_one.get(f"/a/{i}")).status_code)
+                statuses.append((await on_two.get(f"/b/{i}")).status_code)
+    # Six at once, then one every two seconds: per node it would be twelve.
+    assert statuses.count(200) in (6, 7), statuses
+    assert set(statuses) == {200, 429}
