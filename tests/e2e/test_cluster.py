@@ -18,6 +18,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import coredis
+import httpx
 import pytest
 import trio
 import trio_websocket
@@ -270,7 +271,8 @@ async def test_a_node_cut_off_from_redis_lets_go_of_a_host_given_to_another(
     one = await start_node(start_tunnel_server, redis_server, "one")
     two = await start_node(start_tunnel_server, redis_server, "two")
     bobs = await start_local_service("bob's")
-    with trio.fail_after(30), pytest.raises(tunnel.HostInUseError):
+
+    async def alice_loses_the_host() -> None:
         async with open_agent(one.port, local_service.port):
             # As if node one had been cut off for longer than its entries live:
             # they are gone, and Bob claims the host through node two.
@@ -286,6 +288,9 @@ async def test_a_node_cut_off_from_redis_lets_go_of_a_host_given_to_another(
                 assert await owner(redis_server) == hashlib.sha256(BOB.encode()).hexdigest()
                 # Alice's agent, back, is refused: the host is Bob's now.
                 await trio.sleep_forever()
+
+    with trio.fail_after(30), pytest.raises(tunnel.HostInUseError):
+        await alice_loses_the_host()
 
 
 async def test_a_killed_nodes_hosts_are_free_within_two_keepalive_intervals(
@@ -362,3 +367,70 @@ async def test_a_visitor_rate_limit_is_one_limit_across_nodes(
     # Six at once, then one every two seconds: per node it would be twelve.
     assert statuses.count(200) in (6, 7), statuses
     assert set(statuses) == {200, 429}
+
+
+# -- operations ------------------------------------------------------------------------
+
+ADMIN = "admin-secret"
+
+
+async def test_any_nodes_admin_api_lists_and_disconnects_the_clusters_tunnels(
+    start_tunnel_server, redis_server, local_service, agent_config, nursery
+) -> None:
+    one = await start_node(start_tunnel_server, redis_server, "one", admin_token=ADMIN)
+    two = await start_node(start_tunnel_server, redis_server, "two", admin_token=ADMIN)
+    client = tunnel.Client(agent_config(two.port, local_service.port))
+    stopped = trio.Event()
+    errors: list[tunnel.RejectedError] = []
+
+    async def run_agent(*, task_status: trio.TaskStatus[str]) -> None:
+        try:
+            await client.connect(task_status=task_status)
+        except tunnel.RejectedError as exc:
+            errors.append(exc)
+        stopped.set()
+
+    with trio.fail_after(20):
+        await nursery.start(run_agent)
+        async with httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{one.port}/_tunnel/admin",
+            headers={"authorization": f"Bearer {ADMIN}", "host": "localhost"},
+        ) as admin:
+            # Node one lists what node two serves, once node two has published it.
+            async def listed() -> bool:
+                tunnels = (await admin.get("/tunnels")).json()["tunnels"]
+                return [(t["host"], t["node"]) for t in tunnels] == [(HOST, "two")]
+
+            await until(listed, limit=KEEPALIVE * 4)
+            described = (await admin.get(f"/tunnels/{HOST}")).json()
+            assert (described["node"], described["agents"]) == ("two", 1)
+
+            answer = await admin.delete(f"/tunnels/{HOST}", params={"reason": "abuse report"})
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["disconnected"]["node"] == "two"
+            # Answered once node two let go of it.
+            assert await owner(redis_server) is None
+            await stopped.wait()
+            assert client.state is tunnel.ClientState.CLOSED
+            assert (await admin.delete(f"/tunnels/{HOST}")).status_code == 404
+    (error,) = errors
+    assert "operator disconnected" in str(error)
+    assert "abuse report" in str(error)
+
+
+async def test_a_nodes_metrics_carry_its_node_id(
+    start_tunnel_server, redis_server, local_service, open_agent
+) -> None:
+    one = await start_node(start_tunnel_server, redis_server, "one", admin_token=ADMIN)
+    with trio.fail_after(20):
+        async with (
+            open_agent(one.port, local_service.port),
+            httpx.AsyncClient(base_url=f"http://127.0.0.1:{one.port}") as http,
+        ):
+            answer = await http.get(
+                "/_tunnel/admin/metrics",
+                headers={"authorization": f"Bearer {ADMIN}", "host": "localhost"},
+            )
+    assert 'tunnel_agents_connected{node="one"} 1.0' in answer.text
+    samples = [line for line in answer.text.splitlines() if line and not line.startswith("#")]
+    assert all('node="one"' in line for line in samples), samples

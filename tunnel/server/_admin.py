@@ -28,6 +28,7 @@ Routes (``Authorization: Bearer <admin token>`` on every one):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import hmac
@@ -42,6 +43,7 @@ import trio
 
 from .._asgi import Receive, Scope, Send
 from .._config import ServerConfig
+from .._exceptions import StoreUnavailableError
 from .._protocol.handshake import DISCONNECTED_CLOSE_CODE, bearer_token
 from .._protocol.headers import Headers, header_value
 from .._protocol.hosts import host_from_authority
@@ -49,8 +51,9 @@ from .._settings import server_setting
 from ._metrics import ServerMetrics, render
 from ._registry import AgentSession, Registry, TunnelStatistics
 from ._telemetry import log_event, peer_text
+from ._worker_id import node_id
 
-__all__ = ["ADMIN_SUFFIX", "LOOPBACK_HOSTS", "AdminAPI"]
+__all__ = ["ADMIN_SUFFIX", "LOOPBACK_HOSTS", "AdminAPI", "describe_tunnel", "disconnect_session"]
 
 logger = logging.getLogger("tunnel.server")
 
@@ -63,6 +66,8 @@ LOOPBACK_HOSTS: Final = frozenset({"localhost", "127.0.0.1", "::1"})
 RESTART_CLOSE_CODE: Final = 1012
 #: How long a disconnect waits for the tunnel to be gone before answering.
 DISCONNECT_WAIT: Final = 5.0
+#: How often a disconnect looks whether the other nodes have let go.
+DISCONNECT_POLL: Final = 0.05
 #: Longest ``reason`` passed on to the agent (a close frame holds 123 bytes).
 MAX_REASON: Final = 80
 
@@ -83,6 +88,8 @@ class AdminAPI:
         self._digest = _digest(config.admin_token)
         self.registry = registry
         self.metrics = metrics
+        #: This server's node id, in every tunnel it lists.
+        self.node = node_id(config)
         #: Where the admin API lives, such as ``/_tunnel/admin``.
         self.prefix = config.control_path + ADMIN_SUFFIX
         self.hosts = (
@@ -146,8 +153,15 @@ class AdminAPI:
                 [(b"allow", ", ".join(allow).encode())],
             )
         elif route == "tunnels":
-            stats = self.registry.statistics()
-            await _json(send, 200, {"tunnels": [_describe(s) for s in stats]})
+            tunnels = [describe_tunnel(s, self.node) for s in self.registry.statistics()]
+            document: dict[str, Any] = {"tunnels": tunnels}
+            if self.registry.store.clustered:
+                try:
+                    tunnels += await self.registry.store.tunnels()
+                except StoreUnavailableError as exc:
+                    document["incomplete"] = f"only this node's tunnels: {exc}"
+                tunnels.sort(key=lambda tunnel: (tunnel["host"], tunnel["node"]))
+            await _json(send, 200, document)
         elif route == "metrics":
             accept = (header_value(scope["headers"], b"accept") or b"").decode("latin-1")
             body, content_type = render(self.metrics.collectors, accept)
@@ -157,26 +171,54 @@ class AdminAPI:
 
     async def _tunnel(self, scope: Scope, send: Send, method: str, key: str) -> None:
         sessions = self.registry.sessions_of(key)
-        if not sessions:
-            await _error(send, 404, "not_found", f"no tunnel {key!r} is connected to this server")
+        store = self.registry.store
+        elsewhere: list[dict[str, Any]] = []
+        if store.clustered:
+            try:
+                elsewhere = [t for t in await store.tunnels() if t["host"] == key]
+            except StoreUnavailableError as exc:
+                if not sessions:
+                    await _error(send, 503, "store_unavailable", str(exc))
+                    return
+        if not sessions and not elsewhere:
+            where = "the cluster" if store.clustered else "this server"
+            await _error(send, 404, "not_found", f"no tunnel {key!r} is connected to {where}")
             return
+        described = (
+            describe_tunnel(sessions[0].statistics(), self.node) if sessions else elsewhere[0]
+        )
+        agents = len(sessions) + len(elsewhere)
         if method != "DELETE":
             # A pooled host's agents are listed one by one under /tunnels.
-            await _json(send, 200, {**_describe(sessions[0].statistics()), "agents": len(sessions)})
+            await _json(send, 200, {**described, "agents": agents})
             return
         query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
         reason = (query.get("reason") or [""])[0].strip()[:MAX_REASON]
         reconnect = (query.get("reconnect") or ["false"])[0].lower() in ("1", "true", "yes")
-        stats = sessions[0].statistics()
+        by = peer_text(scope.get("client"))
         async with trio.open_nursery() as nursery:
             for session in sessions:
-                disconnect = partial(self.disconnect, reconnect=reconnect, peer=scope.get("client"))
-                nursery.start_soon(disconnect, session, reason)
+                nursery.start_soon(
+                    partial(disconnect_session, session, reason, reconnect=reconnect, by=by)
+                )
+            if elsewhere:
+                nursery.start_soon(self._disconnect_elsewhere, key, reason, reconnect)
         await _json(
             send,
             200,
-            {"disconnected": _describe(stats), "agents": len(sessions), "reconnect": reconnect},
+            {"disconnected": described, "agents": agents, "reconnect": reconnect},
         )
+
+    async def _disconnect_elsewhere(self, key: str, reason: str, reconnect: bool) -> None:
+        """Have the nodes that serve ``key`` disconnect it; return once they have."""
+        store = self.registry.store
+        with contextlib.suppress(StoreUnavailableError), trio.move_on_after(DISCONNECT_WAIT):
+            await store.disconnect_elsewhere(key, reason, reconnect)
+            # Each node releases the key in the store once its sessions let go.
+            for _ in range(int(DISCONNECT_WAIT / DISCONNECT_POLL)):
+                if not await store.holders(key):
+                    break
+                await trio.sleep(DISCONNECT_POLL)
 
     async def disconnect(
         self,
@@ -187,27 +229,38 @@ class AdminAPI:
         peer: Any = None,
     ) -> None:
         """End ``session``'s connection; return once it let go of its tunnel."""
-        log_event(
-            logger,
-            "admin_disconnect",
-            tunnel=session.key,
-            by=peer_text(peer),
-            reason=reason or None,
-            reconnect=reconnect,
-        )
-        said = f": {reason}" if reason else ""
-        if reconnect:
-            session.link.close(
-                f"the server's operator reset the connection{said}", RESTART_CLOSE_CODE
-            )
-        else:
-            session.link.close(
-                f"disconnected by the server's operator{said}", DISCONNECTED_CLOSE_CODE
-            )
-        # The session's own task releases the host; answering after that means
-        # a list right after a disconnect no longer shows the tunnel.
-        with trio.move_on_after(DISCONNECT_WAIT):
-            await session.done.wait()
+        await disconnect_session(session, reason, reconnect=reconnect, by=peer_text(peer))
+
+
+async def disconnect_session(
+    session: AgentSession, reason: str = "", *, reconnect: bool = False, by: str | None = None
+) -> None:
+    """End ``session``'s connection for the operator; return once it let go of its tunnel.
+
+    Args:
+        session: The agent's connection.
+        reason: Told to the agent (and logged).
+        reconnect: Tell the agent to come back (a reset) rather than to stop.
+        by: Who asked: the admin API caller's address, or the node that passed
+            the request on.
+    """
+    log_event(
+        logger,
+        "admin_disconnect",
+        tunnel=session.key,
+        by=by,
+        reason=reason or None,
+        reconnect=reconnect,
+    )
+    said = f": {reason}" if reason else ""
+    if reconnect:
+        session.link.close(f"the server's operator reset the connection{said}", RESTART_CLOSE_CODE)
+    else:
+        session.link.close(f"disconnected by the server's operator{said}", DISCONNECTED_CLOSE_CODE)
+    # The session's own task releases the host; answering after that means
+    # a list right after a disconnect no longer shows the tunnel.
+    with trio.move_on_after(DISCONNECT_WAIT):
+        await session.done.wait()
 
 
 def _digest(token: str) -> bytes:
@@ -215,9 +268,11 @@ def _digest(token: str) -> bytes:
     return hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
 
 
-def _describe(stats: TunnelStatistics) -> dict[str, Any]:
+def describe_tunnel(stats: TunnelStatistics, node: str) -> dict[str, Any]:
+    """One tunnel's entry in the admin API's lists, served by ``node``."""
     fields = dataclasses.asdict(stats)
     fields["uptime"] = round(max(0.0, time.time() - stats.connected_since), 3)
+    fields["node"] = node
     return fields
 
 

@@ -7,6 +7,7 @@ import logging
 import math
 import time
 from functools import partial
+from typing import Any
 from urllib.parse import unquote
 
 import trio
@@ -22,7 +23,7 @@ from .._protocol.hosts import TargetError, host_from_authority, in_domain, origi
 from .._settings import for_cli, server_setting
 from .._transport.masking import use_fast_masking
 from ._access import AccessControl
-from ._admin import AdminAPI
+from ._admin import AdminAPI, describe_tunnel, disconnect_session
 from ._control import serve_agent
 from ._ingress import forward_visitor_http
 from ._ingress_ws import forward_visitor_websocket
@@ -32,6 +33,7 @@ from ._pages import refuse_websocket, send_error_page
 from ._redis_store import open_store
 from ._registry import AgentSession, Registry, TunnelStatistics
 from ._telemetry import Telemetry, log_event
+from ._worker_id import node_id
 from .hypercorn._guard import install_hypercorn_guard
 from .hypercorn._patches import apply_hypercorn_patches
 
@@ -81,7 +83,9 @@ class TunnelApp:
         self.access = AccessControl(self.config)
         self.limiter = Limiter(self.config)
         self.registry.on_released = self.limiter.forget
-        self._metrics = ServerMetrics(self.registry)
+        self._metrics = ServerMetrics(
+            self.registry, node_id(self.config) if self.config.store is not None else None
+        )
         self._telemetry = Telemetry(self.config, self._metrics)
         self._admin: AdminAPI | None = None
         if self.config.admin_token is not None:
@@ -333,17 +337,20 @@ class TunnelApp:
                 await send({"type": "lifespan.startup.failed", "message": str(exc)})
                 return
             self.registry.store = store
-            log_event(logger, "cluster_node", node=store.node, address=store.address)
             async with trio.open_nursery() as nursery:
-                registry = self.registry
-                await nursery.start(store.run, registry.holdings, registry.holds, self._let_go)
+                await nursery.start(store.run, _Holder(self))
+                with contextlib.suppress(StoreUnavailableError):
+                    peers = [node for node in await store.nodes() if node != store.node]
+                    log_event(
+                        logger,
+                        "cluster_node",
+                        node=store.node,
+                        address=store.address,
+                        store=store.url,
+                        peers=",".join(peers) or "none yet",
+                    )
                 await self._lifespan_events(scope, receive, send)
                 nursery.cancel_scope.cancel()
-
-    def _let_go(self, key: str) -> None:
-        self.registry.let_go(
-            key, f"{key} was given to another agent while this node could not reach the cluster"
-        )
 
     async def _lifespan_events(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.fallback is not None:
@@ -359,6 +366,33 @@ class TunnelApp:
                 self.begin_shutdown()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+
+class _Holder:
+    """What the cluster's store asks of this process (``_store.Holder``)."""
+
+    def __init__(self, app: TunnelApp) -> None:
+        self.registry = app.registry
+        self.node = node_id(app.config)
+        self.holdings = self.registry.holdings
+        self.holds = self.registry.holds
+
+    def lost(self, key: str) -> None:
+        self.registry.let_go(
+            key, f"{key} was given to another agent while this node could not reach the cluster"
+        )
+
+    def tunnels(self) -> list[dict[str, Any]]:
+        return [describe_tunnel(stats, self.node) for stats in self.registry.statistics()]
+
+    async def disconnect(self, key: str, reason: str, reconnect: bool) -> None:
+        async with trio.open_nursery() as nursery:
+            for session in self.registry.sessions_of(key):
+                nursery.start_soon(
+                    partial(
+                        disconnect_session, session, reason, reconnect=reconnect, by="another node"
+                    )
+                )
 
 
 def _too_many(session: AgentSession, retry_after: int) -> tuple[int, str, Headers]:

@@ -63,8 +63,10 @@ class ServerMetrics:
         registry: The server's registry of agents, read at scrape time.
     """
 
-    def __init__(self, registry: Registry) -> None:
+    def __init__(self, registry: Registry, node: str | None = None) -> None:
         self.registry = registry
+        #: The node id every sample is labelled with (``node``), in a cluster.
+        self.node = node
         #: The Prometheus registry of this server alone (not the global default
         #: one, so that several servers in one process never clash).
         self.collectors = CollectorRegistry()
@@ -197,7 +199,19 @@ class _Collector:
         self._metrics = metrics
 
     def collect(self) -> Iterator[Metric]:
-        return self._metrics.collect()
+        node = self._metrics.node
+        if node is None:
+            return self._metrics.collect()
+        return _labelled(self._metrics.collect(), node)
+
+
+def _labelled(families: Iterator[Metric], node: str) -> Iterator[Metric]:
+    """``families`` with a ``node`` label on every sample: one scrape per node of a cluster."""
+    for family in families:
+        family.samples = [
+            sample._replace(labels={**sample.labels, "node": node}) for sample in family.samples
+        ]
+        yield family
 
 
 def render(collectors: CollectorRegistry, accept: str = "") -> tuple[bytes, str]:

@@ -31,8 +31,9 @@ scripts touch keys they compute.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any, Final
 from urllib.parse import urlsplit, urlunsplit
 
@@ -42,7 +43,7 @@ from .._config import ServerConfig
 from .._exceptions import ConfigError, StoreUnavailableError
 from .._protocol.limits import RateLimit
 from .._settings import server_setting
-from ._store import Claim, Holdings, Lost, Member, Store
+from ._store import Claim, Holder, Member, Store
 from ._worker_id import node_id, worker_id
 
 __all__ = ["RedisStore", "check_store", "open_redis_store", "open_store", "redacted"]
@@ -209,6 +210,39 @@ return found
 )
 
 
+# ARGV: member, JSON, ttl.
+_PUBLISH_TUNNELS = """
+redis.call('SET', 'tunnel:tunnels:' .. ARGV[1], ARGV[2], 'PX', tonumber(ARGV[3]))
+return 1
+"""
+
+# ARGV: this member. Returns the tunnels the other live members published and
+# still serve (a tunnel let go of since its member's last renewal is left out).
+_TUNNELS = (
+    _NOW
+    + """
+local found = {}
+for _, member in ipairs(redis.call('ZRANGEBYSCORE', 'tunnel:members', now, '+inf')) do
+  if member ~= ARGV[1] then
+    local entry = redis.call('GET', 'tunnel:tunnels:' .. member)
+    if entry then
+      for _, tunnel in ipairs(cjson.decode(entry)) do
+        local until_ = redis.call('ZSCORE', 'tunnel:nodes:' .. tunnel['host'], member)
+        if until_ and tonumber(until_) > now then
+          table.insert(found, cjson.encode(tunnel))
+        end
+      end
+    end
+  end
+end
+return found
+"""
+)
+
+#: The pub/sub channel of the admin API's disconnect requests.
+_DISCONNECTS: Final = "tunnel:disconnect"
+
+
 def redacted(url: str) -> str:
     """``url`` without its password, for messages and logs."""
     parts = urlsplit(url)
@@ -261,6 +295,8 @@ class RedisStore(Store):
                 "holders": _HOLDERS,
                 "take": _TAKE,
                 "nodes": _NODES,
+                "publish_tunnels": _PUBLISH_TUNNELS,
+                "tunnels": _TUNNELS,
             }.items()
         }
         self._releases_in, self._releases = trio.open_memory_channel[str](MAX_PENDING_RELEASES)
@@ -329,8 +365,16 @@ class RedisStore(Store):
     def node_count(self) -> int:
         return self._nodes
 
-    async def renew(self, holdings: dict[str, bytes]) -> list[str]:
-        """Renew this process's entries; return the keys given to another identity."""
+    async def renew(
+        self, holdings: dict[str, bytes], tunnels: list[dict[str, Any]] | None = None
+    ) -> list[str]:
+        """Renew this process's entries; return the keys given to another identity.
+
+        ``tunnels`` (as the admin API lists them) are published for the other
+        nodes' admin APIs, until the next renewal.
+        """
+        if tunnels is not None:
+            await self._call("publish_tunnels", self.member, json.dumps(tunnels), self.ttl_ms)
         items = list(holdings.items())
         lost: list[str] = []
         for start in range(0, max(len(items), 1), RENEW_BATCH):
@@ -343,36 +387,75 @@ class RedisStore(Store):
                 "renew", self.member, self.node, self.address, self.ttl_ms, *pairs
             )
             lost.extend(_text(key) for key in answer)
-        self._nodes = max(1, len(await self._call("nodes")))
+        self._nodes = max(1, len(await self.nodes()))
         return lost
+
+    async def nodes(self) -> list[str]:
+        """The ids of the cluster's live nodes, this one's included once it renewed."""
+        return sorted(_text(node) for node in await self._call("nodes"))
+
+    async def tunnels(self) -> list[dict[str, Any]]:
+        return [json.loads(entry) for entry in await self._call("tunnels", self.member)]
+
+    async def disconnect_elsewhere(self, key: str, reason: str, reconnect: bool) -> None:
+        message = json.dumps(
+            {"key": key, "reason": reason, "reconnect": reconnect, "by": self.member}
+        )
+        try:
+            with trio.fail_after(CALL_TIMEOUT):
+                await self._client.publish(_DISCONNECTS, message)
+        except Exception as exc:
+            raise StoreUnavailableError(f"the cluster's store ({self.url}): {exc}") from None
 
     async def run(
         self,
-        holdings: Holdings,
-        holds: Callable[[str], bool],
-        lost: Lost,
+        holder: Holder,
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Renew this process's entries every half TTL and carry out releases."""
+        """Renew this process's entries every half TTL, and do what else the store asks.
+
+        That is: carry out releases, and the other nodes' disconnect requests.
+        """
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._carry_out_releases, holds)
+            nursery.start_soon(self._carry_out_releases, holder)
+            nursery.start_soon(self._take_disconnects, holder, nursery)
             task_status.started()
             interval = self.ttl_ms / 2000
             while True:
                 with contextlib.suppress(StoreUnavailableError):
-                    for key in await self.renew(holdings()):
+                    for key in await self.renew(holder.holdings(), holder.tunnels()):
                         logger.warning(
                             "tunnel server: %s was given to another identity while this node "
                             "could not reach the cluster's store; letting its agent go",
                             key,
                         )
-                        lost(key)
+                        holder.lost(key)
                 await trio.sleep(interval)
 
-    async def _carry_out_releases(self, holds: Callable[[str], bool]) -> None:
+    async def _take_disconnects(self, holder: Holder, nursery: trio.Nursery) -> None:
+        """Disconnect what another node's admin API asks to, for as long as this runs."""
+        while True:
+            try:
+                async with self._client.pubsub(channels=[_DISCONNECTS]) as messages:
+                    async for message in messages:
+                        if message.get("type") != "message":
+                            continue
+                        request = json.loads(_text(message["data"]))
+                        if request.get("by") != self.member and holder.holds(request["key"]):
+                            nursery.start_soon(
+                                holder.disconnect,
+                                request["key"],
+                                str(request.get("reason", "")),
+                                bool(request.get("reconnect")),
+                            )
+            except Exception as exc:  # Redis gone (the heartbeat reports it); subscribe again
+                logger.debug("tunnel server: disconnect channel: %s", exc)
+            await trio.sleep(self.ttl_ms / 2000)
+
+    async def _carry_out_releases(self, holder: Holder) -> None:
         async for key in self._releases:
-            if holds(key):
+            if holder.holds(key):
                 continue  # served again since (the agent back on a new connection)
             with contextlib.suppress(StoreUnavailableError):
                 await self._call("release", key, self.member)

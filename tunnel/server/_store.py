@@ -15,15 +15,15 @@ request on a host this process serves never waits for it.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import trio
 
 from .._protocol.limits import RateLimit
 from ._ledger import HostLedger
 
-__all__ = ["Claim", "LocalStore", "Member", "Store"]
+__all__ = ["Claim", "Holder", "LocalStore", "Member", "Store"]
 
 
 class Claim(enum.Enum):
@@ -50,11 +50,26 @@ class Member:
     address: str
 
 
-#: Called with the keys this process serves and their owners' digests.
-Holdings = Callable[[], dict[str, bytes]]
-#: Called with a key the store gave to another identity while this process
-#: could not reach it: the process must let go of it.
-Lost = Callable[[str], None]
+class Holder(Protocol):
+    """What a store's background task asks of the server process it serves."""
+
+    def holdings(self) -> dict[str, bytes]:
+        """Each key this process serves, with its owner's digest."""
+
+    def holds(self, key: str) -> bool:
+        """Whether this process serves ``key`` now."""
+
+    def lost(self, key: str) -> None:
+        """Let go of ``key``: the store gave it to another identity meanwhile.
+
+        That happens while this process could not reach the store.
+        """
+
+    def tunnels(self) -> list[dict[str, Any]]:
+        """This process's tunnels, as the admin API lists them."""
+
+    async def disconnect(self, key: str, reason: str, reconnect: bool) -> None:
+        """The admin API of another node disconnects ``key``: end its sessions here."""
 
 
 class Store:
@@ -116,11 +131,24 @@ class Store:
         """How many nodes the cluster has now, as last seen (1 on a server of its own)."""
         return 1
 
+    async def tunnels(self) -> list[dict[str, Any]]:
+        """The tunnels the other nodes serve, as they last published them.
+
+        Raises:
+            StoreUnavailableError: The store could not be asked.
+        """
+        return []
+
+    async def disconnect_elsewhere(self, key: str, reason: str, reconnect: bool) -> None:
+        """Ask the other nodes to disconnect ``key`` (the admin API's DELETE).
+
+        Raises:
+            StoreUnavailableError: The store could not be asked.
+        """
+
     async def run(
         self,
-        holdings: Holdings,
-        holds: Callable[[str], bool],
-        lost: Lost,
+        holder: Holder,
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
