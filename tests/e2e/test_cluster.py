@@ -434,3 +434,22 @@ async def test_a_nodes_metrics_carry_its_node_id(
     assert 'tunnel_agents_connected{node="one"} 1.0' in answer.text
     samples = [line for line in answer.text.splitlines() if line and not line.startswith("#")]
     assert all('node="one"' in line for line in samples), samples
+
+
+async def test_a_store_with_a_password(tmp_path, start_tunnel_server, local_service, open_agent):
+    redis = RedisServer(str(tmp_path), password="n0t-in-any-message")
+    await redis.start()
+    try:
+        with trio.fail_after(20):
+            node = await start_node(start_tunnel_server, redis, "one")
+            async with open_agent(node.port, local_service.port):
+                assert await owner(redis) == hashlib.sha256(TOKEN.encode()).hexdigest()
+            wrong = redis.url.replace("n0t-in-any-message", "wrong-password")
+            config = tunnel.ServerConfig(address="127.0.0.1:0", store=wrong, cluster_secret=SECRET)
+            with pytest.raises(tunnel.StoreUnavailableError) as raised:
+                await tunnel.serve(config)
+            message = str(raised.value)
+            assert f"redis://:***@127.0.0.1:{redis.port}/0" in message, message
+            assert "wrong-password" not in message
+    finally:
+        await redis.stop()
