@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 import socket
+import ssl
 import subprocess
 
 import trio
@@ -26,7 +27,10 @@ def _free_port() -> int:
 class RedisServer:
     """One ``redis-server`` process, stopped and started again on the same port."""
 
-    def __init__(self, directory: str, password: str | None = None) -> None:
+    def __init__(
+        self, directory: str, password: str | None = None, tls: tuple[str, str, str] | None = None
+    ) -> None:
+        """A server to start in ``directory``; ``tls``: (CA, certificate, key) PEM paths."""
         executable = shutil.which("redis-server")
         if executable is None:
             raise RuntimeError(
@@ -35,6 +39,7 @@ class RedisServer:
         self.executable = executable
         self.directory = directory
         self.password = password
+        self.tls = tls
         self.port = _free_port()
         self.process: trio.Process | None = None
 
@@ -42,14 +47,24 @@ class RedisServer:
     def url(self) -> str:
         """The URL to give ``ServerConfig.store``."""
         auth = f":{self.password}@" if self.password else ""
+        if self.tls is not None:
+            return f"rediss://{auth}127.0.0.1:{self.port}/0?ssl_ca_certs={self.tls[0]}"
         return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     async def start(self) -> None:
         """Start it (again) and wait until it answers PING."""
         assert self.process is None
+        if self.tls is None:
+            ports = ["--port", str(self.port)]
+        else:
+            ca, certificate, key = self.tls
+            ports = [
+                "--port", "0", "--tls-port", str(self.port), "--tls-auth-clients", "no",
+                "--tls-ca-cert-file", ca, "--tls-cert-file", certificate, "--tls-key-file", key,
+            ]  # fmt: skip
         arguments = [
             self.executable,
-            "--port", str(self.port),
+            *ports,
             "--bind", "127.0.0.1",
             "--dir", self.directory,
             "--save", "",
@@ -67,9 +82,16 @@ class RedisServer:
                 await trio.sleep(0.02)
 
     async def _answers(self) -> bool:
+        stream: trio.abc.Stream
         try:
-            stream = await trio.open_tcp_stream("127.0.0.1", self.port)
-        except OSError:
+            if self.tls is None:
+                stream = await trio.open_tcp_stream("127.0.0.1", self.port)
+            else:
+                context = ssl.create_default_context(cafile=self.tls[0])
+                stream = await trio.open_ssl_over_tcp_stream(
+                    "127.0.0.1", self.port, ssl_context=context
+                )
+        except (OSError, trio.BrokenResourceError):
             return False
         async with stream:
             auth = f"AUTH {self.password}\r\n".encode() if self.password else b""

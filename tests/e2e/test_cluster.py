@@ -22,6 +22,7 @@ import httpx
 import pytest
 import trio
 import trio_websocket
+import trustme
 from conftest import TOKEN, RunningServer, StartServer
 from redis_server import RedisServer
 
@@ -451,5 +452,23 @@ async def test_a_store_with_a_password(tmp_path, start_tunnel_server, local_serv
             message = str(raised.value)
             assert f"redis://:***@127.0.0.1:{redis.port}/0" in message, message
             assert "wrong-password" not in message
+    finally:
+        await redis.stop()
+
+
+async def test_a_store_over_tls(tmp_path, start_tunnel_server, local_service, open_agent):
+    ca = trustme.CA()
+    issued = ca.issue_cert("127.0.0.1")
+    paths = tmp_path / "ca.pem", tmp_path / "redis.pem", tmp_path / "redis.key"
+    ca.cert_pem.write_to_path(paths[0])
+    issued.cert_chain_pems[0].write_to_path(paths[1])
+    issued.private_key_pem.write_to_path(paths[2])
+    redis = RedisServer(str(tmp_path), tls=(str(paths[0]), str(paths[1]), str(paths[2])))
+    await redis.start()
+    try:
+        with trio.fail_after(20):
+            node = await start_node(start_tunnel_server, redis, "one")
+            async with open_agent(node.port, local_service.port):
+                assert await owner(redis) == hashlib.sha256(TOKEN.encode()).hexdigest()
     finally:
         await redis.stop()
