@@ -173,9 +173,5 @@ def visitor() -> Callable[..., httpx.AsyncClient]:
 @pytest.fixture
 async def redis_server(tmp_path: Any) -> Any:
     """A running ``redis-server`` on a free port; ``.url``, ``.stop()``, ``.start()``."""
-    server = RedisServer(str(tmp_path))
-    await server.start()
-    try:
+    async with RedisServer(str(tmp_path)).running() as server:
         yield server
-    finally:
-        await server.stop()

@@ -7,10 +7,12 @@ Redis that lost its data would.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import socket
 import ssl
 import subprocess
+from collections.abc import AsyncIterator
 
 import trio
 
@@ -104,6 +106,15 @@ class RedisServer:
                         break
                     reply += chunk
             return b"PONG" in reply
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[RedisServer]:
+        """Start it; stop it on the way out."""
+        await self.start()
+        try:
+            yield self
+        finally:
+            await self.stop()
 
     async def stop(self) -> None:
         """Stop it at once (SIGKILL: as a crash or a lost machine would)."""

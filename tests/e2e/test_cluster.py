@@ -438,22 +438,15 @@ async def test_a_nodes_metrics_carry_its_node_id(
 
 
 async def test_a_store_with_a_password(tmp_path, start_tunnel_server, local_service, open_agent):
-    redis = RedisServer(str(tmp_path), password="n0t-in-any-message")
-    await redis.start()
-    try:
-        with trio.fail_after(20):
-            node = await start_node(start_tunnel_server, redis, "one")
-            async with open_agent(node.port, local_service.port):
-                assert await owner(redis) == hashlib.sha256(TOKEN.encode()).hexdigest()
-            wrong = redis.url.replace("n0t-in-any-message", "wrong-password")
-            config = tunnel.ServerConfig(address="127.0.0.1:0", store=wrong, cluster_secret=SECRET)
-            with pytest.raises(tunnel.StoreUnavailableError) as raised:
-                await tunnel.serve(config)
-            message = str(raised.value)
-            assert f"redis://:***@127.0.0.1:{redis.port}/0" in message, message
-            assert "wrong-password" not in message
-    finally:
-        await redis.stop()
+    async with RedisServer(str(tmp_path), password="n0t-in-any-message").running() as redis:
+        await _serve_one_tunnel(start_tunnel_server, redis, local_service, open_agent)
+        wrong = redis.url.replace("n0t-in-any-message", "wrong-password")
+        config = tunnel.ServerConfig(address="127.0.0.1:0", store=wrong, cluster_secret=SECRET)
+        with trio.fail_after(10), pytest.raises(tunnel.StoreUnavailableError) as raised:
+            await tunnel.serve(config)
+    message = str(raised.value)
+    assert f"redis://:***@127.0.0.1:{redis.port}/0" in message, message
+    assert "wrong-password" not in message
 
 
 async def test_a_store_over_tls(tmp_path, start_tunnel_server, local_service, open_agent):
@@ -463,12 +456,16 @@ async def test_a_store_over_tls(tmp_path, start_tunnel_server, local_service, op
     ca.cert_pem.write_to_path(paths[0])
     issued.cert_chain_pems[0].write_to_path(paths[1])
     issued.private_key_pem.write_to_path(paths[2])
-    redis = RedisServer(str(tmp_path), tls=(str(paths[0]), str(paths[1]), str(paths[2])))
-    await redis.start()
-    try:
-        with trio.fail_after(20):
-            node = await start_node(start_tunnel_server, redis, "one")
-            async with open_agent(node.port, local_service.port):
-                assert await owner(redis) == hashlib.sha256(TOKEN.encode()).hexdigest()
-    finally:
-        await redis.stop()
+    tls = (str(paths[0]), str(paths[1]), str(paths[2]))
+    async with RedisServer(str(tmp_path), tls=tls).running() as redis:
+        await _serve_one_tunnel(start_tunnel_server, redis, local_service, open_agent)
+
+
+async def _serve_one_tunnel(
+    start_tunnel_server: StartServer, redis: RedisServer, local_service: Any, open_agent: Any
+) -> None:
+    """A node on ``redis`` takes a tunnel, and the store records its owner."""
+    with trio.fail_after(20):
+        node = await start_node(start_tunnel_server, redis, "one")
+        async with open_agent(node.port, local_service.port):
+            assert await owner(redis) == hashlib.sha256(TOKEN.encode()).hexdigest()
