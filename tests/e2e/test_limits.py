@@ -253,3 +253,29 @@ async def test_headers_must_be_complete_within_the_header_timeout(start_tunnel_s
             await slow.read_until_closed()
             closed_after = trio.current_time() - started
     assert closed_after < 2.0
+
+
+async def test_a_keep_alive_connection_is_closed_once_idle_for_the_header_timeout_only(
+    start_tunnel_server, local_service, open_agent
+) -> None:
+    """Busy for three header timeouts: kept. Idle after its response: closed after one."""
+    server = await start_tunnel_server(header_timeout=0.5)
+    with trio.fail_after(20):
+        async with (
+            open_agent(server.port, local_service.port),
+            RawVisitor.connect(server.port) as visitor,
+        ):
+            await visitor.send(b"GET /hold HTTP/1.1\r\nHost: app.localhost\r\n\r\n")
+            await eventually(lambda: local_service.holding == 1)
+            await trio.sleep(1.5)
+            local_service.release_hold.set()
+            status, _, _ = await visitor.read_response()
+            assert status == 200
+            # A second request on the same connection, then idle.
+            await visitor.send(b"GET /again HTTP/1.1\r\nHost: app.localhost\r\n\r\n")
+            status, _, _ = await visitor.read_response()
+            assert status == 200
+            answered = trio.current_time()
+            assert await visitor.read_until_closed() == b""
+            idle = trio.current_time() - answered
+    assert 0.4 <= idle < 1.5, idle

@@ -58,6 +58,8 @@ release and passes with it.
 from __future__ import annotations
 
 import logging
+import math
+from typing import Any, cast
 
 import hypercorn.trio.run
 import trio
@@ -73,6 +75,25 @@ logger = logging.getLogger("tunnel.server")
 
 class _GuardedTCPServer(TCPServer):
     """Hypercorn's per-connection server, in which a send racing ``send_eof`` is a close."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.idle_task = _IdleTimer(self)  # type: ignore[assignment]  # its two methods
+
+    async def _read_data(self) -> None:
+        try:
+            await super()._read_data()
+        finally:
+            # The connection's task group waits for the timer's task: it must
+            # end once nothing more is read (Hypercorn's idle task, cancelled
+            # while a request is served, did not run then).
+            cast("_IdleTimer", self.idle_task).end()
+
+    async def _close(self) -> None:
+        try:
+            await super()._close()
+        finally:
+            cast("_IdleTimer", self.idle_task).end()
 
     async def run(self) -> None:
         try:
@@ -125,6 +146,71 @@ class _GuardedTCPServer(TCPServer):
             await self.protocol.handle(Closed())
         finally:
             lock.release()
+
+
+class _IdleTimer:
+    """The idle timeout of one connection, in place of Hypercorn's ``TrioSingleTask``.
+
+    Hypercorn takes a lock and starts a new task each time a connection turns
+    idle (after every response), and takes the lock again and cancels that
+    task when it turns busy (every request): at one request at a time, three
+    to five trips through trio's scheduler per request, for a timer. Here one
+    task per connection waits for a deadline that the connection moves without
+    a yield. What it does is Hypercorn's: an idle connection is closed after
+    ``keep_alive_timeout``, or at once when the server is stopping; a busy one
+    when its response is done. Unlike Hypercorn's, it also ends as soon as the
+    connection is closed, instead of lingering until the timeout.
+    """
+
+    def __init__(self, server: _GuardedTCPServer) -> None:
+        self._server = server
+        # When the connection is closed for idling; infinite while it is busy.
+        self._deadline = math.inf
+        self._waiting: trio.CancelScope | None = None
+        self._life = trio.CancelScope()
+        self._started = False
+        self._turned_idle: trio.Event | None = None
+
+    async def restart(self, task_group: Any, action: Any) -> None:
+        """The connection turned idle (Hypercorn's call, with its own timeout ``action``)."""
+        self._move(trio.current_time() + self._server.config.keep_alive_timeout)
+        if self._turned_idle is not None:
+            self._turned_idle.set()
+        if not self._started:
+            self._started = True
+            task_group._nursery.start_soon(self._watch)
+
+    async def stop(self) -> None:
+        """The connection turned busy."""
+        self._move(math.inf)
+
+    def end(self) -> None:
+        """The connection is closed: nothing is left to time."""
+        self._life.cancel()
+
+    def _move(self, deadline: float) -> None:
+        self._deadline = deadline
+        if self._waiting is not None:
+            self._waiting.deadline = deadline
+
+    async def _watch(self) -> None:
+        terminated = self._server.context.terminated
+        with self._life:
+            while True:
+                with trio.CancelScope(deadline=self._deadline) as waiting:
+                    self._waiting = waiting
+                    await terminated.wait()
+                self._waiting = None
+                if not waiting.cancelled_caught:
+                    break  # the server is stopping
+                if trio.current_time() >= self._deadline:
+                    break  # idle for keep_alive_timeout (else the deadline moved: wait on)
+            while self._deadline == math.inf:
+                # Busy: its response first, as Hypercorn would.
+                self._turned_idle = trio.Event()
+                await self._turned_idle.wait()
+            with trio.CancelScope(shield=True):
+                await self._server._initiate_server_close()
 
 
 def install_hypercorn_guard() -> None:
