@@ -269,7 +269,19 @@ def _parser() -> argparse.ArgumentParser:
 def _agent_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("port", type=int, nargs="?", help="the local service's port")
     parser.add_argument("--config", help="TOML file of settings (flags win over it)")
-    parser.add_argument("--server", help="the tunnel server, host:port or a URL")
+    parser.add_argument(
+        "--server",
+        action="append",
+        metavar="ADDRESS",
+        help="the tunnel server, host:port or a URL; repeat for the nodes of a cluster",
+    )
+    parser.add_argument(
+        "--ha-connections",
+        type=_count,
+        metavar="N",
+        help="keep connections to N distinct nodes of a cluster (default 2; a server on "
+        "its own is one node)",
+    )
     parser.add_argument("--token", help="this agent's token")
     parser.add_argument("--key", help="OpenSSH Ed25519 private key to authenticate with")
     parser.add_argument("--local-host", help="where the service listens (default 127.0.0.1)")
@@ -314,6 +326,12 @@ def _port_range(text: str) -> range:
     return ports
 
 
+def _count(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"give a whole number of 1 or more, not '{text}'")
+    return int(text)
+
+
 def _rate(text: str) -> float:
     try:
         value = float(text)
@@ -340,6 +358,13 @@ def _first_line(path: str, flag: str) -> str:
     if not line:
         raise ConfigError(f"{flag} {path!r}: the file is empty")
     return line
+
+
+def _addresses(given: list[str] | None) -> str | tuple[str, ...] | None:
+    """``--server`` once is one address, as in a config file; repeated, several."""
+    if not given:
+        return None
+    return given[0] if len(given) == 1 else tuple(given)
 
 
 async def _hash_token(args: argparse.Namespace) -> int:
@@ -401,7 +426,8 @@ async def _run_agent(args: argparse.Namespace) -> int:
     recorder = None if tcp else Recorder()
     config = load_client_config(
         args.config,
-        address=args.server,
+        address=_addresses(args.server),
+        ha_connections=args.ha_connections,
         token=args.token,
         key_file=args.key,
         port=args.port,

@@ -13,6 +13,7 @@ import trio
 import trio_websocket
 
 from .._config import ClientConfig
+from .._config.values import ServerAddress
 from .._exceptions import (
     ServerUnreachableError,
     TunnelError,
@@ -33,14 +34,18 @@ __all__ = [
 
 
 class DuplicateWorker(Exception):
-    """The connection reached a server worker another connection holds already."""
+    """The connection reached a server worker or node another connection holds already.
+
+    Or, looking for another worker of one node, it reached another node.
+    """
 
 
 async def open_server_stream(
-    config: ClientConfig,
+    config: ClientConfig, server: ServerAddress | None = None
 ) -> trio.SocketStream | trio.SSLStream[trio.SocketStream]:
-    """A byte stream to the server, TLS handshake done; errors in tunnel's words."""
-    server = config.server
+    """A byte stream to ``server`` (default: the first), TLS done; errors in tunnel's words."""
+    if server is None:
+        server = config.server
     try:
         with trio.fail_after(config.connect_timeout):
             if server.scheme == "ws":
@@ -60,18 +65,25 @@ async def open_server_stream(
                 raise
             return stream
     except Exception as exc:
-        raise translate_error(exc, config) from None
+        raise translate_error(exc, config, server=server) from None
 
 
 def translate_error(
-    exc: BaseException, config: ClientConfig, *, probing: bool = False
+    exc: BaseException,
+    config: ClientConfig,
+    *,
+    server: ServerAddress | None = None,
+    probing: bool = False,
 ) -> BaseException:
     """The error to raise for ``exc``: ours for the network's, others unchanged.
 
-    ``probing``: the handshake named server workers this agent holds, so a refusal
-    with ``DUPLICATE_STATUS`` means "one of those" (:class:`DuplicateWorker`).
+    ``server``: the address dialled (default: the first). ``probing``: the
+    handshake named server workers or nodes this agent holds (or the one node
+    it wants), so a refusal with ``DUPLICATE_STATUS`` means "not this one"
+    (:class:`DuplicateWorker`).
     """
-    server = config.server
+    if server is None:
+        server = config.server
     where = f"{server.host}:{server.port}"
     if isinstance(exc, TunnelError | DuplicateWorker):
         return exc

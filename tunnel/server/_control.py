@@ -20,6 +20,7 @@ from .._exceptions import ConfigError
 from .._protocol.handshake import (
     AGENT_ID_HEADER,
     DUPLICATE_STATUS,
+    HAVE_NODES_HEADER,
     HAVE_WORKERS_HEADER,
     HOST_HEADER,
     KEY_HEADER,
@@ -32,6 +33,7 @@ from .._protocol.handshake import (
     SUBPROTOCOL,
     SUBPROTOCOL_PREFIX,
     TCP_PORT_HEADER,
+    WANT_NODE_HEADER,
     WORKER_HEADER,
     WORKERS_HEADER,
     bearer_token,
@@ -108,7 +110,7 @@ async def serve_agent(
         (WORKER_HEADER.encode(), worker_id().encode()),
         (WORKERS_HEADER.encode(), str(config.workers).encode()),
         (NODE_HEADER.encode(), node_id(config).encode()),
-        (NODES_HEADER.encode(), b"1"),
+        (NODES_HEADER.encode(), str(registry.nodes()).encode()),
     ]
     if port is not None:
         accept_headers.append((TCP_PORT_HEADER.encode(), str(port).encode()))
@@ -226,6 +228,8 @@ _NAMES = {
         HOST_HEADER,
         AGENT_ID_HEADER,
         HAVE_WORKERS_HEADER,
+        HAVE_NODES_HEADER,
+        WANT_NODE_HEADER,
         POOL_HEADER,
         TCP_PORT_HEADER,
         KEY_HEADER,
@@ -248,6 +252,36 @@ def _name(name: str) -> str:
 
 def _value(value: str) -> str:
     return _VALUES.get(value, value)
+
+
+def _refuse_duplicate(config: ServerConfig, values: dict[str, str]) -> None:
+    """Refuse, before anything costs a thing, a connection the agent does not want here.
+
+    A worker or node it holds already, or a node other than the one it asked
+    for: it tries again, to land elsewhere (see ``tunnel._protocol.handshake``).
+    """
+    held = values.get(HAVE_WORKERS_HEADER, "")
+    if held and worker_id() in {part.strip() for part in held.split(",")}:
+        raise Denied(
+            DUPLICATE_STATUS,
+            "this agent is connected to this server worker already; "
+            "it tries again to reach the others",
+        )
+    if HAVE_NODES_HEADER not in values and WANT_NODE_HEADER not in values:
+        return
+    node = node_id(config)
+    held = values.get(HAVE_NODES_HEADER, "")
+    if held and node in {part.strip() for part in held.split(",")}:
+        raise Denied(
+            DUPLICATE_STATUS,
+            f"this agent is connected to node {node} already; it tries again to reach another",
+        )
+    wanted = values.get(WANT_NODE_HEADER, "").strip()
+    if wanted and wanted != node:
+        raise Denied(
+            DUPLICATE_STATUS,
+            f"this connection is meant for node {wanted}, not {node}; the agent tries again",
+        )
 
 
 async def _check(
@@ -278,13 +312,7 @@ async def _check(
             f"this server runs {config.workers} worker processes and needs an agent that "
             "connects to each: upgrade the agent (pip install --upgrade trio-tunnel)",
         )
-    held = values.get(HAVE_WORKERS_HEADER, "")
-    if held and worker_id() in {part.strip() for part in held.split(",")}:
-        raise Denied(
-            DUPLICATE_STATUS,
-            "this agent is connected to this server worker already; "
-            "it tries again to reach the others",
-        )
+    _refuse_duplicate(config, values)
 
     tcp_port: int | None = None
     if TCP_PORT_HEADER in values:

@@ -138,6 +138,18 @@ class Registry:
         #: Called with a key when its last session is released (the server
         #: drops what it kept for that tunnel, such as its rate limits).
         self.on_released: Callable[[str], None] | None = None
+        #: How many nodes the cluster has now, told to every agent in its
+        #: handshake (agents keep connections to that many distinct nodes, up
+        #: to their ``ha_connections``). A server on its own is one node; a
+        #: cluster store replaces this with its live count. Called once per
+        #: accepted agent connection, so it must not block: return what the
+        #: store last saw.
+        self.node_count: Callable[[], int] = _one_node
+
+    def nodes(self) -> int:
+        """The cluster's node count for a handshake: :attr:`node_count`, at least 1."""
+        count = self.node_count()
+        return count if isinstance(count, int) and count > 1 else 1
 
     def begin_shutdown(self) -> None:
         """Set :attr:`shutting_down` and cancel every :meth:`cancelled_on_shutdown` scope."""
@@ -313,3 +325,7 @@ class Registry:
             for host in sorted(self._sessions)
             for session in self._sessions[host]
         ]
+
+
+def _one_node() -> int:
+    return 1
