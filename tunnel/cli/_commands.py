@@ -19,6 +19,7 @@ from typing import NoReturn
 import trio
 
 from .. import __version__
+from .._config import ClientConfig
 from .._configfile import load_client_config, load_server_config, parse_port_range
 from .._exceptions import ConfigError, RejectedError, TunnelError, UntrustedCertificateError
 from .._malloc import keep_freed_buffers
@@ -419,11 +420,13 @@ async def _terminated() -> None:
             return
 
 
-async def _run_agent(args: argparse.Namespace) -> int:
-    send, receive = trio.open_memory_channel[ClientState](16)
+def _agent_config(
+    args: argparse.Namespace,
+    state: trio.MemorySendChannel[ClientState] | None = None,
+    recorder: Recorder | None = None,
+) -> ClientConfig:
+    """The agent's settings from ``tunnel http`` / ``tunnel tcp`` arguments (and --config)."""
     tcp = args.command == "tcp"
-    # Requests feed the panel (and the inspector); TCP tunnels carry none.
-    recorder = None if tcp else Recorder()
     config = load_client_config(
         args.config,
         address=_addresses(args.server),
@@ -439,7 +442,7 @@ async def _run_agent(args: argparse.Namespace) -> int:
         basic_auth=args.basic_auth,
         allow_ips=args.allow_ips,
         deny_ips=args.deny_ips,
-        state=send,
+        state=state,
         tcp=tcp or None,
         remote_port=args.remote_port if tcp else None,
         inspector=None if tcp else args.inspector,
@@ -454,6 +457,15 @@ async def _run_agent(args: argparse.Namespace) -> int:
         config = dataclasses.replace(config, inspector=None)
     elif config.inspector is None:
         config = dataclasses.replace(config, inspector=DEFAULT_INSPECTOR)
+    return config
+
+
+async def _run_agent(args: argparse.Namespace) -> int:
+    send, receive = trio.open_memory_channel[ClientState](16)
+    tcp = args.command == "tcp"
+    # Requests feed the panel (and the inspector); TCP tunnels carry none.
+    recorder = None if tcp else Recorder()
+    config = _agent_config(args, send, recorder)
     client = Client(config)
     tls = config.local_tls or config.local_protocol == "h2"
     scheme = "tcp" if tcp else "https" if tls else "http"

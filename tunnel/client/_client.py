@@ -510,7 +510,12 @@ class Client:
         # the node it wants) is this server saying "not here"; a 421
         # otherwise comes from something else (a proxy's Misdirected
         # Request) and is reported.
-        held = [worker for other, worker in self._workers.items() if other != slot]
+        # Workers of this group's node only: the node it wants (or, searching
+        # for a new node, the nodes held) says the rest, and a worker id is
+        # only ever compared within its node.
+        held = [
+            worker for other, worker in self._workers.items() if other != slot and other[0] == group
+        ]
         want = self._group_node(group)
         if want is None:
             # Looking for a node no other group holds: the next address in
@@ -631,7 +636,9 @@ class Client:
         # for a server that could not tell (say, behind a proxy that dropped
         # our headers). Closing before HTTP/2 starts means the server never
         # hands this connection a request.
-        if worker and worker in self._workers.values():
+        if worker and any(
+            held == worker and other[0] == group for other, held in self._workers.items()
+        ):
             raise DuplicateWorker(worker)
         if node and (node != mine if mine is not None else node in others):
             raise DuplicateWorker(node)

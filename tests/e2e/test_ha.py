@@ -1,0 +1,425 @@
+"""Agents with HA connections: one connection to each of several nodes of a cluster.
+
+Each node here is a real :class:`tunnel.TunnelApp` under real Hypercorn, with
+its own ``node_id`` and its node count (``Registry.node_count``) set to what a
+cluster store would say. The nodes share nothing: an agent connected to both
+serves the visitors of each, and one that is not connected to a node leaves
+that node's visitors without an answer, so every test can see which nodes the
+agent holds by asking the nodes' visitors.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import subprocess
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import hypercorn.trio
+import pytest
+import trio
+import trio.testing
+from faultproxy import FaultProxy
+
+import tunnel
+from helpers import eventually
+from tunnel.cli._commands import _agent_config, _parser
+from tunnel.client._client import NODE_PROBES_IN_A_ROW
+from tunnel.server import hypercorn_config
+
+TOKEN = "s3cret"
+CONNECTED = tunnel.ClientState.CONNECTED
+
+
+class Node:
+    """One server of a would-be cluster, which a test can stop and start again on its port."""
+
+    def __init__(self, nursery: trio.Nursery, node_id: str, nodes: int = 2) -> None:
+        self.nursery = nursery
+        self.node_id = node_id
+        #: What this node tells agents about the cluster's size.
+        self.nodes = nodes
+        self.port = 0
+        self.app: tunnel.TunnelApp | None = None
+        self._scope: trio.CancelScope | None = None
+        self._stopped = trio.Event()
+
+    async def start(self) -> Node:
+        """Serve (again, on the same port once it has one)."""
+        config = tunnel.ServerConfig(
+            address=f"127.0.0.1:{self.port}",
+            tokens=frozenset({TOKEN}),
+            node_id=self.node_id,
+            grace_period=0.5,
+        )
+        app = tunnel.TunnelApp(config)
+        app.registry.node_count = lambda: self.nodes
+        self.app = app
+        self._stopped = trio.Event()
+        urls: list[str] = await self.nursery.start(self._serve, app, hypercorn_config(config))
+        self.port = int(urls[0].rsplit(":", 1)[1])
+        return self
+
+    async def _serve(
+        self, app: tunnel.TunnelApp, hc: Any, *, task_status: trio.TaskStatus[list[str]]
+    ) -> None:
+        try:
+            with trio.CancelScope() as self._scope:
+                await hypercorn.trio.serve(app, hc, task_status=task_status)  # type: ignore[arg-type]
+        finally:
+            self._stopped.set()
+
+    async def stop(self) -> None:
+        """Stop at once, as a crashed node would: every connection to it ends."""
+        assert self._scope is not None
+        self._scope.cancel()
+        await self._stopped.wait()
+
+    @property
+    def sessions(self) -> int:
+        """Agent connections this node holds now."""
+        assert self.app is not None
+        return len(self.app.registry.sessions())
+
+    @property
+    def refused_as_duplicate(self) -> int:
+        """Handshakes this node refused as "not here" (421)."""
+        assert self.app is not None
+        return self.app._metrics.handshakes_refused.get(421, 0)
+
+    def visitor(self) -> httpx.AsyncClient:
+        return httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{self.port}",
+            headers={"host": "app.localhost"},
+            trust_env=False,
+            timeout=10,
+        )
+
+
+class RoundRobin:
+    """A load balancer in front of several servers: each new TCP connection goes to the next.
+
+    ``run_length`` connections in a row go to one server before the next one
+    gets its turn, as a balancer by connection count might send them.
+    """
+
+    def __init__(self, ports: list[int], run_length: int = 1) -> None:
+        self._targets: Iterator[int] = itertools.cycle(
+            [port for port in ports for _ in range(run_length)]
+        )
+        self.port = 0
+        self.sent: list[int] = []
+
+    async def run(self, *, task_status: trio.TaskStatus[RoundRobin]) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.port = listeners[0].socket.getsockname()[1]
+        async with trio.open_nursery() as nursery:
+            await nursery.start(trio.serve_listeners, self._handle, listeners)
+            task_status.started(self)
+
+    async def _handle(self, client: trio.SocketStream) -> None:
+        target = next(self._targets)
+        self.sent.append(target)
+        async with client:
+            try:
+                server = await trio.open_tcp_stream("127.0.0.1", target)
+            except OSError:
+                return
+            async with server, trio.open_nursery() as nursery:
+
+                async def pipe(source: trio.SocketStream, sink: trio.SocketStream) -> None:
+                    try:
+                        while data := await source.receive_some(65536):
+                            await sink.send_all(data)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        pass
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(pipe, client, server)
+                nursery.start_soon(pipe, server, client)
+
+
+@pytest.fixture
+async def two_nodes(nursery: trio.Nursery) -> tuple[Node, Node]:
+    return await Node(nursery, "node-a").start(), await Node(nursery, "node-b").start()
+
+
+def agent(addresses: list[int] | int, local_port: int, **overrides: Any) -> tunnel.ClientConfig:
+    ports = addresses if isinstance(addresses, list) else [addresses]
+    settings: dict[str, Any] = {
+        "address": [f"127.0.0.1:{port}" for port in ports],
+        "token": TOKEN,
+        "port": local_port,
+        "host": "app.localhost",
+        "backoff_initial": 0.05,
+        "backoff_max": 0.2,
+        "connect_timeout": 5,
+    }
+    settings.update(overrides)
+    return tunnel.ClientConfig(**settings)
+
+
+async def served(node: Node, path: str) -> tuple[int, str | None]:
+    """A visitor of ``node`` asks for ``path``: the status, and which local service answered."""
+    async with node.visitor() as http:
+        response = await http.get(path)
+    service = response.json()["service"] if response.status_code == 200 else None
+    return response.status_code, service
+
+
+async def test_an_agent_given_two_nodes_holds_one_connection_to_each(
+    two_nodes, start_local_service
+):
+    a, b = two_nodes
+    local = await start_local_service("ha")
+    with trio.fail_after(15):
+        async with tunnel.open_tunnel(agent([a.port, b.port], local.port)) as client:
+            # open_tunnel returns once every connection it wants is up.
+            assert client.server_connections == 2
+            assert client.server_nodes == ["node-a", "node-b"]
+            assert (a.sessions, b.sessions) == (1, 1)
+            # One public URL, from the first address; the same host on both.
+            assert client.url == f"http://app.localhost:{a.port}"
+            assert await served(a, "/on-a") == (200, "ha")
+            assert await served(b, "/on-b") == (200, "ha")
+            assert ("GET", "/on-a") in local.requests
+            assert ("GET", "/on-b") in local.requests
+            # Two nodes wanted and held: nobody dials a third time.
+            await trio.sleep(0.3)
+            assert (a.refused_as_duplicate, b.refused_as_duplicate) == (0, 0)
+            assert (a.sessions, b.sessions) == (1, 1)
+
+
+@pytest.mark.parametrize("lost", ["node-a", "node-b"])
+async def test_a_stopped_node_costs_only_its_own_visitors_and_is_rejoined(
+    lost, two_nodes, start_local_service
+):
+    # node-a holds the agent's first connection, whose loop runs the agent's
+    # state: losing either node must leave the agent CONNECTED.
+    a, b = two_nodes
+    gone, kept = (a, b) if lost == "node-a" else (b, a)
+    local = await start_local_service("ha")
+    states_in, states = trio.open_memory_channel[tunnel.ClientState](64)
+    with trio.fail_after(30):
+        async with (
+            tunnel.open_tunnel(agent([a.port, b.port], local.port, state=states_in)) as client,
+            kept.visitor() as http,
+        ):
+            assert client.server_connections == 2
+            assert [states.receive_nowait(), states.receive_nowait()] == [
+                tunnel.ClientState.CONNECTING,
+                CONNECTED,
+            ]
+            async with trio.open_nursery() as visits:
+                statuses: list[int] = []
+
+                async def visit_kept_node_all_along() -> None:
+                    for i in range(40):
+                        statuses.append((await http.get(f"/during/{i}")).status_code)
+                        await trio.sleep(0.02)
+
+                visits.start_soon(visit_kept_node_all_along)
+                await trio.sleep(0.1)
+                await gone.stop()
+                await eventually(lambda: client.server_connections == 1)
+                assert client.server_nodes == [kept.node_id]
+                assert client.state is CONNECTED
+            assert statuses == [200] * 40
+            # Back on the same port: the agent finds it within its backoff.
+            await gone.start()
+            await eventually(lambda: client.server_connections == 2)
+            assert client.server_nodes == ["node-a", "node-b"]
+            assert await served(gone, "/back") == (200, "ha")
+            # Never anything but CONNECTED since the start.
+            with pytest.raises(trio.WouldBlock):
+                states.receive_nowait()
+
+
+async def test_a_cut_connection_is_replaced_and_the_other_node_serves_meanwhile(
+    two_nodes, start_local_service, nursery
+):
+    a, b = two_nodes
+    local = await start_local_service("ha")
+    proxy: FaultProxy = await nursery.start(FaultProxy(b.port).run)
+    with trio.fail_after(30):
+        async with (
+            tunnel.open_tunnel(agent([a.port, proxy.port], local.port)) as client,
+            a.visitor() as http,
+        ):
+            assert client.server_nodes == ["node-a", "node-b"]
+            async with trio.open_nursery() as visits:
+                held: list[int] = []
+
+                async def hold() -> None:
+                    held.append((await http.get("/hold")).status_code)
+
+                visits.start_soon(hold)
+                await eventually(lambda: local.holding == 1)
+                # The network between the agent and node-b fails, and stays
+                # down: node-b's connection is reset, new ones too.
+                proxy.refuse()
+                proxy.cut()
+                await eventually(lambda: client.server_nodes == ["node-a"])
+                assert client.state is CONNECTED
+                # The request in flight on node-a is untouched; new ones flow.
+                assert (await http.get("/meanwhile")).status_code == 200
+                local.release_hold.set()
+            assert held == [200]
+            # The search for another node lands on node-a, which refuses it
+            # cheaply, and on the broken address, which refuses to connect.
+            await eventually(lambda: a.refused_as_duplicate >= 1)
+            assert a.sessions == 1
+            proxy.pass_through()
+            await eventually(lambda: client.server_nodes == ["node-a", "node-b"])
+            assert await served(b, "/again") == (200, "ha")
+
+
+async def test_through_one_load_balanced_address_the_agent_finds_two_nodes(
+    two_nodes, start_local_service, nursery
+):
+    a, b = two_nodes
+    local = await start_local_service("ha")
+    # Three connections in a row to each: the agent's second and third land
+    # on the node it holds already, and must be refused there, cheaply.
+    balancer: RoundRobin = await nursery.start(RoundRobin([a.port, b.port], run_length=3).run)
+    with trio.fail_after(20):
+        async with tunnel.open_tunnel(agent(balancer.port, local.port)) as client:
+            assert client.server_nodes == ["node-a", "node-b"]
+            assert client.server_connections == 2
+            assert balancer.sent == [a.port] * 3 + [b.port]
+            assert a.refused_as_duplicate == 2
+            assert (a.sessions, b.sessions) == (1, 1)
+            assert await served(a, "/a") == (200, "ha")
+            assert await served(b, "/b") == (200, "ha")
+
+
+async def test_a_search_for_a_node_that_is_not_there_is_bounded(
+    autojump_clock: trio.testing.MockClock,
+    nursery: trio.Nursery,
+    start_local_service: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The cluster says two nodes, but only one answers behind the address.
+    monkeypatch.setattr(random, "uniform", lambda low, high: high)
+    only = await Node(nursery, "node-a", nodes=2).start()
+    local = await start_local_service("ha")
+    config = agent(only.port, local.port, backoff_initial=0.5, backoff_max=30, connect_timeout=1)
+    with trio.fail_after(700):
+        async with tunnel.open_tunnel(config) as client:
+            assert client.server_connections == 1
+            await trio.sleep(300)
+            early = only.refused_as_duplicate
+            await trio.sleep(300)
+            late = only.refused_as_duplicate - early
+            assert client.server_nodes == ["node-a"]
+            assert client.state is CONNECTED
+    # Left to the short retry of a duplicate worker (1 s at most), the search
+    # would have been refused ~300 times in each 300 s. Bounded, it waits the
+    # reconnect backoff (30 s by now) after each NODE_PROBES_IN_A_ROW attempts.
+    assert early >= NODE_PROBES_IN_A_ROW
+    assert late <= 300 / 30 * NODE_PROBES_IN_A_ROW, late
+
+
+async def test_ha_connections_1_holds_one_node_and_fails_over(two_nodes, start_local_service):
+    a, b = two_nodes
+    local = await start_local_service("ha")
+    with trio.fail_after(20):
+        async with tunnel.open_tunnel(
+            agent([a.port, b.port], local.port, ha_connections=1)
+        ) as client:
+            await trio.sleep(0.3)
+            assert client.server_nodes == ["node-a"]
+            assert (a.sessions, b.sessions) == (1, 0)
+            assert await served(b, "/not-held") == (404, None)
+            await a.stop()
+            # Its one connection lost, the agent dials the next address.
+            await eventually(lambda: client.server_nodes == ["node-b"])
+            assert await served(b, "/failed-over") == (200, "ha")
+
+
+async def test_a_server_on_its_own_gets_one_connection_as_before(nursery, start_local_service):
+    server = await Node(nursery, "alone", nodes=1).start()
+    local = await start_local_service("one")
+    with trio.fail_after(10):
+        async with tunnel.open_tunnel(agent(server.port, local.port)) as client:
+            assert client.config.ha_connections == 2
+            await trio.sleep(0.3)
+            assert client.server_connections == 1
+            assert server.sessions == 1
+            # Nothing probed for a second node that the server said is not there.
+            assert server.refused_as_duplicate == 0
+            assert await served(server, "/one") == (200, "one")
+
+
+async def test_servers_that_are_not_one_cluster_are_failovers(nursery, start_local_service):
+    # Each says it is the only node: the agent holds the first it reaches.
+    a = await Node(nursery, "solo-a", nodes=1).start()
+    b = await Node(nursery, "solo-b", nodes=1).start()
+    local = await start_local_service("solo")
+    with trio.fail_after(20):
+        async with tunnel.open_tunnel(agent([a.port, b.port], local.port)) as client:
+            await trio.sleep(0.3)
+            assert client.server_nodes == ["solo-a"]
+            assert (a.sessions, b.sessions) == (1, 0)
+            await a.stop()
+            await eventually(lambda: client.server_nodes == ["solo-b"])
+            assert await served(b, "/solo") == (200, "solo")
+
+
+# -- the command line ------------------------------------------------------------
+
+
+def test_server_repeated_and_ha_connections_are_parsed() -> None:
+    servers = ["--server", "a.example:8000", "--server", "https://b.example"]
+    args = _parser().parse_args(
+        ["http", "8080", *servers, "--ha-connections", "3", "--token", "t", "--no-inspector"]
+    )
+    config = _agent_config(args)
+    assert config.addresses == ("a.example:8000", "https://b.example")
+    assert [(s.scheme, s.host, s.port) for s in config.servers] == [
+        ("ws", "a.example", 8000),
+        ("wss", "b.example", 443),
+    ]
+    assert config.ha_connections == 3
+    assert config.claimed_host == "a.example"
+    # Once, it is one address, as before; the default is two nodes.
+    single = _agent_config(
+        _parser().parse_args(["http", "8080", "--server", "a.example:8000", "--token", "t"])
+    )
+    assert single.address == "a.example:8000"
+    assert single.ha_connections == 2
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--ha-connections", "0"], "--ha-connections: give a whole number of 1 or more, not '0'"),
+        (["--ha-connections", "two"], "--ha-connections: give a whole number of 1 or more"),
+        (["--ha-connections", "17"], "--ha-connections 17: give how many nodes"),
+        (["--server", "x:1"], "--server names x:1 twice; give each server once"),
+        (["--server", "y"], "--server 'y' has no port"),
+    ],
+)
+def test_bad_ha_arguments_get_one_line_and_status_2(extra: list[str], message: str) -> None:
+    argv = ["http", "8080", "--server", "x:1", "--token", "t", *extra]
+    result = subprocess.run(
+        [sys.executable, "-m", "tunnel", *argv], capture_output=True, timeout=30, check=False
+    )
+    assert result.returncode == 2
+    err = result.stderr.decode()
+    assert err.count("\n") == 1, err
+    assert message in err, err
+    assert "Config" not in err, err
+
+
+def test_the_node_count_hook_defaults_to_one() -> None:
+    app = tunnel.TunnelApp(tunnel.ServerConfig(tokens=frozenset({TOKEN})))
+    assert app.registry.nodes() == 1
+    app.registry.node_count = lambda: 3
+    assert app.registry.nodes() == 3
+    # Nonsense from a store is not passed on to agents.
+    app.registry.node_count = lambda: 0
+    assert app.registry.nodes() == 1
