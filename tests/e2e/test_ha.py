@@ -323,6 +323,29 @@ async def test_a_search_for_a_node_that_is_not_there_is_bounded(
     assert late <= 300 / 30 * NODE_PROBES_IN_A_ROW, late
 
 
+async def test_a_cluster_that_shrank_is_not_searched_for_its_lost_node(
+    two_nodes, start_local_service
+):
+    a, b = two_nodes
+    local = await start_local_service("ha")
+    with trio.fail_after(20):
+        async with tunnel.open_tunnel(agent([a.port, b.port], local.port)) as client:
+            assert client.server_nodes == ["node-a", "node-b"]
+            # node-b leaves the cluster for good; node-a's store sees it gone.
+            a.nodes = 1
+            await b.stop()
+            await eventually(lambda: client.server_nodes == ["node-a"])
+            # The search for a second node lands on node-a, whose refusal
+            # says the cluster has one node now: the search ends there.
+            await eventually(lambda: a.refused_as_duplicate >= 1)
+            await eventually(lambda: client._running == {(0, 0)})
+            refused = a.refused_as_duplicate
+            await trio.sleep(1)
+            assert a.refused_as_duplicate == refused
+            assert client.state is CONNECTED
+            assert await served(a, "/still") == (200, "ha")
+
+
 async def test_ha_connections_1_holds_one_node_and_fails_over(two_nodes, start_local_service):
     a, b = two_nodes
     local = await start_local_service("ha")

@@ -195,10 +195,14 @@ class Client:
     def url(self) -> str:
         """The public URL of the tunnel, such as ``https://myapp.example.com``.
 
-        A TCP tunnel's is ``tcp://<server host>:<public port>``.
+        A TCP tunnel's is ``tcp://<server host>:<public port>``. With several
+        addresses, an HTTP tunnel's comes from the first (the nodes of one
+        cluster serve the same names); a TCP tunnel's from the one whose
+        server bound its port.
         """
         server = self.config.server
         if self.config.tcp:
+            server = self._servers[self._group_address.get(0, 0)]
             host = f"[{server.host}]" if ":" in server.host else server.host
             return f"tcp://{host}:{self._remote_port or 0}"
         scheme = "https" if server.scheme == "wss" else "http"
@@ -284,7 +288,10 @@ class Client:
         long as this runs.
 
         Args:
-            task_status: Receives the public URL once the first connection is up.
+            task_status: Receives the public URL once every connection the
+                agent wants is up (one per worker of each node it holds; see
+                ``config.ha_connections``), or ``connect_timeout`` after the
+                first one if some stay out of reach.
 
         Raises:
             RejectedError: The server refused the agent for a reason retrying
@@ -361,7 +368,13 @@ class Client:
                 self._update_state()
             try:
                 await self._connect_once(slot)
-            except DuplicateWorker:
+            except DuplicateWorker as refusal:
+                if refusal.nodes is not None:
+                    # The cluster's size now: if it shrank, this slot (or
+                    # others) may be wanted no more.
+                    self._node_count = max(1, refusal.nodes)
+                    if slot != PRIMARY and not self._wanted(slot):
+                        break
                 searching = self._searching.get(slot, False)
                 searches = searches + 1 if searching else 0
                 if searches >= NODE_PROBES_IN_A_ROW:
@@ -391,8 +404,8 @@ class Client:
                 if duplicates == DUPLICATE_WARN_AFTER:
                     logger.warning(
                         "agent for %s: %s%d attempts in a row reached server workers it holds "
-                        "already; still trying (is the server told of more worker processes "
-                        "than it runs?)",
+                        "already (or another node); still trying (is the server told of more "
+                        "worker processes than it runs?)",
                         self._host,
                         self._which(slot),
                         duplicates,
@@ -509,10 +522,10 @@ class Client:
         # they hold now). Only a refusal of a handshake that named some (or
         # the node it wants) is this server saying "not here"; a 421
         # otherwise comes from something else (a proxy's Misdirected
-        # Request) and is reported.
-        # Workers of this group's node only: the node it wants (or, searching
-        # for a new node, the nodes held) says the rest, and a worker id is
-        # only ever compared within its node.
+        # Request) and is reported. The workers named are those of this
+        # group's node only: the node it wants (or, searching for a new node,
+        # the nodes held) says the rest, and a worker id is only ever
+        # compared within its node.
         held = [
             worker for other, worker in self._workers.items() if other != slot and other[0] == group
         ]
@@ -711,7 +724,10 @@ class Client:
                 if len(self._links) == 1:
                     logger.info("tunnel up: %s → %s", self.url, self._pool.label)
                 else:
-                    logger.debug("%s: %sup", self.url, self._which(slot))
+                    node = self._nodes.get(slot)
+                    logger.debug(
+                        "%s: %sup%s", self.url, self._which(slot), f" (node {node})" if node else ""
+                    )
                 self._report_started()
         finally:
             self._links.pop(slot, None)

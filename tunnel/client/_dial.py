@@ -21,7 +21,7 @@ from .._exceptions import (
     is_permanent,
     rejection_for_status,
 )
-from .._protocol.handshake import DUPLICATE_STATUS
+from .._protocol.handshake import DUPLICATE_STATUS, NODES_HEADER
 from .._settings import client_setting
 
 __all__ = [
@@ -37,7 +37,12 @@ class DuplicateWorker(Exception):
     """The connection reached a server worker or node another connection holds already.
 
     Or, looking for another worker of one node, it reached another node.
+    ``nodes``: how many nodes the refusing server said its cluster has, if it did.
     """
+
+    def __init__(self, *args: object, nodes: int | None = None) -> None:
+        super().__init__(*args)
+        self.nodes = nodes
 
 
 async def open_server_stream(
@@ -91,7 +96,8 @@ def translate_error(
         exc = exc.__cause__
     if isinstance(exc, trio_websocket.ConnectionRejected):
         if exc.status_code == DUPLICATE_STATUS and probing:
-            return DuplicateWorker()
+            told = dict(exc.headers).get(NODES_HEADER.encode(), b"")
+            return DuplicateWorker(nodes=int(told) if told.isdigit() else None)
         reason = (exc.body or b"").decode("utf-8", "replace").strip() or "no reason given"
         if is_permanent(exc.status_code):
             return rejection_for_status(exc.status_code, reason)

@@ -102,7 +102,14 @@ async def serve_agent(
             status=exc.status,
             reason=exc.reason,
         )
-        await refuse_websocket(scope, send, exc.status, exc.reason)
+        # A refusal as "not here" tells the cluster's size too: an agent
+        # searching for a node that has left learns to stop searching.
+        extra = (
+            [(NODES_HEADER.encode(), str(registry.nodes()).encode())]
+            if exc.status == DUPLICATE_STATUS
+            else []
+        )
+        await refuse_websocket(scope, send, exc.status, exc.reason, extra)
         return
 
     accept_headers = [

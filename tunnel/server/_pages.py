@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from .._asgi import Scope, Send
 from .._protocol.pages import PAGE_HEADERS, error_page
 
@@ -27,8 +29,14 @@ async def send_error_page(
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
-async def refuse_websocket(scope: Scope, send: Send, status: int, reason: str) -> None:
-    """Refuse a visitor's WebSocket handshake with an HTTP status and a reason."""
+async def refuse_websocket(
+    scope: Scope,
+    send: Send,
+    status: int,
+    reason: str,
+    headers: Sequence[tuple[bytes, bytes]] = (),
+) -> None:
+    """Refuse a WebSocket handshake with an HTTP status, a reason and any ``headers``."""
     body = reason.encode("utf-8")
     if "websocket.http.response" in scope.get("extensions", {}):
         await send(
@@ -38,6 +46,7 @@ async def refuse_websocket(scope: Scope, send: Send, status: int, reason: str) -
                 "headers": [
                     (b"content-type", b"text/plain; charset=utf-8"),
                     (b"content-length", str(len(body)).encode()),
+                    *headers,
                 ],
             }
         )
