@@ -10,6 +10,7 @@ agent holds by asking the nodes' visitors.
 
 from __future__ import annotations
 
+import contextvars
 import itertools
 import random
 import subprocess
@@ -25,6 +26,7 @@ import trio.testing
 from faultproxy import FaultProxy
 
 import tunnel
+import tunnel.server._control
 from helpers import eventually
 from tunnel.cli._commands import _agent_config, _parser
 from tunnel.client._client import NODE_PROBES_IN_A_ROW
@@ -390,6 +392,87 @@ async def test_servers_that_are_not_one_cluster_are_failovers(nursery, start_loc
             await a.stop()
             await eventually(lambda: client.server_nodes == ["solo-b"])
             assert await served(b, "/solo") == (200, "solo")
+
+
+# -- nodes of several worker processes ---------------------------------------------
+
+#: The worker id an app in this test process answers with (see ``simulated_workers``).
+WORKER: contextvars.ContextVar[str] = contextvars.ContextVar("test_ha_worker")
+
+
+@pytest.fixture
+def simulated_workers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Let apps in this one process stand for worker processes, each with its own id.
+
+    A worker's id is its process's; here each app's serving tasks see the id
+    their node set for them (trio tasks inherit the context they are started in).
+    """
+    real = tunnel.server._control.worker_id
+    monkeypatch.setattr(tunnel.server._control, "worker_id", lambda: WORKER.get(real()))
+
+
+class WorkerNode:
+    """A node of ``workers`` worker apps (one node id) behind one address, as one machine."""
+
+    def __init__(self, nursery: trio.Nursery, node_id: str, workers: int, nodes: int) -> None:
+        self.nursery = nursery
+        self.node_id = node_id
+        self.apps: list[tunnel.TunnelApp] = []
+        self.workers = workers
+        self.nodes = nodes
+        self.port = 0
+
+    async def start(self) -> WorkerNode:
+        ports = []
+        for index in range(self.workers):
+            config = tunnel.ServerConfig(
+                address="127.0.0.1:0",
+                tokens=frozenset({TOKEN}),
+                node_id=self.node_id,
+                workers=self.workers,
+                grace_period=0.5,
+            )
+            app = tunnel.TunnelApp(config)
+            app.registry.node_count = lambda: self.nodes
+            self.apps.append(app)
+            urls = await self.nursery.start(
+                self._serve, app, hypercorn_config(config), f"{self.node_id}-w{index}"
+            )
+            ports.append(int(urls[0].rsplit(":", 1)[1]))
+        # The kernel spreads connections over a port's workers; a balancer here.
+        balancer: RoundRobin = await self.nursery.start(RoundRobin(ports).run)
+        self.port = balancer.port
+        return self
+
+    async def _serve(
+        self, app: tunnel.TunnelApp, hc: Any, worker: str, *, task_status: Any
+    ) -> None:
+        WORKER.set(worker)
+        await hypercorn.trio.serve(app, hc, task_status=task_status)  # type: ignore[arg-type]
+
+    @property
+    def sessions(self) -> list[int]:
+        return [len(app.registry.sessions()) for app in self.apps]
+
+
+@pytest.mark.parametrize(("ha", "held"), [(2, ["node-a", "node-b"]), (1, ["node-a"])])
+async def test_the_agent_holds_every_worker_of_each_node_it_holds(
+    ha, held, simulated_workers, nursery, start_local_service
+):
+    a = await WorkerNode(nursery, "node-a", workers=2, nodes=2).start()
+    b = await WorkerNode(nursery, "node-b", workers=2, nodes=2).start()
+    local = await start_local_service("ha")
+    with trio.fail_after(20):
+        async with tunnel.open_tunnel(
+            agent([a.port, b.port], local.port, ha_connections=ha)
+        ) as client:
+            # open_tunnel waited for all of them: each worker of each node held.
+            assert client.server_connections == 2 * len(held)
+            assert client.server_nodes == held
+            assert a.sessions == [1, 1]
+            assert b.sessions == ([1, 1] if ha == 2 else [0, 0])
+            await trio.sleep(0.3)
+            assert client.server_connections == 2 * len(held)
 
 
 # -- the command line ------------------------------------------------------------
