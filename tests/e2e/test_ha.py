@@ -28,6 +28,7 @@ from faultproxy import FaultProxy
 import tunnel
 import tunnel.server._control
 from helpers import eventually
+from tunnel._protocol.handshake import HAVE_NODES_HEADER, SUBPROTOCOL, WANT_NODE_HEADER
 from tunnel.cli._commands import _agent_config, _parser
 from tunnel.client._client import NODE_PROBES_IN_A_ROW
 from tunnel.server import hypercorn_config
@@ -392,6 +393,48 @@ async def test_servers_that_are_not_one_cluster_are_failovers(nursery, start_loc
             await a.stop()
             await eventually(lambda: client.server_nodes == ["solo-b"])
             assert await served(b, "/solo") == (200, "solo")
+
+
+async def handshake_answer(port: int, headers: dict[str, str]) -> bytes:
+    """The head of the answer to an agent's handshake with ``headers`` (and a wrong token)."""
+    request = (
+        "GET /_tunnel HTTP/1.1\r\n"
+        f"Host: 127.0.0.1:{port}\r\n"
+        "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+        f"Sec-WebSocket-Protocol: {SUBPROTOCOL}\r\n"
+        + "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+        + "Authorization: Bearer wrong-token\r\n\r\n"
+    )
+    with trio.fail_after(5):
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        async with stream:
+            await stream.send_all(request.encode())
+            answer = b""
+            while b"\r\n\r\n" not in answer:
+                chunk = await stream.receive_some()
+                assert chunk, answer
+                answer += chunk
+    return answer.split(b"\r\n\r\n")[0].lower()
+
+
+async def test_a_node_not_wanted_refuses_before_anything_else(nursery):
+    # The token is wrong too: the node checks come first and cost nothing.
+    node = await Node(nursery, "node-a", nodes=3).start()
+    held = await handshake_answer(node.port, {HAVE_NODES_HEADER: "node-x, node-a"})
+    assert held.startswith(b"http/1.1 421 "), held
+    # The refusal says how big the cluster is now, and names no node.
+    assert b"\r\ntunnel-nodes: 3" in held, held
+    assert b"node-a" not in held
+    other = await handshake_answer(node.port, {WANT_NODE_HEADER: "node-b"})
+    assert other.startswith(b"http/1.1 421 "), other
+    # Wanted, or not held: on to the token, which is refused.
+    wanted = await handshake_answer(node.port, {WANT_NODE_HEADER: "node-a"})
+    assert wanted.startswith(b"http/1.1 401 "), wanted
+    elsewhere = await handshake_answer(node.port, {HAVE_NODES_HEADER: "node-x"})
+    assert elsewhere.startswith(b"http/1.1 401 "), elsewhere
+    assert b"tunnel-nodes" not in elsewhere
+    assert node.refused_as_duplicate == 2
 
 
 # -- nodes of several worker processes ---------------------------------------------

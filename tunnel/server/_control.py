@@ -266,6 +266,7 @@ def _refuse_duplicate(config: ServerConfig, values: dict[str, str]) -> None:
 
     A worker or node it holds already, or a node other than the one it asked
     for: it tries again, to land elsewhere (see ``tunnel._protocol.handshake``).
+    This comes before the token is checked, so the reasons name no node.
     """
     held = values.get(HAVE_WORKERS_HEADER, "")
     if held and worker_id() in {part.strip() for part in held.split(",")}:
@@ -281,13 +282,13 @@ def _refuse_duplicate(config: ServerConfig, values: dict[str, str]) -> None:
     if held and node in {part.strip() for part in held.split(",")}:
         raise Denied(
             DUPLICATE_STATUS,
-            f"this agent is connected to node {node} already; it tries again to reach another",
+            "this agent is connected to this node already; it tries again to reach another",
         )
     wanted = values.get(WANT_NODE_HEADER, "").strip()
     if wanted and wanted != node:
         raise Denied(
             DUPLICATE_STATUS,
-            f"this connection is meant for node {wanted}, not {node}; the agent tries again",
+            "this connection is meant for another node; the agent tries again",
         )
 
 
