@@ -375,6 +375,7 @@ class Client:
                     self._node_count = max(1, refusal.nodes)
                     if slot != PRIMARY and not self._wanted(slot):
                         break
+                    self._start_missing()
                 searching = self._searching.get(slot, False)
                 searches = searches + 1 if searching else 0
                 if searches >= NODE_PROBES_IN_A_ROW:
@@ -664,17 +665,22 @@ class Client:
         # What the newest handshake says: a cluster that shrank keeps fewer
         # connections (those beyond it end when they fail, not at once).
         self._node_count = int(nodes) if nodes.isdigit() else 1
+        self._start_missing()
+
+    def _start_missing(self) -> None:
+        """Start the loop of every slot wanted now that has none."""
         nursery = self._nursery
-        if nursery is not None:
-            for wanted_group in range(self._wanted_nodes()):
-                for wanted_worker in range(self._wanted_workers(wanted_group)):
-                    missing = (wanted_group, wanted_worker)
-                    if missing in self._running:
-                        continue
-                    # Marked running now, not when the task starts, so that a
-                    # second handshake before then does not start it twice.
-                    self._running.add(missing)
-                    nursery.start_soon(self._slot_loop, missing)
+        if nursery is None:
+            return
+        for group in range(self._wanted_nodes()):
+            for worker in range(self._wanted_workers(group)):
+                missing = (group, worker)
+                if missing in self._running:
+                    continue
+                # Marked running now, not when the task starts, so that a
+                # second handshake before then does not start it twice.
+                self._running.add(missing)
+                nursery.start_soon(self._slot_loop, missing)
 
     async def _open_stream(
         self, server: ServerAddress
