@@ -27,7 +27,7 @@ from faultproxy import FaultProxy
 
 import tunnel
 import tunnel.server._control
-from helpers import eventually
+from helpers import eventually, free_port
 from tunnel._protocol.handshake import HAVE_NODES_HEADER, SUBPROTOCOL, WANT_NODE_HEADER
 from tunnel.cli._commands import _agent_config, _parser
 from tunnel.client._client import NODE_PROBES_IN_A_ROW
@@ -278,6 +278,23 @@ async def test_a_cut_connection_is_replaced_and_the_other_node_serves_meanwhile(
             proxy.pass_through()
             await eventually(lambda: client.server_nodes == ["node-a", "node-b"])
             assert await served(b, "/again") == (200, "ha")
+
+
+async def test_a_node_out_of_reach_holds_the_start_up_for_connect_timeout_only(
+    nursery, start_local_service
+):
+    a = await Node(nursery, "node-a").start()
+    local = await start_local_service("ha")
+    nowhere = free_port()
+    with trio.fail_after(20):
+        started = trio.current_time()
+        async with tunnel.open_tunnel(
+            agent([a.port, nowhere], local.port, connect_timeout=1)
+        ) as client:
+            assert 1 <= trio.current_time() - started < 3
+            assert client.server_nodes == ["node-a"]
+            assert client.state is CONNECTED
+            assert await served(a, "/up") == (200, "ha")
 
 
 async def test_through_one_load_balanced_address_the_agent_finds_two_nodes(

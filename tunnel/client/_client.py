@@ -827,7 +827,9 @@ async def open_tunnel(config: ClientConfig) -> AsyncIterator[Client]:
     """Open a tunnel for the duration of an ``async with`` block.
 
     Returns once the tunnel is connected, as a :class:`Client` whose ``url`` is
-    the public URL. Connection losses inside the block are repaired in the
+    the public URL: once every connection it wants is up (one per worker of
+    each node it holds, see ``ha_connections``), or ``connect_timeout`` after
+    the first if a node stays out of reach. Connection losses inside the block are repaired in the
     background. Leaving the block finishes requests in flight and closes.
 
     Raises:
