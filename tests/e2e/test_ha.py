@@ -30,7 +30,6 @@ import tunnel.server._control
 from helpers import eventually, free_port
 from tunnel._protocol.handshake import HAVE_NODES_HEADER, SUBPROTOCOL, WANT_NODE_HEADER
 from tunnel.cli._commands import _agent_config, _parser
-from tunnel.client._client import NODE_PROBES_IN_A_ROW
 from tunnel.server import hypercorn_config
 
 TOKEN = "s3cret"
@@ -323,24 +322,41 @@ async def test_a_search_for_a_node_that_is_not_there_is_bounded(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # The cluster says two nodes, but only one answers behind the address.
+    # Every delay drawn is its upper bound, so every time below is exact.
     monkeypatch.setattr(random, "uniform", lambda low, high: high)
     only = await Node(nursery, "node-a", nodes=2).start()
+    assert only.app is not None
+    # The node count is asked once per answer: the agent's first connection's
+    # acceptance, then each refusal of its search for a second node.
+    answered: list[float] = []
+
+    def count_and_note() -> int:
+        answered.append(trio.current_time())
+        return 2
+
+    only.app.registry.node_count = count_and_note
     local = await start_local_service("ha")
     config = agent(only.port, local.port, backoff_initial=0.5, backoff_max=30, connect_timeout=1)
     with trio.fail_after(700):
         async with tunnel.open_tunnel(config) as client:
             assert client.server_connections == 1
-            await trio.sleep(300)
-            early = only.refused_as_duplicate
-            await trio.sleep(300)
-            late = only.refused_as_duplicate - early
+            await trio.sleep(600)
             assert client.server_nodes == ["node-a"]
             assert client.state is CONNECTED
-    # Left to the short retry of a duplicate worker (1 s at most), the search
-    # would have been refused ~300 times in each 300 s. Bounded, it waits the
-    # reconnect backoff (30 s by now) after each NODE_PROBES_IN_A_ROW attempts.
-    assert early >= NODE_PROBES_IN_A_ROW
-    assert late <= 300 / 30 * NODE_PROBES_IN_A_ROW, late
+    refused = [at - answered[1] for at in answered[1:]]
+    assert len(refused) == only.refused_as_duplicate
+    gaps = [round(later - earlier, 6) for earlier, later in itertools.pairwise(refused)]
+    # The first NODE_PROBES_IN_A_ROW (8) attempts come quickly, as a worker
+    # search's do: 0.05 s doubling, 1 s at most...
+    assert gaps[:7] == [0.1, 0.2, 0.4, 0.8, 1.0, 1.0, 1.0]
+    # ...then the ordinary reconnect backoff (0.5 s doubling up to 30 s)
+    # comes between each 8 and the next.
+    streak_ends = gaps[7::8]
+    assert streak_ends[:9] == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0, 30.0]
+    assert all(gap == 1.0 for index, gap in enumerate(gaps[8:], 8) if index % 8 != 7)
+    # Left to the short retry of a duplicate worker, the search would have
+    # been refused once a second, ~600 times; bounded, 8 every 37 s or so.
+    assert len(refused) <= 200, len(refused)
 
 
 async def test_a_cluster_that_shrank_is_not_searched_for_its_lost_node(

@@ -380,8 +380,8 @@ class Client:
                 searches = searches + 1 if searching else 0
                 if searches >= NODE_PROBES_IN_A_ROW:
                     # Bounded: a cluster that says it has more live nodes
-                    # than this agent can find costs it one attempt per
-                    # reconnect delay from now on, not a steady stream.
+                    # than this agent can find costs it one short run of
+                    # attempts per reconnect delay, not a steady stream.
                     searches = 0
                     logger.info(
                         "agent for %s: %s%d attempts in a row reached nodes it holds already",
@@ -402,7 +402,8 @@ class Client:
                     DUPLICATE_BACKOFF * 2**duplicates,
                 )
                 await self._pause(random.uniform(0, cap))
-                if duplicates == DUPLICATE_WARN_AFTER:
+                if duplicates == DUPLICATE_WARN_AFTER and not searching:
+                    # (A search for a node says so itself, above.)
                     logger.warning(
                         "agent for %s: %s%d attempts in a row reached server workers it holds "
                         "already (or another node); still trying (is the server told of more "
