@@ -490,9 +490,14 @@ def simulated_workers(monkeypatch: pytest.MonkeyPatch) -> None:
 class WorkerNode:
     """A node of ``workers`` worker apps (one node id) behind one address, as one machine."""
 
-    def __init__(self, nursery: trio.Nursery, node_id: str, workers: int, nodes: int) -> None:
+    def __init__(
+        self, nursery: trio.Nursery, node_id: str, workers: int, nodes: int, *, ids: bool = True
+    ) -> None:
         self.nursery = nursery
         self.node_id = node_id
+        #: Whether the workers say the node's id (as tunnel.serve's do), or
+        #: each one its own made-up id (as under Hypercorn's own workers).
+        self.ids = ids
         self.apps: list[tunnel.TunnelApp] = []
         self.workers = workers
         self.nodes = nodes
@@ -504,7 +509,7 @@ class WorkerNode:
             config = tunnel.ServerConfig(
                 address="127.0.0.1:0",
                 tokens=frozenset({TOKEN}),
-                node_id=self.node_id,
+                node_id=self.node_id if self.ids else None,
                 workers=self.workers,
                 grace_period=0.5,
             )
@@ -529,6 +534,30 @@ class WorkerNode:
     @property
     def sessions(self) -> list[int]:
         return [len(app.registry.sessions()) for app in self.apps]
+
+
+@pytest.fixture
+def simulated_node_ids(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Apps without a ``node_id`` make up one each, as separate processes would."""
+    real = tunnel.server._control.node_id
+    monkeypatch.setattr(
+        tunnel.server._control,
+        "node_id",
+        lambda config: real(config) if config.node_id else f"node-{WORKER.get()}",
+    )
+
+
+async def test_workers_of_a_server_on_its_own_are_all_held_whatever_node_ids_they_give(
+    simulated_workers, simulated_node_ids, nursery, start_local_service
+):
+    # Under Hypercorn's own worker processes (not tunnel.serve's), each worker
+    # makes up a node id of its own; the server says it is one node.
+    alone = await WorkerNode(nursery, "alone", workers=2, nodes=1, ids=False).start()
+    local = await start_local_service("ha")
+    with trio.fail_after(20):
+        async with tunnel.open_tunnel(agent(alone.port, local.port)) as client:
+            assert client.server_connections == 2
+            assert alone.sessions == [1, 1]
 
 
 @pytest.mark.parametrize(("ha", "held"), [(2, ["node-a", "node-b"]), (1, ["node-a"])])

@@ -565,7 +565,15 @@ class Client:
                             config.control_path,
                             subprotocols=[SUBPROTOCOL],
                             extra_headers=await self._handshake_headers(
-                                stream, authority, held, nodes, want
+                                stream,
+                                authority,
+                                held,
+                                nodes,
+                                # A server on its own is one node whatever
+                                # ids its workers give (under Hypercorn's own
+                                # workers each makes up its own): asking for
+                                # one would shut the others out.
+                                want if self._node_count > 1 else None,
                             ),
                             max_message_size=MAX_MESSAGE_SIZE,
                             receive_buffer_size=RECEIVE_BUFFER_SIZE,
@@ -655,7 +663,8 @@ class Client:
             held == worker and other[0] == group for other, held in self._workers.items()
         ):
             raise DuplicateWorker(worker)
-        if node and (node != mine if mine is not None else node in others):
+        told = int(nodes) if nodes.isdigit() else 1
+        if node and told > 1 and (node != mine if mine is not None else node in others):
             raise DuplicateWorker(node)
         if worker:
             self._workers[slot] = worker
@@ -665,7 +674,7 @@ class Client:
         self._group_workers[group] = int(count) if count.isdigit() else 1
         # What the newest handshake says: a cluster that shrank keeps fewer
         # connections (those beyond it end when they fail, not at once).
-        self._node_count = int(nodes) if nodes.isdigit() else 1
+        self._node_count = told
         self._start_missing()
 
     def _start_missing(self) -> None:
