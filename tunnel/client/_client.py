@@ -541,8 +541,12 @@ class Client:
             index = self._group_address.get(group, 0)
             nodes = []
         server = self._servers[index]
+        # A server on its own is one node whatever ids its workers give (under
+        # Hypercorn's own workers each makes up its own): asking for one there
+        # would shut the others out.
+        asked = want if self._node_count > 1 else None
         self._searching[slot] = bool(nodes)
-        probing = bool(held or nodes or want)
+        probing = bool(held or nodes or asked)
         try:
             stream = await self._open_stream(server)
         except BaseException:
@@ -565,15 +569,7 @@ class Client:
                             config.control_path,
                             subprotocols=[SUBPROTOCOL],
                             extra_headers=await self._handshake_headers(
-                                stream,
-                                authority,
-                                held,
-                                nodes,
-                                # A server on its own is one node whatever
-                                # ids its workers give (under Hypercorn's own
-                                # workers each makes up its own): asking for
-                                # one would shut the others out.
-                                want if self._node_count > 1 else None,
+                                stream, authority, held, nodes, asked
                             ),
                             max_message_size=MAX_MESSAGE_SIZE,
                             receive_buffer_size=RECEIVE_BUFFER_SIZE,
