@@ -39,10 +39,11 @@ CONNECTED = tunnel.ClientState.CONNECTED
 class Node:
     """One server of a would-be cluster, which a test can stop and start again on its port."""
 
-    def __init__(self, nursery: trio.Nursery, node_id: str, nodes: int = 2) -> None:
+    def __init__(self, nursery: trio.Nursery, node_id: str, nodes: int | None = 2) -> None:
         self.nursery = nursery
         self.node_id = node_id
-        #: What this node tells agents about the cluster's size.
+        #: What this node tells agents about the cluster's size (None: what
+        #: a server says by default).
         self.nodes = nodes
         self.port = 0
         self.app: tunnel.TunnelApp | None = None
@@ -58,7 +59,8 @@ class Node:
             grace_period=0.5,
         )
         app = tunnel.TunnelApp(config)
-        app.registry.node_count = lambda: self.nodes
+        if self.nodes is not None:
+            app.registry.node_count = lambda: self.nodes or 1
         self.app = app
         self._stopped = trio.Event()
         urls: list[str] = await self.nursery.start(self._serve, app, hypercorn_config(config))
@@ -400,7 +402,7 @@ async def test_ha_connections_1_holds_one_node_and_fails_over(two_nodes, start_l
 
 
 async def test_a_server_on_its_own_gets_one_connection_as_before(nursery, start_local_service):
-    server = await Node(nursery, "alone", nodes=1).start()
+    server = await Node(nursery, "alone", nodes=None).start()
     local = await start_local_service("one")
     with trio.fail_after(10):
         async with tunnel.open_tunnel(agent(server.port, local.port)) as client:
