@@ -26,6 +26,7 @@ import trio.testing
 from faultproxy import FaultProxy
 
 import tunnel
+import tunnel.client._client
 import tunnel.server._control
 from helpers import eventually, free_port
 from tunnel._protocol.handshake import HAVE_NODES_HEADER, SUBPROTOCOL, WANT_NODE_HEADER
@@ -384,6 +385,32 @@ async def test_a_cluster_that_shrank_is_not_searched_for_its_lost_node(
             assert await served(a, "/still") == (200, "ha")
 
 
+async def test_a_node_back_in_the_cluster_is_joined_again(
+    two_nodes, start_local_service, monkeypatch
+):
+    # The census runs every CENSUS_INTERVAL; a short one here.
+    monkeypatch.setattr(tunnel.client._client, "CENSUS_INTERVAL", 0.5)
+    a, b = two_nodes
+    local = await start_local_service("ha")
+    with trio.fail_after(20):
+        async with tunnel.open_tunnel(agent([a.port, b.port], local.port)) as client:
+            assert client.server_nodes == ["node-a", "node-b"]
+            a.nodes = 1
+            await b.stop()
+            await eventually(lambda: client._running == {(0, 0)})
+            # While the cluster is one node, each census costs node-a one
+            # cheap refusal, and nothing more.
+            refused = a.refused_as_duplicate
+            await trio.sleep(1.6)
+            assert 1 <= a.refused_as_duplicate - refused <= 5
+            assert client.server_nodes == ["node-a"]
+            # node-b is back: the next census finds it.
+            await b.start()
+            a.nodes = 2
+            await eventually(lambda: client.server_nodes == ["node-a", "node-b"])
+            assert await served(b, "/back") == (200, "ha")
+
+
 async def test_ha_connections_1_holds_one_node_and_fails_over(two_nodes, start_local_service):
     a, b = two_nodes
     local = await start_local_service("ha")
@@ -401,13 +428,17 @@ async def test_ha_connections_1_holds_one_node_and_fails_over(two_nodes, start_l
             assert await served(b, "/failed-over") == (200, "ha")
 
 
-async def test_a_server_on_its_own_gets_one_connection_as_before(nursery, start_local_service):
+async def test_a_server_on_its_own_gets_one_connection_as_before(
+    nursery, start_local_service, monkeypatch
+):
+    # Nor does it look, now and then, for nodes a cluster may have gained.
+    monkeypatch.setattr(tunnel.client._client, "CENSUS_INTERVAL", 0.1)
     server = await Node(nursery, "alone", nodes=None).start()
     local = await start_local_service("one")
     with trio.fail_after(10):
         async with tunnel.open_tunnel(agent(server.port, local.port)) as client:
             assert client.config.ha_connections == 2
-            await trio.sleep(0.3)
+            await trio.sleep(0.5)
             assert client.server_connections == 1
             assert server.sessions == 1
             # Nothing probed for a second node that the server said is not there.

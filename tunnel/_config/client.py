@@ -123,8 +123,10 @@ class ClientConfig:
             nodes its cluster has, and the agent holds as many as both allow:
             a server on its own is one node, so there it holds one connection
             (one per worker process, with ``ServerConfig.workers``). In a
-            cluster, it holds every worker of each node it holds. TCP tunnels
-            hold one node (their public port lives where it was bound).
+            cluster, it holds every worker of each node it holds, and while
+            the cluster has fewer nodes than this it looks for one more each
+            minute, so a node back from a restart is joined again. TCP
+            tunnels hold one node (their public port lives where it was bound).
     """
 
     address: str | Sequence[str]

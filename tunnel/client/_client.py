@@ -103,6 +103,12 @@ MAX_CONNECTIONS = 64
 #: it says, or a load balancer may send this agent to the same ones.
 NODE_PROBES_IN_A_ROW = 8
 
+#: While a cluster says it has fewer nodes than ``ha_connections`` and the
+#: agent holds them all, it looks for one more this often (seconds): a node
+#: that left and came back (a restart, a deploy) is joined again. Each look
+#: costs a node the cheap refusal of one handshake when there is none.
+CENSUS_INTERVAL = 60.0
+
 #: A connection's place: (node group, worker of that node).
 Slot = tuple[int, int]
 #: The first connection's slot; its loop runs for as long as the agent does.
@@ -144,6 +150,9 @@ class Client:
         self._connected_at: dict[Slot, float] = {}
         #: How many nodes the cluster has, as the last handshake said.
         self._node_count = 1
+        #: Whether any server said its cluster has several nodes: only then
+        #: does the agent look for nodes beyond the count (see CENSUS_INTERVAL).
+        self._in_cluster = False
         #: Group → how many workers its node has, as the node last said.
         self._group_workers: dict[int, int] = {}
         #: Group → the index (in ``_servers``) of the address that reached its node.
@@ -327,6 +336,7 @@ class Client:
                 self._nursery = nursery
                 if self._local_h2 is not None:
                     await nursery.start(self._local_h2.serve)
+                nursery.start_soon(self._census)
                 await self._slot_loop(PRIMARY)
                 if self._is_closing():
                     # aclose() drains every connection at once, and PRIMARY's
@@ -373,6 +383,7 @@ class Client:
                     # The cluster's size now: if it shrank, this slot (or
                     # others) may be wanted no more.
                     self._node_count = max(1, refusal.nodes)
+                    self._in_cluster = self._in_cluster or refusal.nodes > 1
                     if slot != PRIMARY and not self._wanted(slot):
                         break
                     self._start_missing()
@@ -450,6 +461,27 @@ class Client:
             await self._pause(delay)
         finally:
             self._reconnect_wait = None
+
+    async def _census(self) -> None:
+        """Now and then, while a cluster has fewer nodes than wanted, look for one more.
+
+        The count a node gives goes down when another leaves, and the agent
+        stops looking for it; nothing tells it when the node is back. So it
+        assumes one more node and lets a connection search for it, as for any
+        node: it lands on a held one, whose refusal says the count again (and
+        the search ends), or on the new one.
+        """
+        while True:
+            await trio.sleep(CENSUS_INTERVAL)
+            if (
+                self._in_cluster
+                and not self.config.tcp
+                and not self._is_closing()
+                and self._node_count < self.config.ha_connections
+                and len(self.server_nodes) >= self._wanted_nodes()
+            ):
+                self._node_count += 1
+                self._start_missing()
 
     async def _pause(self, seconds: float) -> None:
         """Sleep ``seconds``, or until :meth:`aclose` is called."""
@@ -671,6 +703,7 @@ class Client:
         # What the newest handshake says: a cluster that shrank keeps fewer
         # connections (those beyond it end when they fail, not at once).
         self._node_count = told
+        self._in_cluster = self._in_cluster or told > 1
         self._start_missing()
 
     def _start_missing(self) -> None:
