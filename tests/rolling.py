@@ -170,12 +170,19 @@ class _Process:
 
 
 def _children(pid: int) -> set[int]:
+    """The worker processes of the server ``pid`` (not its other children, such as
+    the watchdog of its ledger)."""
     # Per thread: trio starts processes from worker threads.
     children: set[int] = set()
     for task in Path(f"/proc/{pid}/task").iterdir():
         with contextlib.suppress(FileNotFoundError):
             children.update(int(child) for child in (task / "children").read_text().split())
-    return children
+    workers = set()
+    for child in children:
+        with contextlib.suppress(FileNotFoundError):
+            if b"tunnel.server.hypercorn._worker" in Path(f"/proc/{child}/cmdline").read_bytes():
+                workers.add(child)
+    return workers
 
 
 async def _visit(http: httpx.AsyncClient, restarts: Restarts, path: str) -> None:

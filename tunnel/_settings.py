@@ -88,6 +88,7 @@ CLIENT_FLAGS: dict[str, str] = {
     "local_tls": "--local-tls",
     "local_ca_file": "--local-ca-file",
     "local_insecure_skip_verify": "--local-insecure-skip-verify",
+    "ha_connections": "--ha-connections",
 }
 
 _FLAGS = {"ServerConfig": SERVER_FLAGS, "ClientConfig": CLIENT_FLAGS}

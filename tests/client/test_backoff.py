@@ -106,7 +106,7 @@ async def test_unexpected_errors_back_off_like_lost_connections(
     monkeypatch.setattr(random, "uniform", lambda low, high: high)
     raised: list[BaseException] = []
 
-    async def broken(self: tunnel.Client) -> None:
+    async def broken(self: tunnel.Client, *args: object) -> None:
         raised.append(ZeroDivisionError("injected"))
         raise raised[-1]
 

@@ -160,6 +160,63 @@ def test_client_address_bad(address: str, message: str) -> None:
     assert message in str(info.value)
 
 
+def test_client_address_may_be_several_servers() -> None:
+    config = client_config(address=["a.example.com:443", "http://b.example.com:8000"])
+    # Kept as a tuple: the config stays frozen and hashable all the way down.
+    assert config.address == ("a.example.com:443", "http://b.example.com:8000")
+    assert config.addresses == config.address
+    assert config.servers == (
+        ServerAddress("wss", "a.example.com", 443),
+        ServerAddress("ws", "b.example.com", 8000),
+    )
+    # The first is the one the public URL and the default host come from.
+    assert config.server == config.servers[0]
+    assert config.claimed_host == "a.example.com"
+
+
+def test_client_address_as_one_string_is_as_before() -> None:
+    config = client_config(address="tunnel.example.com:443")
+    assert config.address == "tunnel.example.com:443"
+    assert config.addresses == ("tunnel.example.com:443",)
+    assert config.servers == (config.server,)
+    assert client_config(address=("tunnel.example.com:443",)).servers == config.servers
+
+
+@pytest.mark.parametrize(
+    ("address", "message"),
+    [
+        ([], "ClientConfig.address is empty: give at least one server"),
+        (["a.example.com:443", 8000], "ClientConfig.address holds 8000: give each server"),
+        (8000, "ClientConfig.address 8000: give the server as 'host:port' or a URL"),
+        (
+            ["a.example.com:443", "https://a.example.com"],
+            "ClientConfig.address names a.example.com:443 twice; give each server once",
+        ),
+        # A bad one among several is named, with the fix, as a single one is.
+        (["a.example.com:443", "b.example.com"], "ClientConfig.address 'b.example.com' has no"),
+        (["a.example.com:443", "ftp://b"], "unknown scheme 'ftp'; use http, https, ws or wss"),
+    ],
+)
+def test_client_addresses_bad(address: object, message: str) -> None:
+    with pytest.raises(tunnel.ConfigError) as info:
+        client_config(address=address)
+    assert message in str(info.value)
+
+
+def test_client_ha_connections() -> None:
+    assert client_config().ha_connections == 2
+    assert client_config(ha_connections=1).ha_connections == 1
+    assert client_config(ha_connections=16).ha_connections == 16
+
+
+@pytest.mark.parametrize("count", [0, -1, 17, True, "2", 2.0, None])
+def test_client_ha_connections_bad(count: object) -> None:
+    with pytest.raises(
+        tunnel.ConfigError, match=r"ClientConfig\.ha_connections .*: give how many nodes .* 1 to 16"
+    ):
+        client_config(ha_connections=count)
+
+
 # -- client: other fields ------------------------------------------------------
 
 

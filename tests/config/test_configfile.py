@@ -78,6 +78,24 @@ def test_agent_file(tmp_path: Path) -> None:
     assert load_client_config(path, port=9090).port == 9090
 
 
+def test_agent_file_with_several_servers(tmp_path: Path) -> None:
+    path = tmp_path / "agent.toml"
+    path.write_text(
+        'address = ["node-a.example.com:443", "node-b.example.com:443"]\n'
+        'token = "t"\nport = 8080\nha_connections = 3\n'
+    )
+    config = load_client_config(path)
+    assert config.addresses == ("node-a.example.com:443", "node-b.example.com:443")
+    assert config.ha_connections == 3
+    # `tunnel http --server x` replaces the file's list; the file's count stays.
+    config = load_client_config(path, address="x.example.com:443")
+    assert config.addresses == ("x.example.com:443",)
+    assert config.ha_connections == 3
+    path.write_text('address = "a:1"\ntoken = "t"\nport = 8080\nha_connections = "two"\n')
+    with pytest.raises(tunnel.ConfigError, match=r"ClientConfig\.ha_connections 'two'"):
+        load_client_config(path)
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [

@@ -221,12 +221,14 @@ async def test_server_with_workers_and_pooled_agents_from_the_command_line(
 
 
 def _children(pid: int) -> list[int]:
+    """The worker processes of the server ``pid`` (not the watchdog of its ledger)."""
     found = []
     for entry in Path("/proc").iterdir():
         try:
             if (
                 entry.name.isdigit()
                 and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid
+                and b"tunnel.server.hypercorn._worker" in (entry / "cmdline").read_bytes()
             ):
                 found.append(int(entry.name))
         except OSError:

@@ -45,7 +45,8 @@ async def test_an_agent_stopping_finishes_requests_on_every_worker_connection(
         async with trio.open_nursery() as agent_nursery:
             await agent_nursery.start(client.connect)
             await eventually(lambda: client.server_connections == 2, 30)
-            links = client._links
+            # Slots are (node, worker): one node here, with two workers.
+            links = {worker: client._links[(0, worker)] for worker in (0, 1)}
             async with httpx.AsyncClient(
                 base_url=f"http://127.0.0.1:{port}",
                 headers={"host": "app.localhost", "connection": "close"},

@@ -7,6 +7,7 @@ the fix, rather than later as a confusing network error.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, Literal
 
@@ -22,7 +23,12 @@ if TYPE_CHECKING:
     from ..client._observe import Observer
     from ..client._state import ClientState
 
-__all__ = ["LOCAL_PROTOCOLS", "ClientConfig"]
+__all__ = ["LOCAL_PROTOCOLS", "MAX_HA_CONNECTIONS", "ClientConfig"]
+
+#: The most nodes an agent keeps connections to at once. Big hosted tunnels
+#: keep 2 to 4; beyond a handful, each one more costs every node a session and
+#: buys almost nothing.
+MAX_HA_CONNECTIONS: Final = 16
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -32,13 +38,18 @@ class ClientConfig:
     Attributes:
         address: The tunnel server, ``"host:port"`` or a URL with ``http://``,
             ``https://``, ``ws://`` or ``wss://``. Without a scheme port 443
-            means TLS.
+            means TLS. Or a sequence of them: the nodes of one cluster (or
+            load-balanced addresses of it), which the agent spreads its
+            ``ha_connections`` over, dialling the next address when one
+            fails. Servers that are not one cluster each say they are the
+            only node, so the agent holds one of them and fails over to the
+            next. The public URL is made from the first address.
         token: The secret that identifies this agent to the server; not needed
             with ``key_file``.
         port: The local port to forward requests to.
         host: The public host name to claim. Default: the host name of
-            ``address``, as in the Go library (``sub.example.com:443`` claims
-            ``sub.example.com``).
+            ``address`` (of its first), as in the Go library
+            (``sub.example.com:443`` claims ``sub.example.com``).
         local_host: Where the local service listens.
         insecure_skip_verify: Accept any TLS certificate from the server. For
             tests only: it makes the connection open to interception.
@@ -106,9 +117,19 @@ class ClientConfig:
             local service's certificate.
         local_insecure_skip_verify: Accept any certificate from the local
             service (a self-signed one on 127.0.0.1, say).
+        ha_connections: How many distinct nodes of a cluster the agent keeps
+            connections to (1 to 16), so that losing a node loses only the
+            requests in flight on it. The server tells the agent how many
+            nodes its cluster has, and the agent holds as many as both allow:
+            a server on its own is one node, so there it holds one connection
+            (one per worker process, with ``ServerConfig.workers``). In a
+            cluster, it holds every worker of each node it holds, and while
+            the cluster has fewer nodes than this it looks for one more each
+            minute, so a node back from a restart is joined again. TCP
+            tunnels hold one node (their public port lives where it was bound).
     """
 
-    address: str
+    address: str | Sequence[str]
     port: int
     token: str | None = None
     host: str | None = None
@@ -140,9 +161,20 @@ class ClientConfig:
     local_tls: bool = False
     local_ca_file: str | os.PathLike[str] | None = None
     local_insecure_skip_verify: bool = False
+    ha_connections: int = 2
 
     def __post_init__(self) -> None:
-        server = parse_server_address(self.address)
+        server = self._check_addresses()[0]
+        if (
+            isinstance(self.ha_connections, bool)
+            or not isinstance(self.ha_connections, int)
+            or not 1 <= self.ha_connections <= MAX_HA_CONNECTIONS
+        ):
+            raise ConfigError(
+                f"{client_setting('ha_connections')} {self.ha_connections!r}: give how many "
+                f"nodes of a cluster to keep connections to, 1 to {MAX_HA_CONNECTIONS} "
+                "(2 survives the loss of a node)"
+            )
         _check_local_protocol(self)
         if self.pool and self.tcp:
             raise ConfigError(
@@ -209,10 +241,48 @@ class ClientConfig:
         if self.inspector is not None:
             self.inspector_address  # noqa: B018 - validates it
 
+    def _check_addresses(self) -> tuple[ServerAddress, ...]:
+        """Parse ``address``, a string or a sequence of them; keep a sequence as a tuple."""
+        what = client_setting("address")
+        if isinstance(self.address, str):
+            return (parse_server_address(self.address),)
+        if not isinstance(self.address, Sequence):
+            raise ConfigError(
+                f"{what} {self.address!r}: give the server as 'host:port' or a URL, "
+                "or a list of them"
+            )
+        addresses = tuple(self.address)
+        if not addresses:
+            raise ConfigError(f"{what} is empty: give at least one server, as 'host:port' or a URL")
+        servers = []
+        for address in addresses:
+            if not isinstance(address, str):
+                raise ConfigError(
+                    f"{what} holds {address!r}: give each server as 'host:port' or a URL"
+                )
+            server = parse_server_address(address)
+            if server in servers:
+                raise ConfigError(
+                    f"{what} names {server.host}:{server.port} twice; give each server once"
+                )
+            servers.append(server)
+        object.__setattr__(self, "address", addresses)
+        return tuple(servers)
+
+    @property
+    def addresses(self) -> tuple[str, ...]:
+        """``address`` as a tuple: the one address, or each of several."""
+        return (self.address,) if isinstance(self.address, str) else tuple(self.address)
+
+    @property
+    def servers(self) -> tuple[ServerAddress, ...]:
+        """Every server address, parsed, in the order given."""
+        return tuple(parse_server_address(address) for address in self.addresses)
+
     @property
     def server(self) -> ServerAddress:
-        """The parsed server address."""
-        return parse_server_address(self.address)
+        """The parsed server address (the first, when ``address`` names several)."""
+        return parse_server_address(self.addresses[0])
 
     @property
     def visitor_policy(self) -> VisitorPolicy:

@@ -15,6 +15,7 @@ __all__ = [
     "CHALLENGE_SUFFIX",
     "DISCONNECTED_CLOSE_CODE",
     "DUPLICATE_STATUS",
+    "HAVE_NODES_HEADER",
     "HAVE_WORKERS_HEADER",
     "HOST_HEADER",
     "KEY_HEADER",
@@ -28,6 +29,7 @@ __all__ = [
     "SUBPROTOCOL",
     "SUBPROTOCOL_PREFIX",
     "TCP_PORT_HEADER",
+    "WANT_NODE_HEADER",
     "WORKERS_HEADER",
     "WORKER_HEADER",
     "bearer_token",
@@ -70,7 +72,22 @@ WORKERS_HEADER = "tunnel-workers"
 NODE_HEADER = "tunnel-node"
 #: Response: how many nodes the cluster has now (1 for a server on its own).
 NODES_HEADER = "tunnel-nodes"
-#: The refusal of a connection to a worker the agent is connected to already.
+
+# Several nodes (servers of one cluster). The agent keeps connections to
+# ``min(ha_connections, nodes)`` distinct nodes, and to every worker of each node
+# it holds. A connection looking for one more node names the nodes the agent
+# holds; one looking for another worker of a node it holds names that node. A
+# node that is not wanted refuses with DUPLICATE_STATUS before anything else,
+# as a held worker does, so dialling a load-balanced address until it lands on
+# a new node costs the nodes it lands on nothing but the refusal.
+#: Request: comma-separated ids of the nodes the agent is connected to now and
+#: does not want another connection to.
+HAVE_NODES_HEADER = "tunnel-have-nodes"
+#: Request: the id of the one node this connection is meant for (another of
+#: its workers); any other node refuses it.
+WANT_NODE_HEADER = "tunnel-want-node"
+#: The refusal of a connection to a worker (or node) the agent is connected to
+#: already, or to a node this connection was not meant for.
 DUPLICATE_STATUS = 421
 
 #: Request: "1" to share the host with other agents of the same identity that

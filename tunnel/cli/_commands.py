@@ -19,6 +19,7 @@ from typing import NoReturn
 import trio
 
 from .. import __version__
+from .._config import ClientConfig
 from .._configfile import load_client_config, load_server_config, parse_port_range
 from .._exceptions import (
     ConfigError,
@@ -275,7 +276,19 @@ def _parser() -> argparse.ArgumentParser:
 def _agent_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("port", type=int, nargs="?", help="the local service's port")
     parser.add_argument("--config", help="TOML file of settings (flags win over it)")
-    parser.add_argument("--server", help="the tunnel server, host:port or a URL")
+    parser.add_argument(
+        "--server",
+        action="append",
+        metavar="ADDRESS",
+        help="the tunnel server, host:port or a URL; repeat for the nodes of a cluster",
+    )
+    parser.add_argument(
+        "--ha-connections",
+        type=_count,
+        metavar="N",
+        help="keep connections to N distinct nodes of a cluster (default 2; a server on "
+        "its own is one node)",
+    )
     parser.add_argument("--token", help="this agent's token")
     parser.add_argument("--key", help="OpenSSH Ed25519 private key to authenticate with")
     parser.add_argument("--local-host", help="where the service listens (default 127.0.0.1)")
@@ -320,6 +333,12 @@ def _port_range(text: str) -> range:
     return ports
 
 
+def _count(text: str) -> int:
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"give a whole number of 1 or more, not '{text}'")
+    return int(text)
+
+
 def _rate(text: str) -> float:
     try:
         value = float(text)
@@ -346,6 +365,13 @@ def _first_line(path: str, flag: str) -> str:
     if not line:
         raise ConfigError(f"{flag} {path!r}: the file is empty")
     return line
+
+
+def _addresses(given: list[str] | None) -> str | tuple[str, ...] | None:
+    """``--server`` once is one address, as in a config file; repeated, several."""
+    if not given:
+        return None
+    return given[0] if len(given) == 1 else tuple(given)
 
 
 async def _hash_token(args: argparse.Namespace) -> int:
@@ -400,14 +426,17 @@ async def _terminated() -> None:
             return
 
 
-async def _run_agent(args: argparse.Namespace) -> int:
-    send, receive = trio.open_memory_channel[ClientState](16)
+def _agent_config(
+    args: argparse.Namespace,
+    state: trio.MemorySendChannel[ClientState] | None = None,
+    recorder: Recorder | None = None,
+) -> ClientConfig:
+    """The agent's settings from ``tunnel http`` / ``tunnel tcp`` arguments (and --config)."""
     tcp = args.command == "tcp"
-    # Requests feed the panel (and the inspector); TCP tunnels carry none.
-    recorder = None if tcp else Recorder()
     config = load_client_config(
         args.config,
-        address=args.server,
+        address=_addresses(args.server),
+        ha_connections=args.ha_connections,
         token=args.token,
         key_file=args.key,
         port=args.port,
@@ -419,7 +448,7 @@ async def _run_agent(args: argparse.Namespace) -> int:
         basic_auth=args.basic_auth,
         allow_ips=args.allow_ips,
         deny_ips=args.deny_ips,
-        state=send,
+        state=state,
         tcp=tcp or None,
         remote_port=args.remote_port if tcp else None,
         inspector=None if tcp else args.inspector,
@@ -434,6 +463,15 @@ async def _run_agent(args: argparse.Namespace) -> int:
         config = dataclasses.replace(config, inspector=None)
     elif config.inspector is None:
         config = dataclasses.replace(config, inspector=DEFAULT_INSPECTOR)
+    return config
+
+
+async def _run_agent(args: argparse.Namespace) -> int:
+    send, receive = trio.open_memory_channel[ClientState](16)
+    tcp = args.command == "tcp"
+    # Requests feed the panel (and the inspector); TCP tunnels carry none.
+    recorder = None if tcp else Recorder()
+    config = _agent_config(args, send, recorder)
     client = Client(config)
     tls = config.local_tls or config.local_protocol == "h2"
     scheme = "tcp" if tcp else "https" if tls else "http"

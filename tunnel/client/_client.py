@@ -1,6 +1,27 @@
 """The agent's life: connect, serve streams, reconnect with backoff when lost.
 
 It ends when its user closes it or the server refuses it for good.
+
+Connections live in slots ``(group, worker)``, each with a reconnect loop of
+its own. A group holds one node of the cluster; its slots hold every worker of
+that node. The agent keeps ``min(ha_connections, nodes)`` groups, the node
+count being what the servers say in their handshakes: a server on its own says
+1, so there the agent keeps exactly one group, one connection per worker.
+
+Why every worker of each node held, rather than one connection per node: the
+workers of a node do not forward to each other, so a worker without the
+agent's connection can only make its visitors wait, then refuse them; and a
+request forwarded from another node lands on any of the holder's workers.
+Holding a node means holding all of it. The cost is bounded: at most
+``MAX_CONNECTIONS`` in all (a node with many workers takes fewer nodes).
+
+A slot whose group has a node asks for that node (another of its workers); a
+slot whose group has none looks for a node no other group holds, dialling the
+addresses in turn (the next one after a failure). Either kind of landing in
+the wrong place is refused by the server before anything costs it a thing,
+and retried after a short, growing delay; a search for a new node that keeps
+landing on held ones goes over to the ordinary reconnect backoff after
+``NODE_PROBES_IN_A_ROW`` attempts.
 """
 
 from __future__ import annotations
@@ -10,12 +31,14 @@ import random
 import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Final
 
 import trio
 import trio_websocket
 
 from .._compat import warn_fixes_off
 from .._config import ClientConfig
+from .._config.values import ServerAddress
 from .._exceptions import (
     ConnectionLostError,
     HostInUseError,
@@ -26,12 +49,16 @@ from .._exceptions import (
 from .._protocol.handshake import (
     AGENT_ID_HEADER,
     DISCONNECTED_CLOSE_CODE,
+    HAVE_NODES_HEADER,
     HAVE_WORKERS_HEADER,
     HOST_HEADER,
+    NODE_HEADER,
+    NODES_HEADER,
     POOL_HEADER,
     REPLACED_CLOSE_CODE,
     SUBPROTOCOL,
     TCP_PORT_HEADER,
+    WANT_NODE_HEADER,
     WORKER_HEADER,
     WORKERS_HEADER,
 )
@@ -68,8 +95,24 @@ DUPLICATE_BACKOFF = 0.05
 DUPLICATE_BACKOFF_MAX = 1.0
 #: After this many such refusals in a row, the agent says so.
 DUPLICATE_WARN_AFTER = 30
-#: The most connections an agent keeps to one server (one per worker process).
+#: The most connections an agent keeps in all (one per worker of each node held).
 MAX_CONNECTIONS = 64
+#: After this many attempts in a row that land on nodes the agent holds
+#: already, the search for another node waits the ordinary reconnect backoff
+#: (which grows to ``backoff_max``): the cluster may have fewer live nodes than
+#: it says, or a load balancer may send this agent to the same ones.
+NODE_PROBES_IN_A_ROW = 8
+
+#: While a cluster says it has fewer nodes than ``ha_connections`` and the
+#: agent holds them all, it looks for one more this often (seconds): a node
+#: that left and came back (a restart, a deploy) is joined again. Each look
+#: costs a node the cheap refusal of one handshake when there is none.
+CENSUS_INTERVAL = 60.0
+
+#: A connection's place: (node group, worker of that node).
+Slot = tuple[int, int]
+#: The first connection's slot; its loop runs for as long as the agent does.
+PRIMARY: Final[Slot] = (0, 0)
 
 
 class Client:
@@ -93,18 +136,33 @@ class Client:
         self._closing = False
         #: Set by aclose(): ends a reconnect wait at once.
         self._closed = trio.Event()
-        # One connection per server worker process, each in a slot of its own
-        # with its own reconnect loop; slot 0 is the first and always runs.
+        # One connection per worker of each node held, each in a slot of its
+        # own with its own reconnect loop (see the module's docstring);
+        # PRIMARY is the first and always runs.
+        self._servers = config.servers
         #: Slot → its HTTP/2 session, while that connection is up.
-        self._links: dict[int, Link] = {}
+        self._links: dict[Slot, Link] = {}
         #: Slot → the worker its connection reached (while up, or handshaking).
-        self._workers: dict[int, str] = {}
+        self._workers: dict[Slot, str] = {}
+        #: Slot → the node its connection reached (while up, or handshaking).
+        self._nodes: dict[Slot, str] = {}
         #: Slot → when its connection came up (trio time).
-        self._connected_at: dict[int, float] = {}
-        #: Connections to keep: the server's worker count, as it last said.
-        self._wanted = 1
+        self._connected_at: dict[Slot, float] = {}
+        #: How many nodes the cluster has, as the last handshake said.
+        self._node_count = 1
+        #: Whether any server said its cluster has several nodes: only then
+        #: does the agent look for nodes beyond the count (see CENSUS_INTERVAL).
+        self._in_cluster = False
+        #: Group → how many workers its node has, as the node last said.
+        self._group_workers: dict[int, int] = {}
+        #: Group → the index (in ``_servers``) of the address that reached its node.
+        self._group_address: dict[int, int] = {}
+        #: Group → the address its next search for a node dials first.
+        self._next_address: dict[int, int] = {}
+        #: Slot → whether its attempt under way looks for a new node.
+        self._searching: dict[Slot, bool] = {}
         #: The slots whose reconnect loops run now.
-        self._running: set[int] = set()
+        self._running: set[Slot] = set()
         #: Set (and replaced) whenever a slot's loop ends.
         self._slot_ended = trio.Event()
         self._nursery: trio.Nursery | None = None
@@ -146,10 +204,14 @@ class Client:
     def url(self) -> str:
         """The public URL of the tunnel, such as ``https://myapp.example.com``.
 
-        A TCP tunnel's is ``tcp://<server host>:<public port>``.
+        A TCP tunnel's is ``tcp://<server host>:<public port>``. With several
+        addresses, an HTTP tunnel's comes from the first (the nodes of one
+        cluster serve the same names); a TCP tunnel's from the one whose
+        server bound its port.
         """
         server = self.config.server
         if self.config.tcp:
+            server = self._servers[self._group_address.get(0, 0)]
             host = f"[{server.host}]" if ":" in server.host else server.host
             return f"tcp://{host}:{self._remote_port or 0}"
         scheme = "https" if server.scheme == "wss" else "http"
@@ -173,8 +235,17 @@ class Client:
 
     @property
     def server_connections(self) -> int:
-        """How many connections to the server are up now (one per server worker, when all are)."""
+        """How many connections to servers are up now.
+
+        When all are: one per worker process of each node held (``ha_connections``
+        nodes of a cluster, one server on its own).
+        """
         return len(self._links)
+
+    @property
+    def server_nodes(self) -> list[str]:
+        """The ids of the nodes (servers of a cluster) the agent is connected to now, sorted."""
+        return sorted({self._nodes[slot] for slot in self._links if self._nodes.get(slot)})
 
     @property
     def recorder(self) -> Recorder | None:
@@ -226,7 +297,10 @@ class Client:
         long as this runs.
 
         Args:
-            task_status: Receives the public URL once the first connection is up.
+            task_status: Receives the public URL once every connection the
+                agent wants is up (one per worker of each node it holds; see
+                ``config.ha_connections``), or ``connect_timeout`` after the
+                first one if some stay out of reach.
 
         Raises:
             RejectedError: The server refused the agent for a reason retrying
@@ -262,15 +336,16 @@ class Client:
                 self._nursery = nursery
                 if self._local_h2 is not None:
                     await nursery.start(self._local_h2.serve)
-                await self._slot_loop(0)
+                nursery.start_soon(self._census)
+                await self._slot_loop(PRIMARY)
                 if self._is_closing():
-                    # aclose() drains every connection at once, and slot 0's
+                    # aclose() drains every connection at once, and PRIMARY's
                     # may end first: cancelling the others now would cut their
                     # requests in flight (502s for the server's visitors).
                     with trio.move_on_after(self.config.drain_timeout + 1.0):
                         while self._running:
                             await self._slot_ended.wait()
-                # Slot 0 ends only when the agent does; the others go with it.
+                # PRIMARY ends only when the agent does; the others go with it.
                 nursery.cancel_scope.cancel()
         except BaseExceptionGroup as group:
             error = first_error(group)
@@ -283,7 +358,7 @@ class Client:
             with trio.CancelScope(shield=True):
                 await self._pool.aclose()
 
-    async def _slot_loop(self, slot: int) -> None:
+    async def _slot_loop(self, slot: Slot) -> None:
         """Keep connection ``slot`` up, reconnecting with backoff, while it is wanted."""
         self._running.add(slot)
         try:
@@ -293,18 +368,44 @@ class Client:
             self._slot_ended.set()
             self._slot_ended = trio.Event()
 
-    async def _keep_slot(self, slot: int) -> None:
+    async def _keep_slot(self, slot: Slot) -> None:
         failures = 0
         duplicates = 0
-        while not self._is_closing() and slot < self._wanted:
-            if slot == 0:
+        searches = 0
+        while not self._is_closing() and (slot == PRIMARY or self._wanted(slot)):
+            if slot == PRIMARY:
                 self._phase = ClientState.CONNECTING
                 self._update_state()
             try:
                 await self._connect_once(slot)
-            except DuplicateWorker:
-                # Routine while looking for the workers not reached yet; the
-                # delay grows only if the attempts keep landing on held ones.
+            except DuplicateWorker as refusal:
+                if refusal.nodes is not None:
+                    # The cluster's size now: if it shrank, this slot (or
+                    # others) may be wanted no more.
+                    self._node_count = max(1, refusal.nodes)
+                    self._in_cluster = self._in_cluster or refusal.nodes > 1
+                    if slot != PRIMARY and not self._wanted(slot):
+                        break
+                    self._start_missing()
+                searching = self._searching.get(slot, False)
+                searches = searches + 1 if searching else 0
+                if searches >= NODE_PROBES_IN_A_ROW:
+                    # Bounded: a cluster that says it has more live nodes
+                    # than this agent can find costs it one short run of
+                    # attempts per reconnect delay, not a steady stream.
+                    searches = 0
+                    logger.info(
+                        "agent for %s: %s%d attempts in a row reached nodes it holds already",
+                        self._host,
+                        self._which(slot),
+                        NODE_PROBES_IN_A_ROW,
+                    )
+                    await self._backoff(slot, failures)
+                    failures += 1
+                    continue
+                # Routine while looking for the workers (or nodes) not reached
+                # yet; the delay grows only if the attempts keep landing on
+                # held ones.
                 duplicates = min(duplicates + 1, 32)
                 cap = min(
                     DUPLICATE_BACKOFF_MAX,
@@ -312,11 +413,12 @@ class Client:
                     DUPLICATE_BACKOFF * 2**duplicates,
                 )
                 await self._pause(random.uniform(0, cap))
-                if duplicates == DUPLICATE_WARN_AFTER:
+                if duplicates == DUPLICATE_WARN_AFTER and not searching:
+                    # (A search for a node says so itself, above.)
                     logger.warning(
                         "agent for %s: %s%d attempts in a row reached server workers it holds "
-                        "already; still trying (is the server told of more worker processes "
-                        "than it runs?)",
+                        "already (or another node); still trying (is the server told of more "
+                        "worker processes than it runs?)",
                         self._host,
                         self._which(slot),
                         duplicates,
@@ -333,35 +435,96 @@ class Client:
                     "agent for %s: %sunexpected error; reconnecting", self._host, self._which(slot)
                 )
             duplicates = 0
+            searches = 0
             if self._uptime(slot) >= STABLE_AFTER:
                 failures = 0
             if self._is_closing():
                 break
-            if slot == 0:
+            if slot == PRIMARY:
                 self._phase = ClientState.DISCONNECTED
                 self._update_state()
-            cap = min(self.config.backoff_max, self.config.backoff_initial * 2 ** min(failures, 32))
+            await self._backoff(slot, failures)
             failures += 1
-            delay = random.uniform(0, cap)
-            which = self._which(slot)
-            logger.info("agent for %s: %sreconnecting in %.1fs", self._host, which, delay)
-            if slot != 0:
-                await self._pause(delay)
-                continue
-            # Published for a display's countdown (such as tunnel.cli's panel).
-            self._reconnect_wait = ReconnectWait(failures, delay, trio.current_time() + delay)
-            try:
-                await self._pause(delay)
-            finally:
-                self._reconnect_wait = None
+
+    async def _backoff(self, slot: Slot, failures: int) -> None:
+        """Wait before slot's next attempt, after ``failures`` failures in a row before this one."""
+        cap = min(self.config.backoff_max, self.config.backoff_initial * 2 ** min(failures, 32))
+        delay = random.uniform(0, cap)
+        which = self._which(slot)
+        logger.info("agent for %s: %sreconnecting in %.1fs", self._host, which, delay)
+        if slot != PRIMARY:
+            await self._pause(delay)
+            return
+        # Published for a display's countdown (such as tunnel.cli's panel).
+        self._reconnect_wait = ReconnectWait(failures + 1, delay, trio.current_time() + delay)
+        try:
+            await self._pause(delay)
+        finally:
+            self._reconnect_wait = None
+
+    async def _census(self) -> None:
+        """Now and then, while a cluster has fewer nodes than wanted, look for one more.
+
+        The count a node gives goes down when another leaves, and the agent
+        stops looking for it; nothing tells it when the node is back. So it
+        assumes one more node and lets a connection search for it, as for any
+        node: it lands on a held one, whose refusal says the count again (and
+        the search ends), or on the new one.
+        """
+        while True:
+            await trio.sleep(CENSUS_INTERVAL)
+            if (
+                self._in_cluster
+                and not self.config.tcp
+                and not self._is_closing()
+                and self._node_count < self.config.ha_connections
+                and len(self.server_nodes) >= self._wanted_nodes()
+            ):
+                self._node_count += 1
+                self._start_missing()
 
     async def _pause(self, seconds: float) -> None:
         """Sleep ``seconds``, or until :meth:`aclose` is called."""
         with trio.move_on_after(seconds):
             await self._closed.wait()
 
-    def _which(self, slot: int) -> str:
-        return "" if self._wanted == 1 else f"connection {slot + 1} of {self._wanted}: "
+    def _wanted_nodes(self) -> int:
+        """How many groups (distinct nodes) to keep: ``ha_connections``, up to the cluster's."""
+        if self.config.tcp:
+            # A TCP tunnel's public port lives in the worker that bound it.
+            return 1
+        return max(1, min(self.config.ha_connections, self._node_count, MAX_CONNECTIONS))
+
+    def _wanted_workers(self, group: int) -> int:
+        """How many connections group ``group`` keeps: one per worker of its node."""
+        if self.config.tcp:
+            return 1
+        told = self._group_workers.get(group, 1)
+        return max(1, min(told, MAX_CONNECTIONS // self._wanted_nodes()))
+
+    def _wanted_total(self) -> int:
+        return sum(self._wanted_workers(group) for group in range(self._wanted_nodes()))
+
+    def _wanted(self, slot: Slot) -> bool:
+        group, worker = slot
+        return group < self._wanted_nodes() and worker < self._wanted_workers(group)
+
+    def _group_node(self, group: int) -> str | None:
+        """The node group ``group`` holds (through any of its slots), if it holds one."""
+        for (other, _), node in self._nodes.items():
+            if other == group and node:
+                return node
+        return None
+
+    def _which(self, slot: Slot) -> str:
+        group, worker = slot
+        nodes = self._wanted_nodes()
+        workers = self._wanted_workers(group)
+        if nodes == 1:
+            return "" if workers == 1 else f"connection {worker + 1} of {workers}: "
+        if workers == 1:
+            return f"node connection {group + 1} of {nodes}: "
+        return f"node connection {group + 1} of {nodes}, worker {worker + 1} of {workers}: "
 
     def _update_state(self) -> None:
         """The tunnel is CONNECTED while any of its connections is up."""
@@ -370,7 +533,7 @@ class Client:
     def _is_closing(self) -> bool:
         return self._closing
 
-    def _uptime(self, slot: int) -> float:
+    def _uptime(self, slot: Slot) -> float:
         """How long slot's last connection has been up; 0 if it never came up."""
         # Counted from CONNECTED, not from the attempt's start: attempts that
         # time out slowly must not pass for a stable connection.
@@ -379,25 +542,49 @@ class Client:
             return 0.0
         return trio.current_time() - connected_at
 
-    async def _connect_once(self, slot: int) -> None:
+    async def _connect_once(self, slot: Slot) -> None:
         """One connection: handshake, then serve streams until it ends.
 
         Returns when closed by :meth:`aclose`; raises when the connection could
         not be made or was lost.
         """
         config = self.config
-        server = config.server
+        group = slot[0]
         locked = True
         await self._handshake_lock.acquire()
-        # The workers the other connections hold (read under the lock: it is
-        # what they hold now). Only a refusal of a handshake that named some is
-        # this server saying "a worker you hold"; a 421 otherwise comes from
-        # something else (a proxy's Misdirected Request) and is reported.
-        held = [worker for other, worker in self._workers.items() if other != slot]
+        # What the other connections hold (read under the lock: it is what
+        # they hold now). Only a refusal of a handshake that named some (or
+        # the node it wants) is this server saying "not here"; a 421
+        # otherwise comes from something else (a proxy's Misdirected
+        # Request) and is reported. The workers named are those of this
+        # group's node only: the node it wants (or, searching for a new node,
+        # the nodes held) says the rest, and a worker id is only ever
+        # compared within its node.
+        held = [
+            worker for other, worker in self._workers.items() if other != slot and other[0] == group
+        ]
+        want = self._group_node(group)
+        if want is None:
+            # Looking for a node no other group holds: the next address in
+            # turn, so that a failed one is not dialled again first.
+            index = self._next_address.get(group, group) % len(self._servers)
+            nodes = sorted({node for (other, _), node in self._nodes.items() if node})
+        else:
+            index = self._group_address.get(group, 0)
+            nodes = []
+        server = self._servers[index]
+        # A server on its own is one node whatever ids its workers give (under
+        # Hypercorn's own workers each makes up its own): asking for one there
+        # would shut the others out.
+        asked = want if self._node_count > 1 else None
+        self._searching[slot] = bool(nodes)
+        probing = bool(held or nodes or asked)
         try:
-            stream = await self._open_stream()
+            stream = await self._open_stream(server)
         except BaseException:
             self._handshake_lock.release()
+            if want is None:
+                self._next_address[group] = index + 1
             raise
         try:
             async with trio.open_nursery() as nursery:
@@ -413,26 +600,37 @@ class Client:
                             authority,
                             config.control_path,
                             subprotocols=[SUBPROTOCOL],
-                            extra_headers=await self._handshake_headers(stream, authority, held),
+                            extra_headers=await self._handshake_headers(
+                                stream, authority, held, nodes, asked
+                            ),
                             max_message_size=MAX_MESSAGE_SIZE,
                             receive_buffer_size=RECEIVE_BUFFER_SIZE,
                             message_queue_size=4,
                         )
                     guard.handshaking = False
-                    self._note_worker(slot, ws)
+                    self._note_worker(slot, ws, index)
                 finally:
                     locked = False
                     self._handshake_lock.release()
                 await self._serve(slot, ws)
                 nursery.cancel_scope.cancel()
-        except BaseExceptionGroup as group:
-            raise self._translate(first_error(group), probing=bool(held)) from None
+        except BaseExceptionGroup as errors:
+            raise self._translate(first_error(errors), server, probing=probing) from None
         except Exception as exc:
-            raise self._translate(exc, probing=bool(held)) from None
+            raise self._translate(exc, server, probing=probing) from None
         finally:
             if locked:
                 self._handshake_lock.release()
+            if want is None and self._nodes.get(slot) is None:
+                # Never reached a node (or lost it in the handshake): the
+                # next search starts from the next address.
+                self._next_address[group] = index + 1
+            elif self._nodes.get(slot) is not None and self._group_node_elsewhere(slot) is None:
+                # The group's last connection to its node ends: replace it by
+                # dialling another address first.
+                self._next_address[group] = index + 1
             self._workers.pop(slot, None)
+            self._nodes.pop(slot, None)
             with trio.move_on_after(CLOSE_TIMEOUT) as scope:
                 scope.shield = True
                 await stream.aclose()
@@ -447,7 +645,7 @@ class Client:
         """
         if self._task_status is trio.TASK_STATUS_IGNORED:
             return
-        if len(self._links) >= self._wanted:
+        if len(self._links) >= self._wanted_total():
             self._task_status.started(self.url)
             self._task_status = trio.TASK_STATUS_IGNORED
         elif len(self._links) == 1 and self._nursery is not None:
@@ -460,44 +658,91 @@ class Client:
                 "agent for %s: up on %d of %d server connections; going on",
                 self._host,
                 len(self._links),
-                self._wanted,
+                self._wanted_total(),
             )
             self._task_status.started(self.url)
             self._task_status = trio.TASK_STATUS_IGNORED
 
-    def _note_worker(self, slot: int, ws: trio_websocket.WebSocketConnection) -> None:
-        """Record which server worker ``slot`` reached, and how many there are."""
+    def _group_node_elsewhere(self, slot: Slot) -> str | None:
+        """The node of slot's group, held through another of its slots."""
+        group = slot[0]
+        for (other, worker), node in self._nodes.items():
+            if other == group and (other, worker) != slot and node:
+                return node
+        return None
+
+    def _note_worker(
+        self, slot: Slot, ws: trio_websocket.WebSocketConnection, index: int = 0
+    ) -> None:
+        """Record which worker of which node ``slot`` reached, and how many there are."""
         answer = dict(ws.handshake_headers)
         worker = answer.get(WORKER_HEADER.encode(), b"").decode("ascii", "replace")
+        node = answer.get(NODE_HEADER.encode(), b"").decode("ascii", "replace")
         count = answer.get(WORKERS_HEADER.encode(), b"1")
-        if worker and worker in self._workers.values():
-            # The server refuses these before accepting; this is the same
-            # rule for a server that could not tell (say, behind a proxy
-            # that dropped our header). Closing before HTTP/2 starts means
-            # the server never hands this connection a request.
+        nodes = answer.get(NODES_HEADER.encode(), b"1")
+        group = slot[0]
+        mine = self._group_node(group)
+        others = {held for (other, _), held in self._nodes.items() if other != group}
+        # The server refuses these before accepting; this is the same rule
+        # for a server that could not tell (say, behind a proxy that dropped
+        # our headers). Closing before HTTP/2 starts means the server never
+        # hands this connection a request.
+        if worker and any(
+            held == worker and other[0] == group for other, held in self._workers.items()
+        ):
             raise DuplicateWorker(worker)
+        told = int(nodes) if nodes.isdigit() else 1
+        if node and told > 1 and (node != mine if mine is not None else node in others):
+            raise DuplicateWorker(node)
         if worker:
             self._workers[slot] = worker
-        # A TCP tunnel's public port lives in the worker that bound it.
-        wanted = 1 if self.config.tcp or not count.isdigit() else int(count)
-        self._wanted = max(1, min(wanted, MAX_CONNECTIONS))
+        if node:
+            self._nodes[slot] = node
+        self._group_address[group] = index
+        self._group_workers[group] = int(count) if count.isdigit() else 1
+        # What the newest handshake says: a cluster that shrank keeps fewer
+        # connections (those beyond it end when they fail, not at once).
+        self._node_count = told
+        self._in_cluster = self._in_cluster or told > 1
+        self._start_missing()
+
+    def _start_missing(self) -> None:
+        """Start the loop of every slot wanted now that has none."""
         nursery = self._nursery
-        if nursery is not None:
-            for missing in set(range(self._wanted)) - self._running:
+        if nursery is None:
+            return
+        for group in range(self._wanted_nodes()):
+            for worker in range(self._wanted_workers(group)):
+                missing = (group, worker)
+                if missing in self._running:
+                    continue
                 # Marked running now, not when the task starts, so that a
                 # second handshake before then does not start it twice.
                 self._running.add(missing)
                 nursery.start_soon(self._slot_loop, missing)
 
-    async def _open_stream(self) -> trio.SocketStream | trio.SSLStream[trio.SocketStream]:
-        return await open_server_stream(self.config)
+    async def _open_stream(
+        self, server: ServerAddress
+    ) -> trio.SocketStream | trio.SSLStream[trio.SocketStream]:
+        return await open_server_stream(self.config, server)
 
-    async def _serve(self, slot: int, ws: trio_websocket.WebSocketConnection) -> None:
+    async def _serve(self, slot: Slot, ws: trio_websocket.WebSocketConnection) -> None:
         config = self.config
         answer = dict(ws.handshake_headers)
         granted = answer.get(HOST_HEADER.encode())
         if granted:
-            self._host = granted.decode("ascii", "replace")
+            host = granted.decode("ascii", "replace")
+            if self._links and host != self._host:
+                # The nodes of one cluster grant the same name; this one's
+                # settings (its domain) differ from the others'.
+                logger.warning(
+                    "agent for %s: %sthis server granted %s instead; its visitors use that name",
+                    self._host,
+                    self._which(slot),
+                    host,
+                )
+            else:
+                self._host = host
         port = answer.get(TCP_PORT_HEADER.encode(), b"")
         if config.tcp:
             if not port.isdigit():
@@ -524,14 +769,17 @@ class Client:
                 if len(self._links) == 1:
                     logger.info("tunnel up: %s → %s", self.url, self._pool.label)
                 else:
-                    logger.debug("%s: %sup", self.url, self._which(slot))
+                    node = self._nodes.get(slot)
+                    logger.debug(
+                        "%s: %sup%s", self.url, self._which(slot), f" (node {node})" if node else ""
+                    )
                 self._report_started()
         finally:
             self._links.pop(slot, None)
-            # Slot 0's loop says DISCONNECTED itself, at once and together with
-            # the reconnect wait; another slot's loss shows only if it was the
-            # last connection up.
-            if slot == 0:
+            # PRIMARY's loop says DISCONNECTED itself, at once and together
+            # with the reconnect wait; another slot's loss shows only if it
+            # was the last connection up.
+            if slot == PRIMARY:
                 self._phase = ClientState.DISCONNECTED
             elif not self._is_closing():
                 self._update_state()
@@ -551,7 +799,12 @@ class Client:
             raise ConnectionLostError(f"lost the connection to the server: {link.closed_reason}")
 
     async def _handshake_headers(
-        self, stream: trio.abc.Stream, authority: str, held: list[str]
+        self,
+        stream: trio.abc.Stream,
+        authority: str,
+        held: list[str],
+        nodes: list[str] | None = None,
+        want: str | None = None,
     ) -> list[tuple[bytes, bytes]]:
         config = self.config
         headers = [
@@ -560,6 +813,10 @@ class Client:
         ]
         if held:
             headers.append((HAVE_WORKERS_HEADER.encode(), ",".join(held).encode()))
+        if nodes:
+            headers.append((HAVE_NODES_HEADER.encode(), ",".join(nodes).encode()))
+        if want is not None:
+            headers.append((WANT_NODE_HEADER.encode(), want.encode()))
         if config.pool:
             headers.append((POOL_HEADER.encode(), b"1"))
         if self._key is not None:
@@ -573,8 +830,10 @@ class Client:
             headers.append((TCP_PORT_HEADER.encode(), str(self._remote_port or 0).encode()))
         return headers + self._policy.handshake_headers()
 
-    def _translate(self, exc: BaseException, *, probing: bool = False) -> BaseException:
-        return translate_error(exc, self.config, probing=probing)
+    def _translate(
+        self, exc: BaseException, server: ServerAddress | None = None, *, probing: bool = False
+    ) -> BaseException:
+        return translate_error(exc, self.config, server=server, probing=probing)
 
     async def _serve_stream(self, stream: Stream) -> None:
         assert stream.headers is not None
@@ -607,7 +866,9 @@ async def open_tunnel(config: ClientConfig) -> AsyncIterator[Client]:
     """Open a tunnel for the duration of an ``async with`` block.
 
     Returns once the tunnel is connected, as a :class:`Client` whose ``url`` is
-    the public URL. Connection losses inside the block are repaired in the
+    the public URL: once every connection it wants is up (one per worker of
+    each node it holds, see ``ha_connections``), or ``connect_timeout`` after
+    the first if a node stays out of reach. Connection losses inside the block are repaired in the
     background. Leaving the block finishes requests in flight and closes.
 
     Raises:

@@ -13,6 +13,7 @@ import trio
 import trio_websocket
 
 from .._config import ClientConfig
+from .._config.values import ServerAddress
 from .._exceptions import (
     ServerUnreachableError,
     TunnelError,
@@ -20,7 +21,7 @@ from .._exceptions import (
     is_permanent,
     rejection_for_status,
 )
-from .._protocol.handshake import DUPLICATE_STATUS
+from .._protocol.handshake import DUPLICATE_STATUS, NODES_HEADER
 from .._settings import client_setting
 
 __all__ = [
@@ -33,14 +34,23 @@ __all__ = [
 
 
 class DuplicateWorker(Exception):
-    """The connection reached a server worker another connection holds already."""
+    """The connection reached a server worker or node another connection holds already.
+
+    Or, looking for another worker of one node, it reached another node.
+    ``nodes``: how many nodes the refusing server said its cluster has, if it did.
+    """
+
+    def __init__(self, *args: object, nodes: int | None = None) -> None:
+        super().__init__(*args)
+        self.nodes = nodes
 
 
 async def open_server_stream(
-    config: ClientConfig,
+    config: ClientConfig, server: ServerAddress | None = None
 ) -> trio.SocketStream | trio.SSLStream[trio.SocketStream]:
-    """A byte stream to the server, TLS handshake done; errors in tunnel's words."""
-    server = config.server
+    """A byte stream to ``server`` (default: the first), TLS done; errors in tunnel's words."""
+    if server is None:
+        server = config.server
     try:
         with trio.fail_after(config.connect_timeout):
             if server.scheme == "ws":
@@ -60,18 +70,25 @@ async def open_server_stream(
                 raise
             return stream
     except Exception as exc:
-        raise translate_error(exc, config) from None
+        raise translate_error(exc, config, server=server) from None
 
 
 def translate_error(
-    exc: BaseException, config: ClientConfig, *, probing: bool = False
+    exc: BaseException,
+    config: ClientConfig,
+    *,
+    server: ServerAddress | None = None,
+    probing: bool = False,
 ) -> BaseException:
     """The error to raise for ``exc``: ours for the network's, others unchanged.
 
-    ``probing``: the handshake named server workers this agent holds, so a refusal
-    with ``DUPLICATE_STATUS`` means "one of those" (:class:`DuplicateWorker`).
+    ``server``: the address dialled (default: the first). ``probing``: the
+    handshake named server workers or nodes this agent holds (or the one node
+    it wants), so a refusal with ``DUPLICATE_STATUS`` means "not this one"
+    (:class:`DuplicateWorker`).
     """
-    server = config.server
+    if server is None:
+        server = config.server
     where = f"{server.host}:{server.port}"
     if isinstance(exc, TunnelError | DuplicateWorker):
         return exc
@@ -79,7 +96,8 @@ def translate_error(
         exc = exc.__cause__
     if isinstance(exc, trio_websocket.ConnectionRejected):
         if exc.status_code == DUPLICATE_STATUS and probing:
-            return DuplicateWorker()
+            told = dict(exc.headers).get(NODES_HEADER.encode(), b"")
+            return DuplicateWorker(nodes=int(told) if told.isdigit() else None)
         reason = (exc.body or b"").decode("utf-8", "replace").strip() or "no reason given"
         if is_permanent(exc.status_code):
             return rejection_for_status(exc.status_code, reason)

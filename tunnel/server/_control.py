@@ -20,6 +20,7 @@ from .._exceptions import ConfigError, StoreUnavailableError
 from .._protocol.handshake import (
     AGENT_ID_HEADER,
     DUPLICATE_STATUS,
+    HAVE_NODES_HEADER,
     HAVE_WORKERS_HEADER,
     HOST_HEADER,
     KEY_HEADER,
@@ -32,6 +33,7 @@ from .._protocol.handshake import (
     SUBPROTOCOL,
     SUBPROTOCOL_PREFIX,
     TCP_PORT_HEADER,
+    WANT_NODE_HEADER,
     WORKER_HEADER,
     WORKERS_HEADER,
     bearer_token,
@@ -111,6 +113,10 @@ async def serve_agent(
             reason=exc.reason,
         )
         headers = [] if exc.retry_after is None else [(b"retry-after", b"%d" % exc.retry_after)]
+        if exc.status == DUPLICATE_STATUS:
+            # A refusal as "not here" tells the cluster's size too: an agent
+            # searching for a node that has left learns to stop searching.
+            headers.append((NODES_HEADER.encode(), str(registry.nodes()).encode()))
         await refuse_websocket(scope, send, exc.status, exc.reason, headers)
         return
 
@@ -119,7 +125,7 @@ async def serve_agent(
         (WORKER_HEADER.encode(), worker_id().encode()),
         (WORKERS_HEADER.encode(), str(config.workers).encode()),
         (NODE_HEADER.encode(), node_id(config).encode()),
-        (NODES_HEADER.encode(), str(registry.store.node_count()).encode()),
+        (NODES_HEADER.encode(), str(registry.nodes()).encode()),
     ]
     if port is not None:
         accept_headers.append((TCP_PORT_HEADER.encode(), str(port).encode()))
@@ -238,6 +244,8 @@ _NAMES = {
         HOST_HEADER,
         AGENT_ID_HEADER,
         HAVE_WORKERS_HEADER,
+        HAVE_NODES_HEADER,
+        WANT_NODE_HEADER,
         POOL_HEADER,
         TCP_PORT_HEADER,
         KEY_HEADER,
@@ -260,6 +268,37 @@ def _name(name: str) -> str:
 
 def _value(value: str) -> str:
     return _VALUES.get(value, value)
+
+
+def _refuse_duplicate(config: ServerConfig, values: dict[str, str]) -> None:
+    """Refuse, before anything costs a thing, a connection the agent does not want here.
+
+    A worker or node it holds already, or a node other than the one it asked
+    for: it tries again, to land elsewhere (see ``tunnel._protocol.handshake``).
+    This comes before the token is checked, so the reasons name no node.
+    """
+    held = values.get(HAVE_WORKERS_HEADER, "")
+    if held and worker_id() in {part.strip() for part in held.split(",")}:
+        raise Denied(
+            DUPLICATE_STATUS,
+            "this agent is connected to this server worker already; "
+            "it tries again to reach the others",
+        )
+    if HAVE_NODES_HEADER not in values and WANT_NODE_HEADER not in values:
+        return
+    node = node_id(config)
+    held = values.get(HAVE_NODES_HEADER, "")
+    if held and node in {part.strip() for part in held.split(",")}:
+        raise Denied(
+            DUPLICATE_STATUS,
+            "this agent is connected to this node already; it tries again to reach another",
+        )
+    wanted = values.get(WANT_NODE_HEADER, "").strip()
+    if wanted and wanted != node:
+        raise Denied(
+            DUPLICATE_STATUS,
+            "this connection is meant for another node; the agent tries again",
+        )
 
 
 async def _check(
@@ -290,13 +329,7 @@ async def _check(
             f"this server runs {config.workers} worker processes and needs an agent that "
             "connects to each: upgrade the agent (pip install --upgrade trio-tunnel)",
         )
-    held = values.get(HAVE_WORKERS_HEADER, "")
-    if held and worker_id() in {part.strip() for part in held.split(",")}:
-        raise Denied(
-            DUPLICATE_STATUS,
-            "this agent is connected to this server worker already; "
-            "it tries again to reach the others",
-        )
+    _refuse_duplicate(config, values)
 
     tcp_port: int | None = None
     if TCP_PORT_HEADER in values:

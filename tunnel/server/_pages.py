@@ -30,9 +30,13 @@ async def send_error_page(
 
 
 async def refuse_websocket(
-    scope: Scope, send: Send, status: int, reason: str, headers: Sequence[tuple[bytes, bytes]] = ()
+    scope: Scope,
+    send: Send,
+    status: int,
+    reason: str,
+    headers: Sequence[tuple[bytes, bytes]] = (),
 ) -> None:
-    """Refuse a WebSocket handshake with an HTTP status, a reason and ``headers``."""
+    """Refuse a WebSocket handshake with an HTTP status, a reason and any ``headers``."""
     body = reason.encode("utf-8")
     if "websocket.http.response" in scope.get("extensions", {}):
         await send(

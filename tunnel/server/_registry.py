@@ -138,6 +138,18 @@ class Registry:
         #: Called with a key when its last session is released (the server
         #: drops what it kept for that tunnel, such as its rate limits).
         self.on_released: Callable[[str], None] | None = None
+        #: How many nodes the cluster has now, told to every agent in its
+        #: handshake (agents keep connections to that many distinct nodes, up
+        #: to their ``ha_connections``). A server on its own is one node; a
+        #: cluster's store counts the live nodes. Called once per accepted
+        #: agent connection, so it must not block: it returns what the store
+        #: last saw.
+        self.node_count: Callable[[], int] = lambda: self.store.node_count()
+
+    def nodes(self) -> int:
+        """The cluster's node count for a handshake: :attr:`node_count`, at least 1."""
+        count = self.node_count()
+        return count if isinstance(count, int) and count > 1 else 1
 
     def begin_shutdown(self) -> None:
         """Set :attr:`shutting_down` and cancel every :meth:`cancelled_on_shutdown` scope."""
