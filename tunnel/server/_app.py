@@ -7,6 +7,7 @@ import time
 from functools import partial
 from urllib.parse import unquote
 
+import trio
 from prometheus_client import CollectorRegistry
 
 from .._asgi import ASGIApp, Receive, Scope, Send
@@ -15,6 +16,7 @@ from .._config import ServerConfig
 from .._protocol.handshake import CHALLENGE_HEADER, CHALLENGE_SUFFIX, SUBPROTOCOL
 from .._protocol.headers import Headers, header_value
 from .._protocol.hosts import TargetError, host_from_authority, in_domain, origin_form
+from .._protocol.peer import PEER_PATH_SUFFIX, PEER_SUBPROTOCOL
 from .._settings import for_cli, server_setting
 from .._transport.masking import use_fast_masking
 from ._access import AccessControl
@@ -25,7 +27,9 @@ from ._ingress_ws import forward_visitor_websocket
 from ._limits import Limiter, Pacer
 from ._metrics import ServerMetrics
 from ._pages import refuse_websocket, send_error_page
-from ._registry import AgentSession, Registry, TunnelStatistics
+from ._peer_serve import NonceLedger, serve_peer
+from ._peers import Locate, Peers, PeerSession, no_other_nodes
+from ._registry import AgentSession, Registry, Session, TunnelStatistics
 from ._telemetry import Telemetry, log_event
 from .hypercorn._guard import install_hypercorn_guard
 from .hypercorn._patches import apply_hypercorn_patches
@@ -52,6 +56,9 @@ class TunnelApp:
             your own Hypercorn, its settings decide those.
         fallback: An ASGI app for requests to hosts no agent has claimed
             (instead of a 404 page). It also receives the lifespan events.
+        locate: For a node of a cluster: ``await locate(key)`` names the other
+            nodes that hold an agent for ``key`` (a host, or ``tcp:<port>``),
+            as ``(node_id, peer_address)`` pairs (see :attr:`locate`).
 
     Example:
         In ``mytunnel.py``, run with
@@ -62,7 +69,13 @@ class TunnelApp:
             app = tunnel.TunnelApp(tunnel.ServerConfig(tokens=frozenset({"s3cret"})))
     """
 
-    def __init__(self, config: ServerConfig | None = None, *, fallback: ASGIApp | None = None):
+    def __init__(
+        self,
+        config: ServerConfig | None = None,
+        *,
+        fallback: ASGIApp | None = None,
+        locate: Locate | None = None,
+    ):
         # Here, not only in serve(): under the ``hypercorn`` command the app is
         # all of ours that runs, and it is imported before any connection.
         install_hypercorn_guard()
@@ -84,6 +97,17 @@ class TunnelApp:
             hosts = ",".join(sorted(self._admin.hosts))
             log_event(logger, "admin_api", path=self._admin.prefix, hosts=hosts)
         self._challenge_path = self.config.control_path + CHALLENGE_SUFFIX
+        #: Where a host's agents are in the cluster: ``await locate(key)`` gives
+        #: ``(node_id, peer_address)`` for each node holding an agent for ``key``.
+        #: A visitor whose host has no agent here is carried to the first of
+        #: those this node reaches (needs ``config.cluster_secret``). The
+        #: default knows no other nodes. Exceptions it raises answer the
+        #: visitor 502 (the cluster's state is unavailable).
+        self.locate: Locate = locate if locate is not None else no_other_nodes
+        #: The links to the other nodes; they live in the lifespan's task.
+        self.peers = Peers(self.config)
+        self._peer_path = self.config.control_path + PEER_PATH_SUFFIX
+        self._nonces = NonceLedger()
         # When this worker began: a worker of several that has just started
         # (or restarted) knows no agent yet, while its siblings serve them.
         self._started = time.monotonic()
@@ -147,12 +171,19 @@ class TunnelApp:
         elif kind == "lifespan":
             await self._lifespan(scope, receive, send)
 
-    async def _find(self, host: str) -> AgentSession | tuple[int, str] | None:
-        """The session for ``host``; else the refusal to give, or None for the fallback."""
+    async def _find(self, host: str) -> AgentSession | PeerSession | tuple[int, str] | None:
+        """The session for ``host``; else the refusal to give, or None for the fallback.
+
+        An agent of this node first; else another node that holds one; else
+        this node's own rules (wait for a reconnecting agent, 404, 502).
+        """
         registry = self.registry
         session = registry.lookup(host)
         if session is not None:
             return session
+        elsewhere = await self._on_other_node(host)
+        if elsewhere is not None:
+            return elsewhere
         if registry.knows(host) and registry.shutting_down.is_set():
             # The agent cannot come back to a server that is going away.
             return 503, f"This server is shutting down; {host} will be back shortly."
@@ -179,6 +210,54 @@ class TunnelApp:
             return None
         return 404, f"No tunnel is serving {host or 'this host'} on this server."
 
+    async def _on_other_node(self, host: str) -> PeerSession | tuple[int, str] | None:
+        """A session on another node that holds an agent for ``host``, or the refusal.
+
+        None when no other node holds one (or this node is in no cluster).
+        """
+        peers = self.peers
+        if not host or not peers.active or self.registry.shutting_down.is_set():
+            return None
+        deadline = trio.current_time() + self.config.grace_period
+        try:
+            nodes: list[tuple[str, str]] = []
+            with trio.move_on_at(deadline):
+                nodes = [
+                    (node, address)
+                    for node, address in await self.locate(host)
+                    if node != peers.node_id
+                ]
+                return await peers.session(host, nodes, deadline) if nodes else None
+        except Exception as exc:
+            log_event(logger, "locate_failed", logging.WARNING, host=host, reason=repr(exc))
+            return (
+                502,
+                f"The cluster's state is unavailable, so this node cannot tell which node "
+                f"serves {host}; try again shortly.",
+            )
+        if not nodes:
+            # locate itself took too long.
+            return (
+                502,
+                f"The cluster's state is unavailable, so this node cannot tell which node "
+                f"serves {host}; try again shortly.",
+            )
+        return (
+            502,
+            f"The agent for {host} is on another node of this cluster, which this node "
+            "cannot reach now; try again shortly.",
+        )
+
+    async def _find_another(self, host: str) -> Session | None:
+        """A session for a request the one tried refused unread (``_ingress.py``)."""
+        session: Session | None = self.registry.lookup(host)
+        if session is None:
+            found = await self._on_other_node(host)
+            session = found if isinstance(found, PeerSession) else None
+        if session is None:
+            session = await self.registry.find_another(host, self.config.grace_period)
+        return session
+
     def _may_be_elsewhere(self, host: str) -> bool:
         """Whether an unknown ``host`` may have an agent this worker has not seen yet."""
         config = self.config
@@ -193,7 +272,7 @@ class TunnelApp:
         return self.fallback is None
 
     def _admit(
-        self, scope: Scope, session: AgentSession
+        self, scope: Scope, session: Session
     ) -> tuple[tuple[int, str, Headers] | None, Pacer | None]:
         """Whether this visitor may use ``session``.
 
@@ -237,12 +316,12 @@ class TunnelApp:
             return
         host = _host_of(scope)
         found = await self._find(host)
-        if isinstance(found, AgentSession):
+        if isinstance(found, AgentSession | PeerSession):
             refusal, pacer = self._admit(scope, found)
             if refusal is not None:
                 await send_error_page(send, *refusal)
                 return
-            reroute = partial(self.registry.find_another, host, self.config.grace_period)
+            reroute = partial(self._find_another, host)
             await forward_visitor_http(self.config, found, scope, receive, send, pacer, reroute)
         elif found is None:
             assert self.fallback is not None
@@ -272,8 +351,15 @@ class TunnelApp:
         if scope["path"] == self.config.control_path:
             await serve_agent(self.config, self.access, self.registry, scope, receive, send)
             return
+        if scope["path"] == self._peer_path and PEER_SUBPROTOCOL in (
+            scope.get("subprotocols") or ()
+        ):
+            # Another node of the cluster. Without the subprotocol the path is
+            # a tunnel's like any other.
+            await serve_peer(self.config, self.registry, self._nonces, scope, receive, send)
+            return
         found = await self._find(_host_of(scope))
-        if isinstance(found, AgentSession):
+        if isinstance(found, AgentSession | PeerSession):
             refusal, _ = self._admit(scope, found)
             if refusal is not None:
                 await receive()  # websocket.connect
@@ -288,6 +374,14 @@ class TunnelApp:
             await refuse_websocket(scope, send, *found)
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # The lifespan task lives as long as the server: the links to the
+        # other nodes of a cluster live in it, and close when it ends.
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.peers.serve)
+            await self._lifespan_events(scope, receive, send)
+            nursery.cancel_scope.cancel()
+
+    async def _lifespan_events(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.fallback is not None:
             await self.fallback(scope, receive, send)
             return

@@ -1,0 +1,404 @@
+"""Reaching the other nodes of a cluster: one persistent HTTP/2 link to each, as a session.
+
+A visitor whose host has no agent on this node, but has one on another node, is
+carried there over a link this node dials (``_protocol/peer.py`` says how the
+two prove they share the cluster secret). This node is the HTTP/2 client on it,
+exactly as towards an agent, and the ingress (``_ingress.py``, ``_ingress_ws.py``)
+sends the same request head, X-Forwarded-* included: a :class:`PeerSession`
+looks to it like an agent's session. The other node splices each stream onto
+its agent (``_peer_serve.py``) and never forwards it again.
+
+Each link is dialled when a request first needs it, shared by every request to
+that node, kept alive by the link's PINGs, and dialled again by the next
+request after it is lost, no sooner than a backoff that grows while dials fail.
+Its task lives in :class:`Peers`' nursery, which the app's lifespan owns.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import secrets
+import ssl
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Final
+
+import trio
+import trio_websocket
+
+from .._config import ServerConfig
+from .._config.values import split_host_port
+from .._exceptions import ConfigError
+from .._protocol.peer import (
+    PEER_NODE_HEADER,
+    PEER_NONCE_HEADER,
+    PEER_PATH_SUFFIX,
+    PEER_SIGNATURE_HEADER,
+    PEER_SUBPROTOCOL,
+    PEER_TIME_HEADER,
+    accept_signature,
+    dial_signature,
+    signatures_match,
+)
+from .._protocol.policy import VisitorPolicy
+from .._transport.websocket import HandshakeGuard, WebSocketTransport
+from ..link import MAX_MESSAGE, Link
+from ._telemetry import log_event
+from ._worker_id import node_id
+
+__all__ = ["Locate", "PeerSession", "Peers", "no_other_nodes"]
+
+logger = logging.getLogger("tunnel.server")
+
+#: Where a host's agents are: ``await locate(key)`` gives ``(node_id,
+#: peer_address)`` for each node that holds an agent for ``key`` (a host, or
+#: ``tcp:<port>``). The cluster's store provides it.
+Locate = Callable[[str], Awaitable[Sequence[tuple[str, str]]]]
+
+#: Backoff between dials of one node while they fail (seconds): the first
+#: bound, and the cap it doubles up to.
+BACKOFF_INITIAL: Final = 0.1
+BACKOFF_MAX: Final = 5.0
+#: A link that stayed up this long (seconds) resets the backoff.
+STABLE_AFTER: Final = 10.0
+#: Streams this node may have open to one other node at once; past it new
+#: requests wait (then 503), as towards an agent at its limit.
+PEER_MAX_STREAMS: Final = 1000
+#: As the agent's: large enough for a peer's largest message, and a few queued.
+MAX_MESSAGE_SIZE: Final = 4 * MAX_MESSAGE
+RECEIVE_BUFFER_SIZE: Final = 256 << 10
+CLOSE_TIMEOUT: Final = 2.0
+
+
+async def no_other_nodes(key: str) -> list[tuple[str, str]]:
+    """The default ``locate``: a server on its own knows no other nodes."""
+    return []
+
+
+class PeerError(Exception):
+    """A dial to another node failed; the message says why, for the log."""
+
+
+class PeerSession:
+    """Another node holding an agent for ``key``, as the ingress sees a session.
+
+    Attributes:
+        key: The registry key (the host, or ``tcp:<port>``).
+        node: The other node's id.
+        link: The link to that node, shared by all its requests.
+        policy: Empty: the node that holds the agent enforces the agent's
+            policy (allowed addresses, password), from the head this node sends.
+        requests_served: Counted like an agent session's (per request here).
+    """
+
+    __slots__ = ("key", "link", "node", "policy", "requests_served")
+
+    def __init__(self, key: str, node: str, link: Link) -> None:
+        self.key = key
+        self.node = node
+        self.link = link
+        self.policy = VisitorPolicy()
+        self.requests_served = 0
+
+    @property
+    def host(self) -> str:
+        """The public host name (or ``tcp:<port>``)."""
+        return self.key
+
+
+class _Peer:
+    """The link to one other node: dialled on need, shared, dialled again after a loss."""
+
+    __slots__ = (
+        "_changed",
+        "_failures",
+        "_next_dial",
+        "_peers",
+        "_up_since",
+        "address",
+        "attempts",
+        "dialling",
+        "failed",
+        "last_error",
+        "link",
+        "node",
+    )
+
+    def __init__(self, peers: Peers, node: str, address: str) -> None:
+        self._peers = peers
+        self.node = node
+        self.address = address
+        self.link: Link | None = None
+        self.dialling = False
+        #: Dials begun, and dials that failed, so far.
+        self.attempts = 0
+        self.failed = 0
+        self.last_error: str | None = None
+        self._failures = 0  # in a row, for the backoff
+        self._next_dial = 0.0
+        self._up_since: float | None = None
+        self._changed = trio.Event()
+
+    def usable(self) -> Link | None:
+        link = self.link
+        if link is not None and link.ready and link.accepting:
+            return link
+        return None
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def get(self, nursery: trio.Nursery) -> Link | None:
+        """The link, dialling it if needed; None if the dial begun for us failed."""
+        failed_before = self.failed
+        while True:
+            link = self.usable()
+            if link is not None:
+                return link
+            if self.failed > failed_before:
+                return None
+            if not self.dialling:
+                # Marked now, not when the task starts: two requests must not dial twice.
+                self.dialling = True
+                nursery.start_soon(self._keep)
+            await self._changed.wait()
+
+    async def _keep(self) -> None:
+        """Dial (after the backoff), then run the link until it is lost."""
+        try:
+            delay = self._next_dial - trio.current_time()
+            if delay > 0:
+                await trio.sleep(delay)
+            self.attempts += 1
+            try:
+                async with trio.open_nursery() as nursery:
+                    await self._run(nursery)
+                    nursery.cancel_scope.cancel()
+            except* Exception as group:
+                # Whatever went wrong costs this link only, never the node.
+                error = group.exceptions[0]
+                if self.link is None:
+                    self.failed += 1
+                self.last_error = str(error) or type(error).__name__
+                log_event(
+                    logger,
+                    "peer_unreachable" if self.link is None else "peer_failed",
+                    logging.WARNING,
+                    node=self.node,
+                    address=self.address,
+                    reason=self.last_error,
+                )
+        finally:
+            self.link = None
+            self.dialling = False
+            up_since = self._up_since
+            if up_since is not None and trio.current_time() - up_since >= STABLE_AFTER:
+                self._failures = 0
+            else:
+                self._failures += 1
+            cap = min(BACKOFF_MAX, BACKOFF_INITIAL * 2 ** min(self._failures - 1, 32))
+            self._next_dial = (
+                trio.current_time() + random.uniform(0, cap) if self._failures else 0.0
+            )
+            self._notify()
+
+    async def _run(self, nursery: trio.Nursery) -> None:
+        peers = self._peers
+        self._up_since = None
+        ws, stream = await peers.dial(nursery, self.address)
+        try:
+            link = Link.opener(
+                WebSocketTransport(ws),
+                keepalive_interval=peers.config.keepalive_interval,
+                keepalive_timeout=peers.config.keepalive_timeout,
+            )
+            await nursery.start(link.run)
+            # Ready once the other node's SETTINGS came: within a round trip.
+            with trio.move_on_after(peers.config.handshake_timeout):
+                await link.wait_peer_settings()
+            if not link.ready:
+                raise PeerError("the node did not start HTTP/2")
+            self.link = link
+            self._up_since = trio.current_time()
+            log_event(logger, "peer_connected", node=self.node, address=self.address)
+            self._notify()
+            await link.wait_closed()
+            log_event(
+                logger,
+                "peer_disconnected",
+                node=self.node,
+                address=self.address,
+                reason=link.closed_reason or "closed",
+            )
+        finally:
+            with trio.move_on_after(CLOSE_TIMEOUT) as scope:
+                scope.shield = True
+                await stream.aclose()
+
+
+class Peers:
+    """The links from this node to the others, keyed by their address.
+
+    Run :meth:`serve` (the app's lifespan does) for the links to have a home;
+    until then no peer can be reached and :meth:`session` finds none.
+
+    Args:
+        config: This node's settings (``cluster_secret``, ``node_id``, TLS,
+            timeouts).
+    """
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.node_id = node_id(config)
+        self._peers: dict[str, _Peer] = {}
+        self._nursery: trio.Nursery | None = None
+        self._ssl_context: ssl.SSLContext | None = None
+
+    @property
+    def active(self) -> bool:
+        """Whether other nodes can be dialled (a cluster secret, and :meth:`serve` runs)."""
+        return self._nursery is not None and self.config.cluster_secret is not None
+
+    def links(self) -> dict[str, Link]:
+        """The links up now, by the address of the node at the other end."""
+        return {address: p.link for address, p in self._peers.items() if p.link is not None}
+
+    def attempts(self, address: str) -> int:
+        """How many dials of the node at ``address`` have begun."""
+        peer = self._peers.get(address)
+        return 0 if peer is None else peer.attempts
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Be the home of the links until cancelled; they close with it."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            self._nursery = None
+
+    async def session(
+        self, key: str, nodes: Sequence[tuple[str, str]], deadline: float
+    ) -> PeerSession | None:
+        """A session on the first of ``nodes`` (other than this one) whose link comes up.
+
+        Waits until ``deadline`` (trio time) at most; None if none came up.
+        """
+        nursery = self._nursery
+        if nursery is None or self.config.cluster_secret is None:
+            return None
+        with trio.move_on_at(deadline):
+            for node, address in nodes:
+                if node == self.node_id or address == self.config.peer_address:
+                    continue  # never to ourselves
+                peer = self._peers.get(address)
+                if peer is None:
+                    peer = self._peers[address] = _Peer(self, node, address)
+                peer.node = node
+                link = await peer.get(nursery)
+                if link is not None:
+                    return PeerSession(key, node, link)
+        return None
+
+    async def dial(
+        self, nursery: trio.Nursery, address: str
+    ) -> tuple[trio_websocket.WebSocketConnection, trio.abc.Stream]:
+        """Open the WebSocket to the node at ``address``, both sides proven.
+
+        Raises:
+            PeerError: The node is unreachable, refused us, or did not prove
+                it knows the cluster secret.
+        """
+        config = self.config
+        secret = config.cluster_secret
+        assert secret is not None
+        try:
+            host, port = split_host_port(address, what="peer address")
+        except ConfigError as exc:
+            raise PeerError(str(exc)) from None
+        if port is None:
+            raise PeerError(f"peer address {address!r} has no port")
+        stream: trio.abc.Stream
+        try:
+            with trio.fail_after(config.handshake_timeout):
+                if config.tls:
+                    tls = await trio.open_ssl_over_tcp_stream(
+                        host, port, ssl_context=self._tls(), https_compatible=True
+                    )
+                    try:
+                        await tls.do_handshake()
+                    except BaseException:
+                        await trio.aclose_forcefully(tls)
+                        raise
+                    stream = tls
+                else:
+                    stream = await trio.open_tcp_stream(host, port)
+        except trio.TooSlowError:
+            raise PeerError(f"no answer within {config.handshake_timeout:g}s") from None
+        except (OSError, trio.BrokenResourceError, ssl.SSLError) as exc:
+            raise PeerError(f"cannot connect: {exc}") from None
+        nonce = secrets.token_hex(16)
+        timestamp = int(time.time())
+        authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        headers = [
+            (PEER_NODE_HEADER.encode(), self.node_id.encode()),
+            (PEER_TIME_HEADER.encode(), str(timestamp).encode()),
+            (PEER_NONCE_HEADER.encode(), nonce.encode()),
+            (
+                PEER_SIGNATURE_HEADER.encode(),
+                dial_signature(secret, self.node_id, authority, timestamp, nonce).encode(),
+            ),
+        ]
+        guard = HandshakeGuard(stream, address)
+        try:
+            with trio.fail_after(config.handshake_timeout):
+                ws = await trio_websocket.wrap_client_stream(
+                    nursery,
+                    guard,  # type: ignore[arg-type]  # any trio Stream works; the hint is narrow
+                    authority,
+                    config.control_path + PEER_PATH_SUFFIX,
+                    subprotocols=[PEER_SUBPROTOCOL],
+                    extra_headers=headers,
+                    max_message_size=MAX_MESSAGE_SIZE,
+                    receive_buffer_size=RECEIVE_BUFFER_SIZE,
+                    message_queue_size=4,
+                )
+            guard.handshaking = False
+        except BaseException as exc:
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(stream)
+            if isinstance(exc, trio_websocket.ConnectionRejected):
+                reason = (exc.body or b"").decode("utf-8", "replace").strip()
+                raise PeerError(f"refused with {exc.status_code}: {reason}") from None
+            if isinstance(exc, trio.TooSlowError):
+                raise PeerError(f"no handshake within {config.handshake_timeout:g}s") from None
+            if isinstance(exc, Exception):
+                raise PeerError(f"the WebSocket handshake failed: {exc}") from None
+            raise
+        answer = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in ws.handshake_headers}
+        node = answer.get(PEER_NODE_HEADER, "")
+        proof = answer.get(PEER_SIGNATURE_HEADER, "")
+        if not signatures_match(proof, accept_signature(secret, node, nonce)):
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(stream)
+            raise PeerError("the node did not prove it knows the cluster secret")
+        return ws, stream
+
+    def _tls(self) -> ssl.SSLContext:
+        """How another node's certificate is checked: the system's CAs and our own.
+
+        Nodes of one cluster usually share a certificate (or its CA), so ours
+        is trusted too; the certificate must name the node's address.
+        """
+        if self._ssl_context is None:
+            context = ssl.create_default_context()
+            if self.config.certificate is not None:
+                try:
+                    context.load_verify_locations(cafile=str(self.config.certificate))
+                except (OSError, ssl.SSLError):
+                    logger.warning("could not trust this node's own certificate for its peers")
+            self._ssl_context = context
+        return self._ssl_context
