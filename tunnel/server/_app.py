@@ -219,24 +219,24 @@ class TunnelApp:
         if not host or not peers.active or self.registry.shutting_down.is_set():
             return None
         deadline = trio.current_time() + self.config.grace_period
+        located = False
         try:
-            nodes: list[tuple[str, str]] = []
             with trio.move_on_at(deadline):
                 nodes = [
                     (node, address)
                     for node, address in await self.locate(host)
                     if node != peers.node_id
                 ]
-                return await peers.session(host, nodes, deadline) if nodes else None
+                located = True
+                if not nodes:
+                    return None
+                session = await peers.session(host, nodes, deadline)
+                if session is not None:
+                    return session
         except Exception as exc:
             log_event(logger, "locate_failed", logging.WARNING, host=host, reason=repr(exc))
-            return (
-                502,
-                f"The cluster's state is unavailable, so this node cannot tell which node "
-                f"serves {host}; try again shortly.",
-            )
-        if not nodes:
-            # locate itself took too long.
+            located = False
+        if not located:
             return (
                 502,
                 f"The cluster's state is unavailable, so this node cannot tell which node "
