@@ -120,9 +120,9 @@ def agent(node: Node, local_port: int, **overrides: Any) -> Any:
 
 def visit(node: Node, **kwargs: Any) -> httpx.AsyncClient:
     """A visitor of ``node``, from VISITOR_ADDRESS."""
+    kwargs.setdefault("headers", {"host": HOST})
     return httpx.AsyncClient(
         base_url=f"http://{node.address}",
-        headers={"host": HOST},
         trust_env=False,
         timeout=httpx.Timeout(20.0),
         transport=httpx.AsyncHTTPTransport(local_address=VISITOR_ADDRESS),
@@ -233,8 +233,10 @@ class SlowService:
             total = int(scope["query_string"] or b"0")
             await send({"type": "http.response.start", "status": 200, "headers": []})
             block = bytes(range(256)) * 1024
-            while self.sent < total:
-                piece = block[: min(len(block), total - self.sent)]
+            sent = 0
+            while sent < total:
+                piece = block[: min(len(block), total - sent)]
+                sent += len(piece)
                 self.sent += len(piece)
                 await send({"type": "http.response.body", "body": piece, "more_body": True})
             await send({"type": "http.response.body", "body": b""})
@@ -483,3 +485,44 @@ async def test_a_lost_link_is_dialled_again_for_the_next_request(
             assert response.json()["path"] == "/two"
             assert a.app.peers.attempts(through) == 2
             assert list(a.app.peers.links()) == [through]
+
+
+async def test_stalled_downloads_of_one_tunnel_do_not_stall_the_others(pair, slow_service) -> None:
+    """Visitors who stop reading hold their own streams' windows, not the link's.
+
+    One link carries every tunnel between two nodes; with an agent link's
+    windows (8 MiB a stream, 16 MiB in all) two such visitors of one tunnel
+    would stop every response of every other tunnel from node B to node A.
+    """
+    a, b = pair
+    other = "other.localhost"
+    a.where[other] = [("b", b.address)]
+    with trio.fail_after(60):
+        async with (
+            agent(b, slow_service.port),
+            agent(b, slow_service.port, host=other),
+            trio.open_nursery() as nursery,
+        ):
+            stalled = trio.Semaphore(0)
+
+            async def stall() -> None:
+                stream = await trio.open_tcp_stream("127.0.0.1", a.port)
+                async with stream:
+                    await stream.send_all(
+                        f"GET /download?{BIG} HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode()
+                    )
+                    assert (await stream.receive_some(65536)).startswith(b"HTTP/1.1 200")
+                    stalled.release()
+                    await trio.sleep_forever()  # reading nothing more
+
+            for _ in range(4):
+                nursery.start_soon(stall)
+            for _ in range(4):
+                await stalled.acquire()
+            await settled(lambda: slow_service.sent)
+            async with visit(a, headers={"host": other}) as http:
+                with trio.fail_after(10):
+                    response = await http.get("/download?300000")
+            assert response.status_code == 200
+            assert len(response.content) == 300000
+            nursery.cancel_scope.cancel()

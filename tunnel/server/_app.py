@@ -216,7 +216,10 @@ class TunnelApp:
         None when no other node holds one (or this node is in no cluster).
         """
         peers = self.peers
-        if not host or not peers.active or self.registry.shutting_down.is_set():
+        # Also while this node shuts down: its links outlive its visitors'
+        # connections (they live in the lifespan), and the other node is not
+        # going away.
+        if not host or not peers.active:
             return None
         deadline = trio.current_time() + self.config.grace_period
         located = False

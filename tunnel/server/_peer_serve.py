@@ -50,7 +50,7 @@ from .._protocol.peer import (
 from .._transport.asgi import ASGIWebSocketTransport
 from ..link import Link, Stream, StreamError
 from ._pages import refuse_websocket
-from ._peers import PEER_MAX_STREAMS
+from ._peers import PEER_CONNECTION_WINDOW, PEER_MAX_STREAMS, PEER_STREAM_WINDOW
 from ._registry import AgentSession, Registry
 from ._telemetry import log_event, peer_text
 from ._worker_id import node_id
@@ -163,6 +163,8 @@ async def serve_peer(
         keepalive_interval=config.keepalive_interval,
         keepalive_timeout=config.keepalive_timeout,
         max_concurrent_streams=PEER_MAX_STREAMS,
+        stream_window=PEER_STREAM_WINDOW,
+        connection_window=PEER_CONNECTION_WINDOW,
     )
     log_event(logger, "peer_accepted", node=peer, peer=peer_text(client))
     try:

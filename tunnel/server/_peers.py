@@ -65,6 +65,14 @@ STABLE_AFTER: Final = 10.0
 #: Streams this node may have open to one other node at once; past it new
 #: requests wait (then 503), as towards an agent at its limit.
 PEER_MAX_STREAMS: Final = 1000
+#: The windows of a link between nodes. It carries the requests of every
+#: tunnel between the two, so no few slow visitors may stall it: the
+#: connection's window is the sum of PEER_WINDOWS_FULL streams' windows, and
+#: only that many streams all stalled at once (their readers taking nothing)
+#: stop the others. It also bounds what one link can make a node hold.
+PEER_STREAM_WINDOW: Final = 1 << 20
+PEER_WINDOWS_FULL: Final = 256
+PEER_CONNECTION_WINDOW: Final = PEER_WINDOWS_FULL * PEER_STREAM_WINDOW
 #: As the agent's: large enough for a peer's largest message, and a few queued.
 MAX_MESSAGE_SIZE: Final = 4 * MAX_MESSAGE
 RECEIVE_BUFFER_SIZE: Final = 256 << 10
@@ -179,9 +187,11 @@ class _Peer:
             except* Exception as group:
                 # Whatever went wrong costs this link only, never the node.
                 error = group.exceptions[0]
+                while isinstance(error, BaseExceptionGroup):
+                    error = error.exceptions[0]
                 if self.link is None:
                     self.failed += 1
-                self.last_error = str(error) or type(error).__name__
+                self.last_error = _describe(error)
                 log_event(
                     logger,
                     "peer_unreachable" if self.link is None else "peer_failed",
@@ -213,6 +223,8 @@ class _Peer:
                 WebSocketTransport(ws),
                 keepalive_interval=peers.config.keepalive_interval,
                 keepalive_timeout=peers.config.keepalive_timeout,
+                stream_window=PEER_STREAM_WINDOW,
+                connection_window=PEER_CONNECTION_WINDOW,
             )
             await nursery.start(link.run)
             # Ready once the other node's SETTINGS came: within a round trip.
@@ -236,6 +248,15 @@ class _Peer:
             with trio.move_on_after(CLOSE_TIMEOUT) as scope:
                 scope.shield = True
                 await stream.aclose()
+
+
+def _describe(error: BaseException) -> str:
+    """What went wrong with a link to another node, in words."""
+    if isinstance(error, trio_websocket.ConnectionRejected):
+        # Raised by trio-websocket's reader task, not by the dial itself.
+        reason = (error.body or b"").decode("utf-8", "replace").strip()
+        return f"refused with {error.status_code}: {reason or 'no reason given'}"
+    return str(error) or type(error).__name__
 
 
 class Peers:
@@ -371,8 +392,7 @@ class Peers:
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(stream)
             if isinstance(exc, trio_websocket.ConnectionRejected):
-                reason = (exc.body or b"").decode("utf-8", "replace").strip()
-                raise PeerError(f"refused with {exc.status_code}: {reason}") from None
+                raise PeerError(_describe(exc)) from None
             if isinstance(exc, trio.TooSlowError):
                 raise PeerError(f"no handshake within {config.handshake_timeout:g}s") from None
             if isinstance(exc, Exception):
