@@ -25,7 +25,7 @@ import trio_websocket
 from faultproxy import FaultProxy
 
 import tunnel
-from helpers import STREAM_CHUNK_1, LocalService, eventually
+from helpers import STREAM_CHUNK_1, LocalService, eventually, free_port
 from tunnel._protocol.peer import (
     PEER_NODE_HEADER,
     PEER_NONCE_HEADER,
@@ -526,3 +526,39 @@ async def test_stalled_downloads_of_one_tunnel_do_not_stall_the_others(pair, slo
             assert response.status_code == 200
             assert len(response.content) == 300000
             nursery.cancel_scope.cancel()
+
+
+async def _digest_server(stream: trio.SocketStream) -> None:
+    """Reads until EOF, then answers the sha256 and length of what it read."""
+    digest, size = hashlib.sha256(), 0
+    async with stream:
+        while data := await stream.receive_some(65536):
+            digest.update(data)
+            size += len(data)
+        await stream.send_all(f"{digest.hexdigest()} {size}".encode())
+
+
+async def test_tcp_tunnel_through_the_other_node(start_node: StartNode, nursery) -> None:
+    """A TCP tunnel's public port, served on node A too, reaches the agent on node B."""
+    (listener,) = await nursery.start(partial(trio.serve_tcp, _digest_server, 0, host="127.0.0.1"))
+    local_port = listener.socket.getsockname()[1]
+    public = free_port()
+    # Both nodes bind the public port, each on its own loopback address.
+    a = await start_node("a", tcp_host="127.0.0.3")
+    b = await start_node("b", tcp_ports=range(public, public + 1))
+    a.where[f"tcp:{public}"] = [("b", b.address)]
+    payload = bytes(range(256)) * (8 * MiB // 256)
+    with trio.fail_after(30):
+        async with agent(b, local_port, tcp=True, host=None) as client:
+            assert client.url.endswith(f":{public}")
+            await nursery.start(a.app.serve_tcp_port, public)
+            stream = await trio.open_tcp_stream("127.0.0.3", public)
+            async with stream:
+                await stream.send_all(payload)
+                # Half-closed: the local service reads to the end, then answers.
+                await stream.send_eof()
+                answer = b""
+                while data := await stream.receive_some(65536):
+                    answer += data
+            assert list(a.app.peers.links()) == [b.address]
+    assert answer.decode() == f"{hashlib.sha256(payload).hexdigest()} {len(payload)}"

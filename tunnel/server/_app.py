@@ -30,6 +30,7 @@ from ._pages import refuse_websocket, send_error_page
 from ._peer_serve import NonceLedger, serve_peer
 from ._peers import Locate, Peers, PeerSession, no_other_nodes
 from ._registry import AgentSession, Registry, Session, TunnelStatistics
+from ._tcp import serve_forwarded_tcp
 from ._telemetry import Telemetry, log_event
 from .hypercorn._guard import install_hypercorn_guard
 from .hypercorn._patches import apply_hypercorn_patches
@@ -250,6 +251,21 @@ class TunnelApp:
             f"The agent for {host} is on another node of this cluster, which this node "
             "cannot reach now; try again shortly.",
         )
+
+    async def serve_tcp_port(
+        self, port: int, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Serve public TCP ``port`` on this node for a TCP tunnel held by another node.
+
+        Each visitor's connection is carried to a node that :attr:`locate`
+        names for ``tcp:<port>`` (or to an agent of this node's, if one holds
+        the port here meanwhile), and closed when none can take it. Runs until
+        cancelled; ``task_status.started()`` once it listens.
+
+        Raises:
+            OSError: The port cannot be bound on ``config.tcp_listen_host``.
+        """
+        await serve_forwarded_tcp(self.config, self._find_another, port, task_status=task_status)
 
     async def _find_another(self, host: str) -> Session | None:
         """A session for a request the one tried refused unread (``_ingress.py``)."""

@@ -52,6 +52,7 @@ from ..link import Link, Stream, StreamError
 from ._pages import refuse_websocket
 from ._peers import PEER_CONNECTION_WINDOW, PEER_MAX_STREAMS, PEER_STREAM_WINDOW
 from ._registry import AgentSession, Registry
+from ._tcp import TCP_AUTHORITY, tcp_port_of
 from ._telemetry import log_event, peer_text
 from ._worker_id import node_id
 
@@ -241,10 +242,32 @@ async def _serve_stream(config: ServerConfig, registry: Registry, me: str, strea
             stream.cancel(h2.errors.ErrorCodes.INTERNAL_ERROR)
 
 
+def _tunnel_of(headers: Headers) -> tuple[str, Headers] | None:
+    """The registry key a forwarded stream is for, and the head to send its agent.
+
+    An HTTP request or WebSocket goes on as it came (the first node built its
+    head); a TCP tunnel's connection (a CONNECT without ``:protocol``) names
+    its public port, and its agent gets the CONNECT that ``_tcp.py`` sends.
+    None if a TCP connection names no port.
+    """
+    authority = header_value(headers, b":authority") or b""
+    if header_value(headers, b":method") == b"CONNECT" and (
+        header_value(headers, b":protocol") is None
+    ):
+        port = tcp_port_of(authority)
+        if port is None:
+            return None
+        return f"tcp:{port}", [(b":method", b"CONNECT"), (b":authority", TCP_AUTHORITY)]
+    return host_from_authority(authority.decode("latin-1")), headers
+
+
 async def _forward(config: ServerConfig, registry: Registry, me: str, stream: Stream) -> None:
-    headers = stream.headers
-    assert headers is not None
-    host = host_from_authority((header_value(headers, b":authority") or b"").decode("latin-1"))
+    assert stream.headers is not None
+    tunnel = _tunnel_of(stream.headers)
+    if tunnel is None:
+        stream.cancel(h2.errors.ErrorCodes.PROTOCOL_ERROR)
+        return
+    host, headers = tunnel
     session = await _find(config, registry, host)
     if session is None:
         await _answer(
@@ -256,7 +279,9 @@ async def _forward(config: ServerConfig, registry: Registry, me: str, stream: St
         return
     policy = session.policy
     if policy.restricts:
-        refusal = policy.refusal(_visitor(headers), header_value(headers, b"authorization"))
+        refusal = policy.refusal(
+            _visitor(stream.headers), header_value(stream.headers, b"authorization")
+        )
         if refusal is not None:
             status, message = refusal
             challenge = [(b"www-authenticate", b'Basic realm="tunnel", charset="UTF-8"')]
