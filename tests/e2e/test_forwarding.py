@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import ssl
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -22,6 +23,7 @@ import hypercorn.trio
 import pytest
 import trio
 import trio_websocket
+import trustme
 from faultproxy import FaultProxy
 
 import tunnel
@@ -562,3 +564,35 @@ async def test_tcp_tunnel_through_the_other_node(start_node: StartNode, nursery)
                     answer += data
             assert list(a.app.peers.links()) == [b.address]
     assert answer.decode() == f"{hashlib.sha256(payload).hexdigest()} {len(payload)}"
+
+
+async def test_nodes_that_serve_tls_talk_tls(
+    start_node: StartNode, local_service: LocalService, tmp_path
+) -> None:
+    """Both nodes share a certificate (from a private CA) that names 127.0.0.1."""
+    ca = trustme.CA()
+    cert = ca.issue_cert("app.localhost", "127.0.0.1")
+    cert_file, key_file = tmp_path / "node.pem", tmp_path / "node.key"
+    for blob in cert.cert_chain_pems:
+        blob.write_to_path(str(cert_file), append=True)
+    cert.private_key_pem.write_to_path(str(key_file))
+    tls = {"certificate": str(cert_file), "key": str(key_file)}
+    a = await start_node("a", **tls)
+    b = await start_node("b", **tls)
+    a.where[HOST] = [("b", b.address)]
+    trusting = ssl.create_default_context()
+    ca.configure_trust(trusting)
+    with trio.fail_after(15):
+        async with (
+            agent(b, local_service.port, address=f"wss://{b.address}", insecure_skip_verify=True),
+            httpx.AsyncClient(
+                base_url=f"https://{a.address}",
+                headers={"host": HOST},
+                trust_env=False,
+                verify=trusting,
+            ) as http,
+        ):
+            response = await http.get("/secure")
+            assert response.status_code == 200
+            assert response.json()["path"] == "/secure"
+            assert list(a.app.peers.links()) == [b.address]

@@ -360,7 +360,14 @@ class Peers:
         except trio.TooSlowError:
             raise PeerError(f"no answer within {config.handshake_timeout:g}s") from None
         except (OSError, trio.BrokenResourceError, ssl.SSLError) as exc:
-            raise PeerError(f"cannot connect: {exc}") from None
+            cause = exc.__cause__ if isinstance(exc, trio.BrokenResourceError) else exc
+            if isinstance(cause, ssl.SSLCertVerificationError):
+                raise PeerError(
+                    f"its TLS certificate is not trusted ({cause.verify_message}): it must "
+                    f"name {host} and chain to a CA the system trusts or to a certificate "
+                    "of this node's own chain file"
+                ) from None
+            raise PeerError(f"cannot connect: {cause or exc}") from None
         nonce = secrets.token_hex(16)
         timestamp = int(time.time())
         authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -408,17 +415,27 @@ class Peers:
         return ws, stream
 
     def _tls(self) -> ssl.SSLContext:
-        """How another node's certificate is checked: the system's CAs and our own.
+        """How another node's certificate is checked.
 
-        Nodes of one cluster usually share a certificate (or its CA), so ours
-        is trusted too; the certificate must name the node's address.
+        It must name the address this node dials (``node_address``) and chain
+        to a CA the system trusts, or to a certificate of this node's own
+        chain file: the nodes of a cluster often share one certificate, or a
+        private CA whose certificate the chain file carries. (The cluster
+        secret proves the node itself; TLS keeps what the link carries private.)
         """
         if self._ssl_context is None:
             context = ssl.create_default_context()
             if self.config.certificate is not None:
+                # Any certificate of our chain is an anchor, the leaf included:
+                # without this flag OpenSSL would insist on a self-signed root.
+                context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
                 try:
                     context.load_verify_locations(cafile=str(self.config.certificate))
-                except (OSError, ssl.SSLError):
-                    logger.warning("could not trust this node's own certificate for its peers")
+                except (OSError, ssl.SSLError) as exc:
+                    logger.warning(
+                        "this node's certificate cannot be trusted for its peers (%s): only "
+                        "the system's CAs are",
+                        exc,
+                    )
             self._ssl_context = context
         return self._ssl_context
