@@ -596,3 +596,73 @@ async def test_nodes_that_serve_tls_talk_tls(
             assert response.status_code == 200
             assert response.json()["path"] == "/secure"
             assert list(a.app.peers.links()) == [b.address]
+
+
+async def test_the_agents_policy_is_enforced_on_its_node(pair, local_service) -> None:
+    """Node B holds the agent's rules and applies them to the visitor of node A."""
+    a, b = pair
+    with trio.fail_after(15):
+        async with (
+            agent(b, local_service.port, deny_ips=(f"{VISITOR_ADDRESS}/32",)),
+            visit(a) as http,
+        ):
+            refused = await http.get("/")
+        assert refused.status_code == 403
+        assert VISITOR_ADDRESS in refused.text
+        async with (
+            agent(b, local_service.port, basic_auth="ann:secret"),
+            visit(a) as http,
+        ):
+            challenged = await http.get("/")
+            assert challenged.status_code == 401
+            assert challenged.headers["www-authenticate"].startswith("Basic")
+            response = await http.get("/", auth=("ann", "secret"))
+            assert response.status_code == 200
+            # The tunnel's password is for the tunnel, not for the service.
+            assert header_values(response.json(), "authorization") == []
+
+
+async def test_when_the_cluster_state_is_unavailable_the_visitor_is_told(pair) -> None:
+    a, _ = pair
+
+    async def lost(key: str) -> list[tuple[str, str]]:
+        raise ConnectionError("Redis is down")
+
+    a.app.locate = lost
+    with trio.fail_after(10):
+        async with visit(a) as http:
+            response = await http.get("/")
+    assert response.status_code == 502
+    assert "cluster&#x27;s state is unavailable" in response.text
+
+
+async def test_a_host_no_node_holds_is_still_404(pair) -> None:
+    a, _ = pair
+    with trio.fail_after(10):
+        async with visit(a, headers={"host": "nobody.localhost"}) as http:
+            response = await http.get("/")
+    assert response.status_code == 404
+    assert a.located == ["nobody.localhost"]
+    assert a.app.peers.links() == {}
+
+
+async def test_an_agent_lost_before_answering_is_a_502_page(pair, local_service) -> None:
+    a, b = pair
+    with trio.fail_after(15):
+        answers: list[httpx.Response] = []
+        async with (
+            agent(b, local_service.port),
+            visit(a) as http,
+            trio.open_nursery() as nursery,
+        ):
+
+            async def request() -> None:
+                answers.append(await http.get("/hold"))
+
+            nursery.start_soon(request)
+            await eventually(lambda: local_service.holding == 1)
+            (session,) = b.app.registry.sessions()
+            session.link.close("the agent's connection broke")
+    (response,) = answers
+    assert response.status_code == 502
+    assert "could not answer: the agent&#x27;s connection broke" in response.text

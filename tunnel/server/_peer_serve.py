@@ -330,6 +330,7 @@ async def _forward(config: ServerConfig, registry: Registry, me: str, stream: St
 async def _splice(stream: Stream, upstream: Stream, session: AgentSession, host: str) -> None:
     """Relay ``stream`` (from the other node) and ``upstream`` (to the agent) both ways."""
     request = _RequestCopy(stream, upstream)
+    unanswered: StreamError | None = None
     async with trio.open_nursery() as nursery:
         if not stream.headers_ended:
             nursery.start_soon(request.run)
@@ -337,40 +338,54 @@ async def _splice(stream: Stream, upstream: Stream, session: AgentSession, host:
             headers = await upstream.receive_headers()
         except StreamError as exc:
             nursery.cancel_scope.cancel()
-            if exc.code != h2.errors.ErrorCodes.REFUSED_STREAM and (
-                session.link.closed_reason is not None
-            ):
-                await _answer(stream, 502, f"The agent for {host} could not answer: {exc.reason}.")
-            elif not stream.done:
-                # REFUSED_STREAM included: the first node may send it again elsewhere.
-                stream.cancel(exc.code)
-            return
-        try:
-            # A trailers-only answer (a gRPC error) stays one HEADERS frame with END_STREAM.
-            stream.send_headers(headers, end_stream=upstream.headers_ended)
-            if not upstream.headers_ended:
-                while True:
-                    data = await upstream.receive_data()
-                    if not data:
-                        break
-                    await stream.send_data(data)
-                    upstream.acknowledge()
-                if upstream.trailers is not None:
-                    stream.send_headers(upstream.trailers, end_stream=True)
-                else:
-                    stream.end()
-        except StreamError as exc:
-            nursery.cancel_scope.cancel()
-            if upstream.reset is exc and not stream.done:
-                # The agent (or its link) ended it: the other node learns how.
-                stream.cancel(exc.code)
-            return
+            unanswered = exc
+        else:
+            try:
+                await _copy_response(upstream, stream, headers)
+            except StreamError as exc:
+                nursery.cancel_scope.cancel()
+                if upstream.reset is exc and not stream.done:
+                    # The agent (or its link) ended it: the other node learns how.
+                    stream.cancel(exc.code)
+                return
         # The response is whole; the request's copy goes on until the other
         # node ends or resets it (a WebSocket's or TCP connection's other half).
+    if unanswered is not None:
+        if unanswered.code != h2.errors.ErrorCodes.REFUSED_STREAM and (
+            session.link.closed_reason is not None
+        ):
+            # The agent is gone: the visitor learns that from the page, as
+            # from a node of its own agent.
+            await _answer(
+                stream, 502, f"The agent for {host} could not answer: {unanswered.reason}."
+            )
+        elif not stream.done:
+            # REFUSED_STREAM included: the first node may send it again elsewhere.
+            stream.cancel(unanswered.code)
+        return
     if request.stopped and not stream.done:
         # The agent answered without reading the whole body and asked for no
         # more (RFC 9113 section 8.1): the other node is told the same.
         stream.cancel(h2.errors.ErrorCodes.NO_ERROR)
+
+
+async def _copy_response(upstream: Stream, stream: Stream, headers: Headers) -> None:
+    """The agent's response, from its headers on, to the other node."""
+    # A trailers-only answer (a gRPC error) stays one HEADERS frame with END_STREAM.
+    stream.send_headers(headers, end_stream=upstream.headers_ended)
+    if upstream.headers_ended:
+        return
+    while True:
+        data = await upstream.receive_data()
+        if not data:
+            break
+        await stream.send_data(data)
+        # Only now that the other node's window took it: end-to-end backpressure.
+        upstream.acknowledge()
+    if upstream.trailers is not None:
+        stream.send_headers(upstream.trailers, end_stream=True)
+    else:
+        stream.end()
 
 
 class _RequestCopy:
