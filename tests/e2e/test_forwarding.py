@@ -666,3 +666,23 @@ async def test_an_agent_lost_before_answering_is_a_502_page(pair, local_service)
     (response,) = answers
     assert response.status_code == 502
     assert "could not answer: the agent&#x27;s connection broke" in response.text
+
+
+async def test_a_node_shutting_down_drains_its_links_and_refuses_new_ones(
+    pair, local_service, caplog: pytest.LogCaptureFixture
+) -> None:
+    a, b = pair
+    caplog.set_level(logging.INFO, logger="tunnel.server")
+    with trio.fail_after(15):
+        async with agent(b, local_service.port), visit(a) as http:
+            assert (await http.get("/")).status_code == 200
+            b.app.begin_shutdown()
+            # Node B sends node A away (GOAWAY once its streams are done)...
+            await eventually(lambda: not a.app.peers.links())
+            # ...and refuses to be dialled again: node A's visitor is told.
+            response = await http.get("/")
+    assert response.status_code == 502
+    assert "cannot reach" in response.text
+    assert any(
+        "peer_refused" in r.getMessage() and "status=503" in r.getMessage() for r in caplog.records
+    )
