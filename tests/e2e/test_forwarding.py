@@ -8,6 +8,7 @@ local services, visitors on node A. Where a host's agents are is a dict here
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -686,3 +687,29 @@ async def test_a_node_shutting_down_drains_its_links_and_refuses_new_ones(
     assert any(
         "peer_refused" in r.getMessage() and "status=503" in r.getMessage() for r in caplog.records
     )
+
+
+async def test_a_tcp_visitor_the_agent_denies_is_closed(start_node: StartNode, nursery) -> None:
+    (listener,) = await nursery.start(partial(trio.serve_tcp, _digest_server, 0, host="127.0.0.1"))
+    local_port = listener.socket.getsockname()[1]
+    public = free_port()
+    a = await start_node("a", tcp_host="127.0.0.3")
+    b = await start_node("b", tcp_ports=range(public, public + 1))
+    a.where[f"tcp:{public}"] = [("b", b.address)]
+    with trio.fail_after(30):
+        async with agent(b, local_port, tcp=True, host=None, deny_ips=(f"{VISITOR_ADDRESS}/32",)):
+            await nursery.start(a.app.serve_tcp_port, public)
+            answers = []
+            for source in (VISITOR_ADDRESS, "127.0.0.1"):
+                stream = await trio.open_tcp_stream("127.0.0.3", public, local_address=source)
+                async with stream:
+                    await stream.send_all(b"hello")
+                    await stream.send_eof()
+                    answer = b""
+                    with contextlib.suppress(trio.BrokenResourceError):
+                        while data := await stream.receive_some(65536):
+                            answer += data
+                    answers.append(answer)
+    denied, admitted = answers
+    assert denied == b""
+    assert admitted.decode() == f"{hashlib.sha256(b'hello').hexdigest()} 5"

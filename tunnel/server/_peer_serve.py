@@ -279,9 +279,13 @@ async def _forward(config: ServerConfig, registry: Registry, me: str, stream: St
         return
     policy = session.policy
     if policy.restricts:
-        refusal = policy.refusal(
-            _visitor(stream.headers), header_value(stream.headers, b"authorization")
-        )
+        visitor = _visitor(stream.headers)
+        if host.startswith("tcp:"):
+            # A TCP client has no password to give: its address alone decides.
+            address = policy.address_refusal(visitor)
+            refusal = None if address is None else (403, address)
+        else:
+            refusal = policy.refusal(visitor, header_value(stream.headers, b"authorization"))
         if refusal is not None:
             status, message = refusal
             challenge = [(b"www-authenticate", b'Basic realm="tunnel", charset="UTF-8"')]
