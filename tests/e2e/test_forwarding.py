@@ -713,3 +713,29 @@ async def test_a_tcp_visitor_the_agent_denies_is_closed(start_node: StartNode, n
     denied, admitted = answers
     assert denied == b""
     assert admitted.decode() == f"{hashlib.sha256(b'hello').hexdigest()} 5"
+
+
+async def test_a_forwarded_request_waits_for_its_agent_to_reconnect(pair, local_service) -> None:
+    """Node B waits the grace period for its agent, as it would for its own visitor."""
+    a, b = pair
+    with trio.fail_after(15):
+        async with agent(b, local_service.port), visit(a) as http:
+            assert (await http.get("/before")).status_code == 200
+            (session,) = b.app.registry.sessions()
+            session.link.close("the agent's connection broke")
+            response = await http.get("/after")
+            assert response.status_code == 200
+            assert response.json()["path"] == "/after"
+            assert b.app.registry.sessions() != [session]
+
+
+async def test_a_node_without_the_cluster_secret_says_it_cannot_forward(
+    start_node: StartNode, caplog: pytest.LogCaptureFixture
+) -> None:
+    a = await start_node("a", cluster_secret=None)
+    a.where[HOST] = [("b", "127.0.0.1:9")]
+    with trio.fail_after(10):
+        async with visit(a) as http:
+            response = await http.get("/")
+    assert response.status_code == 404
+    assert any("cannot carry visitors to other nodes" in r.getMessage() for r in caplog.records)

@@ -109,6 +109,7 @@ class TunnelApp:
         self.peers = Peers(self.config)
         self._peer_path = self.config.control_path + PEER_PATH_SUFFIX
         self._nonces = NonceLedger()
+        self._told_inactive = False
         # When this worker began: a worker of several that has just started
         # (or restarted) knows no agent yet, while its siblings serve them.
         self._started = time.monotonic()
@@ -221,6 +222,14 @@ class TunnelApp:
         # connections (they live in the lifespan), and the other node is not
         # going away.
         if not host or not peers.active:
+            if self.locate is not no_other_nodes and not self._told_inactive:
+                self._told_inactive = True
+                logger.warning(
+                    "this node cannot carry visitors to other nodes: %s",
+                    f"give it {server_setting('cluster_secret')}"
+                    if self.config.cluster_secret is None
+                    else "its links live in the ASGI lifespan, which the server has not run",
+                )
             return None
         deadline = trio.current_time() + self.config.grace_period
         located = False
