@@ -739,3 +739,38 @@ async def test_a_node_without_the_cluster_secret_says_it_cannot_forward(
             response = await http.get("/")
     assert response.status_code == 404
     assert any("cannot carry visitors to other nodes" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_draining_node_is_passed_over_for_another_that_holds_the_host(
+    start_node: StartNode, start_local_service, nursery
+) -> None:
+    """Node B restarts (drains) with a request in flight; node C serves the next one."""
+    a = await start_node("a")
+    b = await start_node("b", graceful_timeout=10.0)
+    c = await start_node("c")
+    a.where[HOST] = [("b", b.address), ("c", c.address)]
+    on_b = await start_local_service("on-b")
+    on_c = await start_local_service("on-c")
+    with trio.fail_after(20):
+        held: list[httpx.Response] = []
+        async with (
+            agent(b, on_b.port),
+            agent(c, on_c.port),
+            visit(a) as http,
+            trio.open_nursery() as inner,
+        ):
+
+            async def hold() -> None:
+                held.append(await http.get("/hold"))
+
+            inner.start_soon(hold)
+            await eventually(lambda: on_b.holding == 1)
+            b.app.begin_shutdown()
+            await eventually(lambda: not a.app.peers.links()[b.address].accepting)
+            response = await http.get("/next")
+            assert response.json()["service"] == "on-c"
+            # What was in flight on node B finishes there.
+            on_b.release_hold.set()
+        (answer,) = held
+        assert answer.status_code == 200
+        assert answer.json()["service"] == "on-b"

@@ -167,6 +167,11 @@ class _Peer:
                 return link
             if self.failed > failed_before:
                 return None
+            if self.link is not None and self.link.ready and not self.link.accepting:
+                # The node is going away (its GOAWAY came): another node that
+                # holds the host may serve; this one takes nothing new, and is
+                # dialled again once its link has ended.
+                return None
             if not self.dialling:
                 # Marked now, not when the task starts: two requests must not dial twice.
                 self.dialling = True
