@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
+import grpc
 import httpx
 import hypercorn.config
 import hypercorn.trio
@@ -26,6 +27,7 @@ import trio
 import trio_websocket
 import trustme
 from faultproxy import FaultProxy
+from grpc_service import GrpcService, call_options
 
 import tunnel
 from helpers import STREAM_CHUNK_1, LocalService, eventually, free_port
@@ -774,3 +776,43 @@ async def test_a_draining_node_is_passed_over_for_another_that_holds_the_host(
         (answer,) = held
         assert answer.status_code == 200
         assert answer.json()["service"] == "on-b"
+
+
+def _ident(data: bytes) -> bytes:
+    return data
+
+
+async def test_grpc_trailers_and_a_trailers_only_error_through_the_other_node(pair) -> None:
+    """gRPC's status travels in trailers: they must pass node B as trailers."""
+    a, b = pair
+    service = GrpcService()
+    await trio.to_thread.run_sync(service.start)
+    channel = grpc.insecure_channel(f"127.0.0.1:{a.port}", options=call_options())
+    try:
+        unary = channel.unary_unary(
+            "/test.Echo/Unary", request_serializer=_ident, response_deserializer=_ident
+        )
+        fail = channel.unary_unary(
+            "/test.Echo/Fail", request_serializer=_ident, response_deserializer=_ident
+        )
+
+        def calls() -> tuple[bytes, Any, grpc.RpcError]:
+            response, rpc = unary.with_call(b"hello", timeout=5)
+            with pytest.raises(grpc.RpcError) as info:
+                fail(b"NOT_FOUND", timeout=5)
+            return response, rpc.trailing_metadata(), info.value
+
+        with trio.fail_after(20):
+            async with agent(b, service.port, local_protocol="h2c"):
+                response, trailing, error = await trio.to_thread.run_sync(
+                    calls, abandon_on_cancel=True
+                )
+    finally:
+        channel.close()
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(service.stop)
+    assert response == b"hello"
+    assert ("x-trailing", "5") in trailing
+    assert error.code() is grpc.StatusCode.NOT_FOUND
+    assert error.details() == "no such thing"
+    assert ("x-why", "testing") in error.trailing_metadata()
