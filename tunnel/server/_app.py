@@ -221,7 +221,9 @@ class TunnelApp:
         # Also while this node shuts down: its links outlive its visitors'
         # connections (they live in the lifespan), and the other node is not
         # going away.
-        if not host or not peers.active:
+        if not host:
+            return None
+        if not peers.active:
             if self.locate is not no_other_nodes and not self._told_inactive:
                 self._told_inactive = True
                 logger.warning(
@@ -404,10 +406,16 @@ class TunnelApp:
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         # The lifespan task lives as long as the server: the links to the
         # other nodes of a cluster live in it, and close when it ends.
-        async with trio.open_nursery() as nursery:
-            await nursery.start(self.peers.serve)
-            await self._lifespan_events(scope, receive, send)
-            nursery.cancel_scope.cancel()
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self.peers.serve)
+                await self._lifespan_events(scope, receive, send)
+                nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            # A fallback's own lifespan error reaches Hypercorn as itself.
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0] from None
+            raise
 
     async def _lifespan_events(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.fallback is not None:
