@@ -156,6 +156,11 @@ async def test_get_is_served_by_the_agent_on_the_other_node(pair, local_service)
             assert response.headers.get_list("set-cookie") == ["a=1", "b=2"]
             # The second request takes the same link.
             assert (await http.get("/again")).json()["path"] == "/again"
+            head = await http.head("/fixed")
+            assert head.status_code == 200
+            assert head.headers["content-length"] == "1234"
+            assert head.content == b""
+            assert (await http.get("/status/204")).status_code == 204
             assert a.app.peers.attempts(b.address) == 1
             assert list(a.app.peers.links()) == [b.address]
             # Node B never asked where the host is: it serves it.
