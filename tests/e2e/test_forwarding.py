@@ -495,6 +495,10 @@ async def test_a_lost_link_is_dialled_again_for_the_next_request(
             assert response.json()["path"] == "/two"
             assert a.app.peers.attempts(through) == 2
             assert list(a.app.peers.links()) == [through]
+            (peer,) = a.app.peers.statistics()
+            assert (peer.node, peer.address, peer.up) == ("b", through, True)
+            assert (peer.dials, peer.failed_dials) == (2, 0)
+            assert peer.last_error  # why the first link was lost
 
 
 async def test_stalled_downloads_of_one_tunnel_do_not_stall_the_others(pair, slow_service) -> None:

@@ -22,6 +22,7 @@ import secrets
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Final
 
 import trio
@@ -47,7 +48,7 @@ from ..link import MAX_MESSAGE, Link
 from ._telemetry import log_event
 from ._worker_id import node_id
 
-__all__ = ["Locate", "PeerSession", "Peers", "no_other_nodes"]
+__all__ = ["Locate", "PeerSession", "PeerStatistics", "Peers", "no_other_nodes"]
 
 logger = logging.getLogger("tunnel.server")
 
@@ -82,6 +83,31 @@ CLOSE_TIMEOUT: Final = 2.0
 async def no_other_nodes(key: str) -> list[tuple[str, str]]:
     """The default ``locate``: a server on its own knows no other nodes."""
     return []
+
+
+@dataclass(frozen=True, slots=True)
+class PeerStatistics:
+    """A snapshot of this node's link to another node.
+
+    Attributes:
+        node: The other node's id, as the store named it.
+        address: Where it is dialled.
+        up: Whether the link is up and takes new requests.
+        streams_in_flight: Requests on the link now.
+        dials: Dials begun so far.
+        failed_dials: Dials that failed so far.
+        last_error: Why the last dial failed or the last link was lost, if one did.
+        rtt: The last keepalive round-trip time in seconds, if measured.
+    """
+
+    node: str
+    address: str
+    up: bool
+    streams_in_flight: int
+    dials: int
+    failed_dials: int
+    last_error: str | None
+    rtt: float | None
 
 
 class PeerError(Exception):
@@ -242,12 +268,13 @@ class _Peer:
             log_event(logger, "peer_connected", node=self.node, address=self.address)
             self._notify()
             await link.wait_closed()
+            self.last_error = link.closed_reason or "closed"
             log_event(
                 logger,
                 "peer_disconnected",
                 node=self.node,
                 address=self.address,
-                reason=link.closed_reason or "closed",
+                reason=self.last_error,
             )
         finally:
             with trio.move_on_after(CLOSE_TIMEOUT) as scope:
@@ -290,6 +317,22 @@ class Peers:
     def links(self) -> dict[str, Link]:
         """The links up now, by the address of the node at the other end."""
         return {address: p.link for address, p in self._peers.items() if p.link is not None}
+
+    def statistics(self) -> list[PeerStatistics]:
+        """A snapshot of every other node this node has dialled, by address."""
+        return [
+            PeerStatistics(
+                node=peer.node,
+                address=address,
+                up=peer.usable() is not None,
+                streams_in_flight=0 if peer.link is None else peer.link.open_streams,
+                dials=peer.attempts,
+                failed_dials=peer.failed,
+                last_error=peer.last_error,
+                rtt=None if peer.link is None else peer.link.rtt,
+            )
+            for address, peer in sorted(self._peers.items())
+        ]
 
     def attempts(self, address: str) -> int:
         """How many dials of the node at ``address`` have begun."""
