@@ -211,6 +211,8 @@ class SlowService:
 
     def __init__(self) -> None:
         self.release = trio.Event()
+        self.abandoned = trio.Event()
+        self.uploaded = 0
         self.sent = 0
         self.port = 0
 
@@ -221,6 +223,14 @@ class SlowService:
                 await send({"type": message["type"] + ".complete"})
                 if message["type"] == "lifespan.shutdown":
                     return
+        if scope["path"] == "/abandoned":
+            # Reads the body as it comes, and notes when its sender vanishes.
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    self.abandoned.set()
+                    return
+                self.uploaded += len(message.get("body", b""))
         if scope["path"] == "/upload":
             # Read one chunk, then nothing until released: what the visitor
             # sends meanwhile waits on the way, as far as the windows allow.
@@ -825,3 +835,26 @@ async def test_grpc_trailers_and_a_trailers_only_error_through_the_other_node(pa
     assert error.code() is grpc.StatusCode.NOT_FOUND
     assert error.details() == "no such thing"
     assert ("x-why", "testing") in error.trailing_metadata()
+
+
+async def test_a_visitor_leaving_mid_upload_reaches_the_local_service(pair, slow_service) -> None:
+    a, b = pair
+
+    async def body() -> AsyncIterator[bytes]:
+        yield b"x" * 65536
+        await trio.sleep_forever()  # the visitor stops sending, and then leaves
+
+    with trio.fail_after(15):
+        async with agent(b, slow_service.port), visit(a) as http:
+            with trio.CancelScope() as uploading:
+
+                async def leave_once_read() -> None:
+                    await eventually(lambda: slow_service.uploaded == 65536)
+                    uploading.cancel()
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(leave_once_read)
+                    await http.post("/abandoned", content=body())
+            # A resets its stream to B, B its stream to the agent, the agent
+            # its connection to the service.
+            await slow_service.abandoned.wait()
