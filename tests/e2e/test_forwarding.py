@@ -126,11 +126,16 @@ def agent(node: Node, local_port: int, **overrides: Any) -> Any:
 def visit(node: Node, **kwargs: Any) -> httpx.AsyncClient:
     """A visitor of ``node``, from VISITOR_ADDRESS."""
     kwargs.setdefault("headers", {"host": HOST})
+    transport = httpx.AsyncHTTPTransport(
+        local_address=VISITOR_ADDRESS,
+        http1=kwargs.pop("http1", True),
+        http2=kwargs.pop("http2", False),
+    )
     return httpx.AsyncClient(
         base_url=f"http://{node.address}",
         trust_env=False,
         timeout=httpx.Timeout(20.0),
-        transport=httpx.AsyncHTTPTransport(local_address=VISITOR_ADDRESS),
+        transport=transport,
         **kwargs,
     )
 
@@ -858,3 +863,19 @@ async def test_a_visitor_leaving_mid_upload_reaches_the_local_service(pair, slow
             # A resets its stream to B, B its stream to the agent, the agent
             # its connection to the service.
             await slow_service.abandoned.wait()
+
+
+async def test_an_http2_visitor_through_the_other_node(pair, local_service) -> None:
+    a, b = pair
+    with trio.fail_after(15):
+        async with agent(b, local_service.port), visit(a, http1=False, http2=True) as http:
+            responses: list[httpx.Response] = []
+
+            async def post(index: int) -> None:
+                responses.append(await http.post(f"/h2/{index}", content=b"body %d" % index))
+
+            async with trio.open_nursery() as nursery:
+                for index in range(5):
+                    nursery.start_soon(post, index)
+    assert sorted(r.json()["body"] for r in responses) == [f"body {i}" for i in range(5)]
+    assert {r.http_version for r in responses} == {"HTTP/2"}
