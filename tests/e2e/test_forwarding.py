@@ -774,7 +774,6 @@ async def test_a_draining_node_is_passed_over_for_another_that_holds_the_host(
     a = await start_node("a")
     b = await start_node("b", graceful_timeout=10.0)
     c = await start_node("c")
-    a.where[HOST] = [("b", b.address), ("c", c.address)]
     on_b = await start_local_service("on-b")
     on_c = await start_local_service("on-c")
     with trio.fail_after(20):
@@ -785,6 +784,10 @@ async def test_a_draining_node_is_passed_over_for_another_that_holds_the_host(
             visit(a) as http,
             trio.open_nursery() as inner,
         ):
+            # The link to node B is up: with two nodes, a link that is up wins.
+            a.where[HOST] = [("b", b.address)]
+            assert (await http.get("/")).json()["service"] == "on-b"
+            a.where[HOST] = [("b", b.address), ("c", c.address)]
 
             async def hold() -> None:
                 held.append(await http.get("/hold"))
@@ -879,3 +882,21 @@ async def test_an_http2_visitor_through_the_other_node(pair, local_service) -> N
                     nursery.start_soon(post, index)
     assert sorted(r.json()["body"] for r in responses) == [f"body {i}" for i in range(5)]
     assert {r.http_version for r in responses} == {"HTTP/2"}
+
+
+async def test_a_dead_node_does_not_keep_the_visitor_from_a_live_one(
+    start_node: StartNode, start_local_service, nursery
+) -> None:
+    """Node B's network is gone (a dial hangs until its timeout); node C serves at once."""
+    a = await start_node("a", grace_period=30.0)
+    b = await start_node("b")
+    c = await start_node("c")
+    proxy: FaultProxy = await nursery.start(FaultProxy(b.port).run)
+    proxy.black_hole()
+    a.where[HOST] = [("b", f"127.0.0.1:{proxy.port}"), ("c", c.address)]
+    on_c = await start_local_service("on-c")
+    async with agent(c, on_c.port), visit(a) as http:
+        # Well within the 10 s a dial of node B takes to give up.
+        with trio.fail_after(8):
+            response = await http.get("/")
+    assert response.json()["service"] == "on-c"

@@ -18,9 +18,6 @@ from __future__ import annotations
 
 import logging
 import random
-import secrets
-import ssl
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Final
@@ -29,22 +26,10 @@ import trio
 import trio_websocket
 
 from .._config import ServerConfig
-from .._config.values import split_host_port
-from .._exceptions import ConfigError
-from .._protocol.peer import (
-    PEER_NODE_HEADER,
-    PEER_NONCE_HEADER,
-    PEER_PATH_SUFFIX,
-    PEER_SIGNATURE_HEADER,
-    PEER_SUBPROTOCOL,
-    PEER_TIME_HEADER,
-    accept_signature,
-    dial_signature,
-    signatures_match,
-)
 from .._protocol.policy import VisitorPolicy
-from .._transport.websocket import HandshakeGuard, WebSocketTransport
-from ..link import MAX_MESSAGE, Link
+from .._transport.websocket import WebSocketTransport
+from ..link import Link
+from ._peer_dial import PeerDialer, PeerError, describe
 from ._telemetry import log_event
 from ._worker_id import node_id
 
@@ -74,9 +59,6 @@ PEER_MAX_STREAMS: Final = 1000
 PEER_STREAM_WINDOW: Final = 1 << 20
 PEER_WINDOWS_FULL: Final = 256
 PEER_CONNECTION_WINDOW: Final = PEER_WINDOWS_FULL * PEER_STREAM_WINDOW
-#: As the agent's: large enough for a peer's largest message, and a few queued.
-MAX_MESSAGE_SIZE: Final = 4 * MAX_MESSAGE
-RECEIVE_BUFFER_SIZE: Final = 256 << 10
 CLOSE_TIMEOUT: Final = 2.0
 
 
@@ -108,10 +90,6 @@ class PeerStatistics:
     failed_dials: int
     last_error: str | None
     rtt: float | None
-
-
-class PeerError(Exception):
-    """A dial to another node failed; the message says why, for the log."""
 
 
 class PeerSession:
@@ -222,7 +200,7 @@ class _Peer:
                     error = error.exceptions[0]
                 if self.link is None:
                     self.failed += 1
-                self.last_error = _describe(error)
+                self.last_error = describe(error)
                 log_event(
                     logger,
                     "peer_unreachable" if self.link is None else "peer_failed",
@@ -282,15 +260,6 @@ class _Peer:
                 await stream.aclose()
 
 
-def _describe(error: BaseException) -> str:
-    """What went wrong with a link to another node, in words."""
-    if isinstance(error, trio_websocket.ConnectionRejected):
-        # Raised by trio-websocket's reader task, not by the dial itself.
-        reason = (error.body or b"").decode("utf-8", "replace").strip()
-        return f"refused with {error.status_code}: {reason or 'no reason given'}"
-    return str(error) or type(error).__name__
-
-
 class Peers:
     """The links from this node to the others, keyed by their address.
 
@@ -307,7 +276,7 @@ class Peers:
         self.node_id = node_id(config)
         self._peers: dict[str, _Peer] = {}
         self._nursery: trio.Nursery | None = None
-        self._ssl_context: ssl.SSLContext | None = None
+        self._dialer = PeerDialer(config, self.node_id)
 
     @property
     def active(self) -> bool:
@@ -352,25 +321,47 @@ class Peers:
     async def session(
         self, key: str, nodes: Sequence[tuple[str, str]], deadline: float
     ) -> PeerSession | None:
-        """A session on the first of ``nodes`` (other than this one) whose link comes up.
+        """A session on one of ``nodes`` (never this one), at once if a link is up.
 
-        Waits until ``deadline`` (trio time) at most; None if none came up.
+        A node whose link is up wins at once, the first in ``nodes`` order.
+        Else every node is dialled at once, and the first link up wins: a dead
+        node (a dial that hangs until its timeout) must not keep the visitor
+        from a live one. Waits until ``deadline`` (trio time) at most; None if
+        no link came up.
         """
         nursery = self._nursery
         if nursery is None or self.config.cluster_secret is None:
             return None
+        candidates: list[_Peer] = []
+        for node, address in nodes:
+            if node == self.node_id or address == self.config.peer_address:
+                continue  # never to ourselves
+            peer = self._peers.get(address)
+            if peer is None:
+                peer = self._peers[address] = _Peer(self, node, address)
+            peer.node = node
+            link = peer.usable()
+            if link is not None:
+                return PeerSession(key, node, link)
+            candidates.append(peer)
+        won: list[PeerSession] = []
         with trio.move_on_at(deadline):
-            for node, address in nodes:
-                if node == self.node_id or address == self.config.peer_address:
-                    continue  # never to ourselves
-                peer = self._peers.get(address)
-                if peer is None:
-                    peer = self._peers[address] = _Peer(self, node, address)
-                peer.node = node
-                link = await peer.get(nursery)
+            if len(candidates) == 1:
+                link = await candidates[0].get(nursery)
                 if link is not None:
-                    return PeerSession(key, node, link)
-        return None
+                    won.append(PeerSession(key, candidates[0].node, link))
+            elif candidates:
+                async with trio.open_nursery() as race:
+
+                    async def reach(peer: _Peer) -> None:
+                        link = await peer.get(nursery)
+                        if link is not None and not won:
+                            won.append(PeerSession(key, peer.node, link))
+                            race.cancel_scope.cancel()
+
+                    for peer in candidates:
+                        race.start_soon(reach, peer)
+        return won[0] if won else None
 
     async def dial(
         self, nursery: trio.Nursery, address: str
@@ -381,109 +372,4 @@ class Peers:
             PeerError: The node is unreachable, refused us, or did not prove
                 it knows the cluster secret.
         """
-        config = self.config
-        secret = config.cluster_secret
-        assert secret is not None
-        try:
-            host, port = split_host_port(address, what="peer address")
-        except ConfigError as exc:
-            raise PeerError(str(exc)) from None
-        if port is None:
-            raise PeerError(f"peer address {address!r} has no port")
-        stream: trio.abc.Stream
-        try:
-            with trio.fail_after(config.handshake_timeout):
-                if config.tls:
-                    tls = await trio.open_ssl_over_tcp_stream(
-                        host, port, ssl_context=self._tls(), https_compatible=True
-                    )
-                    try:
-                        await tls.do_handshake()
-                    except BaseException:
-                        await trio.aclose_forcefully(tls)
-                        raise
-                    stream = tls
-                else:
-                    stream = await trio.open_tcp_stream(host, port)
-        except trio.TooSlowError:
-            raise PeerError(f"no answer within {config.handshake_timeout:g}s") from None
-        except (OSError, trio.BrokenResourceError, ssl.SSLError) as exc:
-            cause = exc.__cause__ if isinstance(exc, trio.BrokenResourceError) else exc
-            if isinstance(cause, ssl.SSLCertVerificationError):
-                raise PeerError(
-                    f"its TLS certificate is not trusted ({cause.verify_message}): it must "
-                    f"name {host} and chain to a CA the system trusts or to a certificate "
-                    "of this node's own chain file"
-                ) from None
-            raise PeerError(f"cannot connect: {cause or exc}") from None
-        nonce = secrets.token_hex(16)
-        timestamp = int(time.time())
-        authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        headers = [
-            (PEER_NODE_HEADER.encode(), self.node_id.encode()),
-            (PEER_TIME_HEADER.encode(), str(timestamp).encode()),
-            (PEER_NONCE_HEADER.encode(), nonce.encode()),
-            (
-                PEER_SIGNATURE_HEADER.encode(),
-                dial_signature(secret, self.node_id, authority, timestamp, nonce).encode(),
-            ),
-        ]
-        guard = HandshakeGuard(stream, address)
-        try:
-            with trio.fail_after(config.handshake_timeout):
-                ws = await trio_websocket.wrap_client_stream(
-                    nursery,
-                    guard,  # type: ignore[arg-type]  # any trio Stream works; the hint is narrow
-                    authority,
-                    config.control_path + PEER_PATH_SUFFIX,
-                    subprotocols=[PEER_SUBPROTOCOL],
-                    extra_headers=headers,
-                    max_message_size=MAX_MESSAGE_SIZE,
-                    receive_buffer_size=RECEIVE_BUFFER_SIZE,
-                    message_queue_size=4,
-                )
-            guard.handshaking = False
-        except BaseException as exc:
-            with trio.CancelScope(shield=True):
-                await trio.aclose_forcefully(stream)
-            if isinstance(exc, trio_websocket.ConnectionRejected):
-                raise PeerError(_describe(exc)) from None
-            if isinstance(exc, trio.TooSlowError):
-                raise PeerError(f"no handshake within {config.handshake_timeout:g}s") from None
-            if isinstance(exc, Exception):
-                raise PeerError(f"the WebSocket handshake failed: {exc}") from None
-            raise
-        answer = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in ws.handshake_headers}
-        node = answer.get(PEER_NODE_HEADER, "")
-        proof = answer.get(PEER_SIGNATURE_HEADER, "")
-        if not signatures_match(proof, accept_signature(secret, node, nonce)):
-            with trio.CancelScope(shield=True):
-                await trio.aclose_forcefully(stream)
-            raise PeerError("the node did not prove it knows the cluster secret")
-        return ws, stream
-
-    def _tls(self) -> ssl.SSLContext:
-        """How another node's certificate is checked.
-
-        It must name the address this node dials (``node_address``) and chain
-        to a CA the system trusts, or to a certificate of this node's own
-        chain file: the nodes of a cluster often share one certificate, or a
-        private CA whose certificate the chain file carries. (The cluster
-        secret proves the node itself; TLS keeps what the link carries private.)
-        """
-        if self._ssl_context is None:
-            context = ssl.create_default_context()
-            if self.config.certificate is not None:
-                # Any certificate of our chain is an anchor, the leaf included:
-                # without this flag OpenSSL would insist on a self-signed root.
-                context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
-                try:
-                    context.load_verify_locations(cafile=str(self.config.certificate))
-                except (OSError, ssl.SSLError) as exc:
-                    logger.warning(
-                        "this node's certificate cannot be trusted for its peers (%s): only "
-                        "the system's CAs are",
-                        exc,
-                    )
-            self._ssl_context = context
-        return self._ssl_context
+        return await self._dialer.dial(nursery, address)
