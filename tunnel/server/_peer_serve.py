@@ -159,7 +159,7 @@ async def serve_peer(
         }
     )
     link = Link.answerer(
-        ASGIWebSocketTransport(receive, send),
+        ASGIWebSocketTransport(receive, send, peer=f"node {peer}"),
         on_stream=partial(_serve_stream, config, registry, me),
         keepalive_interval=config.keepalive_interval,
         keepalive_timeout=config.keepalive_timeout,
