@@ -18,33 +18,35 @@ CLOSE_TIMEOUT = 2.0
 class ASGIWebSocketTransport:
     """HTTP/2 bytes over the ASGI ``websocket.send`` / ``websocket.receive`` calls."""
 
-    def __init__(self, receive: Receive, send: Send) -> None:
+    def __init__(self, receive: Receive, send: Send, *, peer: str = "the agent") -> None:
         self._receive = receive
         self._send = send
         self._closed = False
+        #: Who is at the other end, in the reasons given (an agent, or another node).
+        self._peer = peer
 
     async def send(self, data: bytes) -> None:
         if self._closed:
-            raise TransportClosed("the agent's connection is closed")
+            raise TransportClosed(f"{self._peer}'s connection is closed")
         try:
             await self._send({"type": "websocket.send", "bytes": data})
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             self._closed = True
-            raise TransportClosed(f"the agent's connection broke: {exc}") from None
+            raise TransportClosed(f"{self._peer}'s connection broke: {exc}") from None
 
     async def receive(self) -> bytes:
         if self._closed:
-            raise TransportClosed("the agent's connection is closed")
+            raise TransportClosed(f"{self._peer}'s connection is closed")
         message = await self._receive()
         if message["type"] == "websocket.receive":
             data = message.get("bytes")
             if data is None:
-                raise TransportClosed("the agent sent a text message; only binary is allowed")
+                raise TransportClosed(f"{self._peer} sent a text message; only binary is allowed")
             return bytes(data)
         self._closed = True
         code = message.get("code", 1005)
         return_reason = message.get("reason") or ""
-        raise TransportClosed(f"the agent disconnected ({code} {return_reason})".strip())
+        raise TransportClosed(f"{self._peer} disconnected ({code} {return_reason})".strip())
 
     async def aclose(self, code: int = 1000, reason: str = "") -> None:
         if self._closed:

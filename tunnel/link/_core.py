@@ -90,6 +90,9 @@ class LinkCore(StreamOperations[S]):
             trusts the server it chose to dial; the server never trusts agents).
         trusted_peer_frames: Do not count PINGs, SETTINGS and free frames as
             abuse (see :class:`~._abuse.AbuseCounters`).
+        stream_window: What the peer may send on one stream before we
+            acknowledge (our SETTINGS_INITIAL_WINDOW_SIZE).
+        connection_window: What the peer may send on all streams together.
     """
 
     # Slots: the server keeps a link per agent, idle or not.
@@ -103,6 +106,7 @@ class LinkCore(StreamOperations[S]):
         "bytes_sent",
         "capacity_waiter",
         "closed_reason",
+        "connection_window",
         "final_reason",
         "phase",
         "pings",
@@ -123,8 +127,11 @@ class LinkCore(StreamOperations[S]):
         max_concurrent_streams: int = 100,
         trusted_peer: bool = False,
         trusted_peer_frames: bool = False,
+        stream_window: int = STREAM_WINDOW,
+        connection_window: int = CONNECTION_WINDOW,
     ) -> None:
         opener = role is Role.OPENER
+        self.connection_window = connection_window
         config = h2.config.H2Configuration(
             client_side=opener,
             header_encoding=None,
@@ -146,7 +153,7 @@ class LinkCore(StreamOperations[S]):
         self._conn.decoder.max_header_list_size = 1 << 20
         settings = {
             h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: max_concurrent_streams,
-            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
+            h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: stream_window,
             h2.settings.SettingCodes.ENABLE_PUSH: 0,
         }
         if not opener:
@@ -184,7 +191,7 @@ class LinkCore(StreamOperations[S]):
         # the peer has agreed to anything; raising it after the preface is safe.
         conn.update_settings({h2.settings.SettingCodes.MAX_FRAME_SIZE: MAX_FRAME})
         conn.max_inbound_frame_size = MAX_FRAME
-        conn.increment_flow_control_window(CONNECTION_WINDOW - 65535)
+        conn.increment_flow_control_window(self.connection_window - 65535)
         self._frames_queued()
 
     def receive_data(self, data: bytes) -> list[S]:

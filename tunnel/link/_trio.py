@@ -26,11 +26,13 @@ from .._transport import ABNORMAL_CLOSURE, MessageTransport, TransportClosed
 from ._abuse import Abuse
 from ._core import LinkCore
 from ._state import (
+    CONNECTION_WINDOW,
     MAX_MESSAGE,
     OUTBOUND_HIGH_WATER,
     POLICY_VIOLATION_CLOSE,
     PROTOCOL_ERROR_CLOSE,
     RECEIVE_SLICE,
+    STREAM_WINDOW,
     Role,
 )
 from ._stream import StreamState
@@ -124,6 +126,10 @@ class Link:
         trusted_peer: Skip h2's validation of received headers.
         trusted_peer_frames: Do not count the peer's PINGs, SETTINGS and free
             frames as abuse.
+        stream_window: What the peer may send on one stream before it is
+            acknowledged; default ``STREAM_WINDOW``.
+        connection_window: What the peer may send on all streams together;
+            default ``CONNECTION_WINDOW``.
     """
 
     # Slots: the server keeps a link per agent, idle or not.
@@ -155,6 +161,8 @@ class Link:
         on_stream: Callable[[Stream], Awaitable[None]] | None = None,
         trusted_peer: bool = False,
         trusted_peer_frames: bool = False,
+        stream_window: int = STREAM_WINDOW,
+        connection_window: int = CONNECTION_WINDOW,
     ) -> None:
         self._core: LinkCore[Stream] = LinkCore(
             role,
@@ -165,6 +173,8 @@ class Link:
             max_concurrent_streams=max_concurrent_streams,
             trusted_peer=trusted_peer,
             trusted_peer_frames=trusted_peer_frames,
+            stream_window=stream_window,
+            connection_window=connection_window,
         )
         self._transport = transport
         self._keepalive_interval = keepalive_interval
@@ -192,11 +202,14 @@ class Link:
         keepalive_timeout: float,
         max_concurrent_streams: int = 100,
         trusted_peer_frames: bool = False,
+        stream_window: int = STREAM_WINDOW,
+        connection_window: int = CONNECTION_WINDOW,
     ) -> Link:
         """The end that opens streams (the HTTP/2 client).
 
-        The server's end of an agent's link, and the agent's link to a local
-        HTTP/2 service (which passes ``trusted_peer_frames``).
+        The server's end of an agent's link, the agent's link to a local
+        HTTP/2 service (which passes ``trusted_peer_frames``), and a node's
+        link to another node of its cluster.
         """
         return cls(
             Role.OPENER,
@@ -205,6 +218,8 @@ class Link:
             keepalive_timeout=keepalive_timeout,
             max_concurrent_streams=max_concurrent_streams,
             trusted_peer_frames=trusted_peer_frames,
+            stream_window=stream_window,
+            connection_window=connection_window,
         )
 
     @classmethod
@@ -217,8 +232,13 @@ class Link:
         keepalive_timeout: float,
         max_concurrent_streams: int = 100,
         trusted_peer: bool = False,
+        stream_window: int = STREAM_WINDOW,
+        connection_window: int = CONNECTION_WINDOW,
     ) -> Link:
-        """The end that answers the streams its peer opens (the HTTP/2 server): the agent's."""
+        """The end that answers the streams its peer opens (the HTTP/2 server).
+
+        The agent's, and that of a node serving another node of its cluster.
+        """
         return cls(
             Role.ANSWERER,
             transport=transport,
@@ -227,6 +247,8 @@ class Link:
             max_concurrent_streams=max_concurrent_streams,
             on_stream=on_stream,
             trusted_peer=trusted_peer,
+            stream_window=stream_window,
+            connection_window=connection_window,
         )
 
     # -- what the core knows -----------------------------------------------------

@@ -20,6 +20,7 @@ from .._exceptions import StoreUnavailableError
 from .._protocol.handshake import CHALLENGE_HEADER, CHALLENGE_SUFFIX, SUBPROTOCOL
 from .._protocol.headers import Headers, header_value
 from .._protocol.hosts import TargetError, host_from_authority, in_domain, origin_form
+from .._protocol.peer import PEER_PATH_SUFFIX, PEER_SUBPROTOCOL
 from .._settings import for_cli, server_setting
 from .._transport.masking import use_fast_masking
 from ._access import AccessControl
@@ -30,8 +31,11 @@ from ._ingress_ws import forward_visitor_websocket
 from ._limits import Limiter, Pacer
 from ._metrics import ServerMetrics
 from ._pages import refuse_websocket, send_error_page
+from ._peer_serve import NonceLedger, serve_peer
+from ._peers import Locate, Peers, PeerSession, no_other_nodes
 from ._redis_store import open_store
-from ._registry import AgentSession, Registry, TunnelStatistics
+from ._registry import AgentSession, Registry, Session, TunnelStatistics
+from ._tcp import serve_forwarded_tcp
 from ._telemetry import Telemetry, log_event
 from ._worker_id import node_id
 from .hypercorn._guard import install_hypercorn_guard
@@ -59,6 +63,9 @@ class TunnelApp:
             your own Hypercorn, its settings decide those.
         fallback: An ASGI app for requests to hosts no agent has claimed
             (instead of a 404 page). It also receives the lifespan events.
+        locate: For a node of a cluster: ``await locate(key)`` names the other
+            nodes that hold an agent for ``key`` (a host, or ``tcp:<port>``),
+            as ``(node_id, peer_address)`` pairs (see :attr:`locate`).
 
     Example:
         In ``mytunnel.py``, run with
@@ -69,7 +76,13 @@ class TunnelApp:
             app = tunnel.TunnelApp(tunnel.ServerConfig(tokens=frozenset({"s3cret"})))
     """
 
-    def __init__(self, config: ServerConfig | None = None, *, fallback: ASGIApp | None = None):
+    def __init__(
+        self,
+        config: ServerConfig | None = None,
+        *,
+        fallback: ASGIApp | None = None,
+        locate: Locate | None = None,
+    ):
         # Here, not only in serve(): under the ``hypercorn`` command the app is
         # all of ours that runs, and it is imported before any connection.
         install_hypercorn_guard()
@@ -93,6 +106,18 @@ class TunnelApp:
             hosts = ",".join(sorted(self._admin.hosts))
             log_event(logger, "admin_api", path=self._admin.prefix, hosts=hosts)
         self._challenge_path = self.config.control_path + CHALLENGE_SUFFIX
+        #: Where a host's agents are in the cluster: ``await locate(key)`` gives
+        #: ``(node_id, peer_address)`` for each node holding an agent for ``key``.
+        #: A visitor whose host has no agent here is carried to the first of
+        #: those this node reaches (needs ``config.cluster_secret``). The
+        #: default knows no other nodes. Exceptions it raises answer the
+        #: visitor 502 (the cluster's state is unavailable).
+        self.locate: Locate = locate if locate is not None else no_other_nodes
+        #: The links to the other nodes; they live in the lifespan's task.
+        self.peers = Peers(self.config)
+        self._peer_path = self.config.control_path + PEER_PATH_SUFFIX
+        self._nonces = NonceLedger()
+        self._told_inactive = False
         # When this worker began: a worker of several that has just started
         # (or restarted) knows no agent yet, while its siblings serve them.
         self._started = time.monotonic()
@@ -156,12 +181,19 @@ class TunnelApp:
         elif kind == "lifespan":
             await self._lifespan(scope, receive, send)
 
-    async def _find(self, host: str) -> AgentSession | tuple[int, str] | None:
-        """The session for ``host``; else the refusal to give, or None for the fallback."""
+    async def _find(self, host: str) -> AgentSession | PeerSession | tuple[int, str] | None:
+        """The session for ``host``; else the refusal to give, or None for the fallback.
+
+        An agent of this node first; else another node that holds one; else
+        this node's own rules (wait for a reconnecting agent, 404, 502).
+        """
         registry = self.registry
         session = registry.lookup(host)
         if session is not None:
             return session
+        elsewhere = await self._on_other_node(host)
+        if elsewhere is not None:
+            return elsewhere
         if registry.knows(host) and registry.shutting_down.is_set():
             # The agent cannot come back to a server that is going away.
             return 503, f"This server is shutting down; {host} will be back shortly."
@@ -188,6 +220,82 @@ class TunnelApp:
             return None
         return 404, f"No tunnel is serving {host or 'this host'} on this server."
 
+    async def _on_other_node(self, host: str) -> PeerSession | tuple[int, str] | None:
+        """A session on another node that holds an agent for ``host``, or the refusal.
+
+        None when no other node holds one (or this node is in no cluster).
+        """
+        peers = self.peers
+        # Also while this node shuts down: its links outlive its visitors'
+        # connections (they live in the lifespan), and the other node is not
+        # going away.
+        if not host:
+            return None
+        if not peers.active:
+            if self.locate is not no_other_nodes and not self._told_inactive:
+                self._told_inactive = True
+                logger.warning(
+                    "this node cannot carry visitors to other nodes: %s",
+                    f"give it {server_setting('cluster_secret')}"
+                    if self.config.cluster_secret is None
+                    else "its links live in the ASGI lifespan, which the server has not run",
+                )
+            return None
+        deadline = trio.current_time() + self.config.grace_period
+        located = False
+        try:
+            with trio.move_on_at(deadline):
+                nodes = [
+                    (node, address)
+                    for node, address in await self.locate(host)
+                    if node != peers.node_id
+                ]
+                located = True
+                if not nodes:
+                    return None
+                session = await peers.session(host, nodes, deadline)
+                if session is not None:
+                    return session
+        except Exception as exc:
+            log_event(logger, "locate_failed", logging.WARNING, host=host, reason=repr(exc))
+            located = False
+        if not located:
+            return (
+                502,
+                f"The cluster's state is unavailable, so this node cannot tell which node "
+                f"serves {host}; try again shortly.",
+            )
+        return (
+            502,
+            f"The agent for {host} is on another node of this cluster, which this node "
+            "cannot reach now; try again shortly.",
+        )
+
+    async def serve_tcp_port(
+        self, port: int, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Serve public TCP ``port`` on this node for a TCP tunnel held by another node.
+
+        Each visitor's connection is carried to a node that :attr:`locate`
+        names for ``tcp:<port>`` (or to an agent of this node's, if one holds
+        the port here meanwhile), and closed when none can take it. Runs until
+        cancelled; ``task_status.started()`` once it listens.
+
+        Raises:
+            OSError: The port cannot be bound on ``config.tcp_listen_host``.
+        """
+        await serve_forwarded_tcp(self.config, self._find_another, port, task_status=task_status)
+
+    async def _find_another(self, host: str) -> Session | None:
+        """A session for a request the one tried refused unread (``_ingress.py``)."""
+        session: Session | None = self.registry.lookup(host)
+        if session is None:
+            found = await self._on_other_node(host)
+            session = found if isinstance(found, PeerSession) else None
+        if session is None:
+            session = await self.registry.find_another(host, self.config.grace_period)
+        return session
+
     def _may_be_elsewhere(self, host: str) -> bool:
         """Whether an unknown ``host`` may have an agent this worker has not seen yet."""
         config = self.config
@@ -202,7 +310,7 @@ class TunnelApp:
         return self.fallback is None
 
     def _admit(
-        self, scope: Scope, session: AgentSession
+        self, scope: Scope, session: Session
     ) -> tuple[tuple[int, str, Headers] | None, Pacer | None]:
         """Whether this visitor may use ``session`` (the checks this process makes).
 
@@ -230,7 +338,7 @@ class TunnelApp:
         return None, None
 
     async def _admit_shared(
-        self, scope: Scope, session: AgentSession
+        self, scope: Scope, session: Session
     ) -> tuple[int, str, Headers] | None:
         """The refusal of a request over a cluster-wide request rate, if it is."""
         client = scope.get("client")
@@ -268,14 +376,14 @@ class TunnelApp:
             return
         host = _host_of(scope)
         found = await self._find(host)
-        if isinstance(found, AgentSession):
+        if isinstance(found, AgentSession | PeerSession):
             refusal, pacer = self._admit(scope, found)
             if refusal is None and self.registry.store.clustered and self.limiter.shared:
                 refusal = await self._admit_shared(scope, found)
             if refusal is not None:
                 await send_error_page(send, *refusal)
                 return
-            reroute = partial(self.registry.find_another, host, self.config.grace_period)
+            reroute = partial(self._find_another, host)
             await forward_visitor_http(self.config, found, scope, receive, send, pacer, reroute)
         elif found is None:
             assert self.fallback is not None
@@ -305,8 +413,15 @@ class TunnelApp:
         if scope["path"] == self.config.control_path:
             await serve_agent(self.config, self.access, self.registry, scope, receive, send)
             return
+        if scope["path"] == self._peer_path and PEER_SUBPROTOCOL in (
+            scope.get("subprotocols") or ()
+        ):
+            # Another node of the cluster. Without the subprotocol the path is
+            # a tunnel's like any other.
+            await serve_peer(self.config, self.registry, self._nonces, scope, receive, send)
+            return
         found = await self._find(_host_of(scope))
-        if isinstance(found, AgentSession):
+        if isinstance(found, AgentSession | PeerSession):
             refusal, _ = self._admit(scope, found)
             if refusal is None and self.registry.store.clustered and self.limiter.shared:
                 refusal = await self._admit_shared(scope, found)
@@ -323,34 +438,48 @@ class TunnelApp:
             await refuse_websocket(scope, send, *found)
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.config.store is None:
-            await self._lifespan_events(scope, receive, send)
-            return
-        # The cluster's store lives as long as the app does, in this task,
-        # which opens and closes its Redis client (coredis asks that).
+        # The lifespan task lives as long as the server: the cluster's store
+        # (whose Redis client this task opens and closes, as coredis asks)
+        # and the links to the other nodes live in it, and close when it ends.
         async with contextlib.AsyncExitStack() as stack:
+            store = None
+            if self.config.store is not None:
+                try:
+                    store = await stack.enter_async_context(open_store(self.config))
+                except StoreUnavailableError as exc:
+                    logger.error("tunnel server: %s", exc)
+                    await receive()  # lifespan.startup
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                self.registry.store = store
+                if self.locate is no_other_nodes:
+                    self.locate = self._locate_in_store
             try:
-                store = await stack.enter_async_context(open_store(self.config))
-            except StoreUnavailableError as exc:
-                logger.error("tunnel server: %s", exc)
-                await receive()  # lifespan.startup
-                await send({"type": "lifespan.startup.failed", "message": str(exc)})
-                return
-            self.registry.store = store
-            async with trio.open_nursery() as nursery:
-                await nursery.start(store.run, _Holder(self))
-                with contextlib.suppress(StoreUnavailableError):
-                    peers = [node for node in await store.nodes() if node != store.node]
-                    log_event(
-                        logger,
-                        "cluster_node",
-                        node=store.node,
-                        address=store.address,
-                        store=store.url,
-                        peers=",".join(peers) or "none yet",
-                    )
-                await self._lifespan_events(scope, receive, send)
-                nursery.cancel_scope.cancel()
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(self.peers.serve)
+                    if store is not None:
+                        await nursery.start(store.run, _Holder(self))
+                        with contextlib.suppress(StoreUnavailableError):
+                            peers = [node for node in await store.nodes() if node != store.node]
+                            log_event(
+                                logger,
+                                "cluster_node",
+                                node=store.node,
+                                address=store.address,
+                                store=store.url,
+                                peers=",".join(peers) or "none yet",
+                            )
+                    await self._lifespan_events(scope, receive, send)
+                    nursery.cancel_scope.cancel()
+            except BaseExceptionGroup as group:
+                # A fallback's own lifespan error reaches Hypercorn as itself.
+                if len(group.exceptions) == 1:
+                    raise group.exceptions[0] from None
+                raise
+
+    async def _locate_in_store(self, key: str) -> list[tuple[str, str]]:
+        """The other nodes that serve ``key``, as the cluster's store knows them."""
+        return [(member.node, member.address) for member in await self.registry.store.holders(key)]
 
     async def _lifespan_events(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.fallback is not None:
@@ -395,7 +524,7 @@ class _Holder:
                 )
 
 
-def _too_many(session: AgentSession, retry_after: int) -> tuple[int, str, Headers]:
+def _too_many(session: Session, retry_after: int) -> tuple[int, str, Headers]:
     message = f"Too many requests for {session.host}; try again in {retry_after} s."
     return 429, message, [(b"retry-after", str(retry_after).encode())]
 

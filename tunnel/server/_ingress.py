@@ -31,14 +31,14 @@ from ._ingress_relay import (
 )
 from ._limits import Pacer
 from ._pages import send_error_page
-from ._registry import AgentSession
+from ._registry import Session
 
 __all__ = ["forward_visitor_http"]
 
 logger = logging.getLogger("tunnel.server")
 
 #: Finds another session for the request's host, waiting for one a little; None if none.
-Reroute = Callable[[], Awaitable[AgentSession | None]]
+Reroute = Callable[[], Awaitable[Session | None]]
 
 #: Connections one request may be refused by before it is answered 502. Each
 #: refusal comes from a connection that is going away and takes no new
@@ -48,7 +48,7 @@ MAX_ATTEMPTS: Final = 4
 
 async def forward_visitor_http(
     config: ServerConfig,
-    session: AgentSession,
+    session: Session,
     scope: Scope,
     receive: Receive,
     send: Send,
@@ -133,7 +133,7 @@ async def forward_visitor_http(
 
 async def _forward_once(
     config: ServerConfig,
-    session: AgentSession,
+    session: Session,
     scope: Scope,
     receive: Receive,
     send: Send,

@@ -22,7 +22,7 @@ from .._protocol.headers import Headers, declares_trailers, header_value
 from ..link import Stream, StreamError
 from ._limits import Pacer
 from ._pages import send_error_page
-from ._registry import AgentSession
+from ._registry import Session
 
 __all__ = [
     "REPLAY_LIMIT",
@@ -75,7 +75,7 @@ def too_slow_message(config: ServerConfig) -> str:
     )
 
 
-def too_large_message(session: AgentSession, limit: int) -> str:
+def too_large_message(session: Session, limit: int) -> str:
     return f"The request body is larger than the {limit} bytes that {session.host} accepts."
 
 
@@ -90,7 +90,7 @@ class StreamRelay:
     def __init__(
         self,
         config: ServerConfig,
-        session: AgentSession,
+        session: Session,
         scope: Scope,
         stream: Stream,
         receive: Receive,

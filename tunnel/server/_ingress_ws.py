@@ -22,7 +22,7 @@ from .._config import ServerConfig
 from .._protocol.headers import header_value, tunnel_request_headers, websocket_connect_headers
 from ..link import Stream, StreamError
 from ._pages import refuse_websocket
-from ._registry import AgentSession
+from ._registry import Session
 
 __all__ = ["forward_visitor_websocket"]
 
@@ -40,7 +40,7 @@ _RESERVED_CODES: Final = frozenset({1005, 1006, 1015})
 
 
 async def forward_visitor_websocket(
-    config: ServerConfig, session: AgentSession, scope: Scope, receive: Receive, send: Send
+    config: ServerConfig, session: Session, scope: Scope, receive: Receive, send: Send
 ) -> None:
     """Join one visitor WebSocket to the local service through ``session``."""
     if (await receive())["type"] != "websocket.connect":

@@ -11,6 +11,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import trio
 
@@ -19,7 +20,7 @@ from .._protocol.policy import VisitorPolicy
 from ..link import Link
 from ._store import LocalStore, Store
 
-__all__ = ["AgentSession", "HostInUse", "Registry", "TunnelStatistics"]
+__all__ = ["AgentSession", "HostInUse", "Registry", "Session", "TunnelStatistics"]
 
 #: How many hosts whose agent left are remembered (for 502 instead of 404).
 MAX_REMEMBERED_HOSTS = 10_000
@@ -52,6 +53,28 @@ class TunnelStatistics:
     bytes_received: int
     bytes_sent: int
     rtt: float | None
+
+
+class Session(Protocol):
+    """What the ingress uses of a session: an agent's here, or another node's.
+
+    :class:`AgentSession` is one; ``_peers.PeerSession`` (a node that holds
+    the agent, reached over the link to it) is the other.
+    """
+
+    link: Link
+    policy: VisitorPolicy
+    requests_served: int
+
+    @property
+    def host(self) -> str:
+        """The public host name (or ``tcp:<port>``)."""
+        ...
+
+    @property
+    def key(self) -> str:
+        """The registry key."""
+        ...
 
 
 class AgentSession:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import errno
 import logging
+from collections.abc import Awaitable, Callable
 from functools import partial
+from typing import Final
 
 import h2.errors
 import trio
@@ -20,11 +22,24 @@ from .._protocol.headers import header_value
 from .._settings import server_setting
 from ..link import StreamError, pipe
 from ._access import Denied
-from ._registry import AgentSession, HostInUse, Registry
+from ._registry import AgentSession, HostInUse, Registry, Session
 
-__all__ = ["bind_tcp_port", "serve_tcp"]
+__all__ = ["TCP_AUTHORITY", "bind_tcp_port", "serve_forwarded_tcp", "serve_tcp", "tcp_port_of"]
 
 logger = logging.getLogger("tunnel.server")
+
+#: The CONNECT target towards an agent, which dials its own local port whatever
+#: it is told. Towards another node of a cluster the target is
+#: ``<TCP_AUTHORITY>:<public port>``: the port names the tunnel there.
+TCP_AUTHORITY: Final = b"local"
+
+
+def tcp_port_of(authority: bytes) -> int | None:
+    """The public port a node's CONNECT for a TCP tunnel names, if it names one."""
+    name, _, port = authority.rpartition(b":")
+    if name != TCP_AUTHORITY or not port.isdigit() or not 0 < int(port) < 65536:
+        return None
+    return int(port)
 
 
 async def bind_tcp_port(
@@ -123,9 +138,46 @@ async def serve_tcp(
             listener.socket.close()
 
 
+async def serve_forwarded_tcp(
+    config: ServerConfig,
+    find: Callable[[str], Awaitable[Session | None]],
+    port: int,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Accept visitors on public TCP ``port`` for a tunnel whose agent may be on another node.
+
+    Each connection goes to the session ``find("tcp:<port>")`` gives then (an
+    agent here, or another node that holds one); with none it is closed.
+
+    Raises:
+        OSError: The port cannot be bound here.
+    """
+    key = f"tcp:{port}"
+    listeners = await trio.open_tcp_listeners(port, host=config.tcp_listen_host)
+    slots = _Slots(config.max_tcp_connections)
+
+    async def connection(socket: trio.SocketStream) -> None:
+        session = await find(key)
+        if session is None:
+            await trio.aclose_forcefully(socket)
+            return
+        await _connection(config, session, slots, socket)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(
+                partial(trio.serve_listeners, connection, listeners, handler_nursery=nursery)
+            )
+            task_status.started()
+    finally:
+        for listener in listeners:
+            listener.socket.close()
+
+
 async def _connection(
     config: ServerConfig,
-    session: AgentSession,
+    session: Session,
     slots: _Slots,
     socket: trio.SocketStream,
 ) -> None:
@@ -154,13 +206,23 @@ async def _connection(
         slots.limiter.release()
 
 
-async def _relay(config: ServerConfig, session: AgentSession, socket: trio.SocketStream) -> None:
+async def _relay(config: ServerConfig, session: Session, socket: trio.SocketStream) -> None:
     try:
+        if isinstance(session, AgentSession):
+            headers = [(b":method", b"CONNECT"), (b":authority", TCP_AUTHORITY)]
+        else:
+            # Another node: the port names the tunnel, and the visitor's address
+            # travels along for the agent's policy, which is enforced there.
+            port = session.key.removeprefix("tcp:")
+            visitor = socket.socket.getpeername()[0]
+            headers = [
+                (b":method", b"CONNECT"),
+                (b":authority", TCP_AUTHORITY + b":" + port.encode()),
+                (b"x-forwarded-for", str(visitor).encode()),
+            ]
         try:
             with trio.fail_after(config.grace_period):
-                stream = await session.link.open_stream(
-                    [(b":method", b"CONNECT"), (b":authority", b"local")], end_stream=False
-                )
+                stream = await session.link.open_stream(headers, end_stream=False)
         except (StreamError, trio.TooSlowError):
             await trio.aclose_forcefully(socket)
             return
