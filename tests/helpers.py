@@ -686,3 +686,25 @@ class Processes:
             if child.stdout is not None:
                 child.stdout.close()
         self.children.clear()
+
+
+async def echo_websocket(scope: Any, receive: Any, send: Any) -> None:
+    """An ASGI app that echoes each WebSocket message (text as ``echo: <text>``)."""
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            await send({"type": message["type"] + ".complete"})
+            if message["type"] == "lifespan.shutdown":
+                return
+    if scope["type"] != "websocket":
+        return
+    await receive()  # websocket.connect
+    await send({"type": "websocket.accept"})
+    while True:
+        message = await receive()
+        if message["type"] == "websocket.disconnect":
+            return
+        if message.get("text") is not None:
+            await send({"type": "websocket.send", "text": "echo: " + message["text"]})
+        else:
+            await send({"type": "websocket.send", "bytes": message["bytes"]})

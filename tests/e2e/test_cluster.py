@@ -8,7 +8,10 @@ where one must die by SIGKILL) and real agents.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import itertools
+import math
 import os
 import signal
 import subprocess
@@ -19,6 +22,8 @@ from typing import Any
 
 import coredis
 import httpx
+import hypercorn.config
+import hypercorn.trio
 import pytest
 import trio
 import trio_websocket
@@ -27,7 +32,7 @@ from conftest import TOKEN, RunningServer, StartServer
 from redis_server import RedisServer
 
 import tunnel
-from helpers import eventually
+from helpers import echo_websocket, eventually
 from tunnel._protocol.handshake import HOST_HEADER, SUBPROTOCOL
 
 SECRET = "a-cluster-secret-for-tests"
@@ -469,3 +474,142 @@ async def _serve_one_tunnel(
         node = await start_node(start_tunnel_server, redis, "one")
         async with open_agent(node.port, local_service.port):
             assert await owner(redis) == hashlib.sha256(TOKEN.encode()).hexdigest()
+
+
+# -- any node serves any tunnel ----------------------------------------------------------
+
+
+async def test_a_visitor_of_any_node_reaches_an_agent_connected_to_one(
+    start_tunnel_server, redis_server, local_service, open_agent
+) -> None:
+    nodes = [await start_node(start_tunnel_server, redis_server, n) for n in ("a", "b", "c")]
+    with trio.fail_after(30):
+        async with open_agent(nodes[0].port, local_service.port, ha_connections=1) as agent:
+            assert agent.server_connections == 1
+            for node in nodes:
+                # From 127.0.0.2: the agent's service must see the visitor's
+                # address, not the forwarding node's.
+                async with httpx.AsyncClient(
+                    base_url=f"http://127.0.0.1:{node.port}",
+                    headers={"host": HOST},
+                    transport=httpx.AsyncHTTPTransport(local_address="127.0.0.2"),
+                ) as http:
+                    answer = await http.post(f"/via/{node.port}", content=b"x" * 1000)
+                assert answer.status_code == 200, answer.text
+                echoed = answer.json()
+                assert echoed["body"] == "x" * 1000
+                assert ["x-forwarded-for", "127.0.0.2"] in echoed["headers"]
+
+
+async def test_a_websocket_through_a_forwarding_node(
+    start_tunnel_server, redis_server, open_agent, nursery
+) -> None:
+    one = await start_node(start_tunnel_server, redis_server, "one")
+    two = await start_node(start_tunnel_server, redis_server, "two")
+    config = hypercorn.config.Config()
+    config.bind = ["127.0.0.1:0"]
+    config.accesslog = None
+    (url,) = await nursery.start(hypercorn.trio.serve, echo_websocket, config)
+    with trio.fail_after(30):
+        async with open_agent(one.port, int(url.rsplit(":", 1)[1]), ha_connections=1):
+            stream = await trio.open_tcp_stream("127.0.0.1", two.port)
+            async with stream, trio.open_nursery() as inner:
+                ws = await trio_websocket.wrap_client_stream(inner, stream, HOST, "/ws")
+                await ws.send_message("hello")
+                assert await ws.get_message() == "echo: hello"
+                await ws.send_message(b"x" * 100_000)
+                assert await ws.get_message() == b"x" * 100_000
+                await ws.aclose()
+
+
+async def test_without_redis_a_visitor_of_another_node_gets_a_page_that_says_so(
+    start_tunnel_server, redis_server, local_service, open_agent, visitor
+) -> None:
+    one = await start_node(start_tunnel_server, redis_server, "one")
+    two = await start_node(start_tunnel_server, redis_server, "two")
+    with trio.fail_after(30):
+        async with open_agent(one.port, local_service.port, ha_connections=1):
+            async with visitor(two.port) as http:
+                assert (await http.get("/before")).status_code == 200
+                await redis_server.stop()
+                answer = await http.get("/without-redis")
+            assert answer.status_code == 502
+            assert "state is unavailable" in answer.text
+            async with visitor(one.port) as http:
+                assert (await http.get("/on-its-own-node")).status_code == 200
+
+
+async def test_a_node_killed_under_load_costs_only_the_requests_in_flight_on_it(
+    tmp_path, start_tunnel_server, redis_server, local_service, agent_config, nursery
+) -> None:
+    """An agent holds nodes one and two; visitors come through nodes two and three.
+
+    Node one dies by SIGKILL under load: only requests it was carrying may
+    fail, and every request that starts after it died is served, through the
+    agent's connection to node two (node three forwards there at once).
+    """
+    two = await start_node(start_tunnel_server, redis_server, "two")
+    three = await start_node(start_tunnel_server, redis_server, "three")
+    one, one_port = await _node_process(tmp_path, redis_server, "one")
+    outcomes: list[tuple[float, float, int | None]] = []  # (start, end, status or None)
+    killed_at = math.inf
+    stop = trio.Event()
+
+    async def visit(port: int) -> None:
+        async with httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{port}", headers={"host": HOST}, timeout=10
+        ) as http:
+            for i in itertools.count():
+                if stop.is_set():
+                    return
+                started = trio.current_time()
+                status = None
+                with contextlib.suppress(httpx.HTTPError):
+                    status = (await http.get(f"/load/{i}")).status_code
+                outcomes.append((started, trio.current_time(), status))
+
+    try:
+        with trio.fail_after(60):
+            config = agent_config(
+                one_port,
+                local_service.port,
+                address=[f"127.0.0.1:{one_port}", f"127.0.0.1:{two.port}"],
+            )
+            async with tunnel.open_tunnel(config) as agent:
+                await eventually(lambda: agent.server_connections == 2, limit=20)
+                async with trio.open_nursery() as load:
+                    for port in (two.port, three.port, three.port, three.port):
+                        load.start_soon(visit, port)
+                    await trio.sleep(1.0)
+                    one.kill()
+                    killed_at = trio.current_time()
+                    await trio.sleep(2.0)
+                    stop.set()
+                assert agent.state is tunnel.ClientState.CONNECTED
+    finally:
+        one.kill()
+        await one.wait()
+    before = [o for o in outcomes if o[1] < killed_at]
+    after = [o for o in outcomes if o[0] > killed_at]
+    in_flight = [o for o in outcomes if o[0] <= killed_at <= o[1]]
+    assert len(before) > 20, len(before)
+    assert len(after) > 20, len(after)
+    assert all(status == 200 for _, _, status in before)
+    assert all(status == 200 for _, _, status in after), [s for _, _, s in after if s != 200]
+    assert len(in_flight) <= 4
+
+
+async def _node_process(tmp_path: Any, redis: RedisServer, name: str) -> tuple[trio.Process, int]:
+    """``tunnel server`` as a node of the cluster, in a process of its own (to kill)."""
+    settings = tmp_path / f"{name}.toml"
+    settings.write_text(
+        f'address = "127.0.0.1:0"\nstore = "{redis.url}"\n'
+        f'cluster_secret = "{SECRET}"\nnode_id = "{name}"\ntokens = ["{TOKEN}", "{BOB}"]\n'
+        f"keepalive_interval = {KEEPALIVE}\nkeepalive_timeout = 2.0\n"
+    )
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "tunnel", "server", "--config", str(settings)],
+        stderr=subprocess.PIPE,
+    )
+    with trio.fail_after(30):
+        return process, await _listening_port(process)

@@ -30,7 +30,7 @@ from faultproxy import FaultProxy
 from grpc_service import GrpcService, call_options
 
 import tunnel
-from helpers import STREAM_CHUNK_1, LocalService, eventually, free_port
+from helpers import STREAM_CHUNK_1, LocalService, echo_websocket, eventually, free_port
 from tunnel._protocol.peer import (
     PEER_NODE_HEADER,
     PEER_NONCE_HEADER,
@@ -351,34 +351,13 @@ async def test_large_download_streams_with_backpressure(pair, slow_service) -> N
     assert digest.hexdigest() == expected.hexdigest()
 
 
-async def _echo_websocket(scope: Any, receive: Any, send: Any) -> None:
-    if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            await send({"type": message["type"] + ".complete"})
-            if message["type"] == "lifespan.shutdown":
-                return
-    if scope["type"] != "websocket":
-        return
-    await receive()  # websocket.connect
-    await send({"type": "websocket.accept"})
-    while True:
-        message = await receive()
-        if message["type"] == "websocket.disconnect":
-            return
-        if message.get("text") is not None:
-            await send({"type": "websocket.send", "text": "echo: " + message["text"]})
-        else:
-            await send({"type": "websocket.send", "bytes": message["bytes"]})
-
-
 async def test_websocket_echo_through_the_other_node(pair, nursery) -> None:
     a, b = pair
     config = hypercorn.config.Config()
     config.bind = ["127.0.0.1:0"]
     config.accesslog = None
     config.graceful_timeout = 0.5
-    (url,) = await nursery.start(hypercorn.trio.serve, _echo_websocket, config)
+    (url,) = await nursery.start(hypercorn.trio.serve, echo_websocket, config)
     local_port = int(url.rsplit(":", 1)[1])
     with trio.fail_after(15):
         async with agent(b, local_port):

@@ -33,7 +33,7 @@ from ._metrics import ServerMetrics
 from ._pages import refuse_websocket, send_error_page
 from ._peer_serve import NonceLedger, serve_peer
 from ._peers import Locate, Peers, PeerSession, no_other_nodes
-from ._redis_store import open_store
+from ._redis_store import RedisStore, open_store
 from ._registry import AgentSession, Registry, Session, TunnelStatistics
 from ._tcp import serve_forwarded_tcp
 from ._telemetry import Telemetry, log_event
@@ -118,6 +118,8 @@ class TunnelApp:
         self._peer_path = self.config.control_path + PEER_PATH_SUFFIX
         self._nonces = NonceLedger()
         self._told_inactive = False
+        #: Where the other nodes of a cluster reach this one (see :meth:`listening_on`).
+        self.peer_address = self.config.peer_address
         # When this worker began: a worker of several that has just started
         # (or restarted) knows no agent yet, while its siblings serve them.
         self._started = time.monotonic()
@@ -445,7 +447,9 @@ class TunnelApp:
             store = None
             if self.config.store is not None:
                 try:
-                    store = await stack.enter_async_context(open_store(self.config))
+                    store = await stack.enter_async_context(
+                        open_store(self.config, self.peer_address)
+                    )
                 except StoreUnavailableError as exc:
                     logger.error("tunnel server: %s", exc)
                     await receive()  # lifespan.startup
@@ -476,6 +480,25 @@ class TunnelApp:
                 if len(group.exceptions) == 1:
                     raise group.exceptions[0] from None
                 raise
+
+    def listening_on(self, address: str) -> None:
+        """Tell the app the ``host:port`` it is served on (:func:`tunnel.serve` does).
+
+        Without ``ServerConfig.node_address``, that is where the other nodes of
+        a cluster reach this one; the port bound for port 0 is known only now.
+        """
+        if self.config.node_address is not None:
+            return
+        # The host as configured (a wildcard made the machine's name), the
+        # port as bound.
+        host = self.config.peer_address.rsplit(":", 1)[0]
+        address = f"{host}:{address.rsplit(':', 1)[1]}"
+        if address == self.peer_address:
+            return
+        self.peer_address = address
+        store = self.registry.store
+        if isinstance(store, RedisStore):
+            store.move_to(address)
 
     async def _locate_in_store(self, key: str) -> list[tuple[str, str]]:
         """The other nodes that serve ``key``, as the cluster's store knows them."""

@@ -301,6 +301,7 @@ class RedisStore(Store):
         }
         self._releases_in, self._releases = trio.open_memory_channel[str](MAX_PENDING_RELEASES)
         self._nodes = 1
+        self._renew_now = trio.Event()
         #: Whether the last call to Redis succeeded.
         self.reachable = True
 
@@ -431,7 +432,14 @@ class RedisStore(Store):
                             key,
                         )
                         holder.lost(key)
-                await trio.sleep(interval)
+                with trio.move_on_after(interval):
+                    await self._renew_now.wait()
+                self._renew_now = trio.Event()
+
+    def move_to(self, address: str) -> None:
+        """This node is reached at ``address`` now (the port it bound); tell the others soon."""
+        self.address = address
+        self._renew_now.set()
 
     async def _take_disconnects(self, holder: Holder, nursery: trio.Nursery) -> None:
         """Disconnect what another node's admin API asks to, for as long as this runs."""
@@ -461,8 +469,13 @@ class RedisStore(Store):
                 await self._call("release", key, self.member)
 
 
-def open_store(config: ServerConfig) -> contextlib.AbstractAsyncContextManager[RedisStore]:
+def open_store(
+    config: ServerConfig, address: str | None = None
+) -> contextlib.AbstractAsyncContextManager[RedisStore]:
     """The store of ``config.store``, for this process: see :func:`open_redis_store`.
+
+    ``address`` is where the other nodes reach this one (default:
+    ``config.peer_address``).
 
     Entries live two keepalive intervals unless renewed, so a dead node's
     vanish within two intervals, as its agents' connections are found dead.
@@ -474,7 +487,7 @@ def open_store(config: ServerConfig) -> contextlib.AbstractAsyncContextManager[R
         config.store,
         member=f"{node}/{worker_id()}",
         node=node,
-        address=config.peer_address,
+        address=address or config.peer_address,
         ttl=2 * config.keepalive_interval,
     )
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
+from typing import cast
+from urllib.parse import urlsplit
 from wsgiref.handlers import format_date_time
 
 import hypercorn.trio
@@ -62,6 +64,7 @@ async def serve_sockets(
             app.begin_shutdown()
 
     async def run(*, task_status: trio.TaskStatus[list[str]]) -> None:
+        task_status = cast("trio.TaskStatus[list[str]]", _Listening(app, task_status))
         if sockets is None:
             await hypercorn.trio.serve(
                 served,  # type: ignore[arg-type]  # Hypercorn's scope TypedDicts vs. plain ASGI mappings
@@ -100,6 +103,19 @@ async def serve_sockets(
         if len(group.exceptions) == 1:
             raise group.exceptions[0] from None
         raise
+
+
+class _Listening:
+    """A task status that also tells the app where it listens, once Hypercorn has bound."""
+
+    def __init__(self, app: TunnelApp, task_status: trio.TaskStatus[list[str]]) -> None:
+        self._app = app
+        self._task_status = task_status
+
+    def started(self, urls: list[str]) -> None:
+        if urls:
+            self._app.listening_on(urlsplit(urls[0]).netloc)
+        self._task_status.started(urls)
 
 
 #: The ASGI messages that begin an HTTP response.
