@@ -36,7 +36,7 @@ nitpick_ignore_regex = [
     ("py:.*", r"(prometheus_client|cryptography|asyncio|typing|types|datetime|enum)\..*"),
     ("py:class", r"(Path|Awaitable|Callable|Mapping|Sequence|Iterator|AsyncIterator|TextIO)"),
     # Type aliases of callables; the parameters' descriptions say what is called.
-    ("py:class", r"(AuthHook|ASGIApp)"),
+    ("py:class", r"(AuthHook|ASGIApp|Locate)"),
     # The parsed form of ClientConfig.address (its ``server`` and ``servers``):
     # a private class, described by those properties' docstrings.
     ("py:class", r"tunnel\._config\.values\.ServerAddress"),

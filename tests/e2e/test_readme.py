@@ -31,6 +31,7 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import shlex
 import signal
 import subprocess
@@ -60,6 +61,13 @@ LIMIT = 20.0
 #: (as written in README.rst, what the test runs instead), applied in this order.
 SUBSTITUTIONS = [
     ("await trio.sleep_forever()", "await readme_wait()"),
+    # The cluster: the nodes' own names, and the Redis the test starts.
+    ("https://one.tunnel.example.com", "http://127.0.0.1:{one}"),
+    ("https://two.tunnel.example.com", "http://127.0.0.1:{two}"),
+    ("10.0.0.1:8000", "127.0.0.1:{server}"),
+    ("10.0.0.2:8000", "127.0.0.1:{server}"),
+    ("10.0.0.9:6379", "127.0.0.1:{redis}"),
+    ("--port 6379", "--port {redis}"),
     ("print(t.url)", "print(t.url); await readme_wait()"),
     ("https://myapp.tunnel.example.com", "http://myapp.tunnel.localhost:{server}"),
     ("https://tunnel.example.com", "http://127.0.0.1:{server}"),
@@ -115,6 +123,7 @@ LITERAL_EXAMPLES = {
     "event=request client=": "not run: a sample log line; tests/e2e/test_access.py checks it",
     "hypercorn --worker-class trio": "test_the_embedding_example_under_the_hypercorn_command",
     "--local-protocol h2c": "test_the_grpc_example",
+    "--node-id one --node-address": "test_the_cluster_commands",
 }
 
 
@@ -305,7 +314,9 @@ def command(line: str, **values: Any) -> list[str]:
     argv = shlex.split(substitute(line, **values))
     if argv[0] in ("tunnel", "hypercorn"):
         return [sys.executable, "-m", *argv]
-    raise AssertionError(f"not a tunnel or hypercorn command: {line!r}")
+    if argv[0] == "redis-server":
+        return argv
+    raise AssertionError(f"not a tunnel, hypercorn or redis-server command: {line!r}")
 
 
 async def get(port: int, host: str, path: str, **kwargs: Any) -> httpx.Response:
@@ -507,7 +518,11 @@ async def test_the_fallback_the_embedding_section_describes(
 def commands(block: Example) -> list[str]:
     """The command lines of a ``::`` block (continuations joined), without its output."""
     joined = block.code.replace("\\\n", " ")
-    return [line for line in joined.splitlines() if line.split(" ", 1)[0] in ("tunnel", "curl")]
+    return [
+        line
+        for line in joined.splitlines()
+        if line.split(" ", 1)[0] in ("tunnel", "curl", "redis-server")
+    ]
 
 
 def output(block: Example) -> list[str]:
@@ -546,6 +561,27 @@ async def test_the_command_line_quick_start(local_service: Any) -> None:
             response = await get(port, "myapp.tunnel.localhost", "/quick/start")
             assert response.status_code == 200
             assert response.json()["path"] == "/quick/start"
+
+
+async def test_the_cluster_commands(tmp_path: Path, local_service: Any) -> None:
+    redis, node_one, node_two, expose = commands(example("literal", "--node-id one --node-address"))
+    (tmp_path / "cluster-secret").write_text(secrets.token_urlsafe() + "\n")
+    ports = {"redis": free_port(), "one": free_port(), "two": free_port()}
+    values = {**ports, "local": local_service.port, "etc": tmp_path}
+    async with run(command(redis, **values), "redis-server", cwd=tmp_path) as store:
+        await store.line("Ready to accept connections")
+        async with (
+            run(command(node_one, **values, server=ports["one"]), "node one") as one,
+            run(command(node_two, **values, server=ports["two"]), "node two") as two,
+        ):
+            for node in (one, two):
+                await node.line("Running on")
+            async with run(command(expose, **values), "tunnel http") as agent:
+                await agent.line("connected")
+                for name in ("one", "two"):
+                    response = await get(ports[name], "myapp.tunnel.localhost", f"/via/{name}")
+                    assert response.status_code == 200, response.text
+                    assert response.json()["path"] == f"/via/{name}"
 
 
 async def test_the_grpc_example() -> None:

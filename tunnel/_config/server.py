@@ -339,7 +339,7 @@ class ServerConfig:
 
     @property
     def peer_address(self) -> str:
-        """Where the other nodes reach this one: ``node_address``, else from ``address``."""
+        """The ``host:port`` the other nodes reach this one at (``node_address`` or ``address``)."""
         if self.node_address is not None:
             return self.node_address.strip()
         host, port = parse_listen_address(self.address)

@@ -106,7 +106,7 @@ class TunnelApp:
             hosts = ",".join(sorted(self._admin.hosts))
             log_event(logger, "admin_api", path=self._admin.prefix, hosts=hosts)
         self._challenge_path = self.config.control_path + CHALLENGE_SUFFIX
-        #: Where a host's agents are in the cluster: ``await locate(key)`` gives
+        #: Finds a host's agents in the cluster. ``await locate(key)`` gives
         #: ``(node_id, peer_address)`` for each node holding an agent for ``key``.
         #: A visitor whose host has no agent here is carried to the first of
         #: those this node reaches (needs ``config.cluster_secret``). The
