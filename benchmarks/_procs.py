@@ -139,6 +139,19 @@ class Process:
                     pids.extend(int(child) for child in children.read().split())
         return found
 
+    def trio_pids(self) -> list[int]:
+        """This process and its worker processes: the trio processes of its tree.
+
+        A server with workers has one more child, the watchdog of its ledger (a
+        plain Python process), which counts no task steps.
+        """
+        found = [self.pid]
+        for pid in self.tree_pids()[1:]:
+            with contextlib.suppress(OSError), open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+                if b"tunnel.server.hypercorn._worker" in cmdline.read():
+                    found.append(pid)
+        return found
+
     def tree_cpu_seconds(self) -> float:
         """CPU time of this process and its live descendants (worker processes)."""
         total = 0.0

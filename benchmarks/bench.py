@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import _chart
+import _cluster
 import _grpc
 import _idle
 import _inflight
@@ -67,6 +68,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--levels", help="concurrency levels, comma-separated")
     parser.add_argument("--duration", type=int, help="seconds per load phase")
     parser.add_argument("--repeat", type=int, help="rounds of every phase; medians are reported")
+    parser.add_argument(
+        "--cluster-levels",
+        help="concurrency levels of the cluster phase (two nodes on one Redis), "
+        "comma-separated; 0 skips it (default: 1,50)",
+    )
     parser.add_argument("--transfer-mib", type=int, help="size of the download and upload")
     parser.add_argument(
         "--inflight",
@@ -182,7 +188,7 @@ class Bench:
         if not self.counting:
             return {}
         return {
-            name: _steps.read(self.procs.log_dir, self.processes[name].tree_pids())
+            name: _steps.read(self.procs.log_dir, self.processes[name].trio_pids())
             for name in names
             if name != "local"
         }
@@ -583,7 +589,7 @@ def _compare_workers(
             for count, (port, server, agent) in tunnels.items():
                 watched = {"server": server, "agent": agent} if bench.counting else {}
                 steps_before = {
-                    name: _steps.read(procs.log_dir, process.tree_pids())
+                    name: _steps.read(procs.log_dir, process.trio_pids())
                     for name, process in watched.items()
                 }
                 before = (server.tree_cpu_seconds(), agent.cpu_seconds())
@@ -594,7 +600,7 @@ def _compare_workers(
                 after = (server.tree_cpu_seconds(), agent.cpu_seconds())
                 counted = {
                     name: _steps.difference(
-                        steps_before[name], _steps.read(procs.log_dir, process.tree_pids())
+                        steps_before[name], _steps.read(procs.log_dir, process.trio_pids())
                     )
                     for name, process in watched.items()
                 }
@@ -853,6 +859,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if grpc_levels and not _grpc.available():
         print("note: grpcio is not installed; the gRPC phase is skipped", flush=True)
         grpc_levels = []
+    cluster_levels = [int(n) for n in (args.cluster_levels or "1,50").split(",") if int(n)]
+    if cluster_levels and not _cluster.available():
+        print("note: redis-server is not installed; the cluster phase is skipped", flush=True)
+        cluster_levels = []
     worker_counts = _worker_counts(args.server_workers)
     generator = args.generator
     if generator == "auto":
@@ -975,6 +985,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 f" tunnel {h2['tunnel']['mib_per_s']:.0f} MiB/s",
                 flush=True,
             )
+        cluster = (
+            _cluster.cluster_phase(
+                procs,
+                bench.ports["direct"],
+                HOST,
+                TOKEN,
+                *(cluster_levels, seconds, repeat),
+                generator,
+            )
+            if cluster_levels
+            else None
+        )
         workers, workers_transfers = (
             _compare_workers(procs, bench, worker_counts, levels, seconds, repeat, generator, size)
             if worker_counts
@@ -993,6 +1015,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if workers:
         _report.print_workers(workers)
     _report.print_h2(h2, size)
+    if cluster:
+        _cluster.print_phase(cluster)
     _report.print_side_by_side(small, transfers, workers or [], workers_transfers or [], h2)
     _report.print_targets(targets)
     elapsed = time.monotonic() - started
@@ -1024,6 +1048,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "server_workers": workers,
         "server_workers_transfers": workers_transfers,
         "h2_download": h2,
+        "cluster": cluster,
         "targets": targets,
     }
 

@@ -21,9 +21,9 @@ async def test_quick_benchmark_runs_and_writes_every_section(tmp_path: Path) -> 
     output = tmp_path / "latest.json"
     # --quick with 1 s phases: c1 and c50, 16 MiB transfers (HTTP/1.1 and h2c),
     # 200 requests in flight, 20 idle agents, gRPC at c1 and c20, and the tunnel
-    # with 1 and 2 server workers.
+    # with 1 and 2 server workers, and two nodes of a cluster.
     argv = [sys.executable, str(SCRIPT), "--quick", "--duration", "1", "--output", str(output)]
-    with trio.fail_after(150):
+    with trio.fail_after(200):
         result = await trio.run_process(
             argv,
             capture_stdout=True,
@@ -68,6 +68,14 @@ async def test_quick_benchmark_runs_and_writes_every_section(tmp_path: Path) -> 
     assert {(r["workers"], r["direction"]) for r in results["server_workers_transfers"]} == {
         (workers, direction) for workers in (1, 2) for direction in ("download", "upload")
     }
+    # The cluster: two nodes on one Redis, a local and a forwarded request at each level.
+    assert {(r["path"], r["concurrency"]) for r in results["cluster"]} == {
+        (path, level) for path in ("local", "forwarded") for level in (1, 50)
+    }
+    for row in results["cluster"]:
+        assert row["errors"] == 0, row
+        assert set(row["cpu_us_per_request"]) == {"one", "two", "nodes", "agent"}
+    assert "forwarding adds" in out
     # HTTP/2 visitors: curl over h2c, to Hypercorn and through the tunnel.
     assert set(results["h2_download"]) == {"hypercorn", "tunnel"}
     assert all(row["mib_per_s"] > 0 for row in results["h2_download"].values())

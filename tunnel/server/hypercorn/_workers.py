@@ -125,7 +125,15 @@ async def serve_workers(
 #: The watchdog of the ledger's directory: it reads its standard input, a pipe
 #: from this process, until the end, which comes however this process ends
 #: (SIGKILL included), and removes the directory then.
-_WATCHDOG = "import shutil, sys; sys.stdin.buffer.read(); shutil.rmtree(sys.argv[1], True)"
+_WATCHDOG = (
+    "import shutil, signal, sys\n"
+    # Signals meant for the server's processes (a reload, a dump) must not end
+    # it before its work: it ends when the server has.
+    "for name in ('SIGINT', 'SIGHUP', 'SIGUSR1', 'SIGUSR2'):\n"
+    "    signal.signal(getattr(signal, name), signal.SIG_IGN)\n"
+    "sys.stdin.buffer.read()\n"
+    "shutil.rmtree(sys.argv[1], True)\n"
+)
 
 
 def _watch_for_removal(directory: str) -> subprocess.Popen[bytes]:
