@@ -34,6 +34,7 @@ from redis_server import RedisServer
 import tunnel
 from helpers import echo_websocket, eventually
 from tunnel._protocol.handshake import HOST_HEADER, SUBPROTOCOL
+from tunnel.server._app import LOCATE_FOR
 
 SECRET = "a-cluster-secret-for-tests"
 BOB = "b0b-token"
@@ -532,6 +533,9 @@ async def test_without_redis_a_visitor_of_another_node_gets_a_page_that_says_so(
             async with visitor(two.port) as http:
                 assert (await http.get("/before")).status_code == 200
                 await redis_server.stop()
+                # What node two learnt a moment ago still serves (for at most
+                # LOCATE_FOR seconds); then it needs the store, which is gone.
+                await trio.sleep(LOCATE_FOR)
                 answer = await http.get("/without-redis")
             assert answer.status_code == 502
             assert "state is unavailable" in answer.text

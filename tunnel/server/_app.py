@@ -6,8 +6,9 @@ import contextlib
 import logging
 import math
 import time
+from collections import OrderedDict
 from functools import partial
-from typing import Any
+from typing import Any, Final
 from urllib.parse import unquote
 
 import trio
@@ -45,6 +46,12 @@ __all__ = ["ASGIApp", "TunnelApp"]
 
 logger = logging.getLogger("tunnel.server")
 
+
+#: Seconds a node remembers which other nodes serve a host (and that none does).
+LOCATE_FOR: Final = 1.0
+NOT_LOCATED_FOR: Final = 0.5
+#: Hosts whose nodes are remembered at once; the least recent go first.
+MAX_LOCATED: Final = 10_000
 
 _CHALLENGE_HEADER = CHALLENGE_HEADER.encode()
 _AGENT_PROTOCOL = SUBPROTOCOL.encode()
@@ -118,6 +125,8 @@ class TunnelApp:
         self._peer_path = self.config.control_path + PEER_PATH_SUFFIX
         self._nonces = NonceLedger()
         self._told_inactive = False
+        # What the store said of each key lately: (until when, the nodes).
+        self._located: OrderedDict[str, tuple[float, list[tuple[str, str]]]] = OrderedDict()
         #: Where the other nodes of a cluster reach this one (see :meth:`listening_on`).
         self.peer_address = self.config.peer_address
         # When this worker began: a worker of several that has just started
@@ -501,8 +510,22 @@ class TunnelApp:
             store.move_to(address)
 
     async def _locate_in_store(self, key: str) -> list[tuple[str, str]]:
-        """The other nodes that serve ``key``, as the cluster's store knows them."""
-        return [(member.node, member.address) for member in await self.registry.store.holders(key)]
+        """The other nodes that serve ``key``, as the cluster's store knows them.
+
+        Remembered for a moment (:data:`LOCATE_FOR`, :data:`NOT_LOCATED_FOR`):
+        a round trip to Redis for every forwarded request would cost more than
+        the forwarding itself, and which nodes hold a host rarely changes.
+        """
+        now = trio.current_time()
+        known = self._located.get(key)
+        if known is not None and known[0] > now:
+            return known[1]
+        found = [(member.node, member.address) for member in await self.registry.store.holders(key)]
+        self._located[key] = (now + (LOCATE_FOR if found else NOT_LOCATED_FOR), found)
+        self._located.move_to_end(key)
+        while len(self._located) > MAX_LOCATED:
+            self._located.popitem(last=False)
+        return found
 
     async def _lifespan_events(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.fallback is not None:
