@@ -18,6 +18,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
 import coredis
@@ -32,7 +33,7 @@ from conftest import TOKEN, RunningServer, StartServer
 from redis_server import RedisServer
 
 import tunnel
-from helpers import echo_websocket, eventually
+from helpers import echo_websocket, eventually, free_port
 from tunnel._protocol.handshake import HOST_HEADER, SUBPROTOCOL
 from tunnel.server._app import LOCATE_FOR
 
@@ -617,3 +618,59 @@ async def _node_process(tmp_path: Any, redis: RedisServer, name: str) -> tuple[t
     )
     with trio.fail_after(30):
         return process, await _listening_port(process)
+
+
+async def test_a_tcp_tunnel_is_reached_through_every_node(
+    start_tunnel_server, redis_server, nursery
+) -> None:
+    """Node one (on 127.0.0.1) holds the agent; node two listens on the same
+    public port (on 127.0.0.2: one machine) and carries each connection there."""
+    port = free_port()
+    ports = range(port, port + 1)
+    one = await start_node(start_tunnel_server, redis_server, "one", tcp_ports=ports)
+    await start_node(
+        start_tunnel_server, redis_server, "two", tcp_ports=ports, tcp_host="127.0.0.2"
+    )
+
+    async def echo(stream: trio.SocketStream) -> None:
+        async with stream:
+            while data := await stream.receive_some(65536):
+                await stream.send_all(data)
+
+    (listener,) = await nursery.start(partial(trio.serve_tcp, echo, 0, host="127.0.0.1"))
+    config = tunnel.ClientConfig(
+        address=f"127.0.0.1:{one.port}",
+        port=listener.socket.getsockname()[1],
+        tcp=True,
+        token=TOKEN,
+        ha_connections=1,
+    )
+
+    async def echoes(host: str) -> bool:
+        try:
+            stream = await trio.open_tcp_stream(host, port)
+        except OSError:
+            return False
+        async with stream:
+            await stream.send_all(b"ping " + host.encode())
+            with trio.move_on_after(2):
+                return await stream.receive_some(100) == b"ping " + host.encode()
+        return False
+
+    with trio.fail_after(30):
+        async with tunnel.open_tunnel(config) as agent:
+            assert agent.url == f"tcp://127.0.0.1:{port}"
+            assert await echoes("127.0.0.1")
+            # Node two listens once its heartbeat has seen the tunnel.
+            await until(lambda: echoes("127.0.0.2"), limit=KEEPALIVE * 6)
+        # The agent gone, node two lets the port go (its next heartbeat).
+        await until(lambda: _refused("127.0.0.2", port), limit=KEEPALIVE * 6)
+
+
+async def _refused(host: str, port: int) -> bool:
+    try:
+        stream = await trio.open_tcp_stream(host, port)
+    except OSError:
+        return True
+    await stream.aclose()
+    return False

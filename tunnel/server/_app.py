@@ -36,7 +36,7 @@ from ._peer_serve import NonceLedger, serve_peer
 from ._peers import Locate, Peers, PeerSession, no_other_nodes
 from ._redis_store import RedisStore, open_store
 from ._registry import AgentSession, Registry, Session, TunnelStatistics
-from ._tcp import serve_forwarded_tcp
+from ._tcp import TcpForwarders, serve_forwarded_tcp
 from ._telemetry import Telemetry, log_event
 from ._worker_id import node_id
 from .hypercorn._guard import install_hypercorn_guard
@@ -471,6 +471,11 @@ class TunnelApp:
                 async with trio.open_nursery() as nursery:
                     await nursery.start(self.peers.serve)
                     if store is not None:
+                        if self.config.tcp_ports is not None:
+                            # A TCP tunnel's port is bound on every node.
+                            forwarders = TcpForwarders(self.config, self._find_another)
+                            await nursery.start(forwarders.run)
+                            self.registry.tcp_forwarders = forwarders
                         await nursery.start(store.run, _Holder(self))
                         with contextlib.suppress(StoreUnavailableError):
                             peers = [node for node in await store.nodes() if node != store.node]
@@ -559,6 +564,12 @@ class _Holder:
 
     def tunnels(self) -> list[dict[str, Any]]:
         return [describe_tunnel(stats, self.node) for stats in self.registry.statistics()]
+
+    def forward_tcp(self, keys: list[str]) -> None:
+        forwarders = self.registry.tcp_forwarders
+        if forwarders is not None:
+            registry = self.registry
+            forwarders.sync({int(key[4:]) for key in keys if not registry.holds(key)})
 
     async def disconnect(self, key: str, reason: str, reconnect: bool) -> None:
         async with trio.open_nursery() as nursery:

@@ -84,11 +84,10 @@ async def serve_agent(
             reserved = request.host if request.tcp_port is None else None
             port = None
             if request.tcp_port is not None:
-                listeners, port = await bind_tcp_port(
-                    config, registry, request.tcp_port, identity.digest
+                listeners, port = await _bind_and_reserve(
+                    config, registry, request.tcp_port, identity
                 )
                 reserved = f"tcp:{port}"
-                await _reserve(registry, reserved, identity, config.max_tunnels_per_identity)
             info = TunnelInfo(request.host, request.peer, time.time(), request, port)
             if config.callbacks.on_connection is not None:
                 try:
@@ -436,6 +435,31 @@ async def _reserve(registry: Registry, key: str, identity: Identity, limit: int 
             f"this {identity.label.split()[0]} already holds {limit} tunnel(s), the most the "
             "server allows; close one first",
         )
+
+
+async def _bind_and_reserve(
+    config: ServerConfig, registry: Registry, requested: int, identity: Identity
+) -> tuple[list[trio.SocketListener], int]:
+    """Bind a TCP tunnel's port here and claim it in the store, or raise Denied.
+
+    For any port (0), a port another identity holds on another node (which
+    this node has not heard of yet) is passed over for the next one.
+    """
+    skip: set[int] = set()
+    while True:
+        listeners, port = await bind_tcp_port(
+            config, registry, requested, identity.digest, frozenset(skip)
+        )
+        try:
+            await _reserve(registry, f"tcp:{port}", identity, config.max_tunnels_per_identity)
+        except Denied as exc:
+            for listener in listeners:
+                listener.socket.close()
+            if requested or exc.status != 409:
+                raise
+            skip.add(port)
+            continue
+        return listeners, port
 
 
 def _let_go_unless_held(registry: Registry, key: str) -> None:

@@ -88,6 +88,9 @@ redis.call('ZADD', nodes_key, now + ttl, member)
 redis.call('PEXPIRE', nodes_key, ttl)
 redis.call('ZADD', identity_key, now + ttl, key)
 redis.call('PEXPIRE', identity_key, ttl)
+if string.sub(key, 1, 4) == 'tcp:' then
+  redis.call('SADD', 'tunnel:tcp', key)
+end
 return 'ok'
 """
 )
@@ -116,6 +119,9 @@ for i = 5, #ARGV, 2 do
     redis.call('PEXPIRE', nodes_key, ttl)
     redis.call('ZADD', identity_key, now + ttl, key)
     redis.call('PEXPIRE', identity_key, ttl)
+    if string.sub(key, 1, 4) == 'tcp:' then
+      redis.call('SADD', 'tunnel:tcp', key)
+    end
   end
 end
 return lost
@@ -136,6 +142,7 @@ if redis.call('ZCARD', nodes_key) == 0 then
     redis.call('ZREM', 'tunnel:identity:' .. owner, key)
   end
   redis.call('DEL', owner_key, nodes_key)
+  redis.call('SREM', 'tunnel:tcp', key)
 end
 return 1
 """
@@ -239,6 +246,31 @@ return found
 """
 )
 
+# ARGV: this member. Returns the TCP tunnels (``tcp:<port>``) other live members
+# serve; forgets those nobody serves any more.
+_TCP_ELSEWHERE = (
+    _NOW
+    + """
+local found = {}
+for _, key in ipairs(redis.call('SMEMBERS', 'tunnel:tcp')) do
+  local nodes_key = 'tunnel:nodes:' .. key
+  redis.call('ZREMRANGEBYSCORE', nodes_key, '-inf', now)
+  local members = redis.call('ZRANGE', nodes_key, 0, -1)
+  if #members == 0 then
+    redis.call('SREM', 'tunnel:tcp', key)
+  else
+    for _, member in ipairs(members) do
+      if member ~= ARGV[1] then
+        table.insert(found, key)
+        break
+      end
+    end
+  end
+end
+return found
+"""
+)
+
 #: The pub/sub channel of the admin API's disconnect requests.
 _DISCONNECTS: Final = "tunnel:disconnect"
 
@@ -297,6 +329,7 @@ class RedisStore(Store):
                 "nodes": _NODES,
                 "publish_tunnels": _PUBLISH_TUNNELS,
                 "tunnels": _TUNNELS,
+                "tcp_elsewhere": _TCP_ELSEWHERE,
             }.items()
         }
         self._releases_in, self._releases = trio.open_memory_channel[str](MAX_PENDING_RELEASES)
@@ -398,6 +431,9 @@ class RedisStore(Store):
     async def tunnels(self) -> list[dict[str, Any]]:
         return [json.loads(entry) for entry in await self._call("tunnels", self.member)]
 
+    async def tcp_elsewhere(self) -> list[str]:
+        return [_text(key) for key in await self._call("tcp_elsewhere", self.member)]
+
     async def disconnect_elsewhere(self, key: str, reason: str, reconnect: bool) -> None:
         message = json.dumps(
             {"key": key, "reason": reason, "reconnect": reconnect, "by": self.member}
@@ -432,6 +468,7 @@ class RedisStore(Store):
                             key,
                         )
                         holder.lost(key)
+                    holder.forward_tcp(await self.tcp_elsewhere())
                 with trio.move_on_after(interval):
                     await self._renew_now.wait()
                 self._renew_now = trio.Event()

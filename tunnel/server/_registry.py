@@ -11,7 +11,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import trio
 
@@ -19,6 +19,9 @@ from .._config.hooks import TunnelInfo
 from .._protocol.policy import VisitorPolicy
 from ..link import Link
 from ._store import LocalStore, Store
+
+if TYPE_CHECKING:
+    from ._tcp import TcpForwarders
 
 __all__ = ["AgentSession", "HostInUse", "Registry", "Session", "TunnelStatistics"]
 
@@ -157,6 +160,8 @@ class Registry:
         self.shutting_down = trio.Event()
         #: Who holds which host in the other worker processes or cluster nodes.
         self.store: Store = LocalStore()
+        #: In a cluster, the TCP ports this node listens on for other nodes.
+        self.tcp_forwarders: TcpForwarders | None = None
         self._shutdown_scopes: set[trio.CancelScope] = set()
         #: Called with a key when its last session is released (the server
         #: drops what it kept for that tunnel, such as its rate limits).

@@ -71,6 +71,9 @@ class Holder(Protocol):
     async def disconnect(self, key: str, reason: str, reconnect: bool) -> None:
         """The admin API of another node disconnects ``key``: end its sessions here."""
 
+    def forward_tcp(self, keys: list[str]) -> None:
+        """The TCP tunnels (``tcp:<port>``) other nodes serve now: listen for them here."""
+
 
 class Store:
     """The interface of both backends; every method is safe to call from any task.
@@ -133,6 +136,14 @@ class Store:
 
     async def tunnels(self) -> list[dict[str, Any]]:
         """The tunnels the other nodes serve, as they last published them.
+
+        Raises:
+            StoreUnavailableError: The store could not be asked.
+        """
+        return []
+
+    async def tcp_elsewhere(self) -> list[str]:
+        """The TCP tunnels (``tcp:<port>``) that other nodes serve now.
 
         Raises:
             StoreUnavailableError: The store could not be asked.

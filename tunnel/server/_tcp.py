@@ -24,7 +24,14 @@ from ..link import StreamError, pipe
 from ._access import Denied
 from ._registry import AgentSession, HostInUse, Registry, Session
 
-__all__ = ["TCP_AUTHORITY", "bind_tcp_port", "serve_forwarded_tcp", "serve_tcp", "tcp_port_of"]
+__all__ = [
+    "TCP_AUTHORITY",
+    "TcpForwarders",
+    "bind_tcp_port",
+    "serve_forwarded_tcp",
+    "serve_tcp",
+    "tcp_port_of",
+]
 
 logger = logging.getLogger("tunnel.server")
 
@@ -42,10 +49,86 @@ def tcp_port_of(authority: bytes) -> int | None:
     return int(port)
 
 
+class TcpForwarders:
+    """The public TCP ports this node listens on for tunnels other nodes serve.
+
+    In a cluster, a TCP tunnel's port is bound on every node: on the node its
+    agent is connected to, for that agent (``serve_tcp``); on every other, a
+    listener that carries each visitor to that node (``serve_forwarded_tcp``).
+    The store's heartbeat says which ports other nodes serve (:meth:`sync`);
+    a local agent claiming one of them takes the port over (:meth:`stop`).
+
+    Args:
+        config: The node's settings (``tcp_ports``, ``tcp_listen_host``).
+        find: Finds the session for ``tcp:<port>``: an agent here, or a node.
+    """
+
+    def __init__(
+        self, config: ServerConfig, find: Callable[[str], Awaitable[Session | None]]
+    ) -> None:
+        self._config = config
+        self._find = find
+        self._nursery: trio.Nursery | None = None
+        self._running: dict[int, tuple[trio.CancelScope, trio.Event]] = {}
+
+    def __contains__(self, port: int) -> bool:
+        return port in self._running
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Own the listeners until cancelled."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started()
+                await trio.sleep_forever()
+        finally:
+            self._nursery = None
+
+    def sync(self, ports: set[int]) -> None:
+        """Listen on exactly ``ports`` (those of ``tcp_ports``) for the other nodes."""
+        nursery = self._nursery
+        if nursery is None or self._config.tcp_ports is None:
+            return
+        wanted = {port for port in ports if port in self._config.tcp_ports}
+        for port in set(self._running) - wanted:
+            self._running[port][0].cancel()
+        for port in wanted - set(self._running):
+            scope, done = trio.CancelScope(), trio.Event()
+            self._running[port] = (scope, done)
+            nursery.start_soon(self._serve, port, scope, done)
+
+    async def stop(self, port: int) -> None:
+        """Stop listening on ``port`` for the other nodes; return once it is free."""
+        running = self._running.get(port)
+        if running is not None:
+            running[0].cancel()
+            await running[1].wait()
+
+    async def _serve(self, port: int, scope: trio.CancelScope, done: trio.Event) -> None:
+        try:
+            with scope:
+                await serve_forwarded_tcp(self._config, self._find, port)
+        except OSError as exc:
+            # Bound by another program, or by this node's own agent meanwhile:
+            # tried again at the next heartbeat.
+            logger.debug("cannot listen on TCP port %d for another node: %s", port, exc)
+        finally:
+            if self._running.get(port, (None,))[0] is scope:
+                del self._running[port]
+            done.set()
+
+
 async def bind_tcp_port(
-    config: ServerConfig, registry: Registry, requested: int, digest: bytes
+    config: ServerConfig,
+    registry: Registry,
+    requested: int,
+    digest: bytes,
+    skip: frozenset[int] = frozenset(),
 ) -> tuple[list[trio.SocketListener], int]:
-    """Listen on the requested port (0: any free port of ``config.tcp_ports``).
+    """Listen on the requested port (0: any free port of ``config.tcp_ports`` not in ``skip``).
+
+    In a cluster, a port this node listens on for another node's tunnel is
+    taken over for the requested port, and passed over for port 0.
 
     A port held by an earlier connection with the same token is taken over: that
     session is closed and the port bound once it has let go.
@@ -73,6 +156,9 @@ async def bind_tcp_port(
             )
         for holder in holders:
             await holder.done.wait()
+        forwarders = registry.tcp_forwarders
+        if forwarders is not None:
+            await forwarders.stop(requested)
         listeners = await _listen(config, requested)
         if listeners is None and config.workers > 1:
             # Likely this agent's own stale connection on another worker,
@@ -81,8 +167,13 @@ async def bind_tcp_port(
         if listeners is None:
             raise Denied(409, f"port {requested} is in use on the server")
         return listeners, requested
+    forwarders = registry.tcp_forwarders
     for port in ports:
-        if registry.holds(f"tcp:{port}"):
+        if (
+            port in skip
+            or registry.holds(f"tcp:{port}")
+            or (forwarders is not None and port in forwarders)
+        ):
             continue
         listeners = await _listen(config, port)
         if listeners is not None:
