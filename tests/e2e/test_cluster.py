@@ -37,11 +37,29 @@ from helpers import echo_websocket, eventually, free_port
 from tunnel._protocol.handshake import HOST_HEADER, SUBPROTOCOL
 from tunnel.server._app import LOCATE_FOR
 
+MakeConfig = Callable[..., tunnel.ClientConfig]
 SECRET = "a-cluster-secret-for-tests"
 BOB = "b0b-token"
 HOST = "app.localhost"
 #: Short heartbeats: entries live two intervals (1 s) without one.
 KEEPALIVE = 0.5
+
+
+@pytest.fixture
+def agent_config(
+    agent_config: Callable[..., tunnel.ClientConfig],
+) -> Callable[..., tunnel.ClientConfig]:
+    """conftest's, with one node connection: these agents are given one node's address.
+
+    (An agent given a single address in a cluster of two would keep dialling it
+    for a second node, by design: that address could be a load balancer's.)
+    """
+
+    def make(server_port: int, local_port: int, **overrides: Any) -> tunnel.ClientConfig:
+        overrides.setdefault("ha_connections", 1)
+        return agent_config(server_port, local_port, **overrides)
+
+    return make
 
 
 async def start_node(
@@ -302,22 +320,12 @@ async def test_a_node_cut_off_from_redis_lets_go_of_a_host_given_to_another(
 
 
 async def test_a_killed_nodes_hosts_are_free_within_two_keepalive_intervals(
-    tmp_path, start_tunnel_server, redis_server, local_service, open_agent
+    tmp_path, start_tunnel_server, redis_server, local_service, open_agent, nursery
 ) -> None:
     two = await start_node(start_tunnel_server, redis_server, "two")
-    settings = tmp_path / "one.toml"
-    settings.write_text(
-        f'address = "127.0.0.1:0"\nstore = "{redis_server.url}"\n'
-        f'cluster_secret = "{SECRET}"\nnode_id = "one"\ntokens = ["{TOKEN}"]\n'
-        f"keepalive_interval = {KEEPALIVE}\n"
-    )
-    process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "tunnel", "server", "--config", str(settings)],
-        stderr=subprocess.PIPE,
-    )
+    process, port = await _node_process(nursery, tmp_path, redis_server, "one")
     try:
         with trio.fail_after(30):
-            port = await _listening_port(process)
             async with open_agent(port, local_service.port):
                 assert (await claim_once(two.port, BOB)).status == 409
                 os.kill(process.pid, signal.SIGKILL)
@@ -555,7 +563,7 @@ async def test_a_node_killed_under_load_costs_only_the_requests_in_flight_on_it(
     """
     two = await start_node(start_tunnel_server, redis_server, "two")
     three = await start_node(start_tunnel_server, redis_server, "three")
-    one, one_port = await _node_process(tmp_path, redis_server, "one")
+    one, one_port = await _node_process(nursery, tmp_path, redis_server, "one")
     outcomes: list[tuple[float, float, int | None]] = []  # (start, end, status or None)
     killed_at = math.inf
     stop = trio.Event()
@@ -579,6 +587,7 @@ async def test_a_node_killed_under_load_costs_only_the_requests_in_flight_on_it(
                 one_port,
                 local_service.port,
                 address=[f"127.0.0.1:{one_port}", f"127.0.0.1:{two.port}"],
+                ha_connections=2,
             )
             async with tunnel.open_tunnel(config) as agent:
                 await eventually(lambda: agent.server_connections == 2, limit=20)
@@ -604,8 +613,13 @@ async def test_a_node_killed_under_load_costs_only_the_requests_in_flight_on_it(
     assert len(in_flight) <= 4
 
 
-async def _node_process(tmp_path: Any, redis: RedisServer, name: str) -> tuple[trio.Process, int]:
-    """``tunnel server`` as a node of the cluster, in a process of its own (to kill)."""
+async def _node_process(
+    nursery: trio.Nursery, tmp_path: Any, redis: RedisServer, name: str
+) -> tuple[trio.Process, int]:
+    """``tunnel server`` as a node of the cluster, in a process of its own (to kill).
+
+    Its log is read to the end (a full pipe would stop the node).
+    """
     settings = tmp_path / f"{name}.toml"
     settings.write_text(
         f'address = "127.0.0.1:0"\nstore = "{redis.url}"\n'
@@ -617,7 +631,15 @@ async def _node_process(tmp_path: Any, redis: RedisServer, name: str) -> tuple[t
         stderr=subprocess.PIPE,
     )
     with trio.fail_after(30):
-        return process, await _listening_port(process)
+        port = await _listening_port(process)
+    nursery.start_soon(_drain, process.stderr)
+    return process, port
+
+
+async def _drain(stream: Any) -> None:
+    with contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError):
+        while await stream.receive_some():
+            pass
 
 
 async def test_a_tcp_tunnel_is_reached_through_every_node(

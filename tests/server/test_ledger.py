@@ -110,3 +110,33 @@ def test_a_claim_being_written_is_never_read_as_another_identitys(tmp_path) -> N
         done.set()
         thread.join()
     assert wrong == 0
+
+
+async def test_a_host_being_claimed_again_is_not_released_by_the_connection_it_replaces(
+    ledgers,
+) -> None:
+    from test_registry import session  # the registry tests' session maker
+
+    zero, one = Registry(), Registry()
+    zero.store, one.store = LocalStore(ledgers[0]), LocalStore(ledgers[1])
+    old = session(b"alice")
+    assert await zero.store.claim(HOST, b"alice", None) is Claim.OK
+    zero.claim(old)
+    # Alice's agent opens a new connection to worker zero; while its handshake
+    # runs, the old connection ends. The host must stay hers throughout.
+    zero.reserve(HOST)
+    assert await zero.store.claim(HOST, b"alice", None) is Claim.OK
+    zero.release(old)
+    assert await one.store.claim(HOST, b"mallory", None) is Claim.HELD
+    new = session(b"alice")
+    zero.claim(new)
+    zero.unreserve(HOST)
+    assert await one.store.claim(HOST, b"mallory", None) is Claim.HELD
+    # A handshake refused (or cancelled) lets go of what it claimed.
+    zero.release(new)
+    assert await one.store.claim(HOST, b"mallory", None) is Claim.OK
+    one.store.release(HOST)
+    zero.reserve(HOST)
+    assert await zero.store.claim(HOST, b"alice", None) is Claim.OK
+    zero.unreserve(HOST)
+    assert await one.store.claim(HOST, b"mallory", None) is Claim.OK

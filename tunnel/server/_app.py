@@ -459,10 +459,14 @@ class TunnelApp:
                     store = await stack.enter_async_context(
                         open_store(self.config, self.peer_address)
                     )
-                except StoreUnavailableError as exc:
-                    logger.error("tunnel server: %s", exc)
+                except Exception as exc:
+                    # Any failure (Redis unreachable, coredis missing, a bad
+                    # TLS file) fails the start: a node serving without its
+                    # cluster would give hosts away that others hold.
+                    message = str(exc) or type(exc).__name__
+                    logger.error("tunnel server: %s", message)
                     await receive()  # lifespan.startup
-                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    await send({"type": "lifespan.startup.failed", "message": message})
                     return
                 self.registry.store = store
                 if self.locate is no_other_nodes:
@@ -555,7 +559,8 @@ class _Holder:
         self.registry = app.registry
         self.node = node_id(app.config)
         self.holdings = self.registry.holdings
-        self.holds = self.registry.holds
+        # What a handshake is claiming counts as held: its release would undo it.
+        self.holds = self.registry.claimed
 
     def lost(self, key: str) -> None:
         self.registry.let_go(
@@ -569,7 +574,7 @@ class _Holder:
         forwarders = self.registry.tcp_forwarders
         if forwarders is not None:
             registry = self.registry
-            forwarders.sync({int(key[4:]) for key in keys if not registry.holds(key)})
+            forwarders.sync({int(key[4:]) for key in keys if not registry.claimed(key)})
 
     async def disconnect(self, key: str, reason: str, reconnect: bool) -> None:
         async with trio.open_nursery() as nursery:

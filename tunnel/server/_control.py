@@ -72,22 +72,41 @@ async def serve_agent(
     if message["type"] != "websocket.connect":
         return
     peer = tuple(scope["client"]) if scope.get("client") else None
+    # The keys this handshake claims in the store, held (``Registry.reserve``)
+    # until the session holds them or the agent is refused, however it ends.
+    reserved: list[str] = []
+    try:
+        await _serve_agent(config, access, registry, scope, receive, send, peer, reserved)
+    finally:
+        for key in reserved:
+            registry.unreserve(key)
+
+
+async def _serve_agent(
+    config: ServerConfig,
+    access: AccessControl,
+    registry: Registry,
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    peer: tuple[str, int] | None,
+    reserved: list[str],
+) -> None:
     listeners: list[trio.SocketListener] = []
-    reserved: str | None = None  # the key claimed in the store, once it is
     try:
         if registry.shutting_down.is_set():
             # 503, not a permanent refusal: the agent retries, and finds the
             # restarted server.
             raise Denied(503, "the server is shutting down; try again shortly")
         with trio.fail_after(config.handshake_timeout):
-            request, identity, policy = await _check(config, access, registry, scope, peer)
-            reserved = request.host if request.tcp_port is None else None
+            request, identity, policy = await _check(
+                config, access, registry, scope, peer, reserved
+            )
             port = None
             if request.tcp_port is not None:
                 listeners, port = await _bind_and_reserve(
-                    config, registry, request.tcp_port, identity
+                    config, registry, request.tcp_port, identity, reserved
                 )
-                reserved = f"tcp:{port}"
             info = TunnelInfo(request.host, request.peer, time.time(), request, port)
             if config.callbacks.on_connection is not None:
                 try:
@@ -95,8 +114,6 @@ async def serve_agent(
                 except Exception as exc:
                     raise Denied(403, str(exc) or type(exc).__name__) from None
     except (trio.TooSlowError, Denied) as exc:
-        if reserved is not None:
-            _let_go_unless_held(registry, reserved)
         for listener in listeners:
             await trio.aclose_forcefully(listener)
         if isinstance(exc, trio.TooSlowError):
@@ -206,7 +223,6 @@ async def serve_agent(
             # the others and skipping the release below.
             listener.socket.close()
         registry.release(session)
-        _let_go_unless_held(registry, session.key)
         session.done.set()
         log_event(
             logger,
@@ -306,6 +322,7 @@ async def _check(
     registry: Registry,
     scope: Scope,
     peer: tuple[str, int] | None,
+    reserved: list[str],
 ) -> tuple[ConnectRequest, Identity, VisitorPolicy]:
     subprotocols: list[str] = list(scope.get("subprotocols") or [])
     if SUBPROTOCOL not in subprotocols:
@@ -407,16 +424,21 @@ async def _check(
     except ConfigError as exc:
         raise Denied(400, str(exc)) from None
     if tcp_port is None:
-        await _reserve(registry, host, identity, limit)
+        await _reserve(registry, host, identity, limit, reserved)
     return request, identity, policy
 
 
-async def _reserve(registry: Registry, key: str, identity: Identity, limit: int | None) -> None:
+async def _reserve(
+    registry: Registry, key: str, identity: Identity, limit: int | None, reserved: list[str]
+) -> None:
     """Claim ``key`` in the store (other workers, other nodes), or raise Denied.
 
-    The last step of a handshake: what it records is let go by the caller if the
-    agent is refused after it (``_let_go_unless_held``).
+    Reserved in the registry (and listed in ``reserved``) before the store is
+    asked: from then on nothing here releases it, and ``serve_agent`` lets go
+    of it if the agent is refused, even when the answer never came (cancelled).
     """
+    registry.reserve(key)
+    reserved.append(key)
     try:
         answer = await registry.store.claim(key, identity.digest, limit)
     except StoreUnavailableError:
@@ -438,7 +460,11 @@ async def _reserve(registry: Registry, key: str, identity: Identity, limit: int 
 
 
 async def _bind_and_reserve(
-    config: ServerConfig, registry: Registry, requested: int, identity: Identity
+    config: ServerConfig,
+    registry: Registry,
+    requested: int,
+    identity: Identity,
+    reserved: list[str],
 ) -> tuple[list[trio.SocketListener], int]:
     """Bind a TCP tunnel's port here and claim it in the store, or raise Denied.
 
@@ -451,7 +477,8 @@ async def _bind_and_reserve(
             config, registry, requested, identity.digest, frozenset(skip)
         )
         try:
-            await _reserve(registry, f"tcp:{port}", identity, config.max_tunnels_per_identity)
+            limit = config.max_tunnels_per_identity
+            await _reserve(registry, f"tcp:{port}", identity, limit, reserved)
         except Denied as exc:
             for listener in listeners:
                 listener.socket.close()
@@ -460,9 +487,3 @@ async def _bind_and_reserve(
             skip.add(port)
             continue
         return listeners, port
-
-
-def _let_go_unless_held(registry: Registry, key: str) -> None:
-    """Undo a handshake's claim in the store if no session serves ``key`` here."""
-    if not registry.holds(key):
-        registry.store.release(key)

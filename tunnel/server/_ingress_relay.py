@@ -35,6 +35,9 @@ __all__ = [
 
 logger = logging.getLogger("tunnel.server")
 
+#: Requests sent again through another node when theirs was lost before any answer.
+SAFE_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS"})
+
 #: Request body bytes kept to send again after a refusal; a request whose body
 #: outgrew it before the refusal came is answered 502 instead.
 REPLAY_LIMIT: Final = 64 << 10
@@ -293,6 +296,17 @@ class StreamRelay:
                 await send_error_page(send, *self.refusal, closing_headers(self.scope))
             elif exc.code == h2.errors.ErrorCodes.REFUSED_STREAM and self.kept is not None:
                 # Never processed (RFC 9113 section 8.7): forward_visitor_http sends it again.
+                self.refused = exc
+            elif (
+                session.retried_when_lost
+                and self.kept is not None
+                and self.scope["method"] in SAFE_METHODS
+                and session.link.closed_reason is not None
+            ):
+                # The link to the node of the cluster that has the agent was
+                # lost before any answer: a safe request may go again, through
+                # another node (RFC 9110 section 9.2.2). A node that died then
+                # costs its visitors nothing but the time to notice.
                 self.refused = exc
             elif self._grpc_call():
                 await self._end_call(exc, start=True)

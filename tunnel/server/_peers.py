@@ -106,6 +106,10 @@ class PeerSession:
 
     __slots__ = ("key", "link", "node", "policy", "requests_served")
 
+    #: A node lost before it answered says nothing of the agent, which another
+    #: node may reach: a safe request goes again (``_ingress_relay.py``).
+    retried_when_lost = True
+
     def __init__(self, key: str, node: str, link: Link) -> None:
         self.key = key
         self.node = node

@@ -56,12 +56,30 @@ CALL_TIMEOUT: Final = 2.0
 CONNECT_TIMEOUT: Final = 2.0
 #: Releases waiting for the store's task; beyond this they expire instead.
 MAX_PENDING_RELEASES: Final = 10_000
+#: Seconds before a failed renewal is tried again.
+RETRY_AFTER: Final = 1.0
 #: Keys renewed per script call (the script's arguments stay small).
 RENEW_BATCH: Final = 500
 
 _NOW = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+-- Expiries only grow: a node with a shorter keepalive (so a shorter TTL) must
+-- not cut short what a node with a longer one keeps alive.
+local function expire_after(key, ttl)
+  local left = redis.call('PTTL', key)
+  if left < ttl then
+    redis.call('PEXPIRE', key, ttl)
+  end
+end
+local function own(key, digest, ttl)
+  local left = redis.call('PTTL', key)
+  if left < ttl then
+    redis.call('SET', key, digest, 'PX', ttl)
+  else
+    redis.call('SET', key, digest, 'KEEPTTL')
+  end
+end
 """
 
 # KEYS: -. ARGV: key, digest, member, ttl, limit (0: none).
@@ -83,11 +101,11 @@ if owner ~= digest and limit > 0 then
     return 'limit'
   end
 end
-redis.call('SET', owner_key, digest, 'PX', ttl)
+own(owner_key, digest, ttl)
 redis.call('ZADD', nodes_key, now + ttl, member)
-redis.call('PEXPIRE', nodes_key, ttl)
-redis.call('ZADD', identity_key, now + ttl, key)
-redis.call('PEXPIRE', identity_key, ttl)
+expire_after(nodes_key, ttl)
+redis.call('ZADD', identity_key, 'GT', now + ttl, key)
+expire_after(identity_key, ttl)
 if string.sub(key, 1, 4) == 'tcp:' then
   redis.call('SADD', 'tunnel:tcp', key)
 end
@@ -114,11 +132,11 @@ for i = 5, #ARGV, 2 do
   if owner and owner ~= digest and redis.call('ZCARD', nodes_key) > 0 then
     table.insert(lost, key)
   else
-    redis.call('SET', owner_key, digest, 'PX', ttl)
+    own(owner_key, digest, ttl)
     redis.call('ZADD', nodes_key, now + ttl, member)
-    redis.call('PEXPIRE', nodes_key, ttl)
-    redis.call('ZADD', identity_key, now + ttl, key)
-    redis.call('PEXPIRE', identity_key, ttl)
+    expire_after(nodes_key, ttl)
+    redis.call('ZADD', identity_key, 'GT', now + ttl, key)
+    expire_after(identity_key, ttl)
     if string.sub(key, 1, 4) == 'tcp:' then
       redis.call('SADD', 'tunnel:tcp', key)
     end
@@ -276,8 +294,15 @@ _DISCONNECTS: Final = "tunnel:disconnect"
 
 
 def redacted(url: str) -> str:
-    """``url`` without its password, for messages and logs."""
+    """``url`` without its password (in the user part or the query), for messages and logs."""
     parts = urlsplit(url)
+    if parts.query:
+        query = "&".join(
+            f"{name}=***" if name.lower() == "password" else f"{name}{sep}{value}"
+            for name, sep, value in (item.partition("=") for item in parts.query.split("&"))
+        )
+        parts = parts._replace(query=query)
+        url = urlunsplit(parts)
     if parts.password is None:
         return url
     user = parts.username or ""
@@ -335,6 +360,8 @@ class RedisStore(Store):
         self._releases_in, self._releases = trio.open_memory_channel[str](MAX_PENDING_RELEASES)
         self._nodes = 1
         self._renew_now = trio.Event()
+        # Held by a renewal and by each release: never one inside the other.
+        self._renewing = trio.Lock()
         #: Whether the last call to Redis succeeded.
         self.reachable = True
 
@@ -399,29 +426,31 @@ class RedisStore(Store):
     def node_count(self) -> int:
         return self._nodes
 
-    async def renew(
-        self, holdings: dict[str, bytes], tunnels: list[dict[str, Any]] | None = None
-    ) -> list[str]:
+    async def renew(self, holder: Holder) -> list[str]:
         """Renew this process's entries; return the keys given to another identity.
 
-        ``tunnels`` (as the admin API lists them) are published for the other
-        nodes' admin APIs, until the next renewal.
+        Releases wait meanwhile (a release between the reading of what is held
+        and its renewal would be undone by it). Then this process's tunnels (as
+        the admin API lists them) are published for the other nodes' admin APIs.
         """
-        if tunnels is not None:
-            await self._call("publish_tunnels", self.member, json.dumps(tunnels), self.ttl_ms)
-        items = list(holdings.items())
         lost: list[str] = []
-        for start in range(0, max(len(items), 1), RENEW_BATCH):
-            pairs = [
-                part
-                for key, digest in items[start : start + RENEW_BATCH]
-                for part in (key, digest.hex())
-            ]
-            answer = await self._call(
-                "renew", self.member, self.node, self.address, self.ttl_ms, *pairs
-            )
-            lost.extend(_text(key) for key in answer)
-        self._nodes = max(1, len(await self.nodes()))
+        async with self._renewing:
+            items = list(holder.holdings().items())
+            for start in range(0, max(len(items), 1), RENEW_BATCH):
+                pairs = [
+                    part
+                    for key, digest in items[start : start + RENEW_BATCH]
+                    if holder.holds(key)  # not released while an earlier batch ran
+                    for part in (key, digest.hex())
+                ]
+                answer = await self._call(
+                    "renew", self.member, self.node, self.address, self.ttl_ms, *pairs
+                )
+                lost.extend(_text(key) for key in answer)
+        with contextlib.suppress(StoreUnavailableError):
+            tunnels = json.dumps(holder.tunnels())
+            await self._call("publish_tunnels", self.member, tunnels, self.ttl_ms)
+            self._nodes = max(1, len(await self.nodes()))
         return lost
 
     async def nodes(self) -> list[str]:
@@ -457,11 +486,20 @@ class RedisStore(Store):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._carry_out_releases, holder)
             nursery.start_soon(self._take_disconnects, holder, nursery)
-            task_status.started()
             interval = self.ttl_ms / 2000
+            first = True
             while True:
-                with contextlib.suppress(StoreUnavailableError):
-                    for key in await self.renew(holder.holdings(), holder.tunnels()):
+                if first:
+                    # The first renewal before the node serves: it is in the
+                    # store, and knows the cluster's size, by its first agent.
+                    first = False
+                    with contextlib.suppress(StoreUnavailableError):
+                        await self.renew(holder)
+                    task_status.started()
+                    continue
+                wait = interval
+                try:
+                    for key in await self.renew(holder):
                         logger.warning(
                             "tunnel server: %s was given to another identity while this node "
                             "could not reach the cluster's store; letting its agent go",
@@ -469,7 +507,11 @@ class RedisStore(Store):
                         )
                         holder.lost(key)
                     holder.forward_tcp(await self.tcp_elsewhere())
-                with trio.move_on_after(interval):
+                except StoreUnavailableError:
+                    # Soon again, not a whole interval later: entries live two
+                    # intervals, and one missed renewal must not let them lapse.
+                    wait = min(interval, RETRY_AFTER)
+                with trio.move_on_after(wait):
                     await self._renew_now.wait()
                 self._renew_now = trio.Event()
 
@@ -500,10 +542,14 @@ class RedisStore(Store):
 
     async def _carry_out_releases(self, holder: Holder) -> None:
         async for key in self._releases:
-            if holder.holds(key):
-                continue  # served again since (the agent back on a new connection)
-            with contextlib.suppress(StoreUnavailableError):
-                await self._call("release", key, self.member)
+            if not self.reachable:
+                # Each would wait for its own timeout; the entries expire anyway.
+                continue
+            async with self._renewing:
+                if holder.holds(key):
+                    continue  # served again since (the agent back on a new connection)
+                with contextlib.suppress(StoreUnavailableError):
+                    await self._call("release", key, self.member)
 
 
 def open_store(
@@ -555,9 +601,14 @@ async def open_redis_store(
             "pip install 'trio-tunnel[cluster]'"
         ) from None
 
-    client = coredis.Redis.from_url(
-        url, connect_timeout=CONNECT_TIMEOUT, stream_timeout=CALL_TIMEOUT
-    )
+    try:
+        client = coredis.Redis.from_url(
+            url, connect_timeout=CONNECT_TIMEOUT, stream_timeout=CALL_TIMEOUT
+        )
+    except (ValueError, OSError) as exc:  # a bad option, a TLS file missing
+        raise StoreUnavailableError(
+            f"cannot use the cluster's store at {redacted(url)}: {exc}"
+        ) from None
     failure: StoreUnavailableError | None = None
     async with contextlib.AsyncExitStack() as stack:
         try:

@@ -68,6 +68,10 @@ class Session(Protocol):
     link: Link
     policy: VisitorPolicy
     requests_served: int
+    #: Whether a safe request (GET, HEAD, OPTIONS) whose connection was lost
+    #: before any answer goes again to another session: for another node, whose
+    #: loss says nothing of the agent; not for an agent's own connection.
+    retried_when_lost: bool
 
     @property
     def host(self) -> str:
@@ -82,6 +86,8 @@ class Session(Protocol):
 
 class AgentSession:
     """One accepted agent connection and its counters."""
+
+    retried_when_lost = False
 
     __slots__ = ("agent_id", "digest", "done", "info", "link", "policy", "pool", "requests_served")
 
@@ -162,6 +168,9 @@ class Registry:
         self.store: Store = LocalStore()
         #: In a cluster, the TCP ports this node listens on for other nodes.
         self.tcp_forwarders: TcpForwarders | None = None
+        # Keys a handshake has claimed in the store (or is claiming) for a
+        # session not registered yet: nothing may release them meanwhile.
+        self._reserved: dict[str, int] = {}
         self._shutdown_scopes: set[trio.CancelScope] = set()
         #: Called with a key when its last session is released (the server
         #: drops what it kept for that tunnel, such as its rate limits).
@@ -316,7 +325,9 @@ class Registry:
             self._sessions[session.key] = [m for m in members if m is not session]
             return
         del self._sessions[session.key]
-        self.store.release(session.key)
+        if session.key not in self._reserved:
+            # Else a handshake for it is under way; it releases it if refused.
+            self.store.release(session.key)
         if self.on_released is not None:
             self.on_released(session.key)
         self._gone[session.key] = time.time()
@@ -340,6 +351,27 @@ class Registry:
     def holds(self, key: str) -> bool:
         """Whether a session holds ``key`` now."""
         return key in self._sessions
+
+    def claimed(self, key: str) -> bool:
+        """Whether a session holds ``key``, or a handshake is claiming it: the store keeps it."""
+        return key in self._sessions or key in self._reserved
+
+    def reserve(self, key: str) -> None:
+        """A handshake claims ``key`` in the store; :meth:`unreserve` once it is over."""
+        self._reserved[key] = self._reserved.get(key, 0) + 1
+
+    def unreserve(self, key: str) -> None:
+        """A handshake that claimed ``key`` is over: its session holds it, or it was refused.
+
+        The store lets go of ``key`` if nothing here holds or claims it any more.
+        """
+        left = self._reserved.get(key, 0) - 1
+        if left > 0:
+            self._reserved[key] = left
+            return
+        self._reserved.pop(key, None)
+        if key not in self._sessions:
+            self.store.release(key)
 
     def sessions(self) -> list[AgentSession]:
         """The sessions serving hosts now (a pool's members one by one)."""
