@@ -58,23 +58,58 @@ release and passes with it.
 from __future__ import annotations
 
 import logging
+from contextvars import ContextVar
+from math import inf
 
 import hypercorn.trio.run
 import trio
 from hypercorn.events import Closed, Event, RawData
+from hypercorn.trio import tcp_server
 from hypercorn.trio.tcp_server import TCPServer
 
 from ..._compat import HYPERCORN_GUARD
 
-__all__ = ["install_hypercorn_guard"]
+__all__ = ["Handover", "current_connection", "install_hypercorn_guard"]
 
 logger = logging.getLogger("tunnel.server")
+
+
+class Handover:
+    """A request to stop reading a connection, so that an app can read it itself.
+
+    The reader stops at its next step (:attr:`parked` is set then, or when it
+    has ended: :attr:`reader_ended`) and waits for :attr:`done`: given back
+    (:attr:`taken` False) it reads on, taken it ends the connection, as if the
+    peer had closed it, once the taker is done.
+    """
+
+    __slots__ = ("done", "parked", "reader_ended", "taken")
+
+    def __init__(self) -> None:
+        self.parked = trio.Event()
+        self.done = trio.Event()
+        self.reader_ended = False
+        self.taken = False
+
+
+#: The connection a task serves: an app's task inherits it from the connection's
+#: task that spawned it (trio copies the context into a new task).
+current_connection: ContextVar[_GuardedTCPServer | None] = ContextVar(
+    "tunnel_hypercorn_connection", default=None
+)
 
 
 class _GuardedTCPServer(TCPServer):
     """Hypercorn's per-connection server, in which a send racing ``send_eof`` is a close."""
 
+    #: A read in progress, which a handover cancels (it loses no data: a
+    #: socket's or TLS stream's receive cancelled has taken nothing).
+    _receiving: trio.CancelScope | None = None
+    #: Set by ``_takeover.py`` while an app asks for the connection or holds it.
+    handover: Handover | None = None
+
     async def run(self) -> None:
+        current_connection.set(self)
         try:
             await super().run()
         except* Exception as group:
@@ -86,6 +121,40 @@ class _GuardedTCPServer(TCPServer):
                     "an HTTP connection failed inside Hypercorn; closed it, the server goes on",
                     exc_info=exc,
                 )
+
+    async def _read_data(self) -> None:
+        # Hypercorn 0.18's TCPServer._read_data (hypercorn/trio/tcp_server.py),
+        # with a point where an app may take the connection over
+        # (_takeover.py): the read in progress is called off, and the loop
+        # waits for the app to be done with it.
+        while True:
+            handover = self.handover
+            if handover is not None:
+                handover.parked.set()
+                await handover.done.wait()
+                if handover.taken:
+                    break
+                self.handover = None
+            with trio.CancelScope() as receiving:
+                self._receiving = receiving
+                try:
+                    with trio.fail_after(self.config.read_timeout or inf):
+                        data = await self.stream.receive_some(tcp_server.MAX_RECV)
+                except (trio.ClosedResourceError, trio.BrokenResourceError, trio.TooSlowError):
+                    break
+                finally:
+                    self._receiving = None
+            if receiving.cancelled_caught:
+                continue  # a handover: nothing was read
+            # A handover cancelling after the read completed lands here with
+            # the data: it is Hypercorn's to handle, then the loop parks.
+            await self.protocol.handle(RawData(bytes(data)))
+            if data == b"":
+                break
+        if self.handover is not None and not self.handover.taken:
+            self.handover.reader_ended = True
+            self.handover.parked.set()
+        await self.protocol.handle(Closed())
 
     async def protocol_send(self, event: Event) -> None:
         if isinstance(event, RawData):
