@@ -188,3 +188,12 @@ def test_pure_python_unmasking_matches_c() -> None:
     for size in (0, 1, 3, 4, 5, 1000):
         data = os.urandom(size)
         assert frames._unmask_python(data, key) == frames._unmask(data, key)
+
+
+def test_nothing_is_held_once_a_read_is_parsed() -> None:
+    # The server keeps a reader per idle agent: a parsed read must not stay
+    # referenced (it may be a 256 KiB buffer) until the next message.
+    reader = ServerFrames(1 << 20)
+    reader.receive_data(_client().send(BytesMessage(data=b"z" * 100_000)))
+    assert _drain(reader) == [b"z" * 100_000]
+    assert reader._buffer == b""

@@ -198,7 +198,13 @@ class ServerFrames:
                 return None
             key = buffer[start - 4 : start]
             payload: bytes = _unmask(memoryview(buffer)[start:end], key) if length else b""
-            self._position = end
+            if end == len(buffer):
+                # Nothing left: an idle agent holds no buffer (up to a read's
+                # size) until its next message.
+                self._buffer = b""
+                self._position = 0
+            else:
+                self._position = end
             if opcode in (_BINARY, _CONTINUATION):
                 parts = self._parts
                 if opcode == _BINARY:

@@ -135,17 +135,23 @@ class _GuardedTCPServer(TCPServer):
                 if handover.taken:
                     break
                 self.handover = None
-            with trio.CancelScope() as receiving:
+            # One cancel scope for both Hypercorn's read timeout and a
+            # handover (cheaper than its fail_after: this runs for every read
+            # of every visitor).
+            timeout = self.config.read_timeout
+            deadline = trio.current_time() + timeout if timeout else inf
+            with trio.CancelScope(deadline=deadline) as receiving:
                 self._receiving = receiving
                 try:
-                    with trio.fail_after(self.config.read_timeout or inf):
-                        data = await self.stream.receive_some(tcp_server.MAX_RECV)
-                except (trio.ClosedResourceError, trio.BrokenResourceError, trio.TooSlowError):
+                    data = await self.stream.receive_some(tcp_server.MAX_RECV)
+                except (trio.ClosedResourceError, trio.BrokenResourceError):
                     break
                 finally:
                     self._receiving = None
             if receiving.cancelled_caught:
-                continue  # a handover: nothing was read
+                if self.handover is not None:
+                    continue  # a handover: nothing was read
+                break  # Hypercorn's read_timeout
             # A handover cancelling after the read completed lands here with
             # the data: it is Hypercorn's to handle, then the loop parks.
             await self.protocol.handle(RawData(bytes(data)))
