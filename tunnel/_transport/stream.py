@@ -44,14 +44,27 @@ class StreamWebSocketTransport:
             is refused with close code 1009.
     """
 
-    __slots__ = ("_broken", "_closed", "_ended", "_frames", "_released", "_send_lock", "_stream")
+    # Slots, and no lock or exception object until needed: one per idle agent.
+    __slots__ = (
+        "_broken",
+        "_closed",
+        "_end_code",
+        "_end_reason",
+        "_frames",
+        "_released",
+        "_sending",
+        "_sent",
+        "_stream",
+    )
 
     def __init__(self, stream: trio.abc.Stream, *, max_message: int) -> None:
         self._stream = stream
         self._frames = ServerFrames(max_message)
         # The link's writer sends; the reader sends only PONGs and the close
-        # reply, and aclose the close.
-        self._send_lock = trio.Lock()
+        # reply, and aclose the close: one writer at a time, and the rare
+        # second waits for an event made only then.
+        self._sending = False
+        self._sent: trio.Event | None = None
         #: A close was sent or received, or the connection is gone.
         self._closed = False
         #: A write was interrupted: part of a frame may be on the wire, so
@@ -59,16 +72,17 @@ class StreamWebSocketTransport:
         self._broken = False
         self._released = False
         #: How the connection ended, told to every task that uses it after.
-        self._ended = TransportClosed("the agent's connection is closed")
+        self._end_reason = ""
+        self._end_code: int | None = None
 
     def _end(self, reason: str, code: int | None = None) -> TransportClosed:
         if not self._closed:
             self._closed = True
-            self._ended = TransportClosed(reason, code)
-        return self._ended
+            self._end_reason, self._end_code = reason, code
+        return self._ending()
 
     def _ending(self) -> TransportClosed:
-        return TransportClosed(self._ended.reason, self._ended.code)
+        return TransportClosed(self._end_reason, self._end_code)
 
     async def send(self, data: bytes) -> None:
         if self._closed:
@@ -76,13 +90,14 @@ class StreamWebSocketTransport:
         await self._write(frame(data))
 
     async def _write(self, data: bytes) -> None:
-        lock = self._send_lock
-        if lock.locked():
-            await lock.acquire()
-        else:
-            # No yield for a free lock: one less trip through the scheduler per
-            # message (benchmarks/README.rst, issue 14); the send still yields.
-            lock.acquire_nowait()
+        # No yield when nobody else is sending: a lock's would be one more trip
+        # through the scheduler per message (benchmarks/README.rst, issue 14);
+        # the send itself still yields.
+        while self._sending:
+            if self._sent is None:
+                self._sent = trio.Event()
+            await self._sent.wait()
+        self._sending = True
         try:
             if self._broken:
                 raise self._end("the agent's connection broke mid-frame")
@@ -94,7 +109,10 @@ class StreamWebSocketTransport:
             self._broken = True
             raise
         finally:
-            lock.release()
+            self._sending = False
+            if self._sent is not None:
+                self._sent.set()
+                self._sent = None
 
     async def _read(self) -> None:
         try:

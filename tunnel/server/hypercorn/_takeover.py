@@ -130,9 +130,11 @@ async def take_over_websocket(
         _give_back(server, handover)
         return None
     try:
-        # Hypercorn 0.18's WSStream._accept, without its pings.
+        # Hypercorn 0.18's WSStream._accept, without its pings, and without
+        # keeping the wsproto connection it makes (a few KiB per idle agent),
+        # which nothing uses once the stream is closed to Hypercorn below.
         ws.state = ASGIWebsocketState.CONNECTED
-        status, response_headers, ws.connection = ws.handshake.accept(subprotocol, headers)
+        status, response_headers, _ = ws.handshake.accept(subprotocol, headers)
         await ws.send(
             Response(stream_id=ws.stream_id, status_code=status, headers=response_headers)
         )
