@@ -67,7 +67,7 @@ from hypercorn.events import Closed, Event, RawData
 from hypercorn.trio import tcp_server
 from hypercorn.trio.tcp_server import TCPServer
 
-from ..._compat import HYPERCORN_GUARD
+from ..._compat import HYPERCORN_GUARD, HYPERCORN_TAKEOVER
 
 __all__ = ["Handover", "current_connection", "install_hypercorn_guard"]
 
@@ -122,11 +122,18 @@ class _GuardedTCPServer(TCPServer):
                     exc_info=exc,
                 )
 
+    #: Whether ``_read_data`` below replaces Hypercorn's: it is a copy of
+    #: 0.18's, and the guard also serves 0.17.
+    _handover_points = HYPERCORN_TAKEOVER.on
+
     async def _read_data(self) -> None:
         # Hypercorn 0.18's TCPServer._read_data (hypercorn/trio/tcp_server.py),
         # with a point where an app may take the connection over
         # (_takeover.py): the read in progress is called off, and the loop
         # waits for the app to be done with it.
+        if not self._handover_points:
+            await super()._read_data()
+            return
         while True:
             handover = self.handover
             if handover is not None:
