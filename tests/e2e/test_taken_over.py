@@ -33,6 +33,7 @@ from wsproto.events import (
     RejectConnection,
     Request,
 )
+from wsproto.extensions import PerMessageDeflate
 
 import tunnel
 from helpers import eventually
@@ -64,7 +65,9 @@ class RawAgent:
         self.ws = ws
 
     @classmethod
-    async def connect(cls, port: int, host: str = "raw.localhost") -> RawAgent:
+    async def connect(
+        cls, port: int, host: str = "raw.localhost", extensions: list[Any] | None = None
+    ) -> RawAgent:
         stream = await trio.open_tcp_stream("127.0.0.1", port)
         ws = WSConnection(ConnectionType.CLIENT)
         await stream.send_all(
@@ -73,6 +76,7 @@ class RawAgent:
                     host=f"127.0.0.1:{port}",
                     target="/_tunnel",
                     subprotocols=[SUBPROTOCOL],
+                    extensions=extensions or [],
                     extra_headers=[
                         (b"authorization", f"Bearer {TOKEN}".encode()),
                         (HOST_HEADER.encode(), host.encode()),
@@ -139,6 +143,20 @@ async def test_close_code_and_reason_from_the_agent(start_tunnel_server, caplog)
         await agent.stream.aclose()
     assert 'reason="the agent disconnected (4321 bye now)"' in caplog.text
     assert _transports(caplog) == ["direct"]
+
+
+async def test_a_handshake_offering_compression_stays_with_hypercorn(start_tunnel_server, caplog):
+    # The server's own framing has no permessage-deflate; Hypercorn's has. Such
+    # an agent keeps the ASGI path, and its close still arrives with its code.
+    server = await start_tunnel_server()
+    with trio.fail_after(10):
+        agent = await RawAgent.connect(server.port, extensions=[PerMessageDeflate()])
+        await agent.stream.send_all(agent.ws.send(CloseConnection(code=4321, reason="bye now")))
+        assert (await agent.wait_close()).code == 4321
+        await eventually(lambda: "agent_disconnected" in caplog.text)
+        await agent.stream.aclose()
+    assert 'reason="the agent disconnected (4321 bye now)"' in caplog.text
+    assert _transports(caplog) == ["asgi"]
 
 
 async def test_an_oversize_message_is_refused_before_it_is_read(start_tunnel_server, caplog):

@@ -150,6 +150,12 @@ async def take_over_websocket(
         return None
     # From here on Hypercorn's stream object ignores the app and the connection.
     ws.closed = True
-    server.send_lock.acquire_nowait()
     handover.taken = True
-    return TakenWebSocket(server, handover)
+    taken = TakenWebSocket(server, handover)
+    try:
+        # Free (nothing of Hypercorn's sends now), so this does not wait.
+        await server.send_lock.acquire()
+    except BaseException:
+        handover.done.set()  # taken: the read loop ends the connection
+        raise
+    return taken
