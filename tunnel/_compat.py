@@ -26,6 +26,7 @@ __all__ = [
     "HYPERCORN_DISCONNECT_NOTICE",
     "HYPERCORN_FIXES",
     "HYPERCORN_GUARD",
+    "HYPERCORN_TAKEOVER",
     "HYPERFRAME_REPR",
     "WSPROTO_MASKING",
     "Fix",
@@ -83,6 +84,13 @@ HYPERCORN_DISCONNECT_NOTICE: Final = Fix(
     # spawn_app and _handle are the same in 0.17.0 to 0.18.0 but for typing.
     ("0.17.", "0.18."),
 )
+HYPERCORN_TAKEOVER: Final = Fix(
+    "the server's own reading and writing of agents' connections, without Hypercorn's "
+    "WebSocket stack (tunnel/server/hypercorn/_takeover.py)",
+    "hypercorn",
+    # _read_data, WSStream._accept and H11WSConnection as in 0.18.0.
+    ("0.18.",),
+)
 H2_FRAME_READER: Final = Fix(
     "the copy of h2's frame reader without its per-frame trace log (tunnel/link/_h2compat.py)",
     "h2",
@@ -109,6 +117,7 @@ FIXES: Final = (
     HYPERCORN_GUARD,
     HYPERCORN_FIXES,
     HYPERCORN_DISCONNECT_NOTICE,
+    HYPERCORN_TAKEOVER,
     H2_FRAME_READER,
     HYPERFRAME_REPR,
     WSPROTO_MASKING,

@@ -67,6 +67,7 @@ from hpack.hpack import encode_integer
 import tunnel
 from helpers import STREAM_CHUNK_1, STREAM_CHUNK_2, LocalService, Outcome, fetch, free_port
 from tunnel._protocol.handshake import HOST_HEADER, SUBPROTOCOL
+from tunnel._transport import TransportClosed
 
 #: Examples per fuzz test; the ``fuzz`` nox session raises it.
 FUZZ_EXAMPLES = int(os.environ.get("TUNNEL_FUZZ_EXAMPLES", "25"))
@@ -1645,7 +1646,10 @@ async def test_visitor_http2_connect_without_path_does_not_kill_the_server(
 
 
 async def test_the_agent_takes_no_huge_message_from_its_server(
-    server: Server, good: RecordingService, good_http: httpx.AsyncClient
+    server: Server,
+    good: RecordingService,
+    good_http: httpx.AsyncClient,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A server (or whatever sits in its place) sending an 8 MiB message.
 
@@ -1654,11 +1658,20 @@ async def test_the_agent_takes_no_huge_message_from_its_server(
     32 MiB each of trio-websocket's default that it used to take. Beyond it,
     the agent closes the connection with 1009 (and reconnects).
     """
+    caplog.set_level(logging.INFO, logger="tunnel.client")
     (session,) = [s for s in server.app.registry.sessions() if s.host == GOOD]
     with trio.fail_after(10):
-        await session.link._transport.send(bytes(8 * MiB))
+        # The agent may refuse it from its header and close before the rest is
+        # written: the server's own framing of a taken-over connection says
+        # so (Hypercorn's WebSocket did not).
+        with contextlib.suppress(TransportClosed):
+            await session.link._transport.send(bytes(8 * MiB))
         await session.link.wait_closed()
-    assert "1009" in (session.link.closed_reason or ""), session.link.closed_reason
+    # Whether the server read the agent's close frame or its reset first, the
+    # agent says why it closed.
+    assert "1009" in (session.link.closed_reason or "") or (
+        "1009 MESSAGE_TOO_BIG (Exceeded maximum message size: 4194304 bytes)" in caplog.text
+    ), session.link.closed_reason
 
 
 # -- a malicious visitor: fuzzing HTTP/2 -------------------------------------------

@@ -40,8 +40,9 @@ from .._protocol.handshake import (
 )
 from .._protocol.hosts import host_from_authority, in_domain, normalize_host
 from .._protocol.policy import ALLOW_HEADER, BASIC_AUTH_HEADER, DENY_HEADER, VisitorPolicy
-from .._transport import ABNORMAL_CLOSURE
+from .._transport import ABNORMAL_CLOSURE, MessageTransport
 from .._transport.asgi import ASGIWebSocketTransport
+from .._transport.stream import StreamWebSocketTransport
 from ..link import Link
 from ._access import AccessControl, Denied, Identity
 from ._pages import refuse_websocket
@@ -50,6 +51,7 @@ from ._store import Claim
 from ._tcp import bind_tcp_port, serve_tcp
 from ._telemetry import claimed_host, log_event, peer_text
 from ._worker_id import node_id, worker_id
+from .hypercorn._takeover import take_over_websocket
 
 __all__ = ["serve_agent"]
 
@@ -145,8 +147,37 @@ async def _serve_agent(
     ]
     if port is not None:
         accept_headers.append((TCP_PORT_HEADER.encode(), str(port).encode()))
-    await send({"type": "websocket.accept", "subprotocol": SUBPROTOCOL, "headers": accept_headers})
-    transport = ASGIWebSocketTransport(receive, send)
+    taken = await take_over_websocket(scope, SUBPROTOCOL, accept_headers)
+    try:
+        # Taken over, Hypercorn ignores this; the telemetry counts the handshake.
+        await send(
+            {"type": "websocket.accept", "subprotocol": SUBPROTOCOL, "headers": accept_headers}
+        )
+        transport: MessageTransport
+        if taken is None:
+            transport = ASGIWebSocketTransport(receive, send)
+        else:
+            transport = StreamWebSocketTransport(taken.stream, max_message=taken.max_message)
+        await _serve_session(
+            config, registry, request, identity, policy, info, listeners, peer, transport
+        )
+    finally:
+        if taken is not None:
+            taken.release()
+
+
+async def _serve_session(
+    config: ServerConfig,
+    registry: Registry,
+    request: ConnectRequest,
+    identity: Identity,
+    policy: VisitorPolicy,
+    info: TunnelInfo,
+    listeners: list[trio.SocketListener],
+    peer: tuple[str, int] | None,
+    transport: MessageTransport,
+) -> None:
+    """Run an accepted agent's link and session until it ends."""
     link = Link.opener(
         transport,
         keepalive_interval=config.keepalive_interval,
@@ -204,6 +235,9 @@ async def _serve_agent(
                 tunnel=session.key,
                 peer=peer_text(peer),
                 identity=identity.label,
+                # "direct" when the server reads the agent's socket itself
+                # (hypercorn/_takeover.py), "asgi" through Hypercorn's WebSocket.
+                transport="direct" if isinstance(transport, StreamWebSocketTransport) else "asgi",
             )
             # The TCP listeners serve until the agent's connection ends. The
             # server's shutdown is waited for in this same task: a task per

@@ -59,22 +59,55 @@ from __future__ import annotations
 
 import logging
 import math
+from contextvars import ContextVar
 from typing import Any, cast
 
 import hypercorn.trio.run
 import trio
 from hypercorn.events import Closed, Event, RawData
+from hypercorn.trio import tcp_server
 from hypercorn.trio.tcp_server import TCPServer
 
-from ..._compat import HYPERCORN_GUARD
+from ..._compat import HYPERCORN_GUARD, HYPERCORN_TAKEOVER
 
-__all__ = ["install_hypercorn_guard"]
+__all__ = ["Handover", "current_connection", "install_hypercorn_guard"]
 
 logger = logging.getLogger("tunnel.server")
 
 
+class Handover:
+    """A request to stop reading a connection, so that an app can read it itself.
+
+    The reader stops at its next step (:attr:`parked` is set then, or when it
+    has ended: :attr:`reader_ended`) and waits for :attr:`done`: given back
+    (:attr:`taken` False) it reads on, taken it ends the connection, as if the
+    peer had closed it, once the taker is done.
+    """
+
+    __slots__ = ("done", "parked", "reader_ended", "taken")
+
+    def __init__(self) -> None:
+        self.parked = trio.Event()
+        self.done = trio.Event()
+        self.reader_ended = False
+        self.taken = False
+
+
+#: The connection a task serves: an app's task inherits it from the connection's
+#: task that spawned it (trio copies the context into a new task).
+current_connection: ContextVar[_GuardedTCPServer | None] = ContextVar(
+    "tunnel_hypercorn_connection", default=None
+)
+
+
 class _GuardedTCPServer(TCPServer):
     """Hypercorn's per-connection server, in which a send racing ``send_eof`` is a close."""
+
+    #: A read in progress, which a handover cancels (it loses no data: a
+    #: socket's or TLS stream's receive cancelled has taken nothing).
+    _receiving: trio.CancelScope | None = None
+    #: Set by ``_takeover.py`` while an app asks for the connection or holds it.
+    handover: Handover | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -82,7 +115,7 @@ class _GuardedTCPServer(TCPServer):
 
     async def _read_data(self) -> None:
         try:
-            await super()._read_data()
+            await self._read_loop()
         finally:
             # The connection's task group waits for the timer's task: it must
             # end once nothing more is read (Hypercorn's idle task, cancelled
@@ -96,6 +129,7 @@ class _GuardedTCPServer(TCPServer):
             cast("_IdleTimer", self.idle_task).end()
 
     async def run(self) -> None:
+        current_connection.set(self)
         try:
             await super().run()
         except* Exception as group:
@@ -107,6 +141,53 @@ class _GuardedTCPServer(TCPServer):
                     "an HTTP connection failed inside Hypercorn; closed it, the server goes on",
                     exc_info=exc,
                 )
+
+    #: Whether ``_read_loop`` below replaces Hypercorn's ``_read_data``: it is
+    #: a copy of 0.18's, and the guard also serves 0.17.
+    _handover_points = HYPERCORN_TAKEOVER.on
+
+    async def _read_loop(self) -> None:
+        # Hypercorn 0.18's TCPServer._read_data (hypercorn/trio/tcp_server.py),
+        # with a point where an app may take the connection over
+        # (_takeover.py): the read in progress is called off, and the loop
+        # waits for the app to be done with it.
+        if not self._handover_points:
+            await super()._read_data()
+            return
+        while True:
+            handover = self.handover
+            if handover is not None:
+                handover.parked.set()
+                await handover.done.wait()
+                if handover.taken:
+                    break
+                self.handover = None
+            # One cancel scope for both Hypercorn's read timeout and a
+            # handover (cheaper than its fail_after: this runs for every read
+            # of every visitor).
+            timeout = self.config.read_timeout
+            deadline = trio.current_time() + timeout if timeout else math.inf
+            with trio.CancelScope(deadline=deadline) as receiving:
+                self._receiving = receiving
+                try:
+                    data = await self.stream.receive_some(tcp_server.MAX_RECV)
+                except (trio.ClosedResourceError, trio.BrokenResourceError):
+                    break
+                finally:
+                    self._receiving = None
+            if receiving.cancelled_caught:
+                if self.handover is not None:
+                    continue  # a handover: nothing was read
+                break  # Hypercorn's read_timeout
+            # A handover cancelling after the read completed lands here with
+            # the data: it is Hypercorn's to handle, then the loop parks.
+            await self.protocol.handle(RawData(bytes(data)))
+            if data == b"":
+                break
+        if self.handover is not None and not self.handover.taken:
+            self.handover.reader_ended = True
+            self.handover.parked.set()
+        await self.protocol.handle(Closed())
 
     async def protocol_send(self, event: Event) -> None:
         if isinstance(event, RawData):
