@@ -65,7 +65,15 @@ from hostile import (
 from hpack.hpack import encode_integer
 
 import tunnel
-from helpers import STREAM_CHUNK_1, STREAM_CHUNK_2, LocalService, Outcome, fetch, free_port
+from helpers import (
+    STREAM_CHUNK_1,
+    STREAM_CHUNK_2,
+    LocalService,
+    Outcome,
+    eventually,
+    fetch,
+    free_port,
+)
 from tunnel._protocol.handshake import HOST_HEADER, SUBPROTOCOL
 from tunnel._transport import TransportClosed
 
@@ -449,6 +457,8 @@ async def test_agent_flood_while_not_reading(
                 await evil.send(VALID_ANSWER)
             assert visit.response is not None
             assert visit.response.text == "hello"
+        # The agent's handshake is answered before its session is registered.
+        await eventually(lambda: evil_stats(server) is not None)
         before = evil_stats(server)
         assert before is not None
         stats = before
