@@ -696,3 +696,35 @@ async def _refused(host: str, port: int) -> bool:
         return True
     await stream.aclose()
     return False
+
+
+async def test_an_agent_with_one_connection_moves_to_another_node_when_its_node_dies(
+    tmp_path, start_tunnel_server, redis_server, local_service, agent_config, visitor, nursery
+) -> None:
+    two = await start_node(start_tunnel_server, redis_server, "two")
+    one, one_port = await _node_process(nursery, tmp_path, redis_server, "one")
+    states_in, states = trio.open_memory_channel[tunnel.ClientState](64)
+    config = agent_config(
+        one_port,
+        local_service.port,
+        address=[f"127.0.0.1:{one_port}", f"127.0.0.1:{two.port}"],
+        state=states_in,
+    )
+    try:
+        with trio.fail_after(30):
+            async with tunnel.open_tunnel(config) as agent, visitor(two.port) as http:
+                assert agent.server_connections == 1
+                assert (await http.get("/via-one")).status_code == 200  # forwarded
+                one.kill()
+                killed = trio.current_time()
+                while await states.receive() is not tunnel.ClientState.DISCONNECTED:
+                    pass
+                while await states.receive() is not tunnel.ClientState.CONNECTED:
+                    pass
+                # Back, on node two, within the agent's backoff (0.05 s doubling
+                # to 0.2 s here) and the time to notice the loss.
+                assert trio.current_time() - killed < 2.0
+                assert (await http.get("/on-two")).status_code == 200
+    finally:
+        one.kill()
+        await one.wait()
