@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from .._config import ClientConfig
 from .._protocol.headers import header_value, is_websocket_connect
-from ..link import Stream
+from ..link import Stream, answer_error
 from ._observe import Observer
-from ._upstream import LocalPool, answer_error, relay_local_http
+from ._upstream import LocalPool, relay_local_http
 from ._upstream_h2 import needs_h2, relay_local_h2
 from ._upstream_h2_conn import LocalH2, local_ssl_context
 from ._upstream_raw import relay_local_tcp, relay_local_websocket

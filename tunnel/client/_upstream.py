@@ -27,9 +27,8 @@ from .._protocol.headers import (
     local_request_headers,
     response_headers_from_local,
 )
-from .._protocol.pages import PAGE_HEADERS, error_page
 from .._settings import client_setting
-from ..link import Stream, StreamError
+from ..link import Stream, StreamError, answer_error
 
 if TYPE_CHECKING:
     from ._observe import ExchangeObserver, Observer
@@ -38,7 +37,6 @@ __all__ = [
     "LocalConnection",
     "LocalFailure",
     "LocalPool",
-    "answer_error",
     "has_bytes_waiting",
     "relay_body",
     "relay_local_http",
@@ -456,31 +454,6 @@ async def _send_body(
         logger.debug("request body to %s stopped: %s", label, exc)
     except StreamError:
         pass  # reset: the stream's cancel scope ends the whole exchange
-
-
-async def answer_error(stream: Stream, status: int, detail: str) -> None:
-    if stream.done:
-        return
-    body = error_page(status, detail)
-    # The answer to HEAD has no body: the server's HTTP/2 would take DATA on
-    # it as a protocol error and end the whole connection.
-    head = stream.headers is not None and header_value(stream.headers, b":method") == b"HEAD"
-    try:
-        stream.send_headers(
-            [
-                (b":status", str(status).encode()),
-                *PAGE_HEADERS,
-                (b"content-length", str(len(body)).encode()),
-            ],
-            end_stream=head,
-        )
-        if not head:
-            await stream.send_data(body, end_stream=True)
-        if not stream.remote_ended:
-            # The request body is of no use now; ask the server to stop it.
-            stream.cancel(h2.errors.ErrorCodes.NO_ERROR)
-    except StreamError:
-        pass  # the visitor or the connection is gone: nobody to tell
 
 
 async def _close_quietly(conn: LocalConnection) -> None:

@@ -29,8 +29,8 @@ import trio
 
 from .._protocol.grpc import is_grpc
 from .._protocol.headers import Headers, header_value, strip_hop_by_hop
-from ..link import Stream, StreamError
-from ._upstream import LocalFailure, answer_error
+from ..link import Stream, StreamError, answer_error
+from ._upstream import LocalFailure
 from ._upstream_h2_conn import LocalH2
 
 if TYPE_CHECKING:

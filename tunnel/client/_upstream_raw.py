@@ -18,8 +18,8 @@ import h11
 import trio
 
 from .._protocol.headers import header_value, local_request_headers, response_headers_from_local
-from ..link import Stream, StreamError, pipe
-from ._upstream import LocalConnection, LocalFailure, LocalPool, answer_error, relay_body
+from ..link import Stream, StreamError, answer_error, pipe
+from ._upstream import LocalConnection, LocalFailure, LocalPool, relay_body
 
 __all__ = ["relay_local_tcp", "relay_local_websocket"]
 

@@ -11,11 +11,13 @@ Three layers, each in its own module:
 
 One end opens streams (:meth:`Link.opener`: the server, and the agent towards
 a local HTTP/2 service); the other answers them (:meth:`Link.answerer`: the
-agent). :func:`pipe` joins a stream to a socket.
+agent). :func:`pipe` joins a stream to a socket; :func:`answer_error` answers one with an
+error page.
 """
 
 from __future__ import annotations
 
+from ._answer import answer_error as answer_error
 from ._core import LinkCore as LinkCore
 from ._pipe import pipe as pipe
 from ._state import KEEPALIVE_BUSY_PERIODS as KEEPALIVE_BUSY_PERIODS
@@ -35,5 +37,6 @@ __all__ = [
     "Stream",
     "StreamError",
     "StreamState",
+    "answer_error",
     "pipe",
 ]

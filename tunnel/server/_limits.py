@@ -52,6 +52,12 @@ class Limiter:
     def __init__(self, config: ServerConfig) -> None:
         self._tunnel = config.tunnel_rate_limit
         self._visitor = config.visitor_rate_limit
+        #: The request-rate limits a cluster counts in its store: (prefix, limit).
+        self.shared: list[tuple[str, RateLimit]] = [
+            (prefix, limit)
+            for prefix, limit in (("tunnel:", self._tunnel), ("visitor:", self._visitor))
+            if limit is not None and limit.requests_per_second is not None
+        ]
         self._tunnels: dict[str, _Buckets] = {}
         self._visitors: OrderedDict[str, _Buckets] = OrderedDict()
 
@@ -76,16 +82,6 @@ class Limiter:
             else:
                 self._visitors.move_to_end(visitor)
             found.append(buckets)
-        return found
-
-    @property
-    def shared(self) -> list[tuple[str, RateLimit]]:
-        """The request-rate limits a cluster counts in its store: (prefix, limit)."""
-        found = []
-        if self._tunnel is not None and self._tunnel.requests_per_second is not None:
-            found.append(("tunnel:", self._tunnel))
-        if self._visitor is not None and self._visitor.requests_per_second is not None:
-            found.append(("visitor:", self._visitor))
         return found
 
     def admit(

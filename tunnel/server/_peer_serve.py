@@ -24,7 +24,6 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
 from functools import partial
 from typing import Final
 
@@ -35,7 +34,6 @@ from .._asgi import Receive, Scope, Send
 from .._config import ServerConfig
 from .._protocol.headers import Headers, header_value
 from .._protocol.hosts import host_from_authority
-from .._protocol.pages import PAGE_HEADERS, error_page
 from .._protocol.peer import (
     MAX_CLOCK_SKEW,
     PEER_NODE_HEADER,
@@ -48,7 +46,7 @@ from .._protocol.peer import (
     signatures_match,
 )
 from .._transport.asgi import ASGIWebSocketTransport
-from ..link import Link, Stream, StreamError
+from ..link import Link, Stream, StreamError, answer_error
 from ._pages import refuse_websocket
 from ._peers import PEER_CONNECTION_WINDOW, PEER_MAX_STREAMS, PEER_STREAM_WINDOW
 from ._registry import AgentSession, Registry
@@ -186,33 +184,6 @@ async def serve_peer(
         )
 
 
-async def _answer(
-    stream: Stream, status: int, detail: str, extra: Sequence[tuple[bytes, bytes]] = ()
-) -> None:
-    """Answer a forwarded request here, with an error page."""
-    if stream.done:
-        return
-    body = error_page(status, detail)
-    head = stream.headers is not None and header_value(stream.headers, b":method") == b"HEAD"
-    try:
-        stream.send_headers(
-            [
-                (b":status", str(status).encode()),
-                *PAGE_HEADERS,
-                (b"content-length", str(len(body)).encode()),
-                *extra,
-            ],
-            end_stream=head,
-        )
-        if not head:
-            await stream.send_data(body, end_stream=True)
-        if not stream.remote_ended:
-            # The request body is of no use now; ask the other node to stop it.
-            stream.cancel(h2.errors.ErrorCodes.NO_ERROR)
-    except StreamError:
-        pass  # the visitor or the link is gone: nobody to tell
-
-
 def _visitor(headers: Headers) -> str | None:
     """The visitor's address: the last X-Forwarded-For entry, which the first node wrote."""
     value = header_value(headers, b"x-forwarded-for")
@@ -270,7 +241,7 @@ async def _forward(config: ServerConfig, registry: Registry, me: str, stream: St
     host, headers = tunnel
     session = await _find(config, registry, host)
     if session is None:
-        await _answer(
+        await answer_error(
             stream,
             502,
             f"No agent for {host or 'this host'} is connected to node {me}, which the cluster "
@@ -289,7 +260,7 @@ async def _forward(config: ServerConfig, registry: Registry, me: str, stream: St
         if refusal is not None:
             status, message = refusal
             challenge = [(b"www-authenticate", b'Basic realm="tunnel", charset="UTF-8"')]
-            await _answer(stream, status, message, challenge if status == 401 else [])
+            await answer_error(stream, status, message, challenge if status == 401 else [])
             return
         if policy.user is not None:
             # The tunnel's own password is for the tunnel, not for the service.
@@ -303,7 +274,7 @@ async def _forward(config: ServerConfig, registry: Registry, me: str, stream: St
                 with trio.move_on_after(config.grace_period):
                     upstream = await session.link.open_stream(headers, end_stream=end_stream)
                 if upstream is None:
-                    await _answer(
+                    await answer_error(
                         stream,
                         503,
                         f"The agent for {host} is at its limit of requests in flight; "
@@ -318,7 +289,7 @@ async def _forward(config: ServerConfig, registry: Registry, me: str, stream: St
                 break
             session = found
     if upstream is None:
-        await _answer(stream, 502, f"The agent for {host} is unavailable.")
+        await answer_error(stream, 502, f"The agent for {host} is unavailable.")
         return
     session.requests_served += 1
     try:
@@ -360,7 +331,7 @@ async def _splice(stream: Stream, upstream: Stream, session: AgentSession, host:
         ):
             # The agent is gone: the visitor learns that from the page, as
             # from a node of its own agent.
-            await _answer(
+            await answer_error(
                 stream, 502, f"The agent for {host} could not answer: {unanswered.reason}."
             )
         elif not stream.done:

@@ -64,20 +64,38 @@ RENEW_BATCH: Final = 500
 _NOW = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+
 -- Expiries only grow: a node with a shorter keepalive (so a shorter TTL) must
 -- not cut short what a node with a longer one keeps alive.
 local function expire_after(key, ttl)
-  local left = redis.call('PTTL', key)
-  if left < ttl then
+  if redis.call('PTTL', key) < ttl then
     redis.call('PEXPIRE', key, ttl)
   end
 end
-local function own(key, digest, ttl)
-  local left = redis.call('PTTL', key)
-  if left < ttl then
-    redis.call('SET', key, digest, 'PX', ttl)
+
+-- The owner of key, if another identity than digest that some live member serves.
+local function held_by_another(key, digest)
+  local nodes_key = 'tunnel:nodes:' .. key
+  redis.call('ZREMRANGEBYSCORE', nodes_key, '-inf', now)
+  local owner = redis.call('GET', 'tunnel:owner:' .. key)
+  return owner and owner ~= digest and redis.call('ZCARD', nodes_key) > 0, owner
+end
+
+-- Record (or renew) that member serves key for digest, for ttl milliseconds.
+local function hold(key, digest, member, ttl)
+  local owner_key, nodes_key = 'tunnel:owner:' .. key, 'tunnel:nodes:' .. key
+  local identity_key = 'tunnel:identity:' .. digest
+  if redis.call('PTTL', owner_key) < ttl then
+    redis.call('SET', owner_key, digest, 'PX', ttl)
   else
-    redis.call('SET', key, digest, 'KEEPTTL')
+    redis.call('SET', owner_key, digest, 'KEEPTTL')
+  end
+  redis.call('ZADD', nodes_key, now + ttl, member)
+  expire_after(nodes_key, ttl)
+  redis.call('ZADD', identity_key, 'GT', now + ttl, key)
+  expire_after(identity_key, ttl)
+  if string.sub(key, 1, 4) == 'tcp:' then
+    redis.call('SADD', 'tunnel:tcp', key)
   end
 end
 """
@@ -88,27 +106,18 @@ _CLAIM = (
     + """
 local key, digest, member = ARGV[1], ARGV[2], ARGV[3]
 local ttl, limit = tonumber(ARGV[4]), tonumber(ARGV[5])
-local owner_key, nodes_key = 'tunnel:owner:' .. key, 'tunnel:nodes:' .. key
-local identity_key = 'tunnel:identity:' .. digest
-redis.call('ZREMRANGEBYSCORE', nodes_key, '-inf', now)
-local owner = redis.call('GET', owner_key)
-if owner and owner ~= digest and redis.call('ZCARD', nodes_key) > 0 then
+local held, owner = held_by_another(key, digest)
+if held then
   return 'held'
 end
 if owner ~= digest and limit > 0 then
+  local identity_key = 'tunnel:identity:' .. digest
   redis.call('ZREMRANGEBYSCORE', identity_key, '-inf', now)
   if not redis.call('ZSCORE', identity_key, key) and redis.call('ZCARD', identity_key) >= limit then
     return 'limit'
   end
 end
-own(owner_key, digest, ttl)
-redis.call('ZADD', nodes_key, now + ttl, member)
-expire_after(nodes_key, ttl)
-redis.call('ZADD', identity_key, 'GT', now + ttl, key)
-expire_after(identity_key, ttl)
-if string.sub(key, 1, 4) == 'tcp:' then
-  redis.call('SADD', 'tunnel:tcp', key)
-end
+hold(key, digest, member, ttl)
 return 'ok'
 """
 )
@@ -125,21 +134,10 @@ redis.call('ZADD', 'tunnel:members', now + ttl, member)
 local lost = {}
 for i = 5, #ARGV, 2 do
   local key, digest = ARGV[i], ARGV[i + 1]
-  local owner_key, nodes_key = 'tunnel:owner:' .. key, 'tunnel:nodes:' .. key
-  local identity_key = 'tunnel:identity:' .. digest
-  redis.call('ZREMRANGEBYSCORE', nodes_key, '-inf', now)
-  local owner = redis.call('GET', owner_key)
-  if owner and owner ~= digest and redis.call('ZCARD', nodes_key) > 0 then
+  if held_by_another(key, digest) then
     table.insert(lost, key)
   else
-    own(owner_key, digest, ttl)
-    redis.call('ZADD', nodes_key, now + ttl, member)
-    expire_after(nodes_key, ttl)
-    redis.call('ZADD', identity_key, 'GT', now + ttl, key)
-    expire_after(identity_key, ttl)
-    if string.sub(key, 1, 4) == 'tcp:' then
-      redis.call('SADD', 'tunnel:tcp', key)
-    end
+    hold(key, digest, member, ttl)
   end
 end
 return lost
@@ -170,11 +168,7 @@ return 1
 _HELD_BY_OTHER = (
     _NOW
     + """
-local owner = redis.call('GET', 'tunnel:owner:' .. ARGV[1])
-if not owner or owner == ARGV[2] then
-  return 0
-end
-if redis.call('ZCOUNT', 'tunnel:nodes:' .. ARGV[1], now, '+inf') > 0 then
+if held_by_another(ARGV[1], ARGV[2]) then
   return 1
 end
 return 0
