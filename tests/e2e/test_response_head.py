@@ -12,6 +12,9 @@ from collections import defaultdict
 from functools import partial
 from typing import Any
 
+import h2.config
+import h2.connection
+import h2.events
 import h11
 import hypercorn.config
 import hypercorn.trio
@@ -301,3 +304,45 @@ async def test_a_visitor_gone_before_the_body_costs_the_server_nothing(
         visitor = Visitor(await trio.open_tcp_stream("127.0.0.1", port))
         async with visitor.stream:
             assert (await visitor.get("/"))[1] == b"fine"
+
+
+async def _h2_get(port: int, method: bytes, path: bytes) -> tuple[int, bytes]:
+    """One HTTP/2 request with prior knowledge: its status and body."""
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    headers = [
+        (b":method", method),
+        (b":scheme", b"http"),
+        (b":authority", b"app.localhost"),
+        (b":path", path),
+    ]
+    conn.send_headers(1, headers, end_stream=True)
+    status, answer = 0, b""
+    async with await trio.open_tcp_stream("127.0.0.1", port) as sock:
+        await sock.send_all(conn.data_to_send())
+        while True:
+            data = await sock.receive_some(65536)
+            assert data, "closed before the answer ended"
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.ResponseReceived):
+                    status = int(dict(event.headers)[b":status"])
+                elif isinstance(event, h2.events.DataReceived):
+                    answer += event.data
+                elif isinstance(event, h2.events.StreamEnded):
+                    return status, answer
+            await sock.send_all(conn.data_to_send())
+
+
+async def test_http2_visitors_get_the_same_answers(
+    nursery: trio.Nursery, start_tunnel_server: Any, open_agent: Any
+) -> None:
+    # The mark on the start is for HTTP/1.1; HTTP/2 streams are written as before.
+    with trio.fail_after(10):
+        origin, server, agent = await _tunnel(nursery, start_tunnel_server, open_agent)
+        async with agent:
+            assert await _h2_get(server.port, b"GET", b"/cl") == (200, b"hello")
+            assert await _h2_get(server.port, b"GET", b"/chunked") == (200, b"hello")
+            assert await _h2_get(server.port, b"HEAD", b"/cl") == (200, b"")
+            assert await _h2_get(server.port, b"GET", b"/status/204") == (204, b"")
+            origin.release.set()
+            assert await _h2_get(server.port, b"GET", b"/late") == (200, b"late!")
