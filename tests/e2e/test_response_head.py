@@ -182,7 +182,7 @@ async def test_small_responses_leave_in_one_write_and_the_connection_is_reused(
 async def test_a_head_whose_body_is_late_is_not_held_for_it(
     nursery: trio.Nursery, start_tunnel_server: Any, open_agent: Any, writes: Writes
 ) -> None:
-    with trio.fail_after(10):
+    with trio.fail_after(15):
         origin, server, agent = await _tunnel(nursery, start_tunnel_server, open_agent)
         async with agent:
             visitor = Visitor(await trio.open_tcp_stream("127.0.0.1", server.port))
@@ -190,7 +190,7 @@ async def test_a_head_whose_body_is_late_is_not_held_for_it(
                 await visitor.stream.send_all(visitor.request("GET", "/late"))
                 # The service sends its body only once the visitor has the head:
                 # a head held for its body would never arrive.
-                with trio.fail_after(2):
+                with trio.fail_after(5):
                     head = await visitor.next_event()
                 assert isinstance(head, h11.Response)
                 assert head.status_code == 200
