@@ -26,6 +26,7 @@ __all__ = [
     "HYPERCORN_DISCONNECT_NOTICE",
     "HYPERCORN_FIXES",
     "HYPERCORN_GUARD",
+    "HYPERCORN_HEAD_WITH_BODY",
     "HYPERCORN_TAKEOVER",
     "HYPERFRAME_REPR",
     "WSPROTO_MASKING",
@@ -91,6 +92,13 @@ HYPERCORN_TAKEOVER: Final = Fix(
     # _read_data, WSStream._accept and H11WSConnection as in 0.18.0.
     ("0.18.",),
 )
+HYPERCORN_HEAD_WITH_BODY: Final = Fix(
+    "the HTTP/1.1 response head written with its first body chunk, in one system call "
+    "(tunnel/server/hypercorn/_patches/response_head.py)",
+    "hypercorn",
+    # H11Protocol._send_h11_event and HTTPStream.app_send as in 0.18.0.
+    ("0.18.",),
+)
 H2_FRAME_READER: Final = Fix(
     "the copy of h2's frame reader without its per-frame trace log (tunnel/link/_h2compat.py)",
     "h2",
@@ -118,6 +126,7 @@ FIXES: Final = (
     HYPERCORN_FIXES,
     HYPERCORN_DISCONNECT_NOTICE,
     HYPERCORN_TAKEOVER,
+    HYPERCORN_HEAD_WITH_BODY,
     H2_FRAME_READER,
     HYPERFRAME_REPR,
     WSPROTO_MASKING,

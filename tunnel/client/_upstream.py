@@ -89,6 +89,11 @@ class LocalConnection:
             data = await self.socket.receive_some(RECEIVE_SIZE)
             self.h11.receive_data(bytes(data))
 
+    def buffered_event(self) -> h11.Event | type[h11.PAUSED] | None:
+        """The next event if what was read already holds it (never reads); else None."""
+        event = self.h11.next_event()
+        return None if event is h11.NEED_DATA else event  # type: ignore[return-value]
+
     def stale(self) -> bool:
         """Whether an idle connection was closed (or spoke) while it sat in the pool."""
         try:
@@ -343,20 +348,28 @@ async def relay_body(
     stream: Stream, conn: LocalConnection, record: ExchangeObserver | None = None
 ) -> None:
     """Relay the local response's body and trailers to the stream (and ``record``)."""
+    event = await conn.next_event()
     while True:
-        event = await conn.next_event()
         if isinstance(event, h11.Data):
             if record is not None:
                 record.response_data(event.data)
+            # A small response's end usually came in the same read as its
+            # last chunk: END_STREAM then rides on that chunk's DATA frame
+            # instead of a frame of its own, which the server parses apart.
+            following = conn.buffered_event()
+            if isinstance(following, h11.EndOfMessage) and not following.headers:
+                await stream.send_data(bytes(event.data), end_stream=True)
+                return
             await stream.send_data(bytes(event.data))
-        elif isinstance(event, h11.EndOfMessage):
+            event = following if following is not None else await conn.next_event()
+            continue
+        if isinstance(event, h11.EndOfMessage):
             if event.headers:
                 stream.send_headers(list(event.headers), end_stream=True)
             else:
                 stream.end()
             return
-        else:
-            raise h11.RemoteProtocolError(f"unexpected {type(event).__name__}")
+        raise h11.RemoteProtocolError(f"unexpected {type(event).__name__}")
 
 
 async def _start(

@@ -15,7 +15,7 @@ from typing import Final
 import h2.errors
 import trio
 
-from .._asgi import RESET_CODE, Receive, Scope, Send
+from .._asgi import BODY_FOLLOWS, RESET_CODE, Receive, Scope, Send
 from .._config import ServerConfig
 from .._protocol.grpc import is_grpc, split_trailers_only, status_for_reset, status_trailers
 from .._protocol.headers import Headers, declares_trailers, header_value
@@ -355,15 +355,20 @@ class StreamRelay:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             await send({"type": "http.response.trailers", "headers": trailing})
             return
+        pacer = self.pacer
         await send(
             {
                 "type": "http.response.start",
                 "status": status,
                 "headers": response_headers,
                 "trailers": trailers,
+                # The first body message follows without a wait when its bytes
+                # (or the end) came with the headers and no bandwidth limit may
+                # delay them: the head may then leave with it, in one write.
+                # Else it must not wait for them.
+                BODY_FOLLOWS: pacer is None and (stream.remote_ended or stream.data_buffered()),
             }
         )
-        pacer = self.pacer
         finished = False
         try:
             while not finished:

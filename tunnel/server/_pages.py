@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .._asgi import Scope, Send
+from .._asgi import BODY_FOLLOWS, Scope, Send
 from .._protocol.pages import PAGE_HEADERS, error_page
 
 __all__ = ["refuse_websocket", "send_error_page"]
@@ -24,6 +24,7 @@ async def send_error_page(
                 (b"content-length", str(len(body)).encode()),
                 *(headers or []),
             ],
+            BODY_FOLLOWS: True,
         }
     )
     await send({"type": "http.response.body", "body": body, "more_body": False})

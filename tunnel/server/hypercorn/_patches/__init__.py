@@ -16,17 +16,20 @@ both under :func:`tunnel.serve` and under a user's own ``hypercorn`` command.
 - :mod:`.disconnect_notice`: an HTTP app hears of a visitor leaving without a task.
 - :mod:`.websocket_queue`: what a WebSocket's app has not read is bounded in bytes.
 - :mod:`.h2_responses`: bounded HTTP/2 response buffering, unfinished responses reset.
+- :mod:`.response_head`: an HTTP/1.1 response's head leaves with its body, in one write
+  (pinned by ``HYPERCORN_HEAD_WITH_BODY``).
 """
 
 from __future__ import annotations
 
-from ...._compat import HYPERCORN_DISCONNECT_NOTICE, HYPERCORN_FIXES
+from ...._compat import HYPERCORN_DISCONNECT_NOTICE, HYPERCORN_FIXES, HYPERCORN_HEAD_WITH_BODY
 from .disconnect_notice import notify_disconnect
 from .forgotten_streams import answer_forgotten_streams
 from .h2_responses import fix_http2_responses
 from .pathless_request import refuse_pathless_requests
 from .priority import ignore_priority_of_unknown_streams
 from .read_size import read_in_larger_pieces
+from .response_head import write_head_with_body
 from .websocket_close_code import pass_on_close_codes
 from .websocket_pieces import join_websocket_pieces_once
 from .websocket_queue import bound_websocket_queues
@@ -55,3 +58,5 @@ def apply_hypercorn_patches() -> None:
         notify_disconnect()
         bound_websocket_queues()
     fix_http2_responses()
+    if HYPERCORN_HEAD_WITH_BODY.on:
+        write_head_with_body()
