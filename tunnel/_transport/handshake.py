@@ -98,6 +98,7 @@ async def open_client_websocket(
     headers: Headers,
     max_message: int,
     where: str,
+    peer: str = "server",
 ) -> ClientHandshake:
     """Shake hands as a WebSocket client on ``stream``; the caller sets the deadline.
 
@@ -111,6 +112,7 @@ async def open_client_websocket(
         headers: More headers for the request.
         max_message: The largest message accepted from the server afterwards.
         where: The server's address, for the error messages.
+        peer: What the server is, for the reasons the connection ends with.
 
     Raises:
         HandshakeRejected: The server refused the upgrade.
@@ -142,7 +144,7 @@ async def open_client_websocket(
         subprotocol = _check_accept(answer, key, subprotocols)
         received, _ = conn.trailing_data
         transport = StreamWebSocketTransport(
-            stream, max_message=max_message, client=True, received=bytes(received)
+            stream, max_message=max_message, client=True, received=bytes(received), peer=peer
         )
         return ClientHandshake(transport, answer, subprotocol)
     if isinstance(event, h11.Response):

@@ -49,6 +49,8 @@ class StreamWebSocketTransport:
         client: The agent's end: its frames are masked, the server's are not.
         received: Bytes read past the handshake, to be read first (the agent
             reads the server's ``101`` and what followed in one go).
+        peer: What the other end is, for the reasons the connection ends
+            with: by default the agent for the server, the server for a client.
     """
 
     # Slots, and no lock or exception object until needed: one per idle agent.
@@ -74,6 +76,7 @@ class StreamWebSocketTransport:
         max_message: int,
         client: bool = False,
         received: bytes = b"",
+        peer: str | None = None,
     ) -> None:
         self._stream = stream
         self._frames = ClientFrames(max_message) if client else ServerFrames(max_message)
@@ -81,7 +84,8 @@ class StreamWebSocketTransport:
             self._frames.receive_data(received)
         self._keys = MaskKeys() if client else None
         #: Who is at each end, for the reasons the connection ends with.
-        self._peer, self._us = ("server", "agent") if client else ("agent", "server")
+        self._peer = peer or ("server" if client else "agent")
+        self._us = "agent" if self._peer == "server" else "server"
         # The link's writer sends; the reader sends only PONGs and the close
         # reply, and aclose the close: one writer at a time, and the rare
         # second waits for an event made only then.
