@@ -19,7 +19,6 @@ NEWER = {
     "h2": "5.0.0",
     "hyperframe": "7.0.0",
     "wsproto": "1.4.0",
-    "trio-websocket": "0.13.0",
 }
 
 

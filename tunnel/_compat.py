@@ -114,12 +114,6 @@ WSPROTO_MASKING: Final = Fix(
     "wsproto",
     ("1.2.", "1.3."),
 )
-TRIO_WEBSOCKET_SEND: Final = Fix(
-    "the agent's WebSocket send that takes a free lock without a yield "
-    "(tunnel/_transport/websocket.py)",
-    "trio-websocket",
-    ("0.12.",),
-)
 
 FIXES: Final = (
     HYPERCORN_GUARD,
@@ -130,7 +124,6 @@ FIXES: Final = (
     H2_FRAME_READER,
     HYPERFRAME_REPR,
     WSPROTO_MASKING,
-    TRIO_WEBSOCKET_SEND,
 )
 
 _warned: set[Fix] = set()

@@ -2,21 +2,28 @@
 
 from __future__ import annotations
 
-import trio_websocket
-
 import tunnel
+from tunnel._transport.handshake import HandshakeFailed, HandshakeRejected
 
 
-async def test_a_websocket_handshake_cut_short_is_told_in_words() -> None:
+async def test_a_websocket_handshake_gone_wrong_is_told_in_words() -> None:
     client = tunnel.Client(tunnel.ClientConfig(address="127.0.0.1:1", token="t", port=1))
-    closed = trio_websocket.ConnectionClosed(trio_websocket.CloseReason(1006, None))
-    error = client._translate(closed)
+    failed = HandshakeFailed("the answer lacks 'Upgrade: websocket'")
+    error = client._translate(failed)
     assert isinstance(error, tunnel.ServerUnreachableError)
     assert str(error) == (
-        "the WebSocket handshake with 127.0.0.1:1 failed: the connection closed "
-        "(1006 ABNORMAL_CLOSURE)"
+        "the WebSocket handshake with 127.0.0.1:1 failed: the answer lacks 'Upgrade: websocket'"
     )
-    refused = client._translate(trio_websocket.HandshakeError())
+    refused = client._translate(HandshakeFailed())
     assert str(refused) == (
         "the WebSocket handshake with 127.0.0.1:1 failed: the server did not complete it"
     )
+
+
+async def test_a_refusal_is_told_with_the_servers_reason() -> None:
+    client = tunnel.Client(tunnel.ClientConfig(address="127.0.0.1:1", token="t", port=1))
+    busy = client._translate(HandshakeRejected(503, [], b"draining\n"))
+    assert isinstance(busy, tunnel.ServerUnreachableError)
+    assert str(busy) == "127.0.0.1:1 answered 503: draining"
+    silent = client._translate(HandshakeRejected(502, [], b""))
+    assert str(silent) == "127.0.0.1:1 answered 502: no reason given"

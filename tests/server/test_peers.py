@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import trio
 import trio.testing
-import trio_websocket
 
 import tunnel
+from tunnel._transport.handshake import ClientHandshake
 from tunnel.server._peers import BACKOFF_INITIAL, BACKOFF_MAX, PeerError, Peers
 
 SECRET = "the cluster secret, 32 characters"
@@ -18,9 +18,7 @@ def failing_peers(monkeypatch, dials: list[float]) -> Peers:  # type: ignore[no-
     """Peers whose every dial fails at once, recording when each began."""
     peers = Peers(tunnel.ServerConfig(node_id="a", cluster_secret=SECRET))
 
-    async def dial(
-        nursery: trio.Nursery, address: str
-    ) -> tuple[trio_websocket.WebSocketConnection, trio.abc.Stream]:
+    async def dial(address: str) -> tuple[ClientHandshake, trio.abc.Stream]:
         dials.append(trio.current_time())
         await trio.sleep(0.01)  # the network's round trip
         raise PeerError("connection refused")

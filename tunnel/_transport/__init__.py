@@ -1,8 +1,9 @@
 """Message transports: how the HTTP/2 bytes between server and agent travel.
 
 Both ends carry HTTP/2 inside WebSocket binary messages: the server through the
-ASGI WebSocket it accepted, the agent through a trio-websocket connection. Both
-look the same to :class:`tunnel.link.Link`: send bytes, receive bytes, close.
+ASGI WebSocket it accepted or on the connection it took over, the agent on the
+connection it shook hands on itself. All look the same to
+:class:`tunnel.link.Link`: send bytes, receive bytes, close.
 """
 
 from __future__ import annotations

@@ -1,16 +1,18 @@
-"""WebSocket framing for the server's end of an agent's connection, sans-IO.
+"""WebSocket framing for both ends of an agent's connection, sans-IO.
 
-Everything that decides what the agent's bytes mean lives here: bytes in
-(:meth:`ServerFrames.receive_data`), events out (:meth:`ServerFrames.next_event`),
-frames to send built by :func:`frame`. No I/O and no trio, so the rules are
-tested with bytes alone.
+Everything that decides what the peer's bytes mean lives here: bytes in
+(:meth:`Frames.receive_data`), events out (:meth:`Frames.next_event`), frames
+to send built by :func:`frame`. No I/O and no trio, so the rules are tested
+with bytes alone. The server reads the agent's frames with
+:class:`ServerFrames` (a client masks every frame), the agent the server's with
+:class:`ClientFrames` (a server never does).
 
 Only what the agent's link needs (RFC 6455 without extensions): binary
-messages, fragmented or not, masked by the client as it must; PING, PONG and
-CLOSE. A text message, an extension bit, an unmasked frame or a malformed
-close is the agent's protocol error, raised as :class:`FrameError` with the
-close code to answer with. A message over ``max_message`` is refused as soon
-as its length is known, before its payload is read.
+messages, fragmented or not; PING, PONG and CLOSE. A text message, an
+extension bit, a frame masked the wrong way or a malformed close is the
+peer's protocol error, raised as :class:`FrameError` with the close code to
+answer with. A message over ``max_message`` is refused as soon as its length
+is known, before its payload is read.
 
 Why not wsproto: its parser costs more than the HTTP/2 inside each message
 (generators, an event object per frame, a bytearray copied on every read).
@@ -20,6 +22,7 @@ one copy and costs no other allocation.
 
 from __future__ import annotations
 
+import os
 import struct
 from typing import Final
 
@@ -29,8 +32,11 @@ __all__ = [
     "CLOSE_MESSAGE_TOO_BIG",
     "CLOSE_NO_STATUS",
     "CLOSE_PROTOCOL_ERROR",
+    "ClientFrames",
     "Close",
     "FrameError",
+    "Frames",
+    "MaskKeys",
     "Ping",
     "Pong",
     "ServerFrames",
@@ -70,7 +76,7 @@ _unmask: Final = masking.apply_mask or _unmask_python
 
 
 class FrameError(Exception):
-    """The agent broke the WebSocket protocol; answer with a close of ``code``."""
+    """The peer broke the WebSocket protocol; answer with a close of ``code``."""
 
     def __init__(self, code: int, reason: str) -> None:
         super().__init__(reason)
@@ -109,17 +115,29 @@ class Close:
 Event = bytes | Ping | Pong | Close
 
 
-class ServerFrames:
-    """The server's reading of a client's frames: complete binary messages and controls.
+class Frames:
+    """One end's reading of its peer's frames: complete binary messages and controls.
 
     Args:
         max_message: The largest message accepted, in bytes.
+        masked: Whether the peer masks its frames: a client must, a server
+            must not (RFC 6455 section 5.1).
     """
 
-    __slots__ = ("_buffer", "_max_message", "_missing", "_parts", "_pending", "_position", "_size")
+    __slots__ = (
+        "_buffer",
+        "_masked",
+        "_max_message",
+        "_missing",
+        "_parts",
+        "_pending",
+        "_position",
+        "_size",
+    )
 
-    def __init__(self, max_message: int) -> None:
+    def __init__(self, max_message: int, *, masked: bool) -> None:
         self._max_message = max_message
+        self._masked = masked
         #: Received bytes not parsed yet, from ``_position`` on.
         self._buffer: bytes = b""
         self._position = 0
@@ -166,7 +184,8 @@ class ServerFrames:
             first = buffer[position]
             second = buffer[position + 1]
             length = second & 0x7F
-            start = position + 6  # two bytes, then the mask
+            masked = self._masked
+            start = position + (6 if masked else 2)  # two bytes, then any mask
             if length == 126:
                 if available < 4:
                     return None
@@ -181,8 +200,11 @@ class ServerFrames:
             fin = first & 0x80
             if first & 0x70:
                 raise FrameError(CLOSE_PROTOCOL_ERROR, "a reserved bit is set (no extension)")
-            if not second & 0x80:
-                raise FrameError(CLOSE_PROTOCOL_ERROR, "a client frame without a mask")
+            if bool(second & 0x80) is not masked:
+                raise FrameError(
+                    CLOSE_PROTOCOL_ERROR,
+                    "a client frame without a mask" if masked else "a server frame with a mask",
+                )
             if opcode >= _CLOSE:
                 if length > 125 or not fin:
                     raise FrameError(CLOSE_PROTOCOL_ERROR, "a control frame too long or split")
@@ -196,10 +218,15 @@ class ServerFrames:
             if end > len(buffer):
                 self._missing = end - len(buffer)
                 return None
-            key = buffer[start - 4 : start]
-            payload: bytes = _unmask(memoryview(buffer)[start:end], key) if length else b""
+            payload: bytes
+            if not length:
+                payload = b""
+            elif masked:
+                payload = _unmask(memoryview(buffer)[start:end], buffer[start - 4 : start])
+            else:
+                payload = buffer[start:end]
             if end == len(buffer):
-                # Nothing left: an idle agent holds no buffer (up to a read's
+                # Nothing left: an idle peer holds no buffer (up to a read's
                 # size) until its next message.
                 self._buffer = b""
                 self._position = 0
@@ -235,6 +262,60 @@ class ServerFrames:
             raise FrameError(CLOSE_PROTOCOL_ERROR, f"an unknown opcode {opcode:#x}")
 
 
+class ServerFrames(Frames):
+    """The server's reading of an agent's frames, which must all be masked.
+
+    Args:
+        max_message: The largest message accepted, in bytes.
+    """
+
+    __slots__ = ()
+
+    def __init__(self, max_message: int) -> None:
+        super().__init__(max_message, masked=True)
+
+
+class ClientFrames(Frames):
+    """The agent's reading of the server's frames, which must not be masked.
+
+    Args:
+        max_message: The largest message accepted, in bytes.
+    """
+
+    __slots__ = ()
+
+    def __init__(self, max_message: int) -> None:
+        super().__init__(max_message, masked=False)
+
+
+class MaskKeys:
+    """Fresh masking keys for a client's frames, from a strong random source.
+
+    RFC 6455 section 5.3 asks for a new unpredictable key per frame. They are
+    cut from one larger read of ``os.urandom``, not read one by one: a system
+    call per frame the agent sends would cost more than masking the frame.
+
+    Args:
+        batch: How many keys each read of the random source provides.
+    """
+
+    __slots__ = ("_batch", "_keys", "_position")
+
+    def __init__(self, batch: int = 1024) -> None:
+        self._batch = batch
+        self._keys = b""
+        self._position = 0
+
+    def next(self) -> bytes:
+        """A 4-byte key no frame used before."""
+        position = self._position
+        if position >= len(self._keys):
+            self._keys = os.urandom(4 * self._batch)
+            position = 0
+        self._position = position + 4
+        return self._keys[position : position + 4]
+
+
 def _parse_close(payload: bytes) -> Close:
     if not payload:
         return Close(CLOSE_NO_STATUS, "")
@@ -250,26 +331,39 @@ def _parse_close(payload: bytes) -> Close:
     return Close(code, reason)
 
 
-def frame(payload: bytes, opcode: int = _BINARY) -> bytes:
-    """One unmasked (server's) frame of ``payload``, whole (FIN set)."""
+def frame(payload: bytes, opcode: int = _BINARY, key: bytes | None = None) -> bytes:
+    """One frame of ``payload``, whole (FIN set).
+
+    Args:
+        payload: What the frame carries.
+        opcode: The frame's kind; a binary message's by default.
+        key: The client's masking key for this frame (from :class:`MaskKeys`);
+            None for the server's frames, which are never masked.
+    """
     length = len(payload)
+    mask = 0 if key is None else 0x80
     if length <= 125:
-        header = struct.pack("!BB", 0x80 | opcode, length)
+        header = struct.pack("!BB", 0x80 | opcode, mask | length)
     elif length <= 0xFFFF:
-        header = struct.pack("!BBH", 0x80 | opcode, 126, length)
+        header = struct.pack("!BBH", 0x80 | opcode, mask | 126, length)
     else:
-        header = struct.pack("!BBQ", 0x80 | opcode, 127, length)
-    return header + payload
+        header = struct.pack("!BBQ", 0x80 | opcode, mask | 127, length)
+    if key is None:
+        return header + payload
+    return header + key + (_unmask(payload, key) if length else b"")
 
 
-def pong_frame(payload: bytes) -> bytes:
-    """The answer to a PING of ``payload``."""
-    return frame(payload, _PONG)
+def pong_frame(payload: bytes, key: bytes | None = None) -> bytes:
+    """The answer to a PING of ``payload`` (masked with ``key``, if given)."""
+    return frame(payload, _PONG, key)
 
 
-def close_frame(code: int, reason: str = "") -> bytes:
-    """A CLOSE with ``code`` and ``reason`` (cut to fit: 123 bytes of UTF-8)."""
+def close_frame(code: int, reason: str = "", key: bytes | None = None) -> bytes:
+    """A CLOSE with ``code`` and ``reason`` (cut to fit: 123 bytes of UTF-8).
+
+    Masked with ``key``, if given.
+    """
     if code == CLOSE_NO_STATUS:
-        return frame(b"", _CLOSE)
+        return frame(b"", _CLOSE, key)
     text = reason.encode("utf-8")[:123].decode("utf-8", "ignore").encode("utf-8")
-    return frame(struct.pack("!H", code) + text, _CLOSE)
+    return frame(struct.pack("!H", code) + text, _CLOSE, key)

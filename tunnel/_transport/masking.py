@@ -1,8 +1,9 @@
-"""WebSocket masking in C for wsproto, which both ends of the agent's connection use.
+"""WebSocket masking in C, for tunnel's own framing and for wsproto.
 
 A WebSocket client must mask every byte it sends (RFC 6455 section 5.3), so the
-agent masks each byte of every response it relays and the server (Hypercorn,
-through wsproto) unmasks it again. wsproto does both in pure Python
+agent masks each byte of every response it relays and the server unmasks it
+again: both in :mod:`.frames` with :data:`apply_mask`, or on the server
+through wsproto where Hypercorn keeps the connection. wsproto does both in pure Python
 (``bytes.translate`` over four strided slices): ~5 ms per MiB on the benchmark
 machine, more than HTTP/2, the sockets and everything else a download costs.
 The ``websockets`` package ships the same operation in C (``apply_mask``),

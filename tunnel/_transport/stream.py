@@ -1,10 +1,11 @@
-"""The server's side, taken over: a WebSocket read and written on its byte stream directly.
+"""A WebSocket read and written on its byte stream directly, at either end.
 
-Once the handshake is answered, the server's Hypercorn layer can hand an agent's
-connection (plain or TLS) over to the app (``tunnel/server/hypercorn/_takeover.py``):
-then this transport frames the link's messages itself (:mod:`.frames`), with no
-Hypercorn protocol stack, ASGI queue or task in between. The link's reader task
-reads the socket, its writer task writes it.
+The server's side: once the handshake is answered, the server's Hypercorn layer
+can hand an agent's connection (plain or TLS) over to the app
+(``tunnel/server/hypercorn/_takeover.py``). The agent's side: the handshake is
+its own (:mod:`.handshake`). Either way this transport then frames the link's
+messages itself (:mod:`.frames`), with no protocol stack, queue or task in
+between: the link's reader task reads the socket, its writer task writes it.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ import trio
 
 from . import ABNORMAL_CLOSURE, TransportClosed
 from .frames import (
+    ClientFrames,
     Close,
     FrameError,
+    MaskKeys,
     Ping,
     ServerFrames,
     close_frame,
@@ -39,9 +42,15 @@ class StreamWebSocketTransport:
     The transport owns ``stream`` and closes it in :meth:`aclose`.
 
     Args:
-        stream: The agent's connection, after the server's ``101`` went out.
-        max_message: The largest message accepted from the agent; a larger one
+        stream: The connection, after the server's ``101`` (and for the
+            agent, the rest of the response's head) went through.
+        max_message: The largest message accepted from the peer; a larger one
             is refused with close code 1009.
+        client: The agent's end: its frames are masked, the server's are not.
+        received: Bytes read past the handshake, to be read first (the agent
+            reads the server's ``101`` and what followed in one go).
+        peer: What the other end is, for the reasons the connection ends
+            with: by default the agent for the server, the server for a client.
     """
 
     # Slots, and no lock or exception object until needed: one per idle agent.
@@ -51,15 +60,32 @@ class StreamWebSocketTransport:
         "_end_code",
         "_end_reason",
         "_frames",
+        "_keys",
+        "_peer",
         "_released",
         "_sending",
         "_sent",
         "_stream",
+        "_us",
     )
 
-    def __init__(self, stream: trio.abc.Stream, *, max_message: int) -> None:
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        *,
+        max_message: int,
+        client: bool = False,
+        received: bytes = b"",
+        peer: str | None = None,
+    ) -> None:
         self._stream = stream
-        self._frames = ServerFrames(max_message)
+        self._frames = ClientFrames(max_message) if client else ServerFrames(max_message)
+        if received:
+            self._frames.receive_data(received)
+        self._keys = MaskKeys() if client else None
+        #: Who is at each end, for the reasons the connection ends with.
+        self._peer = peer or ("server" if client else "agent")
+        self._us = "agent" if self._peer == "server" else "server"
         # The link's writer sends; the reader sends only PONGs and the close
         # reply, and aclose the close: one writer at a time, and the rare
         # second waits for an event made only then.
@@ -84,10 +110,14 @@ class StreamWebSocketTransport:
     def _ending(self) -> TransportClosed:
         return TransportClosed(self._end_reason, self._end_code)
 
+    def _key(self) -> bytes | None:
+        return None if self._keys is None else self._keys.next()
+
     async def send(self, data: bytes) -> None:
         if self._closed:
             raise self._ending()
-        await self._write(frame(data))
+        keys = self._keys
+        await self._write(frame(data, key=None if keys is None else keys.next()))
 
     async def _write(self, data: bytes) -> None:
         # No yield when nobody else is sending: a lock's would be one more trip
@@ -100,10 +130,10 @@ class StreamWebSocketTransport:
         self._sending = True
         try:
             if self._broken:
-                raise self._end("the agent's connection broke mid-frame")
+                raise self._end(f"the {self._peer}'s connection broke mid-frame")
             await self._stream.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            raise self._end(f"the agent's connection broke: {exc!r}") from None
+            raise self._end(f"the {self._peer}'s connection broke: {exc!r}") from None
         except BaseException:
             # Cancelled: an unknown part of the frame went out.
             self._broken = True
@@ -118,9 +148,9 @@ class StreamWebSocketTransport:
         try:
             data = await self._stream.receive_some(READ_SIZE)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            raise self._end(f"the agent's connection broke: {exc!r}") from None
+            raise self._end(f"the {self._peer}'s connection broke: {exc!r}") from None
         if not data:
-            raise self._end("the agent disconnected (1006, no close frame)")
+            raise self._end(f"the {self._peer} disconnected (1006, no close frame)")
         self._frames.receive_data(data if type(data) is bytes else bytes(data))
 
     async def receive(self) -> bytes:
@@ -137,18 +167,18 @@ class StreamWebSocketTransport:
             elif type(event) is bytes:
                 return event
             elif isinstance(event, Ping):
-                await self._write(pong_frame(event.payload))
+                await self._write(pong_frame(event.payload, self._key()))
             elif isinstance(event, Close):
-                # The closing handshake's second half: the agent's code echoed.
-                text = f"the agent disconnected ({event.code} {event.reason})"
+                # The closing handshake's second half: the peer's code echoed.
+                text = f"the {self._peer} disconnected ({event.code} {event.reason})"
                 self._end(text.replace(" )", ")"), event.code)
-                await self._reply(close_frame(event.code))
+                await self._reply(close_frame(event.code, key=self._key()))
                 raise self._ending()
             # A PONG answers nothing we asked; it only proves the peer alive.
 
     async def _refuse(self, error: FrameError) -> TransportClosed:
-        self._end(f"the agent broke the WebSocket protocol: {error.reason}")
-        await self._reply(close_frame(error.code, error.reason))
+        self._end(f"the {self._peer} broke the WebSocket protocol: {error.reason}")
+        await self._reply(close_frame(error.code, error.reason, self._key()))
         return self._ending()
 
     async def _reply(self, data: bytes) -> None:
@@ -163,17 +193,17 @@ class StreamWebSocketTransport:
             return
         self._released = True
         if not self._closed and code != ABNORMAL_CLOSURE:
-            self._end(f"closed by the server ({code} {reason})")
-            await self._reply(close_frame(code, reason))
+            self._end(f"closed by the {self._us} ({code} {reason})")
+            await self._reply(close_frame(code, reason, self._key()))
             with trio.move_on_after(CLOSE_TIMEOUT) as scope:
                 scope.shield = True
                 await self._wait_close_reply()
-        self._end("closed by the server")
-        # The agent sees the end at once, not when Hypercorn's task gets to it.
+        self._end(f"closed by the {self._us}")
+        # The peer sees the end at once, not when Hypercorn's task gets to it.
         await trio.aclose_forcefully(self._stream)
 
     async def _wait_close_reply(self) -> None:
-        """Read until the agent's close (or the end): closing first would reset it."""
+        """Read until the peer's close (or the end): closing first would reset it."""
         frames = self._frames
         while not self._broken:
             try:

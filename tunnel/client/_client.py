@@ -34,7 +34,6 @@ from contextlib import asynccontextmanager
 from typing import Final
 
 import trio
-import trio_websocket
 
 from .._compat import warn_fixes_off
 from .._config import ClientConfig
@@ -62,7 +61,7 @@ from .._protocol.handshake import (
     WORKER_HEADER,
     WORKERS_HEADER,
 )
-from .._transport.websocket import HandshakeGuard, WebSocketTransport
+from .._transport.handshake import ClientHandshake, open_client_websocket
 from ..link import MAX_MESSAGE, Link, Stream
 from ._dial import DuplicateWorker, first_error, open_server_stream, translate_error
 from ._inspector import open_inspector
@@ -76,12 +75,8 @@ __all__ = ["Client", "open_tunnel"]
 logger = logging.getLogger("tunnel.client")
 
 #: Largest WebSocket message accepted from the server, which sends at most
-#: MAX_MESSAGE; the margin is for a server of another version. With the 4
-#: messages trio-websocket queues, what the agent holds unread stays near the
-#: HTTP/2 connection window.
+#: MAX_MESSAGE; the margin is for a server of another version.
 MAX_MESSAGE_SIZE = 4 * MAX_MESSAGE
-#: trio-websocket's default of 4 KiB per read makes uploads crawl.
-RECEIVE_BUFFER_SIZE = 256 << 10
 #: How long closing the connection to the server may take.
 CLOSE_TIMEOUT = 2.0
 #: A connection that stayed up this long (seconds) resets the backoff.
@@ -587,33 +582,27 @@ class Client:
                 self._next_address[group] = index + 1
             raise
         try:
-            async with trio.open_nursery() as nursery:
-                # We own the byte stream (not trio-websocket), so it is closed
-                # on every path, a refused handshake included.
-                authority = server.host if server.default_port else f"{server.host}:{server.port}"
-                guard = HandshakeGuard(stream, f"{server.host}:{server.port}")
-                try:
-                    with trio.fail_after(config.connect_timeout):
-                        ws = await trio_websocket.wrap_client_stream(
-                            nursery,
-                            guard,  # type: ignore[arg-type]  # any trio Stream works; the hint is narrow
-                            authority,
-                            config.control_path,
-                            subprotocols=[SUBPROTOCOL],
-                            extra_headers=await self._handshake_headers(
-                                stream, authority, held, nodes, asked
-                            ),
-                            max_message_size=MAX_MESSAGE_SIZE,
-                            receive_buffer_size=RECEIVE_BUFFER_SIZE,
-                            message_queue_size=4,
-                        )
-                    guard.handshaking = False
-                    self._note_worker(slot, ws, index)
-                finally:
-                    locked = False
-                    self._handshake_lock.release()
-                await self._serve(slot, ws)
-                nursery.cancel_scope.cancel()
+            # We own the byte stream, so it is closed on every path, a
+            # refused handshake included.
+            authority = server.host if server.default_port else f"{server.host}:{server.port}"
+            try:
+                with trio.fail_after(config.connect_timeout):
+                    ws = await open_client_websocket(
+                        stream,
+                        authority=authority,
+                        path=config.control_path,
+                        subprotocols=[SUBPROTOCOL],
+                        headers=await self._handshake_headers(
+                            stream, authority, held, nodes, asked
+                        ),
+                        max_message=MAX_MESSAGE_SIZE,
+                        where=f"{server.host}:{server.port}",
+                    )
+                self._note_worker(slot, ws, index)
+            finally:
+                locked = False
+                self._handshake_lock.release()
+            await self._serve(slot, ws)
         except BaseExceptionGroup as errors:
             raise self._translate(first_error(errors), server, probing=probing) from None
         except Exception as exc:
@@ -671,11 +660,9 @@ class Client:
                 return node
         return None
 
-    def _note_worker(
-        self, slot: Slot, ws: trio_websocket.WebSocketConnection, index: int = 0
-    ) -> None:
+    def _note_worker(self, slot: Slot, ws: ClientHandshake, index: int = 0) -> None:
         """Record which worker of which node ``slot`` reached, and how many there are."""
-        answer = dict(ws.handshake_headers)
+        answer = dict(ws.headers)
         worker = answer.get(WORKER_HEADER.encode(), b"").decode("ascii", "replace")
         node = answer.get(NODE_HEADER.encode(), b"").decode("ascii", "replace")
         count = answer.get(WORKERS_HEADER.encode(), b"1")
@@ -726,9 +713,9 @@ class Client:
     ) -> trio.SocketStream | trio.SSLStream[trio.SocketStream]:
         return await open_server_stream(self.config, server)
 
-    async def _serve(self, slot: Slot, ws: trio_websocket.WebSocketConnection) -> None:
+    async def _serve(self, slot: Slot, ws: ClientHandshake) -> None:
         config = self.config
-        answer = dict(ws.handshake_headers)
+        answer = dict(ws.headers)
         granted = answer.get(HOST_HEADER.encode())
         if granted:
             host = granted.decode("ascii", "replace")
@@ -750,7 +737,7 @@ class Client:
             # Ask for the same port after a reconnect, so the address holds.
             self._remote_port = int(port)
         link = Link.answerer(
-            WebSocketTransport(ws),
+            ws.transport,
             keepalive_interval=config.keepalive_interval,
             keepalive_timeout=config.keepalive_timeout,
             max_concurrent_streams=config.max_concurrent_streams,

@@ -10,7 +10,6 @@ from __future__ import annotations
 import ssl
 
 import trio
-import trio_websocket
 
 from .._config import ClientConfig
 from .._config.values import ServerAddress
@@ -23,6 +22,7 @@ from .._exceptions import (
 )
 from .._protocol.handshake import DUPLICATE_STATUS, NODES_HEADER
 from .._settings import client_setting
+from .._transport.handshake import HandshakeFailed, HandshakeRejected
 
 __all__ = [
     "DuplicateWorker",
@@ -94,11 +94,11 @@ def translate_error(
         return exc
     if isinstance(exc, trio.BrokenResourceError) and isinstance(exc.__cause__, ssl.SSLError):
         exc = exc.__cause__
-    if isinstance(exc, trio_websocket.ConnectionRejected):
+    if isinstance(exc, HandshakeRejected):
         if exc.status_code == DUPLICATE_STATUS and probing:
             told = dict(exc.headers).get(NODES_HEADER.encode(), b"")
             return DuplicateWorker(nodes=int(told) if told.isdigit() else None)
-        reason = (exc.body or b"").decode("utf-8", "replace").strip() or "no reason given"
+        reason = exc.body.decode("utf-8", "replace").strip() or "no reason given"
         if is_permanent(exc.status_code):
             return rejection_for_status(exc.status_code, reason)
         return ServerUnreachableError(f"{where} answered {exc.status_code}: {reason}")
@@ -115,10 +115,9 @@ def translate_error(
         )
     if isinstance(exc, ssl.SSLError):
         return ServerUnreachableError(f"TLS with {where} failed: {exc.reason or exc}")
-    if isinstance(exc, trio_websocket.HandshakeError | trio_websocket.ConnectionClosed):
-        return ServerUnreachableError(
-            f"the WebSocket handshake with {where} failed: {_websocket_failure(exc)}"
-        )
+    if isinstance(exc, HandshakeFailed):
+        said = str(exc) or "the server did not complete it"
+        return ServerUnreachableError(f"the WebSocket handshake with {where} failed: {said}")
     if isinstance(exc, OSError | trio.BrokenResourceError | trio.ClosedResourceError):
         detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         return ServerUnreachableError(f"cannot reach {where}: {detail or type(exc).__name__}")
@@ -134,19 +133,6 @@ def server_ssl_context(config: ClientConfig) -> ssl.SSLContext:
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
     return context
-
-
-def _websocket_failure(
-    exc: trio_websocket.HandshakeError | trio_websocket.ConnectionClosed,
-) -> str:
-    """What went wrong, in words rather than as an object's repr."""
-    if isinstance(exc, trio_websocket.ConnectionClosed):
-        reason = exc.reason
-        if reason is None:
-            return "the connection closed"
-        said = f": {reason.reason}" if reason.reason else ""
-        return f"the connection closed ({reason.code} {reason.name}{said})"
-    return str(exc) or "the server did not complete it"
 
 
 def first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
@@ -166,8 +152,8 @@ def first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
     kinds = (
         TunnelError,
         DuplicateWorker,
-        trio_websocket.ConnectionRejected,
-        trio_websocket.HandshakeError,
+        HandshakeRejected,
+        HandshakeFailed,
     )
     for kind in kinds:
         for leaf in leaves:

@@ -15,7 +15,6 @@ import time
 from typing import Final
 
 import trio
-import trio_websocket
 
 from .._config import ServerConfig
 from .._config.values import split_host_port
@@ -31,16 +30,15 @@ from .._protocol.peer import (
     dial_signature,
     signatures_match,
 )
-from .._transport.websocket import HandshakeGuard
+from .._transport.handshake import ClientHandshake, HandshakeRejected, open_client_websocket
 from ..link import MAX_MESSAGE
 
 __all__ = ["PeerDialer", "PeerError", "describe"]
 
 logger = logging.getLogger("tunnel.server")
 
-#: As the agent's: large enough for a peer's largest message, and a few queued.
+#: As the agent's: large enough for a peer's largest message, with a margin.
 MAX_MESSAGE_SIZE: Final = 4 * MAX_MESSAGE
-RECEIVE_BUFFER_SIZE: Final = 256 << 10
 
 
 class PeerError(Exception):
@@ -49,9 +47,8 @@ class PeerError(Exception):
 
 def describe(error: BaseException) -> str:
     """What went wrong with a link to another node, in words."""
-    if isinstance(error, trio_websocket.ConnectionRejected):
-        # Raised by trio-websocket's reader task, not by the dial itself.
-        reason = (error.body or b"").decode("utf-8", "replace").strip()
+    if isinstance(error, HandshakeRejected):
+        reason = error.body.decode("utf-8", "replace").strip()
         return f"refused with {error.status_code}: {reason or 'no reason given'}"
     return str(error) or type(error).__name__
 
@@ -64,9 +61,7 @@ class PeerDialer:
         self.node_id = node_id
         self._ssl_context: ssl.SSLContext | None = None
 
-    async def dial(
-        self, nursery: trio.Nursery, address: str
-    ) -> tuple[trio_websocket.WebSocketConnection, trio.abc.Stream]:
+    async def dial(self, address: str) -> tuple[ClientHandshake, trio.abc.Stream]:
         """Open the WebSocket to the node at ``address``, both sides proven.
 
         Raises:
@@ -120,32 +115,29 @@ class PeerDialer:
                 dial_signature(secret, self.node_id, authority, timestamp, nonce).encode(),
             ),
         ]
-        guard = HandshakeGuard(stream, address)
         try:
             with trio.fail_after(config.handshake_timeout):
-                ws = await trio_websocket.wrap_client_stream(
-                    nursery,
-                    guard,  # type: ignore[arg-type]  # any trio Stream works; the hint is narrow
-                    authority,
-                    config.control_path + PEER_PATH_SUFFIX,
+                ws = await open_client_websocket(
+                    stream,
+                    authority=authority,
+                    path=config.control_path + PEER_PATH_SUFFIX,
                     subprotocols=[PEER_SUBPROTOCOL],
-                    extra_headers=headers,
-                    max_message_size=MAX_MESSAGE_SIZE,
-                    receive_buffer_size=RECEIVE_BUFFER_SIZE,
-                    message_queue_size=4,
+                    headers=headers,
+                    max_message=MAX_MESSAGE_SIZE,
+                    where=address,
+                    peer="node",
                 )
-            guard.handshaking = False
         except BaseException as exc:
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(stream)
-            if isinstance(exc, trio_websocket.ConnectionRejected):
+            if isinstance(exc, HandshakeRejected):
                 raise PeerError(describe(exc)) from None
             if isinstance(exc, trio.TooSlowError):
                 raise PeerError(f"no handshake within {config.handshake_timeout:g}s") from None
             if isinstance(exc, Exception):
                 raise PeerError(f"the WebSocket handshake failed: {exc}") from None
             raise
-        answer = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in ws.handshake_headers}
+        answer = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in ws.headers}
         node = answer.get(PEER_NODE_HEADER, "")
         proof = answer.get(PEER_SIGNATURE_HEADER, "")
         if not signatures_match(proof, accept_signature(secret, node, nonce)):

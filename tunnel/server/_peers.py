@@ -23,11 +23,10 @@ from dataclasses import dataclass
 from typing import Final
 
 import trio
-import trio_websocket
 
 from .._config import ServerConfig
 from .._protocol.policy import VisitorPolicy
-from .._transport.websocket import WebSocketTransport
+from .._transport.handshake import ClientHandshake
 from ..link import Link
 from ._peer_dial import PeerDialer, PeerError, describe
 from ._telemetry import log_event
@@ -230,10 +229,10 @@ class _Peer:
     async def _run(self, nursery: trio.Nursery) -> None:
         peers = self._peers
         self._up_since = None
-        ws, stream = await peers.dial(nursery, self.address)
+        ws, stream = await peers.dial(self.address)
         try:
             link = Link.opener(
-                WebSocketTransport(ws),
+                ws.transport,
                 keepalive_interval=peers.config.keepalive_interval,
                 keepalive_timeout=peers.config.keepalive_timeout,
                 stream_window=PEER_STREAM_WINDOW,
@@ -367,13 +366,11 @@ class Peers:
                         race.start_soon(reach, peer)
         return won[0] if won else None
 
-    async def dial(
-        self, nursery: trio.Nursery, address: str
-    ) -> tuple[trio_websocket.WebSocketConnection, trio.abc.Stream]:
+    async def dial(self, address: str) -> tuple[ClientHandshake, trio.abc.Stream]:
         """Open the WebSocket to the node at ``address``, both sides proven.
 
         Raises:
             PeerError: The node is unreachable, refused us, or did not prove
                 it knows the cluster secret.
         """
-        return await self._dialer.dial(nursery, address)
+        return await self._dialer.dial(address)
