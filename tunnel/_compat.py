@@ -27,6 +27,7 @@ __all__ = [
     "HYPERCORN_FIXES",
     "HYPERCORN_GUARD",
     "HYPERCORN_TAKEOVER",
+    "HPACK_CODEC",
     "HYPERFRAME_REPR",
     "WSPROTO_MASKING",
     "Fix",
@@ -96,6 +97,14 @@ H2_FRAME_READER: Final = Fix(
     "h2",
     ("4.",),
 )
+HPACK_CODEC: Final = Fix(
+    "the link's HPACK encoder without a dynamic table and its decoder of such blocks "
+    "(tunnel/link/_hpack.py)",
+    "h2",
+    # What h2 4 uses of its connection's encoder (encode() and
+    # header_table_size) and decoder (decode(data, raw=True) and its limits).
+    ("4.",),
+)
 HYPERFRAME_REPR: Final = Fix(
     "the short frame repr that saves hexing whole DATA payloads (tunnel/link/_h2compat.py)",
     "hyperframe",
@@ -119,6 +128,7 @@ FIXES: Final = (
     HYPERCORN_DISCONNECT_NOTICE,
     HYPERCORN_TAKEOVER,
     H2_FRAME_READER,
+    HPACK_CODEC,
     HYPERFRAME_REPR,
     WSPROTO_MASKING,
     TRIO_WEBSOCKET_SEND,
