@@ -23,11 +23,11 @@ from typing import Final
 __all__ = [
     "FIXES",
     "H2_FRAME_READER",
+    "HPACK_CODEC",
     "HYPERCORN_DISCONNECT_NOTICE",
     "HYPERCORN_FIXES",
     "HYPERCORN_GUARD",
     "HYPERCORN_TAKEOVER",
-    "HPACK_CODEC",
     "HYPERFRAME_REPR",
     "WSPROTO_MASKING",
     "Fix",

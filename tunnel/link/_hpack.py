@@ -17,7 +17,7 @@ Everything here is sans-IO and uses only hpack's public API.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Final
 
 import hpack
@@ -130,7 +130,7 @@ MAX_CACHED_BLOCK: Final = 4096
 #: Header field -> its encoding; headers -> their block; block -> its headers
 #: and their size as HTTP/2 counts it (RFC 9113 section 6.5.2).
 ENCODED_FIELDS: Final[dict[object, bytes]] = {}
-ENCODED_BLOCKS: Final[dict[tuple[object, ...], bytes]] = {}
+ENCODED_BLOCKS: Final[dict[tuple[Sequence[object], ...], bytes]] = {}
 DECODED_BLOCKS: Final[dict[bytes, tuple[tuple[HeaderTuple, ...], int]]] = {}
 
 #: hpack's own default table size, which both ends start from.
@@ -174,17 +174,16 @@ def encode_field(name: bytes, value: bytes, never_indexed: bool = False) -> byte
     return head + _integer(len(value), 7, 0) + value
 
 
-def _encode_any(header: object) -> bytes:
+def _encode_any(header: Sequence[object]) -> bytes:
     """A field of any form hpack's encoder takes, uncached."""
-    fields: tuple[object, ...] = tuple(header)  # type: ignore[call-overload]
     if isinstance(header, HeaderTuple):
         never = not header.indexable
     else:
-        never = len(fields) > 2 and bool(fields[2])
-    return encode_field(_to_bytes(fields[0]), _to_bytes(fields[1]), never)
+        never = len(header) > 2 and bool(header[2])
+    return encode_field(_to_bytes(header[0]), _to_bytes(header[1]), never)
 
 
-def _encode_block(headers: tuple[object, ...]) -> tuple[bytes, bool]:
+def _encode_block(headers: tuple[Sequence[object], ...]) -> tuple[bytes, bool]:
     """The block for ``headers``, and whether it may be cached under them."""
     parts = []
     cacheable = True
@@ -220,11 +219,11 @@ class LinkEncoder:
     than the peer's decoder assumes.
     """
 
-    __slots__ = ("_size", "_size_updates")
+    __slots__ = ("_size", "_size_changed")
 
     def __init__(self) -> None:
         self._size = _DEFAULT_TABLE_SIZE
-        self._size_updates: list[int] = []
+        self._size_changed = False
 
     @property
     def header_table_size(self) -> int:
@@ -235,32 +234,34 @@ class LinkEncoder:
     def header_table_size(self, value: int) -> None:
         if value < self._size:
             self._size = value
-            # Each change since the last block is announced, smallest first
-            # (section 4.2); sizes only shrink here, so in order.
-            self._size_updates.append(value)
+            # The next block announces the smallest size since the last one
+            # (section 4.2), which is also the last, sizes only shrinking.
+            # Only that one: hpack's decoder refuses any announcement larger
+            # than what it allows by then.
+            self._size_changed = True
 
-    def encode(self, headers: Iterable[object], huffman: bool = True) -> bytes:
+    def encode(self, headers: Iterable[Sequence[object]], huffman: bool = True) -> bytes:
         """Encode ``headers`` as hpack's ``Encoder.encode`` takes them.
 
         ``huffman`` is accepted and ignored: raw octets are cheaper to make
         and to read, and keep a block no larger than its header list as
         HTTP/2 counts it, which Huffman coding of arbitrary octets does not.
         """
-        key = headers if headers.__class__ is tuple else tuple(headers)
+        key = tuple(headers)
         try:
-            block = ENCODED_BLOCKS.get(key)  # type: ignore[arg-type]
+            block = ENCODED_BLOCKS.get(key)
         except TypeError:  # an unhashable header, such as a list
-            block, cacheable = _encode_block(key)  # type: ignore[arg-type]
+            block, _ = _encode_block(key)
         else:
             if block is None or NeverIndexedHeaderTuple in map(type, key):
-                block, cacheable = _encode_block(key)  # type: ignore[arg-type]
+                block, cacheable = _encode_block(key)
                 if cacheable and len(block) <= MAX_CACHED_BLOCK:
                     if len(ENCODED_BLOCKS) >= MAX_CACHED_BLOCKS:
                         ENCODED_BLOCKS.clear()
-                    ENCODED_BLOCKS[key] = block  # type: ignore[index]
-        if self._size_updates:
-            block = b"".join(_integer(size, 5, 0x20) for size in self._size_updates) + block
-            self._size_updates.clear()
+                    ENCODED_BLOCKS[key] = block
+        if self._size_changed:
+            block = _integer(self._size, 5, 0x20) + block
+            self._size_changed = False
         return block
 
 
