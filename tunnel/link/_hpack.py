@@ -109,6 +109,7 @@ _INDEXED: Final[tuple[HeaderTuple, ...]] = (
     HeaderTuple(b"", b""),
     *(HeaderTuple(name, value) for name, value in STATIC_TABLE),
 )
+_INDEXED_SIZES: Final = (0, *(32 + len(name) + len(value) for name, value in STATIC_TABLE))
 _NAMES: Final = (b"", *(name for name, _ in STATIC_TABLE))
 
 #: Fields sent as never-indexed literals, so that no intermediary that
@@ -306,6 +307,8 @@ def _walk(data: bytes, limit: int) -> tuple[tuple[HeaderTuple, ...], int] | None
         OversizedHeaderListError: The headers add up to more than ``limit``
             before anything else is wrong, as hpack's decoder would say.
     """
+    # One loop with the short forms inline: this runs for every header
+    # block the link receives, and a call per field would double its cost.
     headers: list[HeaderTuple] = []
     size = 0
     at = 0
@@ -320,31 +323,55 @@ def _walk(data: bytes, limit: int) -> tuple[tuple[HeaderTuple, ...], int] | None
             if not 0 < index <= _STATIC_LENGTH:
                 return None
             header = _INDEXED[index]
+            size += _INDEXED_SIZES[index]
         elif first < 0x20:
             # Literal without indexing (0000) or never indexed (0001).
             index = first & 0x0F
-            if index:
-                if index == 0x0F:
-                    index, at = _integer_tail(data, at, index)
-                    if not 0 < index <= _STATIC_LENGTH:
-                        return None
-                name: bytes | None = _NAMES[index]
-            else:
-                name, at = _string(data, at)
-                if name is None:
+            name: bytes | None
+            if index == 0x0F:
+                # Most names of the static table are past the 4-bit prefix.
+                if at == end:
                     return None
-            value, at = _string(data, at)
-            if value is None:
+                index += data[at]
+                at += 1
+                if index > _STATIC_LENGTH:  # or a longer integer
+                    return None
+                name = _NAMES[index]
+            elif index:
+                name = _NAMES[index]
+            else:
+                if at == end:
+                    return None
+                length = data[at]
+                if length < 0x7F:
+                    at += 1
+                    name = data[at : at + length]
+                    at += length
+                else:
+                    name, at = _string(data, at)
+                if name is None or at > end:
+                    return None
+            if at >= end:
+                return None
+            length = data[at]
+            value: bytes | None
+            if length < 0x7F:
+                at += 1
+                value = data[at : at + length]
+                at += length
+            else:
+                value, at = _string(data, at)
+            if value is None or at > end:
                 return None
             kind = NeverIndexedHeaderTuple if first & 0x10 else HeaderTuple
             # tuple.__new__ builds the same object as kind(name, value) without
             # a Python call.
             header = tuple.__new__(kind, (name, value))
+            size += 32 + len(name) + len(value)
         else:
             # Incremental indexing or a table size update: both change the
             # table, which only hpack's decoder keeps.
             return None
-        size += 32 + len(header[0]) + len(header[1])
         if size > limit:
             raise OversizedHeaderListError(f"A header list larger than {limit} has been received")
         headers.append(header)
