@@ -245,10 +245,13 @@ def test_caches_stay_bounded() -> None:
         assert len(ENCODED_FIELDS) <= MAX_CACHED_FIELDS
         assert len(ENCODED_BLOCKS) <= MAX_CACHED_BLOCKS
         assert len(DECODED_BLOCKS) <= MAX_CACHED_BLOCKS
-    # A block too large to keep is decoded all the same, and not kept.
-    big = encoder.encode([(b"x-big", b"v" * 10_000)])
-    assert decoder.decode(big, raw=True) == [(b"x-big", b"v" * 10_000)]
-    assert big not in DECODED_BLOCKS
+    # Blocks too large to keep, in octets or in fields, are decoded all the
+    # same, and not kept.
+    for headers in ([(b"x-big", b"v" * 10_000)], [(b"accept", b"")] * 1000):
+        block = encoder.encode(headers)
+        assert decoder.decode(block, raw=True) == headers
+        assert block not in DECODED_BLOCKS
+        assert tuple(headers) not in ENCODED_BLOCKS
 
 
 # -- across versions: a link against h2 with its stock HPACK ----------------------------

@@ -127,6 +127,9 @@ MAX_CACHED_BLOCKS: Final = 256
 #: would let a few odd requests hold megabytes.
 MAX_CACHED_FIELD: Final = 512
 MAX_CACHED_BLOCK: Final = 4096
+#: Nor is a block of more fields kept: a short block of many tiny fields
+#: decodes to far more objects than its octets.
+MAX_CACHED_BLOCK_FIELDS: Final = 64
 
 #: Header field -> its encoding; headers -> their block; block -> its headers
 #: and their size as HTTP/2 counts it (RFC 9113 section 6.5.2).
@@ -256,7 +259,11 @@ class LinkEncoder:
         else:
             if block is None or NeverIndexedHeaderTuple in map(type, key):
                 block, cacheable = _encode_block(key)
-                if cacheable and len(block) <= MAX_CACHED_BLOCK:
+                if (
+                    cacheable
+                    and len(block) <= MAX_CACHED_BLOCK
+                    and len(key) <= MAX_CACHED_BLOCK_FIELDS
+                ):
                     if len(ENCODED_BLOCKS) >= MAX_CACHED_BLOCKS:
                         ENCODED_BLOCKS.clear()
                     ENCODED_BLOCKS[key] = block
@@ -402,7 +409,7 @@ class LinkDecoder(hpack.Decoder):
             found = _walk(data, self.max_header_list_size)
             if found is None:
                 return super().decode(data, raw)
-            if len(data) <= MAX_CACHED_BLOCK:
+            if len(data) <= MAX_CACHED_BLOCK and len(found[0]) <= MAX_CACHED_BLOCK_FIELDS:
                 if len(DECODED_BLOCKS) >= MAX_CACHED_BLOCKS:
                     DECODED_BLOCKS.clear()
                 DECODED_BLOCKS[data] = found
