@@ -298,6 +298,12 @@ async def test_new_server_end_with_an_old_agent(autojump_clock: trio.testing.Moc
             nursery.start_soon(serve_peer)
             await nursery.start(link.run)
             assert await link.wait_peer_settings()
+            # The link's h2 runs this codec (HPACK_CODEC is on with this h2),
+            # with the link's own limit on header lists.
+            conn = link._core._conn
+            assert isinstance(conn.encoder, LinkEncoder)
+            assert isinstance(conn.decoder, LinkDecoder)
+            assert conn.decoder.max_header_list_size == 1 << 20
             for i in range(1, 40):
                 sent = [*REQUEST, *_varied(i)]
                 stream = await link.open_stream(sent, end_stream=True)
