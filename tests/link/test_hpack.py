@@ -120,7 +120,7 @@ def test_sensitive_fields_are_never_indexed() -> None:
             [
                 (b"authorization", b"Bearer abc"),
                 (b"cookie", b"a=b"),
-                (b"x-token", b"t", True),  # type: ignore[list-item]
+                (b"x-token", b"t", True),
                 (b"x-plain", b"p"),
             ]
         ),
@@ -180,7 +180,8 @@ def test_a_smaller_table_is_announced_in_the_next_block() -> None:
 
 def test_text_headers_are_decoded_by_hpack() -> None:
     block = LinkEncoder().encode([(b"x-\xc3\xa9", b"1")])
-    assert LinkDecoder().decode(block) == [("x-é", "1")]
+    decoded: list[object] = list(LinkDecoder().decode(block))  # str, despite hpack's types
+    assert decoded == [("x-é", "1")]
 
 
 @pytest.mark.parametrize(
@@ -337,7 +338,7 @@ async def test_old_server_end_with_a_new_agent(autojump_clock: trio.testing.Mock
                 while response is None:
                     for event in peer.receive_data(await a.receive()):
                         if isinstance(event, h2.events.ResponseReceived):
-                            response = list(event.headers or [])  # type: ignore[arg-type]
+                            response = list(event.headers or [])
                     if data := peer.data_to_send():
                         await a.send(data)
                 assert response == [*RESPONSE[:1], *sent[4:]]
