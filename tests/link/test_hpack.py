@@ -130,6 +130,18 @@ def test_sensitive_fields_are_never_indexed() -> None:
     assert kinds == [hpack.NeverIndexedHeaderTuple] * 3 + [hpack.HeaderTuple]
 
 
+def test_credentials_are_not_kept_in_the_caches() -> None:
+    encoder, decoder = LinkEncoder(), LinkDecoder()
+    headers = [(b":method", b"GET"), (b"cookie", b"session=secret"), (b"x-plain", b"p")]
+    for _ in range(2):
+        block = encoder.encode(headers)
+        assert decoder.decode(block, raw=True) == headers
+    assert (b"x-plain", b"p") in ENCODED_FIELDS
+    assert (b"cookie", b"session=secret") not in ENCODED_FIELDS
+    assert tuple(headers) not in ENCODED_BLOCKS
+    assert block not in DECODED_BLOCKS
+
+
 def test_never_indexed_tuples_are_not_taken_for_cached_plain_ones() -> None:
     encoder = LinkEncoder()
     plain = [(b":status", b"200"), (b"x-secret", b"s")]

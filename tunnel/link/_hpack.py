@@ -117,6 +117,8 @@ _NAMES: Final = (b"", *(name for name, _ in STATIC_TABLE))
 #: where guesses at them could be checked. Ours never index anything, so the
 #: flag costs nothing.
 _SENSITIVE: Final = frozenset({b"authorization", b"proxy-authorization", b"cookie", b"set-cookie"})
+#: The first four bits of a never-indexed literal.
+_NEVER_INDEXED: Final = 0x10
 
 #: Bounds of the process-wide caches. Each is emptied when full rather than
 #: trimmed: that is constant work per entry however a peer varies what it
@@ -169,7 +171,7 @@ def encode_field(name: bytes, value: bytes, never_indexed: bool = False) -> byte
         # A static entry tells an observer nothing, sensitive or not.
         return bytes((0x80 | index,))
     # Literal without indexing (0000) or never indexed (0001), section 6.2.
-    flags = 0x10 if never_indexed or name in _SENSITIVE else 0x00
+    flags = _NEVER_INDEXED if never_indexed or name in _SENSITIVE else 0x00
     name_index = _STATIC_NAMES.get(name)
     if name_index is None:
         head = bytes((flags,)) + _integer(len(name), 7, 0) + name
@@ -199,7 +201,11 @@ def _encode_block(headers: tuple[Sequence[object], ...]) -> tuple[bytes, bool]:
                 # A plain tuple's third item, if any, is its sensitivity, so
                 # the tuple itself is the key.
                 encoded = _encode_any(header)
-                if len(encoded) <= MAX_CACHED_FIELD:
+                if encoded[0] & 0xF0 == _NEVER_INDEXED:
+                    # What must never be indexed is not kept here either:
+                    # credentials outliving their request in a cache.
+                    cacheable = False
+                elif len(encoded) <= MAX_CACHED_FIELD:
                     if len(fields) >= MAX_CACHED_FIELDS:
                         fields.clear()
                     fields[header] = encoded
@@ -207,7 +213,7 @@ def _encode_block(headers: tuple[Sequence[object], ...]) -> tuple[bytes, bool]:
             # A NeverIndexedHeaderTuple equals the plain tuple of the same
             # name and value, so neither it nor its block can be cached.
             encoded = _encode_any(header)
-            cacheable = cacheable and not isinstance(header, NeverIndexedHeaderTuple)
+            cacheable = cacheable and encoded[0] & 0xF0 != _NEVER_INDEXED
         parts.append(encoded)
     return b"".join(parts), cacheable
 
@@ -307,8 +313,11 @@ def _string(data: bytes, at: int) -> tuple[bytes | None, int]:
     return data[at:end], end
 
 
-def _walk(data: bytes, limit: int) -> tuple[tuple[HeaderTuple, ...], int] | None:
-    """The headers of a stateless block and their size; None for any other block.
+def _walk(data: bytes, limit: int) -> tuple[tuple[HeaderTuple, ...], int, bool] | None:
+    """A stateless block's headers, their size, and whether it may be cached.
+
+    None for any other block. A block with never-indexed fields is not to
+    be cached: those are credentials, which should not outlive their request.
 
     Raises:
         OversizedHeaderListError: The headers add up to more than ``limit``
@@ -320,6 +329,7 @@ def _walk(data: bytes, limit: int) -> tuple[tuple[HeaderTuple, ...], int] | None
     size = 0
     at = 0
     end = len(data)
+    kept = True
     while at < end:
         first = data[at]
         at += 1
@@ -370,7 +380,11 @@ def _walk(data: bytes, limit: int) -> tuple[tuple[HeaderTuple, ...], int] | None
                 value, at = _string(data, at)
             if value is None or at > end:
                 return None
-            kind = NeverIndexedHeaderTuple if first & 0x10 else HeaderTuple
+            if first & _NEVER_INDEXED:
+                kind: type[HeaderTuple] = NeverIndexedHeaderTuple
+                kept = False
+            else:
+                kind = HeaderTuple
             # tuple.__new__ builds the same object as kind(name, value) without
             # a Python call.
             header = tuple.__new__(kind, (name, value))
@@ -382,7 +396,7 @@ def _walk(data: bytes, limit: int) -> tuple[tuple[HeaderTuple, ...], int] | None
         if size > limit:
             raise OversizedHeaderListError(f"A header list larger than {limit} has been received")
         headers.append(header)
-    return tuple(headers), size
+    return tuple(headers), size, kept
 
 
 class LinkDecoder(hpack.Decoder):
@@ -405,15 +419,17 @@ class LinkDecoder(hpack.Decoder):
         if data.__class__ is not bytes:
             data = bytes(data)
         found = DECODED_BLOCKS.get(data)
-        if found is None:
-            found = _walk(data, self.max_header_list_size)
-            if found is None:
+        if found is not None:
+            headers, size = found
+        else:
+            walked = _walk(data, self.max_header_list_size)
+            if walked is None:
                 return super().decode(data, raw)
-            if len(data) <= MAX_CACHED_BLOCK and len(found[0]) <= MAX_CACHED_BLOCK_FIELDS:
+            headers, size, kept = walked
+            if kept and len(data) <= MAX_CACHED_BLOCK and len(headers) <= MAX_CACHED_BLOCK_FIELDS:
                 if len(DECODED_BLOCKS) >= MAX_CACHED_BLOCKS:
                     DECODED_BLOCKS.clear()
-                DECODED_BLOCKS[data] = found
-        headers, size = found
+                DECODED_BLOCKS[data] = headers, size
         if size > self.max_header_list_size:
             raise OversizedHeaderListError(
                 f"A header list larger than {self.max_header_list_size} has been received"
