@@ -186,7 +186,10 @@ def _encode_any(header: Sequence[object]) -> bytes:
         never = not header.indexable
     else:
         never = len(header) > 2 and bool(header[2])
-    return encode_field(_to_bytes(header[0]), _to_bytes(header[1]), never)
+    name, value = header[0], header[1]
+    if name.__class__ is not bytes or value.__class__ is not bytes:
+        name, value = _to_bytes(name), _to_bytes(value)
+    return encode_field(name, value, never)
 
 
 def _encode_block(headers: tuple[Sequence[object], ...]) -> tuple[bytes, bool]:
@@ -412,7 +415,7 @@ class LinkDecoder(hpack.Decoder):
 
     def decode(self, data: bytes, raw: bool = False) -> Iterable[HeaderTuple]:
         """Decode one complete header block, as ``hpack.Decoder.decode``."""
-        if not raw or self.header_table_size > self.max_allowed_table_size:
+        if not raw or self.header_table.maxsize > self.max_allowed_table_size:
             # Text headers, or a table the peer must shrink first: hpack's
             # decoder decides.
             return super().decode(data, raw)
