@@ -9,10 +9,11 @@ process-wide, and decoding such a block needs no table either.
 
 Both ends of the link are ours, but either may be an older release whose h2
 encodes with a dynamic table and Huffman coding: the decoder reads the
-stateless forms itself and hands any other block whole to hpack's decoder,
-which was fed nothing before and so holds the table that block expects.
+stateless forms itself and hands any other block whole to hpack's decoder.
+That one has seen every block that changed the table (those read here change
+nothing), so it holds the table the peer's encoder expects.
 
-Everything here is sans-IO and uses only hpack's public API.
+Everything here is sans-IO and uses none of hpack's underscored names.
 """
 
 from __future__ import annotations
