@@ -23,6 +23,7 @@ from typing import Final
 __all__ = [
     "FIXES",
     "H2_FRAME_READER",
+    "HPACK_CODEC",
     "HYPERCORN_DISCONNECT_NOTICE",
     "HYPERCORN_FIXES",
     "HYPERCORN_GUARD",
@@ -104,6 +105,14 @@ H2_FRAME_READER: Final = Fix(
     "h2",
     ("4.",),
 )
+HPACK_CODEC: Final = Fix(
+    "the link's HPACK encoder without a dynamic table and its decoder of such blocks "
+    "(tunnel/link/_hpack.py)",
+    "h2",
+    # What h2 4 uses of its connection's encoder (encode() and
+    # header_table_size) and decoder (decode(data, raw=True) and its limits).
+    ("4.",),
+)
 HYPERFRAME_REPR: Final = Fix(
     "the short frame repr that saves hexing whole DATA payloads (tunnel/link/_h2compat.py)",
     "hyperframe",
@@ -122,6 +131,7 @@ FIXES: Final = (
     HYPERCORN_TAKEOVER,
     HYPERCORN_HEAD_WITH_BODY,
     H2_FRAME_READER,
+    HPACK_CODEC,
     HYPERFRAME_REPR,
     WSPROTO_MASKING,
 )

@@ -9,6 +9,10 @@ against the ones verified and warns loudly when a fix is off:
   closing of its state machine), and shares one dispatch table between
   connections. Off, h2's own code runs, and :class:`H2Connection` tells the
   core when h2 closed itself on the peer's GOAWAY.
+* :data:`~tunnel._compat.HPACK_CODEC`: :class:`H2Connection` encodes and
+  decodes header blocks with :mod:`._hpack` (no dynamic table, no Huffman
+  coding, cached) in place of h2's hpack encoder and decoder. Off, hpack's
+  own run.
 * :data:`~tunnel._compat.HYPERFRAME_REPR`: a frame repr that does not hex a
   whole DATA payload.
 
@@ -33,8 +37,9 @@ import h2.settings
 import hyperframe.frame
 from hyperframe.frame import DataFrame, Frame, GoAwayFrame, RstStreamFrame
 
-from .._compat import H2_FRAME_READER, HYPERFRAME_REPR
+from .._compat import H2_FRAME_READER, HPACK_CODEC, HYPERFRAME_REPR
 from ._abuse import AbuseCounters
+from ._hpack import LinkDecoder, LinkEncoder
 from ._state import MAX_HEADER_BLOCK, Phase
 
 __all__ = ["OUTBOUND_BUFFER", "H2Connection", "compact_header_tables", "compact_settings"]
@@ -146,6 +151,9 @@ OUTBOUND_BUFFER: Final = "_data_to_send"
 #: Whether the installed h2 is one whose ``_receive_frame`` the copy in
 #: :class:`H2Connection` follows.
 _H2_RECEIVE_FRAME_VERIFIED: Final = H2_FRAME_READER.on
+#: Whether the installed h2 uses its connection's encoder and decoder as
+#: :mod:`._hpack`'s expect.
+_HPACK_CODEC_VERIFIED: Final = HPACK_CODEC.on
 
 
 class H2Connection(h2.connection.H2Connection):
@@ -169,7 +177,18 @@ class H2Connection(h2.connection.H2Connection):
         self._core_streams = core.streams
         self._core = core
         self.incoming_buffer = _FrameBuffer(server=not config.client_side)
-        compact_header_tables(self.encoder.header_table, self.decoder.header_table)
+        if _HPACK_CODEC_VERIFIED:
+            # h2 calls encoder.encode(headers) for each header block it
+            # sends and sets encoder.header_table_size from the peer's
+            # settings; it calls decoder.decode(block, raw=...) for each it
+            # receives and sets the decoder's limits from ours.
+            decoder = LinkDecoder(max_header_list_size=self.decoder.max_header_list_size)
+            decoder.max_allowed_table_size = self.decoder.max_allowed_table_size
+            self.decoder = decoder
+            self.encoder = LinkEncoder()  # type: ignore[assignment]
+            compact_header_tables(decoder.header_table)
+        else:
+            compact_header_tables(self.encoder.header_table, self.decoder.header_table)
         if _H2_RECEIVE_FRAME_VERIFIED:
             # h2 builds a table of a dozen bound methods per connection, kept
             # for every idle agent; one table of functions serves all.
@@ -202,7 +221,10 @@ class H2Connection(h2.connection.H2Connection):
         would have heard of first is dropped.
         """
         encoder = self.encoder
-        if encoder.header_table_size > limit:
+        if isinstance(encoder, LinkEncoder):
+            # It keeps no table and only ever shrinks the size it announces.
+            encoder.header_table_size = min(encoder.header_table_size, limit)
+        elif encoder.header_table_size > limit:
             encoder.header_table_size = limit
             encoder.table_size_changes = [
                 size for size in encoder.table_size_changes if size <= limit
