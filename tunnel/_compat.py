@@ -22,6 +22,7 @@ from typing import Final
 
 __all__ = [
     "FIXES",
+    "H2_BUFFERS",
     "H2_FRAME_READER",
     "HYPERCORN_DISCONNECT_NOTICE",
     "HYPERCORN_FIXES",
@@ -91,6 +92,13 @@ HYPERCORN_TAKEOVER: Final = Fix(
     # _read_data, WSStream._accept and H11WSConnection as in 0.18.0.
     ("0.18.",),
 )
+H2_BUFFERS: Final = Fix(
+    "h2's buffers of bytes in and out without copying DATA payloads (tunnel/link/_h2compat.py)",
+    "h2",
+    # FrameBuffer's preamble and header-block state, _prepare_for_sending and
+    # _data_to_send as in h2 4.1 to 4.3.
+    ("4.",),
+)
 H2_FRAME_READER: Final = Fix(
     "the copy of h2's frame reader without its per-frame trace log (tunnel/link/_h2compat.py)",
     "h2",
@@ -118,6 +126,7 @@ FIXES: Final = (
     HYPERCORN_FIXES,
     HYPERCORN_DISCONNECT_NOTICE,
     HYPERCORN_TAKEOVER,
+    H2_BUFFERS,
     H2_FRAME_READER,
     HYPERFRAME_REPR,
     WSPROTO_MASKING,
