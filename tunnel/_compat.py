@@ -22,6 +22,7 @@ from typing import Final
 
 __all__ = [
     "FIXES",
+    "H2_BUFFERS",
     "H2_FRAME_READER",
     "HPACK_CODEC",
     "HYPERCORN_DISCONNECT_NOTICE",
@@ -100,6 +101,13 @@ HYPERCORN_HEAD_WITH_BODY: Final = Fix(
     # H11Protocol._send_h11_event and HTTPStream.app_send as in 0.18.0.
     ("0.18.",),
 )
+H2_BUFFERS: Final = Fix(
+    "h2's buffers of bytes in and out without copying DATA payloads (tunnel/link/_h2compat.py)",
+    "h2",
+    # FrameBuffer's preamble and header-block state, _prepare_for_sending and
+    # _data_to_send as in h2 4.1 to 4.4.
+    ("4.",),
+)
 H2_FRAME_READER: Final = Fix(
     "the copy of h2's frame reader without its per-frame trace log (tunnel/link/_h2compat.py)",
     "h2",
@@ -130,6 +138,7 @@ FIXES: Final = (
     HYPERCORN_DISCONNECT_NOTICE,
     HYPERCORN_TAKEOVER,
     HYPERCORN_HEAD_WITH_BODY,
+    H2_BUFFERS,
     H2_FRAME_READER,
     HPACK_CODEC,
     HYPERFRAME_REPR,

@@ -194,7 +194,7 @@ class LinkCore(StreamOperations[S]):
         conn.increment_flow_control_window(self.connection_window - 65535)
         self._frames_queued()
 
-    def receive_data(self, data: bytes) -> list[S]:
+    def receive_data(self, data: bytes | memoryview) -> list[S]:
         """Take bytes from the peer; return the streams it opened, for a handler.
 
         Every other event lands in the stream it is for (woken through its
@@ -224,6 +224,16 @@ class LinkCore(StreamOperations[S]):
         self.queued = 0
         self.bytes_sent += len(data)
         return data
+
+    def messages_to_send(self, limit: int) -> list[bytes]:
+        """Take every frame queued for the peer, in messages of at most ``limit`` bytes.
+
+        Each byte is copied once on its way, into the message it goes in.
+        """
+        messages = self._conn.messages_to_send(limit)
+        self.queued = 0
+        self.bytes_sent += sum(map(len, messages))
+        return messages
 
     # -- the connection's life -------------------------------------------------
 

@@ -24,8 +24,9 @@ h2 internals that every h2 4 release has; nothing here imports trio.
 from __future__ import annotations
 
 import binascii
+import struct
 from collections.abc import Callable, Mapping
-from typing import Any, ClassVar, Final, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Protocol
 
 import h2.config
 import h2.connection
@@ -35,12 +36,17 @@ import h2.exceptions
 import h2.frame_buffer
 import h2.settings
 import hyperframe.frame
+from hyperframe.exceptions import InvalidDataError as _InvalidData
+from hyperframe.exceptions import InvalidFrameError as _InvalidFrame
 from hyperframe.frame import DataFrame, Frame, GoAwayFrame, RstStreamFrame
 
-from .._compat import H2_FRAME_READER, HPACK_CODEC, HYPERFRAME_REPR
+from .._compat import H2_BUFFERS, H2_FRAME_READER, HPACK_CODEC, HYPERFRAME_REPR
 from ._abuse import AbuseCounters
 from ._hpack import LinkDecoder, LinkEncoder
 from ._state import MAX_HEADER_BLOCK, Phase
+
+if TYPE_CHECKING:
+    from h2._typing import Buffer
 
 __all__ = ["OUTBOUND_BUFFER", "H2Connection", "compact_header_tables", "compact_settings"]
 
@@ -128,8 +134,153 @@ def compact_header_tables(*tables: object) -> None:
 # -- h2's connection ----------------------------------------------------------------
 
 
+#: Whether h2's buffers of bytes in and out are ours (:class:`_FrameBuffer`,
+#: :class:`_Outbound`).
+_H2_BUFFERS: Final = H2_BUFFERS.on
+_EMPTY: Final = memoryview(b"")
+_DATA_TYPE: Final = DataFrame.type
+_PADDED: Final = 0x08
+_END_STREAM: Final = 0x01
+_HEADER: Final = struct.Struct("!HBBBL")
+
+
 class _FrameBuffer(h2.frame_buffer.FrameBuffer):
-    """h2's frame buffer, with a cap on the bytes of one header block."""
+    """h2's frame buffer, reading frames out of the bytes as they came.
+
+    h2's own appends every read to one ``bytearray`` and copies each frame out
+    of it twice more; with :data:`~tunnel._compat.H2_BUFFERS` on, this one keeps
+    the reads as they are and copies a DATA payload once, into the bytes its
+    event carries, even when the frame spans several reads. It also caps the
+    bytes of one header block.
+    """
+
+    __slots__ = ("_pending", "_pending_size", "_position", "_view")
+
+    def __init__(self, server: bool = False) -> None:
+        super().__init__(server)
+        #: What is not parsed yet: ``_view[_position:]``, then ``_pending``.
+        self._view = _EMPTY
+        self._position = 0
+        self._pending: list[memoryview] = []
+        self._pending_size = 0
+
+    def add_data(self, data: Buffer) -> None:
+        if not _H2_BUFFERS:
+            super().add_data(data)
+            return
+        view = memoryview(data)
+        if not view.readonly:
+            # A caller's bytearray may change after this returns.
+            view = memoryview(view.tobytes())
+        if self._preamble_len:
+            # h2's check of the client's preface (h2/frame_buffer.py, add_data).
+            count = min(self._preamble_len, len(view))
+            if self._preamble[:count] != view[:count]:
+                raise h2.exceptions.ProtocolError("Invalid HTTP/2 preamble.")
+            view = view[count:]
+            self._preamble_len -= count
+            self._preamble = self._preamble[count:]
+        if not view:
+            return
+        if self._position >= len(self._view) and not self._pending:
+            self._view = view
+            self._position = 0
+        else:
+            self._pending.append(view)
+            self._pending_size += len(view)
+
+    def _take(self, count: int, skip: int = 0) -> bytes:
+        """The next ``count`` bytes after ``skip`` more, as one copy, consumed."""
+        view = self._view
+        start = self._position + skip
+        end = start + count
+        if end <= len(view):
+            self._position = end
+            return view[start:end].tobytes()
+        parts = [view[start:]]
+        missing = end - len(view)
+        pending = self._pending
+        while missing > 0:
+            piece = pending.pop(0)
+            self._pending_size -= len(piece)
+            if len(piece) > missing:
+                parts.append(piece[:missing])
+                self._view = piece
+                self._position = missing
+                break
+            parts.append(piece)
+            missing -= len(piece)
+        else:
+            self._view = _EMPTY
+            self._position = 0
+            if pending:
+                self._view = pending.pop(0)
+                self._pending_size -= len(self._view)
+        return b"".join(parts)
+
+    def __next__(self) -> Frame:
+        if not _H2_BUFFERS:
+            return super().__next__()
+        while True:
+            frame = self._next_frame()
+            if frame is None:
+                raise StopIteration
+            frame = self._update_header_buffer(frame)
+            if frame is not None:
+                return frame
+
+    def _next_frame(self) -> Frame | None:
+        available = len(self._view) - self._position + self._pending_size
+        if available < 9:
+            if not available:
+                # Nothing left: let go of the last read's bytes.
+                self._view = _EMPTY
+                self._position = 0
+            return None
+        view = self._view
+        position = self._position
+        if position + 9 > len(view):
+            # The header itself spans reads (rare): gather it into one view.
+            head = bytearray(view[position:])
+            while len(head) < 9:
+                piece = self._pending.pop(0)
+                self._pending_size -= len(piece)
+                head += piece
+            view = self._view = memoryview(bytes(head))
+            position = self._position = 0
+        header = view[position : position + 9]
+        try:
+            frame, length = Frame.parse_frame_header(header)
+        except (
+            hyperframe.exceptions.InvalidDataError,
+            hyperframe.exceptions.InvalidFrameError,
+        ) as exc:
+            raise h2.exceptions.ProtocolError(
+                f"Received frame with invalid header: {exc!s}"
+            ) from exc
+        # Checked before the body arrives: an overlong frame is refused, not gathered.
+        self._validate_frame_length(length)
+        if available < 9 + length:
+            return None
+        if frame.type == _DATA_TYPE and not header[4] & _PADDED:
+            # A plain DATA frame: its payload, copied once (hyperframe's
+            # parse_body less the padding it does not have).
+            data = self._take(length, skip=9)
+            frame.data = data  # type: ignore[attr-defined]
+            frame.body_len = length
+            return frame
+        if length:
+            body = memoryview(self._take(length, skip=9))
+        else:
+            body = _EMPTY
+            self._position = position + 9  # the header was gathered into _view
+        try:
+            frame.parse_body(body)
+        except _InvalidData as exc:
+            raise h2.exceptions.ProtocolError("Received frame with non-compliant data") from exc
+        except _InvalidFrame as exc:
+            raise h2.exceptions.FrameDataMissingError("Frame data missing or invalid") from exc
+        return frame
 
     def _update_header_buffer(self, f: Frame | None) -> Frame | None:
         result = super()._update_header_buffer(f)
@@ -140,6 +291,75 @@ class _FrameBuffer(h2.frame_buffer.FrameBuffer):
                     f"a header block of more than {MAX_HEADER_BLOCK} bytes"
                 )
         return result
+
+
+#: A DATA payload at least this long is queued as it is, not copied into h2's
+#: buffer; a shorter one costs less to copy than to keep apart.
+_PAYLOAD_APART: Final = 4096
+
+
+class _Outbound:
+    """h2's buffer of bytes to send, keeping long DATA payloads as they were given.
+
+    h2 serializes each frame and appends it to a ``bytearray`` that
+    ``data_to_send()`` copies out again: a payload sent is copied five times
+    before the transport's own copy. Here a long payload stays where it is,
+    and :meth:`take` copies everything once, into messages of the size the
+    transport takes. h2 itself only appends (``+=``) and asks the length.
+    """
+
+    __slots__ = ("_parts", "_size", "_tail")
+
+    def __init__(self) -> None:
+        #: Bytes queued, in order: ``_parts``, then ``_tail``.
+        self._parts: list[bytes | bytearray | memoryview] = []
+        self._tail = bytearray()
+        self._size = 0
+
+    def __iadd__(self, data: bytes | bytearray | memoryview) -> _Outbound:
+        self._tail += data
+        self._size += len(data)
+        return self
+
+    def __len__(self) -> int:
+        return self._size
+
+    def add_payload(self, header: bytes, payload: bytes | memoryview) -> None:
+        """Queue a frame's ``header``, then its ``payload`` by reference."""
+        tail = self._tail
+        tail += header
+        self._parts.append(tail)
+        self._parts.append(payload)
+        self._tail = bytearray()
+        self._size += len(header) + len(payload)
+
+    def take(self, limit: int) -> list[bytes]:
+        """Everything queued, emptied, in pieces of at most ``limit`` bytes."""
+        parts = self._parts
+        parts.append(self._tail)
+        self._parts = []
+        self._tail = bytearray()
+        size = self._size
+        self._size = 0
+        if size <= limit:
+            return [b"".join(parts)] if size else []
+        messages: list[bytes] = []
+        message: list[bytes | bytearray | memoryview] = []
+        room = limit
+        for part in parts:
+            while len(part) > room:
+                view = memoryview(part)
+                message.append(view[:room])
+                messages.append(b"".join(message))
+                message = []
+                part = view[room:]
+                room = limit
+            if part:
+                message.append(part)
+                room -= len(part)
+        if message:
+            messages.append(b"".join(message))
+        return messages
 
 
 #: The name of h2's private buffer of bytes queued for ``data_to_send()``. The
@@ -177,6 +397,8 @@ class H2Connection(h2.connection.H2Connection):
         self._core_streams = core.streams
         self._core = core
         self.incoming_buffer = _FrameBuffer(server=not config.client_side)
+        if _H2_BUFFERS:
+            self._data_to_send = _Outbound()  # type: ignore[assignment]
         if _HPACK_CODEC_VERIFIED:
             # h2 calls encoder.encode(headers) for each header block it
             # sends and sets encoder.header_table_size from the peer's
@@ -198,6 +420,53 @@ class H2Connection(h2.connection.H2Connection):
                     for frame, handler in self._frame_dispatch_table.items()
                 }
             del self._frame_dispatch_table
+
+    def messages_to_send(self, limit: int) -> list[bytes]:
+        """Take what is queued to send, in pieces of at most ``limit`` bytes."""
+        queued: object = self._data_to_send
+        if isinstance(queued, _Outbound):
+            return queued.take(limit)
+        data = self.data_to_send()
+        if len(data) <= limit:
+            return [data] if data else []
+        return [data[start : start + limit] for start in range(0, len(data), limit)]
+
+    def data_to_send(self, amount: int | None = None) -> bytes:
+        queued: object = self._data_to_send
+        if amount is None and isinstance(queued, _Outbound):
+            return b"".join(queued.take(len(queued) or 1))
+        if isinstance(queued, _Outbound):
+            self._data_to_send = bytearray(b"".join(queued.take(len(queued) or 1)))
+        return super().data_to_send(amount)
+
+    def clear_outbound_data_buffer(self) -> None:
+        if _H2_BUFFERS:
+            self._data_to_send = _Outbound()  # type: ignore[assignment]
+        else:
+            super().clear_outbound_data_buffer()
+
+    def _prepare_for_sending(self, frames: list[Frame]) -> None:
+        queued: object = self._data_to_send
+        if not isinstance(queued, _Outbound):
+            super()._prepare_for_sending(frames)
+            return
+        for frame in frames:
+            if type(frame) is DataFrame and not frame.pad_length:
+                # h2 keeps what it was given: bytes, or the link's memoryview
+                # slices of them; anything writable is copied as before.
+                payload: bytes | memoryview = frame.data
+                if len(payload) >= _PAYLOAD_APART and (
+                    type(payload) is bytes or (isinstance(payload, memoryview) and payload.readonly)
+                ):
+                    # hyperframe's DataFrame.serialize, less its copies.
+                    length = len(payload)
+                    flags = _END_STREAM if "END_STREAM" in frame.flags else 0
+                    header = _HEADER.pack(
+                        (length >> 8) & 0xFFFF, length & 0xFF, _DATA_TYPE, flags, frame.stream_id
+                    )
+                    queued.add_payload(header, payload)
+                    continue
+            queued += frame.serialize()
 
     def forget_stream(self, stream_id: int) -> None:
         """Drop a closed stream from h2's table, remembering how it closed.

@@ -156,7 +156,8 @@ class StreamOperations(Generic[S]):
             if window <= 0:
                 return offset
             n = min(window, size - offset, conn.max_outbound_frame_size)
-            chunk = data if n == size else data[offset : offset + n]
+            # A view, not a copy: h2 queues it as it is (_h2compat._Outbound).
+            chunk = data if n == size else memoryview(data)[offset : offset + n]
             offset += n
             try:
                 conn.send_data(stream.id, chunk, end_stream=end_stream and offset == size)

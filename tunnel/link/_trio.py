@@ -422,15 +422,10 @@ class Link:
         while True:
             await self._send_wanted.wait()
             self._send_wanted = trio.Event()
-            data = core.data_to_send()
+            messages = core.messages_to_send(MAX_MESSAGE)
             self._writing = True
-            if data:
-                if len(data) <= MAX_MESSAGE:
-                    await self._transport.send(data)
-                else:
-                    view = memoryview(data)
-                    for start in range(0, len(data), MAX_MESSAGE):
-                        await self._transport.send(bytes(view[start : start + MAX_MESSAGE]))
+            for message in messages:
+                await self._transport.send(message)
             self._writing = False
             if self._drained is not None:
                 self._drained.set()
@@ -450,7 +445,7 @@ class Link:
                     # slices, so one peer cannot hold up every other task.
                     await trio.lowlevel.checkpoint()
                 data = (
-                    message[start : start + RECEIVE_SLICE]
+                    memoryview(message)[start : start + RECEIVE_SLICE]
                     if len(message) > RECEIVE_SLICE
                     else message
                 )
