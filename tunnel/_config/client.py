@@ -78,6 +78,9 @@ class ClientConfig:
         local_connect_timeout: Seconds to wait for the local service to accept a
             connection before the visitor gets 502.
         local_pool_size: Idle keep-alive connections kept to the local service.
+            A burst of more requests than this at once opens connections that
+            are closed again when it ends, so it should cover the requests a
+            busy tunnel has in flight.
         drain_timeout: Seconds in-flight requests get to finish when the agent
             is closed.
         basic_auth: ``"user:password"`` that visitors must give (HTTP basic
@@ -147,7 +150,7 @@ class ClientConfig:
     keepalive_timeout: float = 15.0
     max_concurrent_streams: int = 1000
     local_connect_timeout: float = 10.0
-    local_pool_size: int = 32
+    local_pool_size: int = 64
     drain_timeout: float = 10.0
     basic_auth: str | None = None
     allow_ips: tuple[str, ...] = ()
