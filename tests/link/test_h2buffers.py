@@ -182,3 +182,15 @@ def test_the_connection_queues_long_payloads_by_reference_and_copies_writable_on
     assert message.count(b"p" * 8000) == 1
     assert message.count(b"w" * 8000) == 1
     assert b"X" not in message
+
+
+def test_a_frame_sent_a_few_bytes_at_a_time_is_gathered_not_listed() -> None:
+    wire = DataFrame(1, data=b"d" * 100000).serialize()
+    buffer = _FrameBuffer()
+    buffer.max_frame_size = 1 << 20
+    frames = []
+    for start in range(0, len(wire), 3):
+        buffer.add_data(wire[start : start + 3])
+        assert buffer._pending is None or len(buffer._pending) <= 1
+        frames += list(buffer)
+    assert [frame.data for frame in frames] == [b"d" * 100000]

@@ -161,7 +161,9 @@ class _FrameBuffer(h2.frame_buffer.FrameBuffer):
         #: What is not parsed yet: ``_view[_position:]``, then ``_pending``.
         self._view = _EMPTY
         self._position = 0
-        self._pending: list[memoryview] = []
+        #: Made when first needed (most connections never have a frame
+        #: spanning reads, and an idle agent's costs the server memory).
+        self._pending: list[memoryview | bytearray] | None = None
         self._pending_size = 0
 
     def add_data(self, data: Buffer) -> None:
@@ -182,12 +184,28 @@ class _FrameBuffer(h2.frame_buffer.FrameBuffer):
             self._preamble = self._preamble[count:]
         if not view:
             return
-        if self._position >= len(self._view) and not self._pending:
+        if self._position >= len(self._view) and not self._pending_size:
             self._view = view
             self._position = 0
+            return
+        pending = self._pending
+        if pending is None:
+            pending = self._pending = []
+        if len(view) >= _PAYLOAD_APART:
+            pending.append(view)
+        elif pending and type(pending[-1]) is bytearray:
+            # Small reads are gathered, so that a peer sending a frame a few
+            # bytes at a time cannot make a list entry of each.
+            pending[-1] += view
         else:
-            self._pending.append(view)
-            self._pending_size += len(view)
+            pending.append(bytearray(view))
+        self._pending_size += len(view)
+
+    def _next_piece(self) -> memoryview | bytearray:
+        assert self._pending is not None
+        piece = self._pending.pop(0)
+        self._pending_size -= len(piece)
+        return piece
 
     def _take(self, count: int, skip: int = 0) -> bytes:
         """The next ``count`` bytes after ``skip`` more, as one copy, consumed."""
@@ -197,15 +215,13 @@ class _FrameBuffer(h2.frame_buffer.FrameBuffer):
         if end <= len(view):
             self._position = end
             return view[start:end].tobytes()
-        parts = [view[start:]]
+        parts: list[memoryview | bytearray] = [view[start:]]
         missing = end - len(view)
-        pending = self._pending
         while missing > 0:
-            piece = pending.pop(0)
-            self._pending_size -= len(piece)
+            piece = self._next_piece()
             if len(piece) > missing:
-                parts.append(piece[:missing])
-                self._view = piece
+                parts.append(memoryview(piece)[:missing])
+                self._view = memoryview(piece)
                 self._position = missing
                 break
             parts.append(piece)
@@ -213,9 +229,8 @@ class _FrameBuffer(h2.frame_buffer.FrameBuffer):
         else:
             self._view = _EMPTY
             self._position = 0
-            if pending:
-                self._view = pending.pop(0)
-                self._pending_size -= len(self._view)
+            if self._pending_size:
+                self._view = memoryview(self._next_piece())
         return b"".join(parts)
 
     def __next__(self) -> Frame:
@@ -236,6 +251,7 @@ class _FrameBuffer(h2.frame_buffer.FrameBuffer):
                 # Nothing left: let go of the last read's bytes.
                 self._view = _EMPTY
                 self._position = 0
+                self._pending = None
             return None
         view = self._view
         position = self._position
@@ -243,9 +259,7 @@ class _FrameBuffer(h2.frame_buffer.FrameBuffer):
             # The header itself spans reads (rare): gather it into one view.
             head = bytearray(view[position:])
             while len(head) < 9:
-                piece = self._pending.pop(0)
-                self._pending_size -= len(piece)
-                head += piece
+                head += self._next_piece()
             view = self._view = memoryview(bytes(head))
             position = self._position = 0
         header = view[position : position + 9]
@@ -311,8 +325,9 @@ class _Outbound:
     __slots__ = ("_parts", "_size", "_tail")
 
     def __init__(self) -> None:
-        #: Bytes queued, in order: ``_parts``, then ``_tail``.
-        self._parts: list[bytes | bytearray | memoryview] = []
+        #: Bytes queued, in order: ``_parts``, then ``_tail``. None until a
+        #: payload is queued apart (an idle agent's costs the server memory).
+        self._parts: list[bytes | bytearray | memoryview] | None = None
         self._tail = bytearray()
         self._size = 0
 
@@ -328,6 +343,8 @@ class _Outbound:
         """Queue a frame's ``header``, then its ``payload`` by reference."""
         tail = self._tail
         tail += header
+        if self._parts is None:
+            self._parts = []
         self._parts.append(tail)
         self._parts.append(payload)
         self._tail = bytearray()
@@ -335,9 +352,9 @@ class _Outbound:
 
     def take(self, limit: int) -> list[bytes]:
         """Everything queued, emptied, in pieces of at most ``limit`` bytes."""
-        parts = self._parts
+        parts = self._parts or []
         parts.append(self._tail)
-        self._parts = []
+        self._parts = None
         self._tail = bytearray()
         size = self._size
         self._size = 0

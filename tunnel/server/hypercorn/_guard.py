@@ -60,7 +60,7 @@ from __future__ import annotations
 import logging
 import math
 from contextvars import ContextVar
-from typing import Any, cast
+from typing import Any
 
 import hypercorn.trio.run
 import trio
@@ -111,7 +111,8 @@ class _GuardedTCPServer(TCPServer):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.idle_task = _IdleTimer(self)  # type: ignore[assignment]  # its two methods
+        self.idle_timer = _IdleTimer(self)
+        self.idle_task = self.idle_timer  # type: ignore[assignment]  # its two methods
 
     async def _read_data(self) -> None:
         try:
@@ -120,13 +121,13 @@ class _GuardedTCPServer(TCPServer):
             # The connection's task group waits for the timer's task: it must
             # end once nothing more is read (Hypercorn's idle task, cancelled
             # while a request is served, did not run then).
-            cast("_IdleTimer", self.idle_task).end()
+            self.idle_timer.end()
 
     async def _close(self) -> None:
         try:
             await super()._close()
         finally:
-            cast("_IdleTimer", self.idle_task).end()
+            self.idle_timer.end()
 
     async def run(self) -> None:
         current_connection.set(self)
@@ -248,8 +249,9 @@ class _IdleTimer:
         # When the connection is closed for idling; infinite while it is busy.
         self._deadline = math.inf
         self._waiting: trio.CancelScope | None = None
-        self._life = trio.CancelScope()
-        self._started = False
+        #: The running task's scope, None while no task runs.
+        self._life: trio.CancelScope | None = None
+        self._ended = False
         self._turned_idle: trio.Event | None = None
 
     async def restart(self, task_group: Any, action: Any) -> None:
@@ -257,9 +259,9 @@ class _IdleTimer:
         self._move(trio.current_time() + self._server.config.keep_alive_timeout)
         if self._turned_idle is not None:
             self._turned_idle.set()
-        if not self._started:
-            self._started = True
-            task_group._nursery.start_soon(self._watch)
+        if self._life is None and not self._ended:
+            self._life = trio.CancelScope()
+            task_group._nursery.start_soon(self._watch, self._life)
 
     async def stop(self) -> None:
         """The connection turned busy."""
@@ -267,31 +269,49 @@ class _IdleTimer:
 
     def end(self) -> None:
         """The connection is closed: nothing is left to time."""
-        self._life.cancel()
+        self._ended = True
+        if self._life is not None:
+            self._life.cancel()
 
     def _move(self, deadline: float) -> None:
         self._deadline = deadline
         if self._waiting is not None:
-            self._waiting.deadline = deadline
+            self._waiting.deadline = self._wake_at()
 
-    async def _watch(self) -> None:
+    def _wake_at(self) -> float:
+        if self._deadline == math.inf:
+            # Busy: looked at again after a timeout's length, when a task
+            # still waiting for a connection busy that long (a WebSocket, an
+            # agent's link, a long response) ends instead of living on with
+            # it; the next turn to idle starts another.
+            return trio.current_time() + self._server.config.keep_alive_timeout
+        return self._deadline
+
+    async def _watch(self, life: trio.CancelScope) -> None:
         terminated = self._server.context.terminated
-        with self._life:
-            while True:
-                with trio.CancelScope(deadline=self._deadline) as waiting:
-                    self._waiting = waiting
-                    await terminated.wait()
+        try:
+            with life:
+                while True:
+                    with trio.CancelScope(deadline=self._wake_at()) as waiting:
+                        self._waiting = waiting
+                        await terminated.wait()
+                    self._waiting = None
+                    if not waiting.cancelled_caught:
+                        break  # the server is stopping
+                    if self._deadline == math.inf:
+                        return  # busy for a timeout's length: no task meanwhile
+                    if trio.current_time() >= self._deadline:
+                        break  # idle for keep_alive_timeout (else the deadline moved: wait on)
+                while self._deadline == math.inf:
+                    # Busy: its response first, as Hypercorn would.
+                    self._turned_idle = trio.Event()
+                    await self._turned_idle.wait()
+                with trio.CancelScope(shield=True):
+                    await self._server._initiate_server_close()
+        finally:
+            if self._life is life:
+                self._life = None
                 self._waiting = None
-                if not waiting.cancelled_caught:
-                    break  # the server is stopping
-                if trio.current_time() >= self._deadline:
-                    break  # idle for keep_alive_timeout (else the deadline moved: wait on)
-            while self._deadline == math.inf:
-                # Busy: its response first, as Hypercorn would.
-                self._turned_idle = trio.Event()
-                await self._turned_idle.wait()
-            with trio.CancelScope(shield=True):
-                await self._server._initiate_server_close()
 
 
 def install_hypercorn_guard() -> None:

@@ -151,6 +151,9 @@ async def take_over_websocket(
     # From here on Hypercorn's stream object ignores the app and the connection.
     ws.closed = True
     handover.taken = True
+    # No keep-alive timeout applies to the connection from here on, and its
+    # timer's task would live as long as the agent does.
+    server.idle_timer.end()
     taken = TakenWebSocket(server, handover)
     try:
         # Free (nothing of Hypercorn's sends now), so this does not wait.
