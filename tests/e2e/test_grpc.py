@@ -859,3 +859,41 @@ async def test_a_visitors_pings_are_answered_by_the_server_and_never_reach_the_l
     assert pongs == 10
     assert service.received == 1000
     assert service.pings == 0
+
+
+async def test_finished_calls_leave_hypercorns_stream_tables_at_once(
+    through, grpc_service, monkeypatch
+):
+    # Every gRPC response ends with trailers; Hypercorn let go of such a
+    # stream only when its sender next visited it, and under a steady load
+    # the finished ones piled up until the priority tree refused its 1,001st
+    # stream and the connection failed. The most streams Hypercorn holds when
+    # a new one arrives stays near the calls in flight.
+    import hypercorn.protocol.h2 as hypercorn_h2
+
+    held: list[int] = []
+    create = hypercorn_h2.H2Protocol._create_stream
+
+    async def counting(self: Any, request: Any) -> None:
+        held.append(max(len(self.stream_buffers), len(self.priority._streams) - 1))
+        await create(self, request)
+
+    monkeypatch.setattr(hypercorn_h2.H2Protocol, "_create_stream", counting)
+    calls, in_flight = 1500, 50
+    with trio.fail_after(60):
+
+        def call() -> int:
+            # A steady load: a new call as soon as one ends, as a busy client has.
+            slots = threading.Semaphore(in_flight)
+            futures = []
+            for i in range(calls):
+                slots.acquire()
+                future = through.unary.future(b"call %d" % i, timeout=30)
+                future.add_done_callback(lambda _: slots.release())
+                futures.append(future)
+            return sum(1 for future in futures if future.result())
+
+        answered = await in_thread(call)
+    assert answered == calls
+    assert len(held) >= calls
+    assert max(held) <= in_flight + 10, f"Hypercorn held up to {max(held)} streams"

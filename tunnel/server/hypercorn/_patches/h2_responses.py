@@ -22,11 +22,19 @@ as a failed download. With the fix, the stream is reset with the HTTP/2 error co
 the app put in ``scope[RESET_CODE]`` (:data:`tunnel._asgi.RESET_CODE`: the code the agent's
 stream was reset with), or ``INTERNAL_ERROR`` when it put none (the app raised).
 
-Both are pinned to the versions they were verified on, checked here.
+**A finished HTTP/2 response waits for the sender to let it go.** Also in the
+``stream_send`` wrapper, with ``H2Protocol._send_data`` wrapped to say which stream its
+task is sending: a closed stream whose sending is over is dropped from the stream buffers
+and the priority tree at once, rather than on the sending task's next visit; without it,
+a steady load of gRPC calls on one connection piled finished streams up until the
+priority tree refused its 1,001st and the connection failed.
+
+All three are pinned to the versions they were verified on, checked here.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import inspect
 import logging
@@ -34,10 +42,12 @@ from typing import Any, Final
 
 import h2.exceptions
 from h2.errors import ErrorCodes
+from h2.stream import StreamState
 from hypercorn.protocol import h2 as hypercorn_h2
 from hypercorn.protocol.events import StreamClosed
 from hypercorn.protocol.h2 import H2Protocol, StreamBuffer
 from hypercorn.protocol.http_stream import HTTPStream
+from priority.priority import PriorityError
 
 from ...._asgi import RESET_CODE
 
@@ -66,13 +76,53 @@ def fix_http2_responses() -> None:
         return
     _fix_buffer_pause()
     original = H2Protocol.stream_send
+    original_send_data = H2Protocol._send_data
 
     async def stream_send(self: H2Protocol, event: Any) -> None:
         if isinstance(event, StreamClosed) and await _reset_if_unfinished(self, event.stream_id):
             await self._flush()
         await original(self, event)
+        if isinstance(event, StreamClosed):
+            await _forget_if_sent(self, event.stream_id)
 
+    async def _send_data(self: H2Protocol, stream_id: int) -> None:
+        self.tunnel_sending = stream_id  # type: ignore[attr-defined]
+        try:
+            await original_send_data(self, stream_id)
+        finally:
+            self.tunnel_sending = None  # type: ignore[attr-defined]
+
+    H2Protocol.tunnel_sending = None  # type: ignore[attr-defined]
     H2Protocol.stream_send = stream_send  # type: ignore[method-assign]
+    H2Protocol._send_data = _send_data  # type: ignore[method-assign]
+
+
+async def _forget_if_sent(protocol: H2Protocol, stream_id: int) -> None:
+    """Let go of a closed stream whose sending is over, without waiting for the sender.
+
+    Hypercorn drops a stream's buffer and its place in the priority tree only when
+    its sending task next visits the stream, and the task visits one stream per
+    pass. A response that ends with trailers (every gRPC call) is over once the
+    trailers went out, yet stays until that visit, and a tree of finished streams
+    makes each pass slower (the tree's scheduler steps over every blocked
+    stream): under a steady load of calls the finished ones piled up until the
+    1,001st stream in the tree raised ``TooManyStreamsError`` out of the
+    connection, failing every call on it.
+    """
+    buffer = protocol.stream_buffers.get(stream_id)
+    if buffer is None or not buffer.complete or protocol.tunnel_sending == stream_id:  # type: ignore[attr-defined]
+        return  # still sending, or in the sender's hands right now: it finishes the job
+    h2_stream = protocol.connection.streams.get(stream_id)
+    if h2_stream is not None and h2_stream.state_machine.state not in _SENT:
+        return  # END_STREAM not sent yet: the sender sends it, then lets go
+    await buffer.close()
+    del protocol.stream_buffers[stream_id]
+    with contextlib.suppress(PriorityError):
+        protocol.priority.remove_stream(stream_id)
+
+
+#: h2 stream states in which nothing more is sent.
+_SENT: Final = frozenset({StreamState.HALF_CLOSED_LOCAL, StreamState.CLOSED})
 
 
 async def _reset_if_unfinished(protocol: H2Protocol, stream_id: int) -> bool:
