@@ -60,29 +60,42 @@ async def _connect(stream: trio.abc.Stream, max_message: int = 1 << 20) -> Clien
     )
 
 
+async def _accepted(
+    server: Server, client_stream: trio.abc.Stream, accept: AcceptConnection, *after: object
+) -> tuple[Request, ClientHandshake]:
+    """The agent's handshake on ``client_stream``, answered by ``server`` with ``accept``.
+
+    ``after``: events the server sends in the same write as its ``101``. Returns
+    the request the agent sent and the agent's side of the connection.
+    """
+    async with trio.open_nursery() as nursery:
+        done: list[ClientHandshake] = []
+
+        async def connect() -> None:
+            done.append(await _connect(client_stream))
+
+        nursery.start_soon(connect)
+        request = await server.next_event()
+        assert isinstance(request, Request)
+        await server.send(accept, *after)
+    return request, done[0]
+
+
 async def test_an_accepted_handshake_then_messages_both_ways() -> None:
     client_stream, server_stream = trio.testing.memory_stream_pair()
     server = Server(server_stream)
     with trio.fail_after(5):
-        async with trio.open_nursery() as nursery:
-            done: list[ClientHandshake] = []
-
-            async def connect() -> None:
-                done.append(await _connect(client_stream))
-
-            nursery.start_soon(connect)
-            request = await server.next_event()
-            assert isinstance(request, Request)
-            assert (request.host, request.target) == ("example.com:8443", "/_tunnel")
-            assert request.subprotocols == ["tunnel.v1"]
-            assert (b"authorization", b"Bearer t") in request.extra_headers
-            # The first message follows the 101 in the same write, as the
-            # server's HTTP/2 preface does: it must not be lost.
-            await server.send(
-                AcceptConnection(subprotocol="tunnel.v1", extra_headers=[(b"x-worker", b"7")]),
-                BytesMessage(data=b"preface"),
-            )
-        (ws,) = done
+        # The first message follows the 101 in the same write, as the
+        # server's HTTP/2 preface does: it must not be lost.
+        request, ws = await _accepted(
+            server,
+            client_stream,
+            AcceptConnection(subprotocol="tunnel.v1", extra_headers=[(b"x-worker", b"7")]),
+            BytesMessage(data=b"preface"),
+        )
+        assert (request.host, request.target) == ("example.com:8443", "/_tunnel")
+        assert request.subprotocols == ["tunnel.v1"]
+        assert (b"authorization", b"Bearer t") in request.extra_headers
         assert ws.subprotocol == "tunnel.v1"
         assert (b"x-worker", b"7") in ws.headers
         transport = ws.transport
@@ -110,16 +123,8 @@ async def test_the_agent_closes_with_a_handshake() -> None:
     client_stream, server_stream = trio.testing.memory_stream_pair()
     server = Server(server_stream)
     with trio.fail_after(5):
-        async with trio.open_nursery() as nursery:
-            done: list[ClientHandshake] = []
-
-            async def connect() -> None:
-                done.append(await _connect(client_stream))
-
-            nursery.start_soon(connect)
-            await server.next_event()
-            await server.send(AcceptConnection(subprotocol="tunnel.v1"))
-        transport = done[0].transport
+        _, ws = await _accepted(server, client_stream, AcceptConnection(subprotocol="tunnel.v1"))
+        transport = ws.transport
         async with trio.open_nursery() as nursery:
             nursery.start_soon(transport.aclose, 1001, "going away")
             close = await server.next_event()
