@@ -9,6 +9,8 @@ Hypercorn hands a connection's bytes to its socket.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any
 
@@ -150,24 +152,33 @@ async def _tunnel(nursery: trio.Nursery, start_tunnel_server: Any, open_agent: A
     return origin, server, open_agent(server.port, listeners[0].socket.getsockname()[1])
 
 
+@asynccontextmanager
+async def _visiting(
+    nursery: trio.Nursery, start_tunnel_server: Any, open_agent: Any
+) -> AsyncIterator[tuple[Origin, Visitor]]:
+    """A tunnel to a fresh origin, and one HTTP/1.1 visitor connection to it."""
+    origin, server, agent = await _tunnel(nursery, start_tunnel_server, open_agent)
+    async with agent:
+        visitor = Visitor(await trio.open_tcp_stream("127.0.0.1", server.port))
+        async with visitor.stream:
+            yield origin, visitor
+
+
 async def test_small_responses_leave_in_one_write_and_the_connection_is_reused(
     nursery: trio.Nursery, start_tunnel_server: Any, open_agent: Any, writes: Writes
 ) -> None:
     with trio.fail_after(10):
-        _origin, server, agent = await _tunnel(nursery, start_tunnel_server, open_agent)
-        async with agent:
-            visitor = Visitor(await trio.open_tcp_stream("127.0.0.1", server.port))
-            async with visitor.stream:
-                # Content-Length, chunked, HEAD, 204 and 304 on one kept-alive connection.
-                head, body = await visitor.get("/cl")
-                assert (head.status_code, body) == (200, b"hello")
-                assert (await visitor.get("/chunked"))[1] == b"hello"
-                head, body = await visitor.get("/cl", "HEAD")
-                assert (head.status_code, body) == (200, b"")
-                assert dict(head.headers)[b"content-length"] == b"5"
-                assert (await visitor.get("/status/204"))[0].status_code == 204
-                assert (await visitor.get("/status/304"))[0].status_code == 304
-                assert (await visitor.get("/cl"))[1] == b"hello"
+        async with _visiting(nursery, start_tunnel_server, open_agent) as (_origin, visitor):
+            # Content-Length, chunked, HEAD, 204 and 304 on one kept-alive connection.
+            head, body = await visitor.get("/cl")
+            assert (head.status_code, body) == (200, b"hello")
+            assert (await visitor.get("/chunked"))[1] == b"hello"
+            head, body = await visitor.get("/cl", "HEAD")
+            assert (head.status_code, body) == (200, b"")
+            assert dict(head.headers)[b"content-length"] == b"5"
+            assert (await visitor.get("/status/204"))[0].status_code == 204
+            assert (await visitor.get("/status/304"))[0].status_code == 304
+            assert (await visitor.get("/cl"))[1] == b"hello"
     sent = writes.of_responses()
     # One write per response: the head and body together, and a chunked
     # body's end with them.
@@ -183,24 +194,21 @@ async def test_a_head_whose_body_is_late_is_not_held_for_it(
     nursery: trio.Nursery, start_tunnel_server: Any, open_agent: Any, writes: Writes
 ) -> None:
     with trio.fail_after(15):
-        origin, server, agent = await _tunnel(nursery, start_tunnel_server, open_agent)
-        async with agent:
-            visitor = Visitor(await trio.open_tcp_stream("127.0.0.1", server.port))
-            async with visitor.stream:
-                await visitor.stream.send_all(visitor.request("GET", "/late"))
-                # The service sends its body only once the visitor has the head:
-                # a head held for its body would never arrive.
-                with trio.fail_after(5):
-                    head = await visitor.next_event()
-                assert isinstance(head, h11.Response)
-                assert head.status_code == 200
-                origin.release.set()
-                data = await visitor.next_event()
-                assert isinstance(data, h11.Data)
-                assert data.data == b"late!"
-                assert isinstance(await visitor.next_event(), h11.EndOfMessage)
-                visitor.conn.start_next_cycle()
-                assert (await visitor.get("/cl"))[1] == b"hello"
+        async with _visiting(nursery, start_tunnel_server, open_agent) as (origin, visitor):
+            await visitor.stream.send_all(visitor.request("GET", "/late"))
+            # The service sends its body only once the visitor has the head:
+            # a head held for its body would never arrive.
+            with trio.fail_after(5):
+                head = await visitor.next_event()
+            assert isinstance(head, h11.Response)
+            assert head.status_code == 200
+            origin.release.set()
+            data = await visitor.next_event()
+            assert isinstance(data, h11.Data)
+            assert data.data == b"late!"
+            assert isinstance(await visitor.next_event(), h11.EndOfMessage)
+            visitor.conn.start_next_cycle()
+            assert (await visitor.get("/cl"))[1] == b"hello"
     sent = writes.of_responses()
     assert sent[0].endswith(b"\r\n\r\n")  # the head, alone
 
@@ -209,12 +217,9 @@ async def test_a_large_first_chunk_is_not_copied_onto_its_head(
     nursery: trio.Nursery, start_tunnel_server: Any, open_agent: Any, writes: Writes
 ) -> None:
     with trio.fail_after(10):
-        _origin, server, agent = await _tunnel(nursery, start_tunnel_server, open_agent)
-        async with agent:
-            visitor = Visitor(await trio.open_tcp_stream("127.0.0.1", server.port))
-            async with visitor.stream:
-                assert (await visitor.get("/big"))[1] == BIG
-                assert (await visitor.get("/cl"))[1] == b"hello"
+        async with _visiting(nursery, start_tunnel_server, open_agent) as (_origin, visitor):
+            assert (await visitor.get("/big"))[1] == BIG
+            assert (await visitor.get("/cl"))[1] == b"hello"
     sent = writes.of_responses()
     assert sent[0].endswith(b"\r\n\r\n")
     assert max(len(data) for data in sent) <= len(BIG)
@@ -224,16 +229,13 @@ async def test_pipelined_requests_are_answered_in_order(
     nursery: trio.Nursery, start_tunnel_server: Any, open_agent: Any, writes: Writes
 ) -> None:
     with trio.fail_after(10):
-        _origin, server, agent = await _tunnel(nursery, start_tunnel_server, open_agent)
-        async with agent:
-            visitor = Visitor(await trio.open_tcp_stream("127.0.0.1", server.port))
-            async with visitor.stream:
-                first = visitor.request("GET", "/chunked")
-                await visitor.stream.send_all(first + first.replace(b"/chunked", b"/status/204"))
-                assert (await visitor.response())[1] == b"hello"
-                visitor.request("GET", "/status/204")  # h11's turn: sent already
-                head, _ = await visitor.response()
-                assert head.status_code == 204
+        async with _visiting(nursery, start_tunnel_server, open_agent) as (_origin, visitor):
+            first = visitor.request("GET", "/chunked")
+            await visitor.stream.send_all(first + first.replace(b"/chunked", b"/status/204"))
+            assert (await visitor.response())[1] == b"hello"
+            visitor.request("GET", "/status/204")  # h11's turn: sent already
+            head, _ = await visitor.response()
+            assert head.status_code == 204
 
 
 async def _hypercorn(nursery: trio.Nursery, http_app: Any) -> int:
